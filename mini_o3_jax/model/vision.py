@@ -1,0 +1,177 @@
+"""Qwen2.5-VL vision tower: patch embedding, 2-D RoPE, window / full attention blocks, 2x2 patch merger.
+
+Several images of different sizes go through one call as one flat sequence of patches. Which patches
+may attend to which is data (segment ids computed on the host from the grid shapes), so there is no
+Python loop over images inside jit and one compiled program serves any mix of images with the same
+total patch count (pad with `VisionInputs.build(..., pad_to=...)` to bucket the count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model.config import VisionConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+  """Host-computed layout of a batch of images, in the tower's window-major patch order.
+
+  patch_positions int32 [patches, 2]: (row, col) of each patch, window-major order.
+  window_index int32 [patches/unit]: merge-unit permutation, processor order -> window-major order.
+  reverse_index int32 [patches/unit]: its inverse (applied to the merged tokens).
+  window_segments int32 [patches]: id of the attention window of each patch (window-major order).
+  image_segments int32 [patches]: id of the image frame of each patch (window-major order).
+  """
+  patch_positions: jax.Array
+  window_index: jax.Array
+  reverse_index: jax.Array
+  window_segments: jax.Array
+  image_segments: jax.Array
+
+  @property
+  def num_patches(self) -> int:
+    return self.patch_positions.shape[0]
+
+  @classmethod
+  def build(cls, grid_thw: np.ndarray, cfg: VisionConfig, pad_to: int | None = None) -> VisionInputs:
+    """Computes the layout for images with `grid_thw` int [images, 3]; optionally pads to `pad_to` patches.
+
+    Padding patches form their own segment, so they never mix with real ones; the merged tokens they
+    produce come last and are ignored by the caller.
+    """
+    grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    m, unit = cfg.spatial_merge_size, cfg.merge_unit
+    if np.any(grid_thw[:, 1:] % m):
+      raise ValueError(f"grid_thw {grid_thw.tolist()} has h or w not divisible by spatial_merge_size {m}")
+    window_index, window_of_unit = _window_layout(grid_thw, m, cfg.window_merged)
+    n = int(np.prod(grid_thw, -1).sum())
+    positions = rope.vision_patch_positions(grid_thw, m)
+    frame_of_patch = np.repeat(np.arange(int(grid_thw[:, 0].sum())),
+                               np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
+    if pad_to is not None and pad_to < n:
+      raise ValueError(f"pad_to={pad_to} is smaller than the {n} patches of these images")
+    total = n if pad_to is None else pad_to
+    if total % unit:
+      raise ValueError(f"patch count {total} must be a multiple of {unit}")
+    n_units, pad_units = n // unit, (total - n) // unit
+    window_index = np.concatenate([window_index, n_units + np.arange(pad_units)])
+    pad_seg = -1  # one segment for all padding patches
+    window_of_unit = np.concatenate([window_of_unit, np.full(pad_units, pad_seg)])
+    frame_of_unit = np.concatenate([frame_of_patch[::unit], np.full(pad_units, pad_seg)])
+    positions = np.concatenate([positions, np.zeros((total - n, 2), positions.dtype)])
+    # Everything below is in window-major order.
+    positions = positions.reshape(-1, unit, 2)[window_index].reshape(-1, 2)
+    window_segments = np.repeat(window_of_unit, unit)  # window_of_unit is already window-major
+    image_segments = np.repeat(frame_of_unit[window_index], unit)
+    return cls(
+        patch_positions=positions.astype(np.int32),
+        window_index=window_index.astype(np.int32),
+        reverse_index=np.argsort(window_index).astype(np.int32),
+        window_segments=window_segments.astype(np.int32),
+        image_segments=image_segments.astype(np.int32),
+    )
+
+
+def _window_layout(grid_thw: np.ndarray, merge: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+  """Merge-unit permutation into windows of `window x window` units, and each unit's window id.
+
+  Windows tile every frame from the top-left; edge windows are partial. Matches the reference's
+  `get_window_index` (empty windows produce no units, so they vanish).
+  """
+  index, window_id = [], []
+  offset, next_window = 0, 0
+  for t, h, w in grid_thw:
+    lh, lw = h // merge, w // merge
+    nwh, nww = -(-lh // window), -(-lw // window)
+    units = np.arange(t * lh * lw).reshape(t, lh, lw)
+    padded = np.full((t, nwh * window, nww * window), -1)
+    padded[:, :lh, :lw] = units
+    padded = padded.reshape(t, nwh, window, nww, window).transpose(0, 1, 3, 2, 4).reshape(t * nwh * nww, -1)
+    wid = np.broadcast_to(np.arange(t * nwh * nww)[:, None], padded.shape)
+    keep = padded >= 0
+    index.append(padded[keep] + offset)
+    window_id.append(wid[keep] + next_window)
+    offset += t * lh * lw
+    next_window += t * nwh * nww
+  if not index:
+    return np.zeros((0,), np.int64), np.zeros((0,), np.int64)
+  return np.concatenate(index), np.concatenate(window_id)
+
+
+class VisionBlock(nnx.Module):
+  """Pre-norm ViT block; built with `stack=depth` it holds every block's parameters."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None):
+    d = cfg.hidden_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
+    self.norm1 = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
+    self.norm2 = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
+    self.qkv = layers.Linear(d, 3 * d, axes=("embed", "qkv"), bias=True, **kw)
+    self.proj = layers.Linear(d, d, axes=("qkv", "embed"), bias=True, **kw)
+    self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, bias=True, **kw)
+    self.num_heads = cfg.num_heads
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [patches, dim]; cos/sin [patches, head_dim]; mask bool [patches, patches]."""
+    n, d = x.shape
+    qkv = self.qkv(self.norm1(x)).reshape(n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [patches, heads, head_dim]
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    attn = layers.attention(q[None], k[None], v[None], mask[None])[0]
+    x = x + self.proj(attn.reshape(n, d))
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm, then an MLP over each 2x2 block of neighbouring patches -> one LLM token."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    d, hidden = cfg.hidden_size, cfg.hidden_size * cfg.merge_unit
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range)
+    self.ln_q = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.mlp_0 = layers.Linear(hidden, hidden, axes=("merger", "mlp"), bias=True, **kw)
+    self.mlp_2 = layers.Linear(hidden, cfg.out_hidden_size, axes=("mlp", "embed"), bias=True, **kw)
+    self.hidden = hidden
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.ln_q(x).reshape(-1, self.hidden)
+    return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+  """pixel_values [patches, patch_dim] -> image token embeddings [patches / 4, out_hidden_size]."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: str = "none"):
+    self.cfg = cfg
+    self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), bias=False,
+                                     rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range)
+    self.blocks = VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.depth)
+    self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.remat = remat
+
+  def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
+    cfg = self.cfg
+    n, unit = pixel_values.shape[0], cfg.merge_unit
+    x = self.patch_embed(pixel_values)                                                  # [patches, dim]
+    x = x.reshape(n // unit, unit, -1)[inputs.window_index].reshape(n, -1)             # window-major
+    cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
+    seg_full, seg_win = inputs.image_segments, inputs.window_segments
+    is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+
+    def body(block, x, full):
+      seg = jnp.where(full, seg_full, seg_win)
+      mask = seg[:, None] == seg[None, :]
+      return block(x, cos, sin, mask), None
+
+    x, _ = layers.scan_layers(self.blocks, body, x, jnp.asarray(is_full), remat=self.remat)
+    merged = self.merger(x)                                                             # [patches/4, out]
+    return merged[inputs.reverse_index]

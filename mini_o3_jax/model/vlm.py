@@ -1,0 +1,162 @@
+"""Qwen2.5-VL: the vision tower's tokens scattered into the token stream, the decoder, the output head.
+
+`Qwen25VL.__call__` takes exactly what `transformers.Qwen2_5_VLForConditionalGeneration` takes and
+computes the host-side pieces (M-RoPE positions, vision layout) itself, so it is the easy, eager API.
+Jitted code (training steps, the sampler) calls `prepare_inputs` on the host once and then the pure
+array methods `encode_images` / `forward` / `forward_cached`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.text import KVCache, TextModel
+from mini_o3_jax.model.vision import VisionInputs, VisionTower
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelInputs:
+  """Everything one forward needs, as arrays (jit-friendly).
+
+  input_ids int32 [batch, seq]; attention_mask int32 [batch, seq]; positions int32 [3, batch, seq];
+  pixel_values float [patches, patch_dim] or None; vision: VisionInputs or None.
+  """
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  positions: jax.Array
+  pixel_values: jax.Array | None = None
+  vision: VisionInputs | None = None
+
+
+def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
+                   image_grid_thw=None, *, pad_patches_to: int | None = None) -> tuple[ModelInputs, np.ndarray]:
+  """Host side: M-RoPE positions and the vision layout for a batch. Returns (inputs, rope_deltas [batch])."""
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+  mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+  if mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+  n_image_tokens = int(((input_ids == config.image_token_id) & (mask != 0)).sum())
+  if (pixel_values is None) != (image_grid_thw is None):
+    raise ValueError("pixel_values and image_grid_thw must be given together")
+  if image_grid_thw is None:
+    if n_image_tokens:
+      raise ValueError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
+    positions, deltas = rope.get_rope_index(input_ids, None, mask, image_token_id=config.image_token_id,
+                                            spatial_merge_size=config.vision.spatial_merge_size)
+    return ModelInputs(jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+                       jnp.asarray(positions)), deltas
+  grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+  pixel_values = np.asarray(pixel_values) if not isinstance(pixel_values, jax.Array) else pixel_values
+  n_patches = int(np.prod(grid, -1).sum())
+  if pixel_values.shape != (n_patches, config.vision.patch_dim):
+    raise ValueError(f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw "
+                     f"({n_patches} patches of {config.vision.patch_dim})")
+  expected = int(rope.image_token_counts(grid, config.vision.spatial_merge_size).sum())
+  if n_image_tokens != expected:
+    raise ValueError(f"Image features and image tokens do not match: {n_image_tokens} image tokens in "
+                     f"input_ids, {expected} from image_grid_thw")
+  positions, deltas = rope.get_rope_index(input_ids, grid, mask, image_token_id=config.image_token_id,
+                                          spatial_merge_size=config.vision.spatial_merge_size)
+  vision = VisionInputs.build(grid, config.vision, pad_to=pad_patches_to)
+  pv = jnp.asarray(pixel_values)
+  if pad_patches_to is not None and pad_patches_to > n_patches:
+    pv = jnp.concatenate([pv, jnp.zeros((pad_patches_to - n_patches, pv.shape[1]), pv.dtype)])
+  return ModelInputs(jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions),
+                     pv, jax.tree.map(jnp.asarray, vision)), deltas
+
+
+def scatter_image_embeds(token_embeds: jax.Array, is_image: jax.Array, image_embeds: jax.Array) -> jax.Array:
+  """Replaces image-placeholder embeddings, in order, by the image tokens.
+
+  token_embeds [batch, seq, dim]; is_image bool [batch, seq]; image_embeds [n, dim] with n >= the number
+  of placeholders (extra rows, e.g. from padded patches, are unused).
+  """
+  b, t, d = token_embeds.shape
+  flat = is_image.reshape(-1)
+  idx = jnp.clip(jnp.cumsum(flat) - 1, 0, max(image_embeds.shape[0] - 1, 0))
+  gathered = jnp.take(image_embeds, idx, axis=0).astype(token_embeds.dtype).reshape(b, t, d)
+  return jnp.where(is_image[..., None], gathered, token_embeds)
+
+
+class Qwen25VL(nnx.Module):
+  """Qwen2.5-VL for conditional generation (logits over the vocabulary)."""
+
+  def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
+    self.model = TextModel(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.Linear(config.text.hidden_size, config.text.vocab_size, axes=("embed", "vocab"),
+                                   bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                   std=config.text.initializer_range)
+
+  # ------------------------------------------------------------------ eager, HF-shaped API
+
+  def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None) -> jax.Array:
+    """Logits [batch, seq, vocab]; arguments mean what they mean in `transformers`."""
+    if isinstance(image_grid_thw, jax.core.Tracer) or isinstance(input_ids, jax.core.Tracer):
+      raise TypeError("Qwen25VL.__call__ computes positions on the host; under jit call "
+                      "prepare_inputs(...) outside and model.forward(inputs) inside")
+    inputs, _ = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+    return self.forward(inputs)
+
+  # ------------------------------------------------------------------ array API (jit-able)
+
+  def encode_images(self, pixel_values: jax.Array, vision: VisionInputs) -> jax.Array:
+    """[patches, patch_dim] -> image token embeddings [patches / 4, hidden]."""
+    return self.visual(pixel_values, vision)
+
+  def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
+    x = self.model.embed_tokens(input_ids)
+    if image_embeds is not None:
+      x = scatter_image_embeds(x, input_ids == self.config.image_token_id, image_embeds)
+    return x
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+    """Final-norm hidden states [batch, seq, hidden] of a full causal forward."""
+    image_embeds = None
+    if inputs.pixel_values is not None:
+      image_embeds = self.encode_images(inputs.pixel_values, inputs.vision)
+    x = self.embed(inputs.input_ids, image_embeds)
+    h, _ = self.model(x, inputs.positions, inputs.attention_mask)
+    return h
+
+  def forward(self, inputs: ModelInputs) -> jax.Array:
+    return self.logits(self.hidden_states(inputs))
+
+  def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
+                     attention_mask: jax.Array | None = None,
+                     image_embeds: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs a chunk against the KV cache (prefill, appended turn or one decode step).
+
+    input_ids [batch, chunk]; positions [3, batch, chunk]; returns logits [batch, chunk, vocab] and the
+    cache advanced by `chunk` slots per row.
+    """
+    x = self.embed(input_ids, image_embeds)
+    h, cache = self.model(x, positions, attention_mask, cache)
+    return self.logits(h), cache
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    return KVCache.zeros(self.config.text, batch, max_len, dtype or jnp.dtype(self.config.dtype))
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
