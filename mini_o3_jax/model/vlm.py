@@ -111,7 +111,7 @@ class Qwen25VL(nnx.Module):
       raise TypeError("Qwen25VL.__call__ computes positions on the host; under jit call "
                       "prepare_inputs(...) outside and model.forward(inputs) inside")
     inputs, _ = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    return self.forward(inputs)
+    return _jit_forward(self, inputs)
 
   # ------------------------------------------------------------------ array API (jit-able)
 
@@ -156,6 +156,11 @@ class Qwen25VL(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     return KVCache.zeros(self.config.text, batch, max_len, dtype or jnp.dtype(self.config.dtype))
+
+
+@nnx.jit
+def _jit_forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+  return model.forward(inputs)
 
 
 def count_params(tree) -> int:
