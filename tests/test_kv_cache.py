@@ -80,3 +80,19 @@ def test_right_padded_chunks_appended_at_per_row_offsets(model):
       np.testing.assert_allclose(np.asarray(logits)[r, :n], full_logits[r][offsets[r]:offsets[r] + n], atol=1e-4)
       offsets[r] += n
   assert np.asarray(cache.length).tolist() == offsets
+
+
+def test_per_row_images_equal_flat_batch(model):
+  """prepare_row_inputs (images encoded per row, vmapped) gives the flat-batch logits."""
+  from mini_o3_jax.model.vlm import prepare_row_inputs
+  rng = np.random.default_rng(2)
+  grids = [[1, 6, 8], [1, 4, 4], [1, 2, 6]]
+  ids, mask = ref.build_batch([[3, ("img", 0), 4, ("img", 1), 2], [5, ("img", 2), 6], [9]], grids, rng)
+  pv = ref.pixel_values(grids, rng)
+  flat, _ = prepare_inputs(model.config, ids, mask, pv, np.array(grids))
+  want = np.asarray(model.forward(flat))
+  n0, n1 = 48 + 16, 12
+  rows, _ = prepare_row_inputs(model.config, ids, mask, [pv[:n0], pv[n0:n0 + n1], None],
+                               [np.array(grids[:2]), np.array(grids[2:]), None], pad_patches_to=80)
+  got = np.asarray(model.forward(rows))
+  assert np.abs(got - want)[mask.astype(bool)].max() < 1e-4
