@@ -137,15 +137,20 @@ def test_window_layout_matches_transformers(grids, window):
   np.testing.assert_array_equal(bounds, cu.numpy())
 
 
+@nnx.jit
+def _encode(model, pv, vision):
+  return model.encode_images(pv, vision)
+
+
 def test_padded_patches_do_not_change_image_tokens(pair):
   _, ours, _ = pair
   rng = np.random.default_rng(7)
   grids = np.array([[1, 6, 8], [1, 4, 4]])
   pv = ref.pixel_values(grids, rng)
-  plain = ours.encode_images(jnp.asarray(pv), jax.tree.map(jnp.asarray, VisionInputs.build(grids, ours.config.vision)))
+  plain = _encode(ours, jnp.asarray(pv), jax.tree.map(jnp.asarray, VisionInputs.build(grids, ours.config.vision)))
   padded_inputs = VisionInputs.build(grids, ours.config.vision, pad_to=pv.shape[0] + 24)
   padded_pv = np.concatenate([pv, rng.normal(size=(24, pv.shape[1])).astype(np.float32)])
-  padded = ours.encode_images(jnp.asarray(padded_pv), jax.tree.map(jnp.asarray, padded_inputs))
+  padded = _encode(ours, jnp.asarray(padded_pv), jax.tree.map(jnp.asarray, padded_inputs))
   np.testing.assert_allclose(np.asarray(padded)[: plain.shape[0]], np.asarray(plain), atol=1e-5)
 
 
@@ -203,6 +208,8 @@ def test_7b_abstract_parameter_count():
 
 def test_bf16_runs_close_to_fp32(pair, tmp_path):
   _, ours, path = pair
+  if ours.config.tie_word_embeddings:
+    pytest.skip("one bf16 check per dtype path is enough; the untied configs cover it")
   ours16, cfg16 = load_pretrained(path, dtype=jnp.bfloat16)
   assert cfg16.dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(ours16, nnx.Param)))

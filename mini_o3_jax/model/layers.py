@@ -141,6 +141,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
   return out.reshape(b, t, h, d)
 
 
+def local_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                            block: int) -> jax.Array:
+  """Attention restricted to equal segment ids, for segments that are contiguous and at most `block` long.
+
+  q/k/v [seq, heads, head_dim]; segments int [seq]. The sequence is cut into blocks of `block` tokens and
+  each block attends to itself and its two neighbours, which covers every contiguous segment of length
+  <= block. Cost is O(seq * 3 * block) instead of O(seq^2): the vision tower's window layers.
+  """
+  n, h, d = q.shape
+  nb = -(-n // block)
+  pad = nb * block - n
+  q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  seg = jnp.pad(segments, (0, pad), constant_values=jnp.iinfo(jnp.int32).min)
+  qb = q.reshape(nb, block, h, d)
+  seg_q = seg.reshape(nb, block)
+
+  def neighbours(x, fill):
+    xb = x.reshape((nb, block) + x.shape[1:])
+    pad_block = jnp.full((1, block) + x.shape[1:], fill, x.dtype)
+    prev = jnp.concatenate([pad_block, xb[:-1]], 0)
+    nxt = jnp.concatenate([xb[1:], pad_block], 0)
+    return jnp.concatenate([prev, xb, nxt], 1)                                       # [blocks, 3*block, ...]
+
+  kb, vb = neighbours(k, 0), neighbours(v, 0)
+  seg_k = neighbours(seg, jnp.iinfo(jnp.int32).max)
+  mask = seg_q[:, :, None] == seg_k[:, None, :]                                      # [blocks, block, 3*block]
+  out = attention(qb, kb, vb, mask)                                                  # blocks act as the batch
+  return out.reshape(nb * block, h, d)[:n]
+
+
 def remat_policy(name: str):
   """Rematerialisation policy for the scanned layer body."""
   if name == "none":
@@ -152,13 +182,16 @@ def remat_policy(name: str):
   raise ValueError(f"unknown remat policy {name!r}")
 
 
-def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
+def scan_layers(layers: nnx.Module, body, carry, xs=None, *, remat: str = "none", layer_slice: slice | None = None):
   """Runs `body(layer, carry, x) -> (carry, y)` over a stacked module with `jax.lax.scan`.
 
   `layers` holds parameters with a leading layer axis; each step sees one layer's slice, re-merged into
-  the same module class, so layer code is written as for a single layer.
+  the same module class, so layer code is written as for a single layer. `layer_slice` runs a
+  contiguous subset of the layers.
   """
   graphdef, state = nnx.split(layers)
+  if layer_slice is not None:
+    state = jax.tree.map(lambda x: x[layer_slice], state)
 
   def step(c, inputs):
     layer_state, x = inputs

@@ -106,6 +106,17 @@ def _window_layout(grid_thw: np.ndarray, merge: int, window: int) -> tuple[np.nd
   return np.concatenate(index), np.concatenate(window_id)
 
 
+def _attention_runs(depth: int, full_blocks) -> list[tuple[int, int, bool]]:
+  """[(start, stop, is_full)] covering 0..depth in runs of equal attention kind."""
+  kinds = [i in set(full_blocks) for i in range(depth)]
+  runs, start = [], 0
+  for i in range(1, depth + 1):
+    if i == depth or kinds[i] != kinds[start]:
+      runs.append((start, i, kinds[start]))
+      start = i
+  return runs
+
+
 class VisionBlock(nnx.Module):
   """Pre-norm ViT block; built with `stack=depth` it holds every block's parameters."""
 
@@ -119,13 +130,26 @@ class VisionBlock(nnx.Module):
     self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, bias=True, **kw)
     self.num_heads = cfg.num_heads
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [patches, dim]; cos/sin [patches, head_dim]; mask bool [patches, patches]."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, full: bool, image_segments: jax.Array,
+               window_segments: jax.Array, window_block: int) -> jax.Array:
+    """x [patches, dim]; cos/sin [patches, head_dim]; full: static bool, full (per image) or window attention.
+
+    Window attention is blocked (`layers.local_segment_attention`, linear in the patch count); full
+    attention is dense within each image frame.
+    """
     n, d = x.shape
     qkv = self.qkv(self.norm1(x)).reshape(n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [patches, heads, head_dim]
     q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-    attn = layers.attention(q[None], k[None], v[None], mask[None])[0]
+
+    def full_attention(q, k, v):
+      mask = image_segments[:, None] == image_segments[None, :]
+      return layers.attention(q[None], k[None], v[None], mask[None])[0]
+
+    def window_attention(q, k, v):
+      return layers.local_segment_attention(q, k, v, window_segments, window_block)
+
+    attn = full_attention(q, k, v) if full else window_attention(q, k, v)
     x = x + self.proj(attn.reshape(n, d))
     return x + self.mlp(self.norm2(x))
 
@@ -164,14 +188,14 @@ class VisionTower(nnx.Module):
     x = self.patch_embed(pixel_values)                                                  # [patches, dim]
     x = x.reshape(n // unit, unit, -1)[inputs.window_index].reshape(n, -1)             # window-major
     cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
-    seg_full, seg_win = inputs.image_segments, inputs.window_segments
-    is_full = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+    window_block = cfg.window_merged**2 * unit  # the largest possible window, in patches
+    # Runs of consecutive blocks with the same attention kind, each one scan with a static kind, so
+    # window layers never build a [patches, patches] mask.
+    for start, stop, full in _attention_runs(cfg.depth, cfg.fullatt_block_indexes):
 
-    def body(block, x, full):
-      seg = jnp.where(full, seg_full, seg_win)
-      mask = seg[:, None] == seg[None, :]
-      return block(x, cos, sin, mask), None
+      def body(block, x, _, full=full):
+        return block(x, cos, sin, full, inputs.image_segments, inputs.window_segments, window_block), None
 
-    x, _ = layers.scan_layers(self.blocks, body, x, jnp.asarray(is_full), remat=self.remat)
+      x, _ = layers.scan_layers(self.blocks, body, x, None, remat=self.remat, layer_slice=slice(start, stop))
     merged = self.merger(x)                                                             # [patches/4, out]
     return merged[inputs.reverse_index]
