@@ -1,0 +1,59 @@
+"""Command line entry point.
+
+  python -m mini_o3_jax.main --config configs/<name>.py --workdir DIR [--config.key=value ...]
+
+The config (an `ml_collections` file) names the stages to run, in order; each stage reads and writes
+the work directory, so a re-run resumes from what is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mini_o3_jax.pipeline import STAGES
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, reports and exports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_logging(workdir: str) -> None:
+  """absl already logs to stderr; add a plain-text copy in the work directory."""
+  handler = logging.FileHandler(os.path.join(workdir, "log.txt"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  root.addHandler(handler)
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  _setup_logging(workdir)
+  log = logging.getLogger("mini_o3_jax")
+  stages = list(config.stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise app.UsageError(f"unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  for stage in stages:
+    log.info("stage %s: start", stage)
+    start = time.time()
+    result = STAGES[stage](config, workdir)
+    log.info("stage %s: done in %.1f s", stage, time.time() - start)
+    if result is not None:
+      log.info("stage %s: %s", stage, json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,38 @@
+"""The command line: the smoke config runs end to end; bad configs fail with a clear message."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "mini_o3_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_config_runs_end_to_end(tmp_path):
+  proc = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path)], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.load(open(tmp_path / "smoke.json"))
+  assert result["export_reload_max_diff"] == 0.0
+  assert result["grid_thw"][0] == 1 and result["prompt_tokens"] > 64
+  assert os.path.exists(tmp_path / "hf_export" / "model.safetensors")
+  assert os.path.exists(tmp_path / "log.txt")
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+  proc = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.stages=('nope',)"], tmp_path)
+  assert proc.returncode != 0
+  assert "unknown stage(s) ['nope']" in proc.stderr
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  proc = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.no_such_key=1"], tmp_path)
+  assert proc.returncode != 0
+  assert "no_such_key" in proc.stderr
