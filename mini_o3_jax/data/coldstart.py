@@ -1,0 +1,201 @@
+"""Cold-start trajectories for the synthetic tasks: a scripted explorer with the paper's patterns.
+
+The generator knows every object's boxes, so it can write correct multi-turn trajectories in the
+protocol's exact text format:
+  direct           one zoom onto the detail, then the answer;
+  depth_first      original -> coarse region -> ... -> the detail, each zoom inside the last observation;
+  trial_and_error  zoom onto look-alikes first (read them, see they are not the target, say so and go
+                   back to the original image), then find the target; the recoveries the paper credits
+                   for test-time turn scaling.
+Every turn restates the goal (goal maintenance). The tool calls are executed by the real crop tool
+(`agent.execute_turn`), so the observations are exactly what the sampler would produce.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from mini_o3_jax import agent
+from mini_o3_jax.data import synthetic
+
+PATTERNS = ("direct", "depth_first", "trial_and_error")
+Box = tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplorerConfig:
+  """How the scripted explorer mixes patterns.
+
+  pattern_weights: relative frequency of each pattern (trial_and_error falls back to depth_first on
+    tasks without look-alikes).
+  max_wrong_zooms: at most this many look-alikes inspected before the target (trial_and_error).
+  coarse_first_prob: probability that a wrong zoom goes through the look-alike's coarse region first.
+  decimals: box coordinates are written with this many decimals, rounded outwards.
+  seed: base seed; trajectory i uses a generator seeded by (seed, task id).
+  """
+  pattern_weights: tuple[tuple[str, float], ...] = (("direct", 0.25), ("depth_first", 0.25),
+                                                    ("trial_and_error", 0.5))
+  max_wrong_zooms: int = 3
+  coarse_first_prob: float = 0.3
+  decimals: int = 2
+  seed: int = 0
+
+
+def quantize_box(box: Sequence[float], decimals: int) -> Box:
+  """Snaps a relative box to a grid of `decimals` digits, keeping its size (rounded up) and centre.
+
+  Growing every side outwards instead would enlarge small final zooms by up to two grid steps and can
+  make their detail illegible again.
+  """
+  q = 10**decimals
+  x0, y0, x1, y1 = box
+  out = []
+  for lo, hi in ((x0, x1), (y0, y1)):
+    side = min(1.0, math.ceil((hi - lo) * q - 1e-6) / q)
+    start = round(((lo + hi) / 2 - side / 2) * q) / q
+    start = min(max(start, 0.0), 1.0 - side)
+    out.append((round(start, decimals), round(start + side, decimals)))
+  return (out[0][0], out[1][0], out[0][1], out[1][1])
+
+
+def relative_to(box: Box, parent: Box | None) -> Box:
+  """`box` (relative to the original) in the coordinates of the crop `parent` (None = the original)."""
+  if parent is None:
+    return box
+  px0, py0, px1, py1 = parent
+  w, h = px1 - px0, py1 - py0
+  return ((box[0] - px0) / w, (box[1] - py0) / h, (box[2] - px0) / w, (box[3] - py0) / h)
+
+
+def grounding(box: Box, source: int, decimals: int) -> str:
+  """The tool-call text for `box` relative to image `source` (0 = original)."""
+  name = "original_image" if source == 0 else f"observation_{source}"
+  coords = ", ".join(f"{v:.{decimals}f}" for v in box)
+  return f'<grounding>{{"bbox_2d": [{coords}], "source": "{name}"}}</grounding>'
+
+
+class _Episode:
+  """Builds a trajectory turn by turn, running every tool call through the real crop tool."""
+
+  def __init__(self, task: synthetic.SyntheticTask, decimals: int):
+    self.task, self.decimals = task, decimals
+    self.traj = agent.Trajectory(question=task.question, images=[task.image], gold=task.answer, id=task.id)
+    self.region: dict[int, Box | None] = {0: None}  # image index -> its region of the original
+
+  def zoom(self, thought: str, box: Box, source: int = 0) -> int:
+    """Crops `box` (relative to the original) out of image `source`; returns the new image's index."""
+    rel = quantize_box(relative_to(box, self.region[source]), self.decimals)
+    text = f"<think>{thought}</think>\n{grounding(rel, source, self.decimals)}"
+    turn, image = agent.execute_turn(text, self.traj.images)
+    if image is None:
+      raise RuntimeError(f"scripted zoom failed on {self.task.id}: {turn.error}")
+    self.traj.images.append(image)
+    self.traj.turns.append(turn)
+    # The crop actually taken (the tool's whole-pixel box), in original coordinates.
+    parent = self.region[source] or (0.0, 0.0, 1.0, 1.0)
+    pw, ph = parent[2] - parent[0], parent[3] - parent[1]
+    w, h = self.traj.images[source].size
+    x0, y0, x1, y1 = agent.tools.pixel_box(rel, (w, h))
+    self.region[turn.observation_index] = (parent[0] + x0 / w * pw, parent[1] + y0 / h * ph,
+                                           parent[0] + x1 / w * pw, parent[1] + y1 / h * ph)
+    return turn.observation_index
+
+  def answer(self, thought: str) -> agent.Trajectory:
+    self.traj.turns.append(agent.Turn(f"<think>{thought}</think>\n<answer>{self.task.answer}</answer>"))
+    self.traj.stop_reason = "answer"
+    # Where each observation came from, in original coordinates (for checks and viewers).
+    self.traj.metadata["regions"] = [list(self.region[i]) for i in range(1, len(self.traj.images))]
+    return self.traj
+
+
+def _name(obj: synthetic.SceneObject) -> str:
+  return f"{obj.colour} {obj.shape}"
+
+
+def _goal(task: synthetic.SyntheticTask) -> str:
+  target = next(o for o in task.objects if o.is_target)
+  return f"I need the digit on the {_name(target)}."
+
+
+def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
+                 lead: str = "") -> int:
+  """Zooms from the original to where `obj`'s digit is legible; returns the last observation's index.
+
+  `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one).
+  """
+  path = obj.zoom_path if depth_first else obj.zoom_path[-1:]
+  source = 0
+  for level, box in enumerate(path):
+    if level == 0:
+      how = "I look at its region first" if len(path) > 1 else "Its digit is too small to read here, so I zoom in on it"
+      thought = f"{lead}{goal} There is a {_name(obj)}. {how}."
+    else:
+      thought = f"{goal} The {_name(obj)} is here but its digit is still too small, so I zoom in further."
+    source = ep.zoom(thought, box, source)
+  return source
+
+
+def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.random.Generator,
+                      config: ExplorerConfig = ExplorerConfig()) -> agent.Trajectory:
+  """One correct trajectory for `task` following `pattern`."""
+  if pattern not in PATTERNS:
+    raise ValueError(f"unknown pattern {pattern!r}; expected one of {PATTERNS}")
+  target = next(o for o in task.objects if o.is_target)
+  decoys = [o for o in task.objects if o.is_lookalike and not o.is_target]
+  if pattern == "trial_and_error" and not decoys:
+    pattern = "depth_first"
+  goal = _goal(task)
+  ep = _Episode(task, config.decimals)
+  ep.traj.metadata["pattern"] = pattern
+  lead = ""
+  if pattern == "trial_and_error":
+    n_wrong = int(rng.integers(1, min(config.max_wrong_zooms, len(decoys)) + 1))
+    for i in rng.permutation(len(decoys))[:n_wrong]:
+      decoy = decoys[i]
+      coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
+      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead)
+      lead = (f"This is a {_name(decoy)} with the digit {decoy.digit}, not the {_name(target)}. "
+              "I go back to the original image and look elsewhere. ")
+      ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
+    depth_first = len(target.zoom_path) > 1 and rng.random() < 0.5
+  else:
+    depth_first = pattern == "depth_first"
+  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead)
+  return ep.answer(f"The digit on the {_name(target)} is {task.answer}.")
+
+
+def scripted_coldstart(tier: str, n: int, split: str = "train",
+                       task_config: synthetic.SyntheticConfig = synthetic.SyntheticConfig(),
+                       config: ExplorerConfig = ExplorerConfig(), start: int = 0) -> Iterator[agent.Trajectory]:
+  """n scripted trajectories on tasks start .. start+n-1 of (tier, split); patterns drawn by weight."""
+  names = [p for p, _ in config.pattern_weights]
+  weights = np.asarray([w for _, w in config.pattern_weights], np.float64)
+  weights = weights / weights.sum()
+  for task in synthetic.generate_split(tier, split, n, task_config, start=start):
+    rng = np.random.default_rng([config.seed, *map(ord, task.id)])
+    pattern = names[int(rng.choice(len(names), p=weights))]
+    yield script_trajectory(task, pattern, rng, config)
+
+
+def summarize(trajectories: Sequence[agent.Trajectory]) -> dict:
+  """Counts per pattern and a histogram of turn counts."""
+  patterns = collections.Counter(t.metadata.get("pattern", "?") for t in trajectories)
+  turns = collections.Counter(t.num_turns for t in trajectories)
+  return {"n": len(trajectories), "patterns": dict(patterns), "turns": dict(sorted(turns.items()))}
+
+
+def write_jsonl_with_images(path: str, image_dir: str, trajectories: Sequence[agent.Trajectory]) -> None:
+  """JSONL (one trajectory a line, images as relative PNG paths) in the released cold-start spirit."""
+  import os
+  os.makedirs(image_dir, exist_ok=True)
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, "w") as f:
+    for t in trajectories:
+      saved = t.save_images(image_dir, stem=t.id, relative_to=base)
+      f.write(json.dumps(saved.to_json_dict()) + "\n")

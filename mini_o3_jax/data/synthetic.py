@@ -1,0 +1,809 @@
+"""Synthetic visual-search tasks that need zooming, sized by the view budget.
+
+A scene is a noisy grey canvas with coloured shapes scattered without overlap. Every shape carries a
+small label with a digit drawn in a bitmap font defined here (no system fonts, so pixels are
+identical on every machine). The question names one shape by its colour and shape ("the red
+triangle"); the answer is the digit on its label.
+
+Sizes are derived from the image processor's view of the scene, so the claims hold by construction
+rather than by tuning:
+
+* every shape spans `object_view_px` (>= 1 patch of 14 px) in the full-image view, so the cue that
+  names the target is visible in the first observation;
+* a digit is one scene pixel per font cell and at most `TierSpec.glyph_full_view_px` (< 1) view
+  pixels tall in the full view. Its 5x7 glyph has the same ink and the same ink centroid as every
+  other digit, and its label's colours average to the shape's colour, so what survives the resize
+  (the lowest moments) says nothing about the digit and barely shows the label;
+* the last box of `zoom_path` is the largest crop whose view shows each font cell at least
+  `legible_font_view_px` view pixels wide, so the digit is legible there.
+
+Tiers (as VisualProbe's easy / medium / hard):
+
+* easy: no other shape shares the target's colour or shape; the label sits at the centre of the
+  shape's box; one zoom (a small box on the blob's centre) reads it.
+* medium: 2-3 look-alikes share the colour *or* the shape; the label sits anywhere on the shape and
+  only shows once zoomed; two zooms (the object, then its label).
+* hard: 5-8 look-alikes of confusable colours and shapes (red / orange / pink, circle / hexagon);
+  three zooms (a region, the object, the label).
+
+Determinism: item `index` of `split` is generated from its own `np.random.default_rng` seeded with
+(config.seed, tier, split, index), so any item can be regenerated alone, on any machine.
+
+`view_size` re-implements Qwen2-VL's `smart_resize` locally (the same arithmetic as
+`mini_o3_jax.processing.image.smart_resize`) and `render_view` crops the way
+`mini_o3_jax.agent.tools.crop` does (floor/ceil pixel box, LANCZOS up to a 28 px side), so this module
+imports neither; a test checks that they agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+Box = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
+
+TIERS = ("easy", "medium", "hard")
+SPLITS = ("train", "test")
+DIGITS = tuple("0123456789")
+SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "cross")
+
+FONT_W, FONT_H = 5, 7
+# 5x7 digits with 17 ink cells each and their ink centroid within 1/17 cell of the grid's centre
+# (2, 3). Below about one view pixel per glyph only the lowest moments of a glyph survive the
+# resize: equal ink (zeroth moment) and a common centroid (first) leave almost nothing to read.
+_FONT_ROWS = {
+    "0": (".###.", "#...#", "#...#", "#.#.#", "#...#", "#...#", ".###."),
+    "1": ("..###", ".###.", "###..", "..#..", "..#..", "..#..", "#####"),
+    "2": ("#####", "....#", "....#", ".###.", "#....", "#....", "#####"),
+    "3": ("####.", "#...#", "....#", ".###.", "....#", "#...#", "####."),
+    "4": ("#..#.", "#..#.", "#..#.", "#####", "#..#.", "...#.", "..###"),
+    "5": (".####", "#....", "#....", "#####", "....#", "....#", "####."),
+    "6": ("..###", ".#..#", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..##.", ".##..", ".##..", "####."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "#..#.", "###.."),
+}
+INK_CELLS = 17
+FONT: dict[str, np.ndarray] = {
+    d: np.array([[c == "#" for c in row] for row in rows], dtype=bool)
+    for d, rows in _FONT_ROWS.items()
+}
+
+DEFAULT_PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (215, 35, 35)),
+    ("orange", (245, 135, 20)),
+    ("yellow", (240, 215, 30)),
+    ("green", (40, 160, 50)),
+    ("cyan", (30, 200, 210)),
+    ("blue", (35, 70, 215)),
+    ("purple", (135, 50, 185)),
+    ("pink", (245, 115, 185)),
+)
+# Look-alikes in the hard tier take a confusable colour / shape from these lists.
+_SIMILAR_COLOURS = {
+    "red": ("orange", "pink"),
+    "orange": ("red", "yellow"),
+    "yellow": ("orange", "green"),
+    "green": ("cyan", "yellow"),
+    "cyan": ("green", "blue"),
+    "blue": ("purple", "cyan"),
+    "purple": ("blue", "pink"),
+    "pink": ("purple", "red"),
+}
+_SIMILAR_SHAPES = {
+    "circle": ("hexagon", "square"),
+    "square": ("hexagon", "diamond"),
+    "triangle": ("diamond", "hexagon"),
+    "diamond": ("triangle", "square"),
+    "hexagon": ("circle", "square"),
+    "cross": ("square", "diamond"),
+}
+# Rectangles (relative to the shape's bounding box) that lie inside the shape: labels go there.
+_LABEL_REGIONS = {
+    "circle": ((0.17, 0.17, 0.83, 0.83),),
+    "square": ((0.08, 0.08, 0.92, 0.92),),
+    "triangle": ((0.31, 0.40, 0.69, 0.95),),
+    "diamond": ((0.27, 0.27, 0.73, 0.73),),
+    "hexagon": ((0.23, 0.16, 0.77, 0.84),),
+    "cross": ((0.04, 0.33, 0.96, 0.67), (0.33, 0.04, 0.67, 0.96)),
+}
+_QUESTIONS = (
+    "What is the digit written on the {colour} {shape}?",
+    "Which digit is printed on the {colour} {shape}?",
+    "Read the digit on the label of the {colour} {shape}.",
+    "What number is shown on the {colour} {shape}?",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TierSpec:
+  """How one difficulty tier builds its scenes.
+
+  Attributes:
+    num_objects: inclusive range of shapes per scene, the target included.
+    num_lookalikes: inclusive range of shapes sharing the target's colour or shape.
+    lookalike_kind: "none", "one" (all share the colour, or all the shape) or "mixed".
+    confusable: look-alikes take a similar colour / shape (red vs orange, circle vs hexagon).
+    glyph_full_view_px: upper bound on the digit's height in the full-image view.
+    label_at_centre: label at the shape's centre (else anywhere inside the shape).
+    zoom_sides: sides of the zooms before the last one, in units of the target's side.
+  """
+  num_objects: tuple[int, int]
+  num_lookalikes: tuple[int, int]
+  lookalike_kind: str
+  confusable: bool
+  glyph_full_view_px: float
+  label_at_centre: bool
+  zoom_sides: tuple[float, ...]
+
+
+EASY = TierSpec(num_objects=(5, 8), num_lookalikes=(0, 0), lookalike_kind="none",
+                confusable=False, glyph_full_view_px=0.9, label_at_centre=True, zoom_sides=())
+MEDIUM = TierSpec(num_objects=(8, 11), num_lookalikes=(2, 3), lookalike_kind="one",
+                  confusable=False, glyph_full_view_px=0.9, label_at_centre=False,
+                  zoom_sides=(2.0,))
+HARD = TierSpec(num_objects=(12, 16), num_lookalikes=(5, 8), lookalike_kind="mixed",
+                confusable=True, glyph_full_view_px=0.9, label_at_centre=False,
+                zoom_sides=(3.5, 2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """Scene, view budget and tier parameters.
+
+  The view budget is the image processor's: every image (the scene and every crop) is resized to
+  `smart_resize(h, w, 28, view_min_pixels, view_max_pixels)`. With min == max (the default) every
+  observation is shown at the same ~112x112 budget, so cropping a box of relative side s gives 1/s
+  times the resolution on that region; set `view_min_pixels` lower to mimic Qwen's default instead
+  (small crops are then shown at fewer pixels, and final zoom boxes shrink accordingly).
+  """
+  scene_size_range: tuple[int, int] = (896, 1024)  # longer side, pixels
+  aspect_range: tuple[float, float] = (1.0, 1.0)  # width / height
+  view_max_pixels: int = 112 * 112
+  view_min_pixels: int = 112 * 112
+  patch_size: int = 14
+  merge_size: int = 2
+  object_view_px: tuple[float, float] = (14.0, 18.0)  # shape side in the full view
+  object_gap_view_px: float = 2.0
+  legible_font_view_px: float = 2.0  # view pixels per font cell at the last zoom
+  easy: TierSpec = EASY
+  medium: TierSpec = MEDIUM
+  hard: TierSpec = HARD
+  palette: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_PALETTE
+  shapes: tuple[str, ...] = SHAPES
+  seed: int = 0
+
+  def tier(self, name: str) -> TierSpec:
+    if name not in TIERS:
+      raise ValueError(f"unknown tier {name!r}; expected one of {TIERS}")
+    return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+  """One shape in a scene; boxes are relative [x0, y0, x1, y1] of the original image."""
+  shape: str
+  colour: str
+  digit: str
+  box: Box
+  detail_box: Box  # the digit's glyph
+  zoom_path: tuple[Box, ...]  # what a perfect agent crops to read this shape's digit
+  is_target: bool
+  is_lookalike: bool  # shares the target's colour or shape (the target counts as one)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTask:
+  """One visual-search item; boxes are relative [x0, y0, x1, y1] of the original image."""
+  id: str
+  image: Image.Image
+  question: str
+  answer: str
+  options: None
+  difficulty: str
+  category: str
+  target_box: Box
+  detail_box: Box
+  candidate_boxes: tuple[Box, ...]  # target and look-alikes, shuffled
+  zoom_path: tuple[Box, ...]  # nested, coarse to fine; the digit is legible at the last
+  objects: tuple[SceneObject, ...]
+  glyph_cell_px: int  # scene pixels per font cell
+
+
+# ----------------------------------------------------------------------------- view geometry
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                 max_pixels: int) -> tuple[int, int]:
+  """Qwen2-VL's smart_resize: (height, width) multiples of `factor` with area in range."""
+  if height <= 0 or width <= 0:
+    raise ValueError(f"image must have positive sides, got {height}x{width}")
+  if max(height, width) / min(height, width) > 200:
+    raise ValueError(f"aspect ratio above 200: {height}x{width}")
+  h_bar = round(height / factor) * factor
+  w_bar = round(width / factor) * factor
+  if h_bar * w_bar > max_pixels:
+    beta = math.sqrt((height * width) / max_pixels)
+    h_bar = max(factor, math.floor(height / beta / factor) * factor)
+    w_bar = max(factor, math.floor(width / beta / factor) * factor)
+  elif h_bar * w_bar < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h_bar = math.ceil(height * beta / factor) * factor
+    w_bar = math.ceil(width * beta / factor) * factor
+  return h_bar, w_bar
+
+
+def view_size(image_size: tuple[int, int], config: SyntheticConfig) -> tuple[int, int]:
+  """(width, height) the image processor resizes an image of PIL size `image_size` to."""
+  width, height = image_size
+  h, w = smart_resize(height, width, config.patch_size * config.merge_size,
+                      config.view_min_pixels, config.view_max_pixels)
+  return w, h
+
+
+def _snap(v: float) -> float:
+  r = round(v)
+  return float(r) if abs(v - r) < 1e-6 else v
+
+
+def pixel_box(box_rel: Sequence[float], image_size: tuple[int, int]) -> PixelBox:
+  """Relative box -> clamped pixel box (floor the start, ceil the end), as the crop tool does."""
+  w, h = image_size
+  x0, y0, x1, y1 = (min(max(float(c), 0.0), 1.0) for c in box_rel)
+  return (math.floor(_snap(x0 * w)), math.floor(_snap(y0 * h)), math.ceil(_snap(x1 * w)),
+          math.ceil(_snap(y1 * h)))
+
+
+def crop_image(image: Image.Image, box_rel: Sequence[float] | None,
+               min_side: int = 28) -> Image.Image:
+  """Crops a relative box of full-resolution `image`, LANCZOS-upscaled so no side is < min_side."""
+  if box_rel is None:
+    return image
+  region = image.crop(pixel_box(box_rel, image.size))
+  w, h = region.size
+  if min(w, h) >= min_side:
+    return region
+  scale = min_side / min(w, h)
+  size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
+  return region.resize(size, Image.Resampling.LANCZOS)
+
+
+def render_view(image: Image.Image, box_rel: Sequence[float] | None,
+                config: SyntheticConfig) -> Image.Image:
+  """What the model sees: crop `box_rel` (None = whole image), then resize to the view budget."""
+  region = crop_image(image, box_rel)
+  size = view_size(region.size, config)
+  if size == region.size:
+    return region
+  return region.resize(size, Image.Resampling.BICUBIC)
+
+
+def project_box(box_rel: Sequence[float], crop_rel: Sequence[float] | None,
+                image_size: tuple[int, int], config: SyntheticConfig) -> Box:
+  """A relative box of the original image in the pixel coordinates of `render_view(crop_rel)`.
+
+  Continuous coordinates: pixel i spans [i, i + 1). Assumes crops of >= 28 px sides (no LANCZOS
+  step), which all zoom paths satisfy.
+  """
+  w, h = image_size
+  cx0, cy0, cx1, cy1 = pixel_box(crop_rel if crop_rel is not None else (0, 0, 1, 1), image_size)
+  vw, vh = view_size((cx1 - cx0, cy1 - cy0), config)
+  sx, sy = vw / (cx1 - cx0), vh / (cy1 - cy0)
+  x0, y0, x1, y1 = box_rel
+  return ((x0 * w - cx0) * sx, (y0 * h - cy0) * sy, (x1 * w - cx0) * sx, (y1 * h - cy0) * sy)
+
+
+def _view_scale(side: int, config: SyntheticConfig) -> float:
+  """View pixels per scene pixel for a square crop of `side` pixels."""
+  vw, _ = view_size((side, side), config)
+  return vw / side
+
+
+def _fits_budget(side: int, config: SyntheticConfig) -> bool:
+  """Whether a square crop is shown at (close to) the full budget, never above it."""
+  vw, vh = view_size((side, side), config)
+  area = vw * vh
+  # Qwen's floor/ceil arithmetic sometimes lands a step below (84x84) or above (140x140) the
+  # budget for a crop of a given side; zoom boxes avoid those sides.
+  return area <= config.view_max_pixels and (
+      area >= 0.7 * config.view_max_pixels or side * side < config.view_min_pixels)
+
+
+@functools.lru_cache(maxsize=256)
+def final_zoom_side(cell_px: int, config: SyntheticConfig) -> int:
+  """Largest square crop side at which one font cell spans >= legible_font_view_px view pixels."""
+  need = config.legible_font_view_px / cell_px
+  upper = int(math.ceil(math.sqrt(config.view_max_pixels) / need)) + 1
+  for side in range(upper, FONT_H * cell_px, -1):
+    if _view_scale(side, config) >= need and _fits_budget(side, config):
+      return side
+  raise ValueError(f"no crop side makes a {cell_px}px font cell legible under {config}")
+
+
+@functools.lru_cache(maxsize=4096)
+def nearest_budget_side(side: float, config: SyntheticConfig, limit: int) -> int:
+  """The crop side closest to `side` (<= limit) that is shown at the full view budget."""
+  target = int(round(side))
+  for delta in range(0, max(target, 1)):
+    for cand in (target - delta, target + delta):
+      if 8 <= cand <= limit and _fits_budget(cand, config):
+        return cand
+  return min(target, limit)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _rng(config: SyntheticConfig, tier: str, split: str, index: int) -> np.random.Generator:
+  # crc32 rather than hash(): Python salts str hashes per process.
+  entropy = [config.seed, TIERS.index(tier), zlib.crc32(split.encode()), index]
+  return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def task_id(tier: str, split: str, index: int) -> str:
+  return f"synthetic-{tier}-{split}-{index:07d}"
+
+
+def parse_task_id(item_id: str) -> tuple[str, str, int]:
+  """Inverse of `task_id`."""
+  prefix, tier, split, index = item_id.split("-")
+  if prefix != "synthetic":
+    raise ValueError(f"not a synthetic task id: {item_id!r}")
+  return tier, split, int(index)
+
+
+def _scene_size(rng: np.random.Generator, config: SyntheticConfig) -> tuple[int, int]:
+  """(width, height) with a full-budget view (avoids sizes Qwen's rounding maps to 84x84)."""
+  lo, hi = config.scene_size_range
+  size = (int(hi), int(hi))
+  for _ in range(64):
+    longer = int(rng.integers(lo, hi + 1))
+    aspect = float(rng.uniform(*config.aspect_range))
+    if aspect >= 1.0:
+      size = (longer, max(56, int(round(longer / aspect))))
+    else:
+      size = (max(56, int(round(longer * aspect))), longer)
+    vw, vh = view_size(size, config)
+    if vw * vh >= 0.7 * config.view_max_pixels:
+      return size
+  return size
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+  """Tinted grey canvas with soft blotches and 2x2-pixel grain.
+
+  Built at half resolution in uint8 and enlarged with NEAREST; the tint is a palette lookup (mode
+  "P" -> "RGB"), which keeps a 1000 px scene at a few milliseconds.
+  """
+  w, h = size
+  hw, hh = (w + 1) // 2, (h + 1) // 2
+  coarse = np.frombuffer(rng.bytes(max(2, h // 64) * max(2, w // 64)), np.uint8)
+  coarse = (coarse % 28).reshape(max(2, h // 64), max(2, w // 64))
+  blotch = np.asarray(Image.fromarray(coarse).resize((hw, hh), Image.Resampling.BILINEAR))
+  grain = np.frombuffer(rng.bytes(hw * hh), np.uint8).reshape(hh, hw) & np.uint8(15)
+  half = Image.fromarray(blotch + grain, mode="L").resize((w, h), Image.Resampling.NEAREST)
+  base = int(rng.integers(80, 125))
+  tint = rng.integers(-8, 9, size=3)
+  levels = np.arange(256)[:, None] + base + tint[None, :]
+  canvas = Image.frombytes("P", size, half.tobytes())
+  canvas.putpalette(np.clip(levels, 0, 255).astype(np.uint8).ravel().tobytes())
+  return canvas.convert("RGB")
+
+
+@functools.lru_cache(maxsize=64)
+def _glyph_mask(digit: str, cell: int) -> Image.Image:
+  """The digit's bitmap scaled by `cell`, as an "L" mask for ImageDraw.bitmap (read-only use)."""
+  mask = np.kron(FONT[digit], np.ones((cell, cell), bool)).astype(np.uint8) * 255
+  return Image.fromarray(mask, mode="L")
+
+
+def _shape_polygon(shape: str, x0: float, y0: float, s: float) -> list[tuple[float, float]]:
+  rel = {
+      "square": ((0, 0), (1, 0), (1, 1), (0, 1)),
+      "triangle": ((0.5, 0), (1, 1), (0, 1)),
+      "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)),
+      "hexagon": ((0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1), (0, 0.5)),
+      "cross": ((0.3, 0), (0.7, 0), (0.7, 0.3), (1, 0.3), (1, 0.7), (0.7, 0.7), (0.7, 1),
+                (0.3, 1), (0.3, 0.7), (0, 0.7), (0, 0.3), (0.3, 0.3)),
+  }[shape]
+  # (s - 1): the polygon's last pixel column is x0 + s - 1, as for a box of side s.
+  return [(x0 + u * (s - 1), y0 + v * (s - 1)) for u, v in rel]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: PixelBox,
+                colour: tuple[int, int, int]) -> None:
+  x0, y0, x1, _ = box
+  if shape == "circle":
+    draw.ellipse((x0, y0, x1 - 1, box[3] - 1), fill=colour)
+  else:
+    draw.polygon(_shape_polygon(shape, x0, y0, x1 - x0), fill=colour)
+
+
+def _place_boxes(rng: np.random.Generator, sides: Sequence[int], size: tuple[int, int],
+                 gap: int, required: int) -> list[PixelBox]:
+  """Non-overlapping square boxes; the first `required` must be placed, the rest may be dropped."""
+  w, h = size
+  placed = np.zeros((0, 4), np.int64)
+  boxes: list[PixelBox] = []
+  for i, s in enumerate(sides):
+    for _ in range(20):
+      xs = rng.integers(0, w - s + 1, size=64)
+      ys = rng.integers(0, h - s + 1, size=64)
+      if len(placed):
+        # Separated along x or along y by at least `gap` from every placed box.
+        sep = ((xs[:, None] + s + gap <= placed[None, :, 0]) |
+               (placed[None, :, 2] + gap <= xs[:, None]) |
+               (ys[:, None] + s + gap <= placed[None, :, 1]) |
+               (placed[None, :, 3] + gap <= ys[:, None]))
+        ok = np.flatnonzero(sep.all(axis=1))
+      else:
+        ok = np.arange(64)
+      if len(ok):
+        j = ok[0]
+        box = (int(xs[j]), int(ys[j]), int(xs[j]) + s, int(ys[j]) + s)
+        boxes.append(box)
+        placed = np.vstack([placed, np.array(box)[None]])
+        break
+    else:
+      if i < required:
+        raise RuntimeError("could not place the target and its look-alikes")
+      boxes.append(None)  # type: ignore[arg-type]
+  return boxes
+
+
+def _attributes(rng: np.random.Generator, spec: TierSpec, config: SyntheticConfig,
+                n_objects: int) -> tuple[list[tuple[str, str]], int, str]:
+  """(colour, shape) per object (target first, then look-alikes), #look-alikes, category."""
+  colours = [name for name, _ in config.palette]
+  shapes = list(config.shapes)
+  t_colour = colours[rng.integers(len(colours))]
+  t_shape = shapes[rng.integers(len(shapes))]
+  n_look = int(rng.integers(spec.num_lookalikes[0], spec.num_lookalikes[1] + 1))
+  n_look = min(n_look, n_objects - 1)
+  if spec.lookalike_kind == "none":
+    kinds, category = [], "unique"
+  elif spec.lookalike_kind == "one":
+    kind = "colour" if rng.random() < 0.5 else "shape"
+    kinds, category = [kind] * n_look, f"same_{kind}"
+  else:
+    kinds = ["colour" if rng.random() < 0.5 else "shape" for _ in range(n_look)]
+    kinds[0], kinds[-1] = "colour", "shape"  # both kinds of confusion in every hard scene
+    category = "mixed"
+  other_colours = [c for c in colours if c != t_colour]
+  other_shapes = [s for s in shapes if s != t_shape]
+  attrs = [(t_colour, t_shape)]
+  for kind in kinds:
+    if kind == "colour":  # same colour, another shape
+      pool = [s for s in _SIMILAR_SHAPES.get(t_shape, ()) if s in other_shapes]
+      pool = pool if spec.confusable and pool else other_shapes
+      attrs.append((t_colour, pool[rng.integers(len(pool))]))
+    else:  # same shape, another colour
+      pool = [c for c in _SIMILAR_COLOURS.get(t_colour, ()) if c in other_colours]
+      pool = pool if spec.confusable and pool else other_colours
+      attrs.append((pool[rng.integers(len(pool))], t_shape))
+  for _ in range(n_objects - 1 - n_look):
+    attrs.append((other_colours[rng.integers(len(other_colours))],
+                  other_shapes[rng.integers(len(other_shapes))]))
+  return attrs, n_look, category
+
+
+def _label_colours(fill: tuple[int, ...], plate_area: int, ink_area: int,
+                   lift: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(paper, ink) colours whose area-weighted mean over the plate is the shape's colour.
+
+  The paper is up to `lift` brighter than the shape and the ink darker by whatever balances it,
+  channel by channel. So the label blends into its shape when it spans a view pixel or less (it
+  cannot be spotted, let alone read, in the full view) yet shows high contrast once zoomed.
+  """
+  ratio = (plate_area - ink_area) / ink_area  # paper pixels per ink pixel
+  paper, ink = [], []
+  for c in fill:
+    up = min(255 - c, lift)
+    down = min(c, up * ratio)
+    up = down / ratio  # rebalanced where the ink reached black
+    paper.append(int(round(c + up)))
+    ink.append(int(round(c - down)))
+  return tuple(paper), tuple(ink)
+
+
+def _glyph_cell(spec: TierSpec, scale: float) -> int:
+  """Largest font cell (scene px) whose glyph stays <= glyph_full_view_px in the full view."""
+  return max(1, int(math.floor(spec.glyph_full_view_px / (FONT_H * scale) + 1e-9)))
+
+
+def _label_box(rng: np.random.Generator, shape: str, box: PixelBox, plate_w: int, plate_h: int,
+               centre: bool) -> tuple[int, int]:
+  """Top-left corner of a plate that lies inside the shape.
+
+  `centre`: at the centre of the shape's bounding box, where an agent that saw only a blob would
+  zoom; otherwise uniformly inside one of the shape's label regions.
+  """
+  x0, y0, x1, _ = box
+  s = x1 - x0
+  bounds = []
+  for u0, v0, u1, v1 in _LABEL_REGIONS[shape]:
+    lo_x, hi_x = x0 + math.ceil(u0 * s), x0 + math.floor(u1 * s) - plate_w
+    lo_y, hi_y = y0 + math.ceil(v0 * s), y0 + math.floor(v1 * s) - plate_h
+    if lo_x <= hi_x and lo_y <= hi_y:
+      bounds.append((lo_x, hi_x, lo_y, hi_y))
+  if not bounds:
+    raise ValueError(f"a {plate_w}x{plate_h} label does not fit in a {s}px {shape}")
+  if centre:
+    px, py = x0 + (s - plate_w) // 2, y0 + (s - plate_h) // 2
+    for lo_x, hi_x, lo_y, hi_y in bounds:
+      if lo_x <= px <= hi_x and lo_y <= py <= hi_y:
+        return px, py
+    lo_x, hi_x, lo_y, hi_y = bounds[0]
+    return (lo_x + hi_x) // 2, (lo_y + hi_y) // 2
+  lo_x, hi_x, lo_y, hi_y = bounds[rng.integers(len(bounds))]
+  return int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
+
+
+def _square_around(cx: float, cy: float, side: int, size: tuple[int, int],
+                   inside: PixelBox | None = None) -> PixelBox:
+  """A side x side box centred near (cx, cy), shifted into the image (and into `inside`)."""
+  w, h = size
+  lx0, ly0, lx1, ly1 = inside if inside is not None else (0, 0, w, h)
+  side = min(side, lx1 - lx0, ly1 - ly0)
+  x0 = int(round(cx - side / 2))
+  y0 = int(round(cy - side / 2))
+  x0 = min(max(x0, lx0), lx1 - side)
+  y0 = min(max(y0, ly0), ly1 - side)
+  return x0, y0, x0 + side, y0 + side
+
+
+def _rel(box: PixelBox, size: tuple[int, int]) -> Box:
+  w, h = size
+  return (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
+
+
+def _zoom_path(rng: np.random.Generator, spec: TierSpec, config: SyntheticConfig,
+               obj: PixelBox, glyph: PixelBox, cell: int, size: tuple[int, int]
+               ) -> list[PixelBox]:
+  """Nested square pixel boxes, coarse to fine, ending at the legible crop of `glyph`."""
+  s = obj[2] - obj[0]
+  limit = min(size)
+  boxes: list[PixelBox] = []
+  parent: PixelBox | None = None
+  ocx, ocy = (obj[0] + obj[2]) / 2, (obj[1] + obj[3]) / 2
+  for factor in spec.zoom_sides:
+    side = nearest_budget_side(factor * s, config, limit)
+    # Off-centre by up to a quarter of the slack, so paths vary; the object stays inside.
+    slack = max(0, side - s)
+    jx, jy = rng.uniform(-slack / 4, slack / 4, size=2) if slack else (0.0, 0.0)
+    parent = _square_around(ocx + jx, ocy + jy, side, size, parent)
+    boxes.append(parent)
+  final = final_zoom_side(cell, config)
+  gcx, gcy = (glyph[0] + glyph[2]) / 2, (glyph[1] + glyph[3]) / 2
+  boxes.append(_square_around(gcx, gcy, final, size, parent))
+  return boxes
+
+
+def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig(),
+              split: str = "train") -> SyntheticTask:
+  """Item `index` of `split` in `tier`; a pure function of its arguments."""
+  spec = config.tier(tier)
+  rng = _rng(config, tier, split, index)
+  size = _scene_size(rng, config)
+  vw, vh = view_size(size, config)
+  scale = min(vw / size[0], vh / size[1])  # view px per scene px (the coarser axis)
+  fine_scale = max(vw / size[0], vh / size[1])
+  cell = _glyph_cell(spec, fine_scale)
+  if FONT_H * cell * fine_scale > spec.glyph_full_view_px + 1e-9:
+    raise ValueError(
+        f"a {size[0]}x{size[1]} scene is too small for a {tier} digit of at most "
+        f"{spec.glyph_full_view_px} view px under a {vw}x{vh} view: use scenes of at least "
+        f"{math.ceil(FONT_H * max(vw, vh) / spec.glyph_full_view_px)} px or a larger bound")
+  # Shapes are sized in view pixels, so each is >= ~1 patch in the first observation.
+  lo, hi = (v / scale for v in config.object_view_px)
+  n_objects = int(rng.integers(spec.num_objects[0], spec.num_objects[1] + 1))
+  attrs, n_look, category = _attributes(rng, spec, config, n_objects)
+  sides = [int(round(rng.uniform(lo, hi))) for _ in attrs]
+  gap = int(math.ceil(config.object_gap_view_px / scale))
+  boxes = _place_boxes(rng, sides, size, gap, required=1 + n_look)
+  digits = [DIGITS[rng.integers(10)] for _ in attrs]
+  target_digit = digits[0]
+  for i in range(1, 1 + n_look):  # a wrong look-alike must give a wrong answer
+    if digits[i] == target_digit:
+      digits[i] = DIGITS[(int(target_digit) + 1 + int(rng.integers(9))) % 10]
+
+  image = _background(rng, size)
+  draw = ImageDraw.Draw(image)
+  rgb = dict(config.palette)
+  objects: list[SceneObject] = []
+  for i, ((colour, shape), box, digit) in enumerate(zip(attrs, boxes, digits)):
+    if box is None:
+      continue
+    jitter = rng.integers(-12, 13, size=3).tolist()
+    fill = tuple(min(255, max(0, c + j)) for c, j in zip(rgb[colour], jitter))
+    _draw_shape(draw, shape, box, fill)
+    # Plate margins of 1-2 cells per side, drawn at random, so the plate's outline in a blurry view
+    # does not pin down where the glyph's ink sits.
+    ml, mr, mt, mb = (int(m) * cell for m in rng.integers(1, 3, size=4))
+    plate_w, plate_h = FONT_W * cell + ml + mr, FONT_H * cell + mt + mb
+    px, py = _label_box(rng, shape, box, plate_w, plate_h, spec.label_at_centre)
+    paper, ink = _label_colours(fill, plate_w * plate_h, INK_CELLS * cell * cell,
+                                lift=int(rng.integers(50, 71)))
+    draw.rectangle((px, py, px + plate_w - 1, py + plate_h - 1), fill=paper)
+    gx, gy = px + ml, py + mt
+    draw.bitmap((gx, gy), _glyph_mask(digit, cell), fill=ink)
+    glyph = (gx, gy, gx + FONT_W * cell, gy + FONT_H * cell)
+    path = _zoom_path(rng, spec, config, box, glyph, cell, size)
+    objects.append(SceneObject(
+        shape=shape, colour=colour, digit=digit, box=_rel(box, size),
+        detail_box=_rel(glyph, size), zoom_path=tuple(_rel(b, size) for b in path),
+        is_target=i == 0, is_lookalike=i <= n_look))
+
+  target = objects[0]
+  candidates = [o.box for o in objects if o.is_lookalike]
+  order = rng.permutation(len(candidates))
+  question = _QUESTIONS[rng.integers(len(_QUESTIONS))].format(colour=target.colour,
+                                                               shape=target.shape)
+  return SyntheticTask(
+      id=task_id(tier, split, index), image=image, question=question, answer=target.digit,
+      options=None, difficulty=tier, category=category, target_box=target.box,
+      detail_box=target.detail_box, candidate_boxes=tuple(candidates[j] for j in order),
+      zoom_path=target.zoom_path, objects=tuple(objects), glyph_cell_px=cell)
+
+
+def generate_split(tier: str, split: str, n: int, config: SyntheticConfig = SyntheticConfig(),
+                   start: int = 0) -> Iterator[SyntheticTask]:
+  """Items start .. start + n - 1 of (tier, split)."""
+  for index in range(start, start + n):
+    yield make_task(tier, index, config, split)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def task_record(task: SyntheticTask) -> dict:
+  """The loader-style record (id, image, question, options, answer, category) plus the boxes."""
+  return {
+      "id": task.id,
+      "image": task.image,
+      "question": task.question,
+      "options": None,
+      "answer": task.answer,
+      "category": task.category,
+      "difficulty": task.difficulty,
+      "target_box": np.asarray(task.target_box, np.float32),
+      "detail_box": np.asarray(task.detail_box, np.float32),
+      "candidate_boxes": np.asarray(task.candidate_boxes, np.float32).reshape(-1, 4),
+      "zoom_path": np.asarray(task.zoom_path, np.float32).reshape(-1, 4),
+  }
+
+
+class SyntheticSource:
+  """Random-access source (grain's RandomAccessDataSource protocol) generating on the fly."""
+
+  def __init__(self, tier: str, split: str, n: int,
+               config: SyntheticConfig = SyntheticConfig()):
+    config.tier(tier)  # validates the name
+    self.tier, self.split, self.n, self.config = tier, split, n, config
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < self.n:
+      raise IndexError(f"index {index} out of range for {self.n} items")
+    return task_record(make_task(self.tier, index, self.config, self.split))
+
+  def __repr__(self) -> str:
+    return f"SyntheticSource(tier={self.tier!r}, split={self.split!r}, n={self.n})"
+
+
+# ----------------------------------------------------------------------------- reading, debugging
+
+
+def oracle_read(view: Image.Image, glyph_box_view: Sequence[float], search_px: float = 1.0,
+                step_px: float = 0.25) -> str:
+  """Reads a digit by template matching at a known scale and approximate position.
+
+  A legibility oracle: for every shift of `glyph_box_view` (view pixel coordinates, see
+  `project_box`) within +-search_px, samples the view's darkness on a 3x3 grid inside each font cell
+  and correlates it with every digit's template; the digit with the best match at any shift wins.
+  """
+  grey = np.asarray(view.convert("L"), np.float32)
+  x0, y0, x1, y1 = glyph_box_view
+  sub = (np.arange(3) + 0.5) / 3
+  shifts = np.arange(-search_px, search_px + 1e-9, step_px)
+  # Sample coordinates (array index space) for every shift: [S, 3 * FONT_W] and [S, 3 * FONT_H].
+  xs = x0 - 0.5 + shifts[:, None] + (
+      (np.arange(FONT_W)[:, None] + sub).ravel() * (x1 - x0) / FONT_W)[None, :]
+  ys = y0 - 0.5 + shifts[:, None] + (
+      (np.arange(FONT_H)[:, None] + sub).ravel() * (y1 - y0) / FONT_H)[None, :]
+  cells = _bilinear_grid(grey, ys, xs)  # [Sy, Sx, 3 * FONT_H, 3 * FONT_W]
+  n = len(shifts)
+  ink = -cells.reshape(n, n, FONT_H, 3, FONT_W, 3).mean(axis=(3, 5)).reshape(n, n, -1)
+  ink = (ink - ink.mean(-1, keepdims=True)) / (ink.std(-1, keepdims=True) + 1e-6)
+  templates = np.stack([_zscore(FONT[d]).ravel() for d in DIGITS])  # [10, 35]
+  scores = (ink @ templates.T).reshape(-1, len(DIGITS)).max(axis=0)
+  return DIGITS[int(np.argmax(scores))]
+
+
+def _zscore(bitmap: np.ndarray) -> np.ndarray:
+  x = bitmap.astype(np.float32)
+  return (x - x.mean()) / x.std()
+
+
+def _bilinear_grid(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+  """img at every (ys[a, i], xs[b, j]) -> [A, B, I, J]; array-index coordinates, edge-clamped."""
+  h, w = img.shape
+  ys = np.clip(ys, 0, h - 1)
+  xs = np.clip(xs, 0, w - 1)
+  y0 = np.minimum(np.floor(ys).astype(int), max(h - 2, 0))
+  x0 = np.minimum(np.floor(xs).astype(int), max(w - 2, 0))
+  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+  fy = (ys - y0)[:, None, :, None]
+  fx = (xs - x0)[None, :, None, :]
+  row0, row1 = y0[:, None, :, None], y1[:, None, :, None]
+  col0, col1 = x0[None, :, None, :], x1[None, :, None, :]
+  top = img[row0, col0] * (1 - fx) + img[row0, col1] * fx
+  bottom = img[row1, col0] * (1 - fx) + img[row1, col1] * fx
+  return top * (1 - fy) + bottom * fy
+
+
+def describe(task: SyntheticTask, config: SyntheticConfig = SyntheticConfig()) -> str:
+  """A few human-readable lines about a task."""
+  w, h = task.image.size
+  vw, vh = view_size((w, h), config)
+  fmt = lambda b: "[" + ", ".join(f"{c:.3f}" for c in b) + "]"
+  lines = [
+      f"{task.id}: {task.question} -> {task.answer} ({task.difficulty}, {task.category})",
+      f"  image {w}x{h}, full view {vw}x{vh}, font cell {task.glyph_cell_px}px, "
+      f"{len(task.objects)} objects, {len(task.candidate_boxes)} candidates",
+      f"  target {fmt(task.target_box)} detail {fmt(task.detail_box)}",
+  ]
+  for k, box in enumerate(task.zoom_path, 1):
+    x0, y0, x1, y1 = pixel_box(box, (w, h))
+    gx0, gy0, gx1, gy1 = project_box(task.detail_box, box, (w, h), config)
+    lines.append(f"  zoom {k}: {fmt(box)} = {x1 - x0}x{y1 - y0}px, glyph {gy1 - gy0:.1f} view px "
+                 f"tall")
+  for o in task.objects:
+    flag = "T" if o.is_target else ("L" if o.is_lookalike else " ")
+    lines.append(f"  {flag} {o.colour:>6} {o.shape:<8} {o.digit} {fmt(o.box)}")
+  return "\n".join(lines)
+
+
+def save_examples_png(path: str, tasks: Sequence[SyntheticTask],
+                      config: SyntheticConfig = SyntheticConfig(), thumb: int = 336) -> None:
+  """Contact sheet: per task, the scene (target red, look-alikes orange, zooms yellow), the
+  full low-res view and every zoom view, views upscaled with NEAREST so their pixels show."""
+  pad = 8
+  ncols = 2 + max((len(t.zoom_path) for t in tasks), default=0)
+  sheet = Image.new("RGB", (pad + ncols * (thumb + pad), pad + len(tasks) * (thumb + 24 + pad)),
+                    (255, 255, 255))
+  draw = ImageDraw.Draw(sheet)
+  for r, task in enumerate(tasks):
+    top = pad + r * (thumb + 24 + pad)
+    # Captions use PIL's default font: debug output only, never part of the data.
+    draw.text((pad, top), f"{task.id}  Q: {task.question}  A: {task.answer}  "
+              f"({task.category})", fill=(0, 0, 0))
+    top += 16
+    w, h = task.image.size
+    k = thumb / max(w, h)
+    scene = task.image.resize((round(w * k), round(h * k)), Image.Resampling.LANCZOS)
+    sd = ImageDraw.Draw(scene)
+    for o in task.objects:
+      if o.is_lookalike:
+        sd.rectangle([c * d * k for c, d in zip(o.box, (w, h, w, h))],
+                     outline=(255, 0, 0) if o.is_target else (255, 150, 0), width=2)
+    for box in task.zoom_path:
+      sd.rectangle([c * d * k for c, d in zip(box, (w, h, w, h))], outline=(255, 255, 0))
+    sheet.paste(scene, (pad, top))
+    views = [render_view(task.image, None, config)]
+    views += [render_view(task.image, b, config) for b in task.zoom_path]
+    for c, view in enumerate(views, 1):
+      f = max(1, thumb // max(view.size))
+      sheet.paste(view.resize((view.size[0] * f, view.size[1] * f), Image.Resampling.NEAREST),
+                  (pad + c * (thumb + pad), top))
+  sheet.save(path)

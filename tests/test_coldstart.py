@@ -1,0 +1,73 @@
+"""Scripted cold-start trajectories: valid protocol text, correct answers, legible final zooms."""
+
+import numpy as np
+import pytest
+
+from mini_o3_jax import agent
+from mini_o3_jax.agent import trajectory as trajectory_lib
+from mini_o3_jax.data import coldstart, synthetic
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+  return {tier: list(coldstart.scripted_coldstart(tier, 24, split="train")) for tier in synthetic.TIERS}
+
+
+def test_trajectories_follow_the_protocol(trajectories):
+  for tier, trajs in trajectories.items():
+    for t in trajs:
+      t.validate()
+      assert t.stop_reason == "answer" and not t.overturn
+      assert agent.judge_exact(t.final_answer, t.gold)
+      actions = t.actions
+      assert all(isinstance(a, agent.ToolCall) for a in actions[:-1])
+      assert isinstance(actions[-1], agent.FinalAnswer)
+      # Text re-parses to the same actions; sources name images that exist at that point.
+      for k, a in enumerate(actions[:-1]):
+        assert a.source_index <= k
+
+
+def test_final_observation_makes_the_answer_legible(trajectories):
+  cfg = synthetic.SyntheticConfig()
+  for tier, trajs in trajectories.items():
+    read = 0
+    for t in trajs:
+      task = synthetic.make_task(tier, synthetic.parse_task_id(t.id)[2], cfg, "train")
+      region = t.metadata["regions"][-1]
+      view = synthetic.render_view(t.images[-1], None, cfg)
+      glyph = synthetic.project_box(task.detail_box, region, task.image.size, cfg)
+      read += synthetic.oracle_read(view, glyph) == task.answer
+    assert read / len(trajs) >= 0.9, (tier, read)
+
+
+def test_pattern_mix_and_lengths(trajectories):
+  hard = coldstart.summarize(trajectories["hard"])
+  assert set(hard["patterns"]) == set(coldstart.PATTERNS)
+  turns = [t.num_turns for trajs in trajectories.values() for t in trajs]
+  assert min(turns) == 2 and 1 <= max(turns) <= 10
+  wrong = [t for t in trajectories["hard"] if t.metadata["pattern"] == "trial_and_error"]
+  assert wrong
+  for t in wrong:  # each wrong zoom is followed by a thought that says so and goes back
+    assert sum("not the" in turn.text for turn in t.turns) == len(t.metadata["wrong_zooms"])
+
+
+def test_deterministic():
+  a = list(coldstart.scripted_coldstart("medium", 5))
+  b = list(coldstart.scripted_coldstart("medium", 5))
+  assert [[u.text for u in t.turns] for t in a] == [[u.text for u in t.turns] for t in b]
+  assert all(np.array_equal(np.asarray(x.images[-1]), np.asarray(y.images[-1])) for x, y in zip(a, b))
+
+
+def test_quantize_box_keeps_centre_and_size():
+  assert coldstart.quantize_box((0.123, 0.456, 0.789, 0.5), 2) == (0.12, 0.45, 0.79, 0.5)
+  assert coldstart.quantize_box((0.95, 0.0, 1.0, 0.031), 2) == (0.95, 0.0, 1.0, 0.04)
+  assert coldstart.relative_to((0.5, 0.5, 0.75, 0.75), (0.5, 0.5, 1.0, 1.0)) == (0.0, 0.0, 0.5, 0.5)
+
+
+def test_jsonl_round_trip(tmp_path, trajectories):
+  trajs = trajectories["hard"][:3]
+  coldstart.write_jsonl_with_images(str(tmp_path / "cs.jsonl"), str(tmp_path / "images"), trajs)
+  back = trajectory_lib.read_jsonl(str(tmp_path / "cs.jsonl"))
+  assert [b.num_turns for b in back] == [t.num_turns for t in trajs]
+  loaded = back[0].load_images(str(tmp_path))
+  assert np.array_equal(np.asarray(loaded.images[-1]), np.asarray(trajs[0].images[-1]))
