@@ -31,8 +31,8 @@ Determinism: item `index` of `split` is generated from its own `np.random.defaul
 
 `view_size` re-implements Qwen2-VL's `smart_resize` locally (the same arithmetic as
 `mini_o3_jax.processing.image.smart_resize`) and `render_view` crops the way
-`mini_o3_jax.agent.tools.crop` does (floor/ceil pixel box, LANCZOS up to a 28 px side), so this module
-imports neither; a test checks that they agree.
+`mini_o3_jax.agent.tools.crop` does (floor/ceil pixel box, LANCZOS up to a 28 px side), so this
+module imports neither; a test checks that they agree.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class TierSpec:
     lookalike_kind: "none", "one" (all share the colour, or all the shape) or "mixed".
     confusable: look-alikes take a similar colour / shape (red vs orange, circle vs hexagon).
     glyph_full_view_px: upper bound on the digit's height in the full-image view.
-    label_at_centre: label at the shape's centre (else anywhere inside the shape).
+    label_at_centre: label at the centre of the shape's box (else anywhere inside the shape).
     zoom_sides: sides of the zooms before the last one, in units of the target's side.
   """
   num_objects: tuple[int, int]
