@@ -1,0 +1,63 @@
+"""Turn-budget truncation, scoring and the report files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mini_o3_jax import agent
+from mini_o3_jax.data import coldstart
+from mini_o3_jax.eval import report, turn_scaling
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+  return list(coldstart.scripted_coldstart("hard", 12))
+
+
+def test_truncation_scores_unfinished_searches_as_overturn(trajectories):
+  judge = agent.RuleJudge()
+  for t in trajectories:
+    for k in range(1, 12):
+      cut = turn_scaling.truncate_to_budget(t, k)
+      cut.validate()
+      o = turn_scaling.outcome(cut, judge)
+      if t.num_turns <= k:
+        assert cut is t and o.correct and o.stop_reason == "answer"
+      else:
+        assert cut.num_turns == k and cut.stop_reason == "max_turns" and cut.overturn
+        assert not o.correct and not o.answered
+        assert len(cut.images) == 1 + sum(u.observation_index is not None for u in cut.turns)
+
+
+def test_rows_are_monotone_for_a_fixed_trajectory_set(trajectories):
+  rows = turn_scaling.turn_scaling_rows("scripted", "hard", trajectories, [1, 2, 4, 8, 16], agent.RuleJudge())
+  acc = [r.accuracy for r in rows]
+  assert acc == sorted(acc) and acc[0] == 0.0 and acc[-1] == 1.0
+  turns = np.array([t.num_turns for t in trajectories])
+  assert rows[2].accuracy == pytest.approx(np.mean(turns <= 4))
+  assert rows[-1].mean_turns_correct == pytest.approx(turns.mean())
+
+
+def test_wrong_answers_and_errors_are_counted():
+  traj = agent.Trajectory(question="q", images=[np.zeros((4, 4, 3), np.uint8)], gold="3", id="x")
+  traj.turns = [agent.Turn('<grounding>{"bbox_2d": [0.5, 0.5, 0.4, 0.6], "source": "original_image"}</grounding>',
+                           error="degenerate"), agent.Turn("<answer>4</answer>")]
+  traj.stop_reason = "answer"
+  o = turn_scaling.outcome(traj, agent.RuleJudge())
+  assert not o.correct and o.answered and o.tool_calls == 1 and o.tool_errors == 1
+  row = turn_scaling.aggregate("m", "t", 4, [o])
+  assert row.tool_error_rate == 1.0 and row.accuracy == 0.0
+
+
+def test_report_files(tmp_path, trajectories):
+  rows = [r.as_dict() for r in turn_scaling.turn_scaling_rows("scripted", "hard", trajectories, [1, 4, 32],
+                                                              agent.RuleJudge())]
+  report.write_metrics(str(tmp_path / "metrics.json"), rows, note="x")
+  assert json.load(open(tmp_path / "metrics.json"))["eval"][0]["max_turns"] == 1
+  report.plot_turn_scaling(str(tmp_path / "plot.png"), rows)
+  assert (tmp_path / "plot.png").stat().st_size > 10_000
+  grid = report.accuracy_grid(rows)
+  assert "| scripted | hard | 12 |" in grid
+  img = report.render_trajectory(max(trajectories, key=lambda t: t.num_turns))
+  assert img.size[0] >= 1200
