@@ -1,0 +1,68 @@
+"""grain pipeline: trajectories -> tokenized examples -> shuffled, host-sharded, resumable batches."""
+
+import numpy as np
+import pytest
+
+from mini_o3_jax import agent
+from mini_o3_jax.data import coldstart, pipeline
+from mini_o3_jax.processing import tokenizer as tok_lib
+
+VIEW = 112 * 112
+
+
+@pytest.fixture(scope="module")
+def setup():
+  trajs = list(coldstart.scripted_coldstart("medium", 10))
+  corpus = [m["content"] if isinstance(m["content"], str) else " ".join(c.get("text", "") for c in m["content"])
+            for t in trajs for m in t.to_messages()]
+  tok = tok_lib.build_small_tokenizer(corpus, vocab_size=600)
+  cfg = pipeline.ExampleConfig(min_pixels=VIEW, max_pixels=VIEW)
+  return trajs, tok, cfg
+
+
+def test_example_tokens_images_and_loss_mask(setup):
+  trajs, tok, cfg = setup
+  ids = tok_lib.special_token_ids(tok)
+  for t in trajs[:4]:
+    ex = pipeline.trajectory_example(t, tok, cfg)
+    n_img_tokens = int((ex["input_ids"] == ids["image_token_id"]).sum())
+    assert len(ex["image_grid_thw"]) == len(t.images)
+    assert n_img_tokens == int(np.prod(ex["image_grid_thw"], -1).sum()) // 4
+    assert ex["pixel_values"].shape[0] == int(np.prod(ex["image_grid_thw"], -1).sum())
+    # The loss covers the assistant turns' text (and their <|im_end|>), never an image token.
+    text = tok.decode(ex["input_ids"][ex["loss_mask"] == 1])
+    for turn in t.turns:
+      assert turn.text in text
+    assert not np.any(ex["loss_mask"][ex["input_ids"] == ids["image_token_id"]])
+    assert "Observation" not in text and "Question" not in text
+
+
+def test_batches_are_deterministic_resumable_and_host_disjoint(setup):
+  trajs, tok, cfg = setup
+  ds = pipeline.examples_dataset(trajs, tok, cfg)
+  ids_of = lambda batch: [e["id"] for e in batch]
+
+  it = pipeline.batches(ds, 3, list, seed=7)
+  first = [ids_of(next(it)) for _ in range(5)]
+  again = pipeline.batches(ds, 3, list, seed=7)
+  assert [ids_of(next(again)) for _ in range(5)] == first
+  assert [ids_of(next(pipeline.batches(ds, 3, list, seed=8)))] != first[:1]
+
+  it = pipeline.batches(ds, 3, list, seed=7)
+  next(it), next(it)
+  state = it.get_state()
+  rest = [ids_of(next(it)) for _ in range(3)]
+  resumed = pipeline.batches(ds, 3, list, seed=7)
+  resumed.set_state(state)
+  assert [ids_of(next(resumed)) for _ in range(3)] == rest
+
+  hosts = [pipeline.batches(ds, 5, list, seed=1, repeat=False, shuffle=False, process_index=i, process_count=2)
+           for i in range(2)]
+  seen = [set(e for b in h for e in ids_of(b)) for h in hosts]
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == len(trajs)
+
+
+def test_too_long_examples_raise(setup):
+  trajs, tok, cfg = setup
+  with pytest.raises(pipeline.ExampleTooLong, match="max_tokens=10"):
+    pipeline.trajectory_example(trajs[0], tok, pipeline.ExampleConfig(min_pixels=VIEW, max_pixels=VIEW, max_tokens=10))
