@@ -25,12 +25,27 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _setup_logging(workdir: str) -> None:
-  """absl already logs to stderr; add a plain-text copy in the work directory."""
+  """absl already logs to stderr; add a plain-text copy in the work directory.
+
+  Library chatter (Orbax's per-save INFO lines go through absl, JAX's backend probing) is kept to
+  warnings so the stage logs stay readable.
+  """
   handler = logging.FileHandler(os.path.join(workdir, "log.txt"))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
   root = logging.getLogger()
   root.setLevel(logging.INFO)
   root.addHandler(handler)
+  for name in ("absl", "jax", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _setup_compile_cache() -> None:
+  """A persistent XLA compile cache: re-runs skip compilation (minutes on a small CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("MINI_O3_COMPILE_CACHE", os.path.expanduser("~/.cache/mini_o3_jax/xla"))
+  if cache and cache != "0":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def main(argv) -> None:
@@ -39,6 +54,7 @@ def main(argv) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   _setup_logging(workdir)
+  _setup_compile_cache()
   log = logging.getLogger("mini_o3_jax")
   stages = list(config.stages)
   unknown = [s for s in stages if s not in STAGES]

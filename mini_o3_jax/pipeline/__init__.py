@@ -1,7 +1,17 @@
 """The stages `main` can run, by name."""
 
+from mini_o3_jax.pipeline.eval_stages import run_eval, run_export, run_report
+from mini_o3_jax.pipeline.rl_stages import run_rl, run_rl_no_mask
 from mini_o3_jax.pipeline.smoke import run_smoke
+from mini_o3_jax.pipeline.train_stages import run_data, run_sft
 
 STAGES = {
     "smoke": run_smoke,
+    "data": run_data,
+    "sft": run_sft,
+    "rl": run_rl,
+    "rl_no_mask": run_rl_no_mask,
+    "eval": run_eval,
+    "report": run_report,
+    "export": run_export,
 }

@@ -1,0 +1,43 @@
+"""The embedded default: the whole Mini-o3 method in miniature on a laptop CPU.
+
+  python -m mini_o3_jax.main --config configs/demo.py --workdir /tmp/mini_o3_demo
+
+Synthetic visual-search tasks -> scripted cold-start trajectories -> SFT of a ~1M-parameter
+Qwen2.5-VL -> GRPO with over-turn masking (training turn limit 6), and the same RL without the mask ->
+evaluation at 1..32 max turns -> report.md, turn_scaling.png, metrics.json, an HF export.
+`--config.quick=True` runs every stage at toy sizes (for tests).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stages = ("data", "sft", "rl", "rl_no_mask", "eval", "report", "export")
+  c.quick = False  # toy sizes for every stage (see mini_o3_jax/pipeline/common.py: QUICK)
+  c.seed = 0
+  c.view_pixels = 112 * 112  # every image (scene and crop) is shown at this budget: 8x8 patches
+
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+      vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_heads=4))
+
+  c.data = ml_collections.ConfigDict(dict(
+      sft_tasks=dict(easy=300, medium=500, hard=800),  # scripted cold-start trajectories per tier
+      max_tokens=1024))
+
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=400, batch_size=16, lr=2e-3, warmup_steps=40, end_lr_ratio=0.05, weight_decay=0.01,
+      length_buckets=(256, 384, 512, 768, 1024), checkpoint_every=100, log_every=20))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      steps=60, prompts_per_step=8, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,
+      max_turn_tokens=96, temperature=1.0, lr=2e-4, warmup_steps=5, clip_low=0.2, clip_high=0.3,
+      exclude_masked_from_stats=False, checkpoint_every=20, log_every=5,
+      length_buckets=(256, 512, 768, 1024)))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      tiers=("easy", "medium", "hard"), n_per_tier=100, budgets=(1, 2, 4, 8, 16, 32), max_context=4096,
+      max_turn_tokens=96, temperature=1.0, num_slots=32, viewer_examples=3))
+  return c

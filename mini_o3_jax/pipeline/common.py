@@ -1,0 +1,133 @@
+"""What the demo stages share: the quick preset, paths, the tokenizer, the model config, metric logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mini_o3_jax import agent
+from mini_o3_jax.agent import prompts
+from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.processing import tokenizer as tok_lib
+
+# Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline).
+QUICK = {
+    "data.sft_tasks": dict(easy=6, medium=6, hard=8),
+    "sft.steps": 6, "sft.batch_size": 4, "sft.checkpoint_every": 3, "sft.log_every": 2,
+    "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 2, "rl.checkpoint_every": 1, "rl.log_every": 1,
+    "rl.max_turn_tokens": 48, "rl.max_context": 768,
+    "eval.n_per_tier": 2, "eval.budgets": (1, 2, 4), "eval.num_slots": 4, "eval.max_turn_tokens": 48,
+    "eval.max_context": 1024, "eval.viewer_examples": 1,
+}
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with the quick preset applied when `config.quick` is set."""
+  if not config.get("quick", False):
+    return config
+  c = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in QUICK.items():
+    section, key = dotted.split(".")
+    c[section][key] = value
+  return c
+
+
+def path(workdir: str, *parts: str) -> str:
+  p = os.path.join(workdir, *parts)
+  os.makedirs(os.path.dirname(p), exist_ok=True)
+  return p
+
+
+def task_config(config) -> synthetic.SyntheticConfig:
+  return synthetic.SyntheticConfig(view_max_pixels=config.view_pixels, view_min_pixels=config.view_pixels,
+                                   seed=config.seed)
+
+
+# Fixed protocol text becomes single tokens of the small tokenizer: a tiny model gains nothing from
+# spelling out the instructions, and the short context lets many turns fit.
+PHRASES = (prompts.INSTRUCTIONS, "\n\nQuestion: ", prompts.ERROR_SUFFIX, prompts.ERROR_PREFIX,
+           "After the above Action ", ", here is the zoom-in image (Observation ",
+           "\nContinue your reasoning process inside <think> and </think>. If needed, continue to zoom in on "
+           "the original image or any observation by outputting <grounding> and </grounding> as before. If "
+           "the final answer is confirmed, put it inside <answer> and </answer>.",
+           "You are a helpful assistant.")
+
+
+def _message_text(message: dict) -> str:
+  content = message["content"]
+  if isinstance(content, str):
+    return content
+  return "".join(c.get("text", "") for c in content)
+
+
+def build_tokenizer(config, workdir: str):
+  """The demo's small BPE (special tokens first, protocol phrases as single tokens), saved in workdir."""
+  out = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return tok_lib.load_tokenizer(out)
+  corpus = []
+  for tier in synthetic.TIERS:
+    for traj in coldstart.scripted_coldstart(tier, 40, split="train", task_config=task_config(config)):
+      corpus += [_message_text(m) for m in traj.to_messages()]
+  corpus += [f"<answer>{d}</answer>" for d in "0123456789"] * 20
+  tokenizer = tok_lib.build_small_tokenizer(corpus, vocab_size=config.tokenizer.vocab_size,
+                                            protocol_tokens=tok_lib.PROTOCOL_TOKENS + PHRASES)
+  tokenizer.save_pretrained(out)
+  return tok_lib.load_tokenizer(out)
+
+
+def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
+  ids = tok_lib.special_token_ids(tokenizer)
+  m = config.model
+  half = m.hidden_size // m.num_heads // 2
+  # Qwen's (16, 24, 24) split of the rotary half: a quarter temporal, the rest height / width.
+  t_sec = half // 4
+  h_sec = (half - t_sec) // 2
+  text = config_lib.TextConfig(
+      vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+      mrope_section=(t_sec, h_sec, half - t_sec - h_sec),
+      rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=None, eos_token_id=ids["eos_token_id"],
+      pad_token_id=ids["pad_token_id"])
+  vision = config_lib.VisionConfig(
+      depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
+      num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
+      window_size=56)
+  return config_lib.Qwen25VLConfig(
+      text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+      vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+      tie_word_embeddings=True)
+
+
+class MetricLog:
+  """Appends one JSON line per logged step (a person can `tail -f` it; plots read it)."""
+
+  def __init__(self, file: str):
+    self.file = file
+    self.start = time.time()
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": int(step), "time_s": round(time.time() - self.start, 2)}
+    row.update({k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) else v)
+                for k, v in metrics.items()})
+    with open(self.file, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def fmt_metrics(metrics: dict[str, Any], keys) -> str:
+  return " ".join(f"{k}={metrics[k]:.3g}" for k in keys if k in metrics)
+
+
+def preprocess(image, config) -> tuple[np.ndarray, np.ndarray]:
+  return image_lib.preprocess_image(image, config.view_pixels, config.view_pixels)
+
+
+def judge():
+  return agent.RuleJudge()

@@ -1,0 +1,185 @@
+"""The demo's evaluation, report and export stages.
+
+eval: every trained model on held-out synthetic tasks of every tier, one rollout per task at the
+largest turn budget, scored at every budget by exact truncation (`eval.turn_scaling`); plus the
+"no_tools" baseline: the SFT model made to answer at once from the downscaled image (its first turn
+is forced to open with an answer).
+report: report.md (tables, the four claims checked, figures), turn_scaling.png, metrics.json.
+export: the RL model (or the best available) as an HF checkpoint with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+from flax import nnx
+
+from mini_o3_jax.data import synthetic
+from mini_o3_jax.eval import report, turn_scaling
+from mini_o3_jax.model.hf import save_pretrained
+from mini_o3_jax.pipeline import common, rl_stages, train_stages
+from mini_o3_jax.sampler import rollout as rollout_lib
+from mini_o3_jax.train import sharding as sharding_lib
+from mini_o3_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+# model name in the report -> (checkpoint stage, answers at once?)
+MODELS = {"no_tools": ("sft", True), "sft": ("sft", False), "rl": ("rl", False),
+          "rl_no_overturn_mask": ("rl_no_mask", False)}
+DIRECT_ANSWER = "<think>I answer from the image.</think>\n<answer>"
+
+
+def _answer_at_once(task_index: int, traj) -> str | None:
+  return DIRECT_ANSWER if traj.num_turns == 0 else None
+
+
+def _load_model(workdir: str, stage: str, config, mcfg, mesh):
+  params = train_stages.restore_params(workdir, stage, config, mcfg, mesh)
+  graphdef, _ = state_lib.abstract_model(mcfg)
+  return nnx.merge(graphdef, params)
+
+
+def _has_checkpoint(workdir: str, stage: str) -> bool:
+  d = os.path.join(workdir, "ckpt", stage)
+  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def _record(traj, o: turn_scaling.Outcome) -> dict:
+  stub = dataclasses.replace(traj, images=[f"<image {i}>" for i in range(len(traj.images))],
+                             metadata=dict(traj.metadata))
+  return {**stub.to_json_dict(), "outcome": dataclasses.asdict(o)}
+
+
+def run_eval(config, workdir: str) -> dict:
+  config = common.resolve(config)
+  c = config.eval
+  tokenizer = common.build_tokenizer(config, workdir)
+  mcfg = common.model_config(config, tokenizer)
+  mesh = sharding_lib.make_mesh((1, -1, 1))
+  tcfg = common.task_config(config)
+  judge = common.judge()
+  rows, summary = [], {}
+  for name, (stage, at_once) in MODELS.items():
+    if not _has_checkpoint(workdir, stage):
+      log.warning("eval: no %s checkpoint, skipping model %s", stage, name)
+      continue
+    model = _load_model(workdir, stage, config, mcfg, mesh)
+    budgets = (1,) if at_once else tuple(c.budgets)
+    sampler = rollout_lib.Sampler(model, tokenizer, rl_stages.rollout_config(
+        config, c, num_slots=c.num_slots, max_turns=max(budgets)))
+    for tier in c.tiers:
+      tasks = [rollout_lib.Task(image=t.image, question=t.question, gold=t.answer, id=t.id)
+               for t in synthetic.generate_split(tier, "test", c.n_per_tier, tcfg)]
+      results = sampler.rollout(tasks, seed=config.seed + 7, policy=_answer_at_once if at_once else None)
+      trajs = [r.trajectory for r in results]
+      tier_rows = turn_scaling.turn_scaling_rows(name, tier, trajs, budgets, judge)
+      rows += [r.as_dict() for r in tier_rows]
+      top = tier_rows[-1]
+      summary[f"{name}/{tier}"] = round(top.accuracy, 3)
+      log.info("eval %s/%s: %s", name, tier, ", ".join(f"{r.max_turns}t {100 * r.accuracy:.1f}%" for r in tier_rows))
+      with open(common.path(workdir, "eval", name, f"{tier}.jsonl"), "w") as f:
+        for t in trajs:
+          f.write(json.dumps(_record(t, turn_scaling.outcome(t, judge))) + "\n")
+      for k, t in enumerate(trajs[:c.viewer_examples]):
+        report.render_trajectory(t).save(common.path(workdir, "eval", name, f"{tier}_{k}.png"))
+  settings = {"temperature": c.temperature, "samples_per_task": 1, "view_pixels": config.view_pixels,
+              "max_context": c.max_context, "judge": "rule (exact match of the digit)", "split": "test",
+              "train_turn_limit": config.rl.max_turns, "budgets": list(c.budgets)}
+  report.write_metrics(os.path.join(workdir, "metrics.json"), rows, settings=settings)
+  return summary
+
+
+def _cell(rows, model, tier, budget):
+  for r in rows:
+    if r["model"] == model and r["tier"] == tier and r["max_turns"] == budget:
+      return r
+  return None
+
+
+def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+  """The paper's four claims in miniature: (claim, holds (None = not measured), the numbers)."""
+  budgets = sorted({r["max_turns"] for r in rows})
+  top = budgets[-1] if budgets else None
+  low = 4 if 4 in budgets else (budgets[0] if budgets else None)
+  out = []
+
+  def acc(model, tier, b):
+    r = _cell(rows, model, tier, b)
+    return None if r is None else 100 * r["accuracy"]
+
+  sft_m, none_m = acc("sft", "medium", top), acc("no_tools", "medium", 1)
+  out.append(("Tools matter: SFT with crops beats the same model answering from the downscaled image by "
+              ">= 30 points (medium)", None if None in (sft_m, none_m) else sft_m - none_m >= 30,
+              f"sft {sft_m} vs no_tools {none_m}"))
+  rl_h, sft_h = acc("rl", "hard", top), acc("sft", "hard", top)
+  out.append(("RL helps: hard-tier accuracy after RL >= SFT + 5 points (same budget)",
+              None if None in (rl_h, sft_h) else rl_h >= sft_h + 5, f"rl {rl_h} vs sft {sft_h} at {top} turns"))
+  hi = [acc("rl", "hard", b) for b in (16, 32) if b in budgets]
+  at_low = acc("rl", "hard", low)
+  out.append((f"Test-time turn scaling: RL hard accuracy at 16/32 turns > at {low} turns",
+              None if not hi or at_low is None or None in hi else max(hi) > at_low,
+              f"{low} turns {at_low}, 16/32 turns {hi}"))
+  m, nm = _cell(rows, "rl", "hard", top), _cell(rows, "rl_no_overturn_mask", "hard", top)
+  if m is None or nm is None:
+    out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", None,
+                "rl_no_overturn_mask not evaluated"))
+  else:
+    gain_m = acc("rl", "hard", top) - acc("rl", "hard", low)
+    gain_nm = acc("rl_no_overturn_mask", "hard", top) - acc("rl_no_overturn_mask", "hard", low)
+    holds = nm["mean_turns"] < m["mean_turns"] and gain_nm < gain_m
+    out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", holds,
+                f"mean turns {m['mean_turns']:.2f} (mask) vs {nm['mean_turns']:.2f} (no mask); "
+                f"gain {low}->{top} turns {gain_m:.1f} vs {gain_nm:.1f} points"))
+  return out
+
+
+def run_report(config, workdir: str) -> dict:
+  config = common.resolve(config)
+  metrics_file = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(metrics_file):
+    raise FileNotFoundError(f"{metrics_file} missing: run the eval stage first")
+  with open(metrics_file) as f:
+    metrics = json.load(f)
+  rows = metrics["eval"]
+  report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows)
+  claims = check_claims(rows)
+  lines = ["# mini_o3_jax demo report", "",
+           "Synthetic visual search (digits legible only after zooming), a ~1M-parameter Qwen2.5-VL trained "
+           "from scratch: scripted cold-start SFT, then GRPO with and without over-turn masking.", "",
+           "Settings: " + ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items()), "",
+           "## Accuracy (%) by test-time turn budget", "", report.accuracy_grid(rows), "",
+           "![turn scaling](turn_scaling.png)", "", "## The paper's claims in miniature", ""]
+  for claim, holds, numbers in claims:
+    mark = "not measured" if holds is None else ("HOLDS" if holds else "DOES NOT HOLD")
+    lines.append(f"- **{mark}** — {claim}: {numbers}")
+  lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",
+                                                              "mean_turns", "mean_turns_correct",
+                                                              "overturn_rate", "tool_error_rate"])]
+  for name in MODELS:
+    pics = sorted(p for p in os.listdir(os.path.join(workdir, "eval", name))) if os.path.isdir(
+        os.path.join(workdir, "eval", name)) else []
+    pics = [p for p in pics if p.endswith(".png")]
+    if pics:
+      lines += ["", f"### Example trajectories: {name}", ""] + [f"![{p}](eval/{name}/{p})" for p in pics]
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return {claim[:40]: holds for claim, holds, _ in claims}
+
+
+def run_export(config, workdir: str) -> dict:
+  config = common.resolve(config)
+  tokenizer = common.build_tokenizer(config, workdir)
+  mcfg = common.model_config(config, tokenizer)
+  mesh = sharding_lib.make_mesh((1, -1, 1))
+  stage = next((s for s in ("rl", "sft") if _has_checkpoint(workdir, s)), None)
+  if stage is None:
+    raise FileNotFoundError("nothing to export: no rl or sft checkpoint in the work directory")
+  model = _load_model(workdir, stage, config, mcfg, mesh)
+  out = os.path.join(workdir, "hf_export")
+  save_pretrained(model, mcfg, out)
+  tokenizer.save_pretrained(out)
+  return {"exported": stage, "path": out}

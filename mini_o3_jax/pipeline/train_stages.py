@@ -1,0 +1,132 @@
+"""The demo's data and SFT stages: scripted cold-start trajectories, then supervised fine-tuning.
+
+Both resume: the tokenizer is reused from the work directory, and SFT restores its latest Orbax
+checkpoint (parameters, optimizer state, step, RNG and the data iterator's position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from mini_o3_jax.data import coldstart, pipeline, synthetic
+from mini_o3_jax.eval import report
+from mini_o3_jax.pipeline import common
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import checkpoint as ckpt_lib
+from mini_o3_jax.train import optimizer as opt_lib
+from mini_o3_jax.train import sft as sft_lib
+from mini_o3_jax.train import sharding as sharding_lib
+from mini_o3_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+def coldstart_trajectories(config) -> list:
+  """The scripted cold-start set; every image replaced by the view the model sees (saves memory)."""
+  tcfg = common.task_config(config)
+  out = []
+  for tier, n in config.data.sft_tasks.items():
+    for traj in tqdm(coldstart.scripted_coldstart(tier, n, split="train", task_config=tcfg), total=n,
+                     desc=f"cold-start {tier}", leave=False):
+      views = [synthetic.render_view(im, None, tcfg) for im in traj.images]
+      out.append(dataclasses.replace(traj, images=views, metadata=dict(traj.metadata)))
+  return out
+
+
+def run_data(config, workdir: str) -> dict:
+  """Builds the tokenizer and writes a summary and a few pictures of the cold-start data."""
+  config = common.resolve(config)
+  tokenizer = common.build_tokenizer(config, workdir)
+  tcfg = common.task_config(config)
+  summary = {}
+  for tier in synthetic.TIERS:
+    trajs = list(coldstart.scripted_coldstart(tier, min(40, config.data.sft_tasks[tier]), split="train",
+                                              task_config=tcfg))
+    summary[tier] = coldstart.summarize(trajs)
+    longest = max(trajs, key=lambda t: t.num_turns)
+    report.render_trajectory(longest).save(common.path(workdir, "data", f"coldstart_{tier}.png"))
+  summary["tokenizer_vocab"] = len(tokenizer)
+  with open(common.path(workdir, "data", "coldstart_summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def make_state(config, mcfg, optimizer_config, mesh, *, seed: int, params=None):
+  return state_lib.create_train_state(mcfg, lambda p: state_lib.make_tx(optimizer_config, p), mesh, seed=seed,
+                                      params=params)
+
+
+def restore_params(workdir: str, stage: str, config, mcfg, mesh):
+  """The parameters of a finished stage's latest checkpoint, sharded for `mesh` (optimizer state skipped)."""
+  directory = os.path.join(workdir, "ckpt", stage)
+  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step() if os.path.isdir(directory) else None
+  if step is None:
+    raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {directory}: run it first")
+  _, abstract = state_lib.abstract_model(mcfg)
+  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract),
+                        shardings)
+  item = {"params": target}
+  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  manager.close()
+  return out["state"]["params"]
+
+
+def run_sft(config, workdir: str) -> dict:
+  config = common.resolve(config)
+  c = config.sft
+  tokenizer = common.build_tokenizer(config, workdir)
+  mcfg = common.model_config(config, tokenizer)
+  mesh = sharding_lib.make_mesh((1, -1, 1))
+  ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
+                                 end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0)
+  state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed)
+  step_fn = sft_lib.make_sft_step(sft_lib.SFTConfig(), tx, mesh, shardings,
+                                  learning_rate_fn=opt_lib.make_schedule(ocfg))
+  log.info("SFT: %d parameters, %d steps of %d trajectories", state_lib.count_params(state.params), c.steps,
+           c.batch_size)
+
+  trajs = coldstart_trajectories(config)
+  example_cfg = pipeline.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels,
+                                       max_tokens=config.data.max_tokens)
+  dataset = pipeline.examples_dataset(trajs, tokenizer, example_cfg)
+  batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
+                                    patch_buckets=(256, 512, 768, 1024), pad_token_id=mcfg.text.pad_token_id)
+  collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
+  batches = pipeline.batches(dataset, c.batch_size, collate, seed=config.seed)
+
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", "sft"),
+                                                         save_interval_steps=c.checkpoint_every, max_to_keep=2))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state_lib.abstract_train_state(shardings, state))
+    batches.set_state(data_state)
+    start = int(jax.device_get(state.step))
+    log.info("SFT: resumed from step %d", start)
+  metrics_log = common.MetricLog(common.path(workdir, "metrics", "sft.jsonl"))
+  metrics = {}
+  with tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps) as bar:
+    for step in bar:
+      batch = batch_lib.shard_batch(next(batches), mesh)
+      state, metrics = state_lib.timed_step(step_fn, state, batch)
+      bar.set_postfix_str(common.fmt_metrics(metrics, ("loss", "accuracy")))
+      if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
+        metrics_log.write(step + 1, metrics)
+        log.info("SFT step %d: %s", step + 1, common.fmt_metrics(
+            metrics, ("loss", "accuracy", "grad_norm", "learning_rate", "step_time_s", "tokens_per_s")))
+      ckpt.maybe_save(state, batches.get_state())
+  if ckpt.latest_step() != c.steps:
+    ckpt.save(state, batches.get_state())
+  ckpt.close()
+  return {"steps": c.steps, "final_loss": metrics.get("loss"), "final_accuracy": metrics.get("accuracy")}
