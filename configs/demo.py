@@ -25,11 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       sft_tasks=dict(easy=300, medium=500, hard=800),  # scripted cold-start trajectories per tier
-      max_tokens=1024))
+      max_tokens=1280))  # longer trajectories (rare 10-turn searches) are dropped
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=400, batch_size=16, lr=2e-3, warmup_steps=40, end_lr_ratio=0.05, weight_decay=0.01,
-      length_buckets=(256, 384, 512, 768, 1024), checkpoint_every=100, log_every=20))
+      length_buckets=(256, 512, 768, 1024, 1280), checkpoint_every=100, log_every=20))
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=60, prompts_per_step=8, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,

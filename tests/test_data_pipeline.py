@@ -66,3 +66,15 @@ def test_too_long_examples_raise(setup):
   trajs, tok, cfg = setup
   with pytest.raises(pipeline.ExampleTooLong, match="max_tokens=10"):
     pipeline.trajectory_example(trajs[0], tok, pipeline.ExampleConfig(min_pixels=VIEW, max_pixels=VIEW, max_tokens=10))
+
+
+def test_drop_long_filters_instead_of_raising(setup):
+  trajs, tok, _ = setup
+  full = pipeline.ExampleConfig(min_pixels=VIEW, max_pixels=VIEW)
+  lengths = [len(pipeline.trajectory_example(t, tok, full)["input_ids"]) for t in trajs]
+  limit = int(np.median(lengths))
+  cfg = pipeline.ExampleConfig(min_pixels=VIEW, max_pixels=VIEW, max_tokens=limit)
+  ds = pipeline.examples_dataset(trajs, tok, cfg, drop_long=True)
+  kept = [e for b in pipeline.batches(ds, 2, list, seed=0, repeat=False, shuffle=False, drop_remainder=False)
+          for e in b]
+  assert len(kept) == sum(n <= limit for n in lengths) and 0 < len(kept) < len(trajs)

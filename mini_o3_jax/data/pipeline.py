@@ -55,9 +55,23 @@ def trajectory_example(traj: Trajectory, tokenizer, config: ExampleConfig) -> di
   }
 
 
-def examples_dataset(trajectories: Sequence[Trajectory], tokenizer, config: ExampleConfig) -> grain.MapDataset:
-  """A random-access dataset of tokenized examples (tokenized lazily, on access)."""
-  return grain.MapDataset.source(list(trajectories)).map(lambda t: trajectory_example(t, tokenizer, config))
+def examples_dataset(trajectories: Sequence[Trajectory], tokenizer, config: ExampleConfig, *,
+                     drop_long: bool = False) -> grain.MapDataset:
+  """A random-access dataset of tokenized examples (tokenized lazily, on access).
+
+  With `drop_long`, examples over `config.max_tokens` are filtered out instead of raising.
+  """
+
+  def example(t: Trajectory):
+    try:
+      return trajectory_example(t, tokenizer, config)
+    except ExampleTooLong:
+      if drop_long:
+        return None
+      raise
+
+  ds = grain.MapDataset.source(list(trajectories)).map(example)
+  return ds.filter(lambda e: e is not None) if drop_long else ds
 
 
 def batches(dataset: grain.MapDataset, batch_size: int, collate: Callable[[Sequence[dict]], Any], *, seed: int,
