@@ -25,17 +25,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       sft_tasks=dict(easy=300, medium=500, hard=800),  # scripted cold-start trajectories per tier
-      max_tokens=1280))  # longer trajectories (rare 10-turn searches) are dropped
+      max_tokens=768))  # longer trajectories (rare 10-turn searches) are dropped
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=400, batch_size=16, lr=2e-3, warmup_steps=40, end_lr_ratio=0.05, weight_decay=0.01,
-      length_buckets=(256, 512, 768, 1024, 1280), checkpoint_every=100, log_every=20))
+      length_buckets=(384, 768), checkpoint_every=100, log_every=20))
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=60, prompts_per_step=8, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,
       max_turn_tokens=96, temperature=1.0, lr=2e-4, warmup_steps=5, clip_low=0.2, clip_high=0.3,
       exclude_masked_from_stats=False, checkpoint_every=20, log_every=5,
-      length_buckets=(256, 512, 768, 1024)))
+      length_buckets=(384, 768)))
 
   c.eval = ml_collections.ConfigDict(dict(
       tiers=("easy", "medium", "hard"), n_per_tier=100, budgets=(1, 2, 4, 8, 16, 32), max_context=4096,

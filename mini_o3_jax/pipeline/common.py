@@ -57,7 +57,14 @@ PHRASES = (prompts.INSTRUCTIONS, "\n\nQuestion: ", prompts.ERROR_SUFFIX, prompts
            "\nContinue your reasoning process inside <think> and </think>. If needed, continue to zoom in on "
            "the original image or any observation by outputting <grounding> and </grounding> as before. If "
            "the final answer is confirmed, put it inside <answer> and </answer>.",
-           "You are a helpful assistant.")
+           "You are a helpful assistant.",
+           # The scripted explorer's fixed wording and the tool-call JSON around the numbers.
+           "I need the digit on the ", ". There is a ", ". I look at its region first.",
+           ". Its digit is too small to read here, so I zoom in on it.",
+           " is here but its digit is still too small, so I zoom in further.", "This is a ", " with the digit ",
+           ", not the ", ". I go back to the original image and look elsewhere. ", "The digit on the ",
+           '<grounding>{"bbox_2d": [', '], "source": "original_image"}</grounding>', '], "source": "observation_',
+           '"}</grounding>', "I answer from the image.", ", 0.", "0.", ", 1.00", "1.00")
 
 
 def _message_text(message: dict) -> str:

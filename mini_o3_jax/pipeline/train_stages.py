@@ -102,7 +102,7 @@ def run_sft(config, workdir: str) -> dict:
                                        max_tokens=config.data.max_tokens)
   dataset = pipeline.examples_dataset(trajs, tokenizer, example_cfg, drop_long=True)
   batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
-                                    patch_buckets=(256, 512, 768, 1024), pad_token_id=mcfg.text.pad_token_id)
+                                    patch_buckets=(256, 768), pad_token_id=mcfg.text.pad_token_id)
   collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
   batches = pipeline.batches(dataset, c.batch_size, collate, seed=config.seed)
 
