@@ -1,0 +1,127 @@
+"""The sampler's decoder pass over its own KV cache: head-major layout, updated in place.
+
+Why not `Qwen25VL.forward_cached` (model/text.py)? Two measured costs on CPU (tiny model, 16 slots):
+  * it scans the layers with the cache as the scan's input *and output*, so every call writes a
+    whole new cache: a full cache copy per generated token;
+  * its cache is token-major ([layers, batch, max_len, kv_heads, head_dim]); for one query per row XLA
+    then transposes every layer's keys into [.., head_dim, keys] order before the contraction, each
+    step. Here keys are stored [.., kv_heads, head_dim, cache_len] and values
+    [.., kv_heads, cache_len, head_dim], the operand orders the two attention contractions want, so
+    nothing is transposed per step.
+Here the cache is the scan's *carry*, each layer scatters only the chunk's new keys/values into its
+slice (in place), and attention reads a window of it. The layer maths is the model's own:
+its projection, norm and MLP modules and `layers.apply_rotary`; equality with the model's forward
+and with `transformers` is tested.
+
+Writes use scatter with mode="drop": an index past `cache_len` is dropped instead of clamped, so a
+padded chunk can never overwrite real entries (dynamic_update_slice would clamp the start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model.config import TextConfig
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotCache:
+  """Keys/values of every slot, head-major, keys transposed.
+
+  k [layers, slots, kv_heads, head_dim, cache_len]; v [layers, slots, kv_heads, cache_len, head_dim];
+  valid bool [slots, cache_len] marks entries holding a real token; length int32 [slots] is where each
+  slot's next chunk is written.
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: TextConfig, slots: int, cache_len: int, dtype=jnp.float32) -> SlotCache:
+    v_shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cache_len, cfg.head_dim)
+    k_shape = v_shape[:3] + (cfg.head_dim, cache_len)
+    return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype),
+               valid=jnp.zeros((slots, cache_len), bool), length=jnp.zeros((slots,), jnp.int32))
+
+  @property
+  def cache_len(self) -> int:
+    return self.v.shape[3]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention against head-major keys/values (fp32 logits and softmax).
+
+  q [b, t, heads, hd]; k [b, kv_heads, hd, keys]; v [b, kv_heads, keys, hd]; mask bool [b, t, keys]
+  (True = may attend).
+  Same maths as `model.layers.attention`; a query with no visible key gets a uniform average.
+  """
+  b, t, h, d = q.shape
+  kvh = k.shape[1]
+  qg = q.reshape(b, t, kvh, h // kvh, d)
+  if t == 1:  # decode: one query per row; no query axis in the contractions
+    logits = jnp.einsum("bkgd,bkds->bkgs", qg[:, 0], k, preferred_element_type=jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask[:, :, None, :], logits, _MASK_VALUE)           # mask [b, 1, s] -> [b, 1, 1, s]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, d)
+  logits = jnp.einsum("btkgd,bkds->bkgts", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def cached_forward(model, embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache: SlotCache,
+                   window: int | None = None) -> tuple[jax.Array, SlotCache]:
+  """Runs a chunk against the cache; returns final-norm hidden states [slots, C, hidden] and the cache.
+
+  embeds [slots, C, hidden] (from `model.embed`); positions int [3, slots, C]; mask [slots, C]
+  (1 = real token). The chunk is written at each slot's `cache.length`; the returned cache has
+  `length += mask.sum(1)` (padding stays invalid and is overwritten by the next chunk). It attends
+  to every valid earlier entry and causally within itself.
+
+  window: attend to the first `window` cache entries only (static; the caller guarantees every row
+  that matters has `length + C <= window`), so attention costs O(window) instead of O(cache_len).
+  """
+  text = model.model
+  cfg = text.cfg
+  slots, c, _ = embeds.shape
+  cap = cache.cache_len
+  window = cap if window is None else min(window, cap)
+  cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+  real = mask.astype(bool)
+  cols = cache.length[:, None] + jnp.arange(c)[None]                                   # [slots, C]
+  rows = jnp.broadcast_to(jnp.arange(slots)[:, None], cols.shape)
+  valid = cache.valid.at[rows, cols].set(real, mode="drop")                           # [slots, cap]
+  attn_mask = valid[:, None, :window] & (jnp.arange(window)[None, None, :] <= cols[:, :, None])  # [slots, C, W]
+  graphdef, stacked = nnx.split(text.layers)
+
+  def body(carry, layer_state):
+    x, k_all, v_all, i = carry
+    layer = nnx.merge(graphdef, layer_state)
+    h = layer.input_layernorm(x)
+    q = layer.q_proj(h).reshape(slots, c, layer.num_heads, layer.head_dim)
+    k = layer.k_proj(h).reshape(slots, c, layer.num_kv_heads, layer.head_dim)
+    v = layer.v_proj(h).reshape(slots, c, layer.num_kv_heads, layer.head_dim)
+    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    # Advanced indices (layer, rows, cols) split by slices: the update is indexed [slots, C, kv_heads, hd].
+    k_all = k_all.at[i, rows, :, :, cols].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[i, rows, :, cols].set(v.astype(v_all.dtype), mode="drop")
+    kvh, hd = v_all.shape[2], v_all.shape[4]
+    k_i = jax.lax.dynamic_slice(k_all, (i, 0, 0, 0, 0), (1, slots, kvh, hd, window))[0]  # [slots, kvh, hd, W]
+    v_i = jax.lax.dynamic_slice(v_all, (i, 0, 0, 0, 0), (1, slots, kvh, window, hd))[0]  # [slots, kvh, W, hd]
+    attn = attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), attn_mask)
+    x = x + layer.o_proj(attn.reshape(slots, c, -1))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return (x, k_all, v_all, i + 1), None
+
+  (x, k, v, _), _ = jax.lax.scan(body, (embeds, cache.k, cache.v, jnp.int32(0)), stacked)
+  new_cache = SlotCache(k=k, v=v, valid=valid, length=cache.length + mask.sum(axis=1).astype(jnp.int32))
+  return text.norm(x), new_cache

@@ -1,0 +1,583 @@
+"""The device side of the sampler: a fixed batch of slots over one static-shape KV cache.
+
+Each slot holds one sequence. Three jitted programs act on all slots at once:
+
+  * `encode`: the vision tower over the images of the slots that append one now
+    ([rows, patches, patch_dim] -> per-slot image embeddings [slots, patches / 4, hidden]);
+  * `append`: a right-padded chunk per slot (a prompt, or an observation turn) written into the cache at
+    the slot's current length (a prompt first clears the slot), then the first token of the next turn is
+    sampled from the chunk's last position. Slots with nothing to append take part with an all-padding
+    chunk: they write nothing valid and do not advance. Long chunks are cut into pieces of the largest
+    chunk bucket, so one program serves any length. The piece's image embeddings come in aligned to its
+    tokens ([slots, C, hidden], cut by a tiny gather program), so this program depends on C only;
+  * `decode`: up to `decode_steps` single-token steps in one `lax.while_loop`, leaving early once every
+    slot has stopped, so the host sees one round trip per `decode_steps` tokens.
+
+State per slot (all device arrays, see `SlotState`): the cache rows, the last sampled token (not yet in
+the cache: the next step or chunk writes it first), its M-RoPE position, a PRNG key, the stop-string
+automaton state, the turn's token count and limit, and optional forced tokens.
+
+Cache layout: `decoder.SlotCache`, keys [layers, slots, kv_heads, head_dim, cache_len] and values
+[layers, slots, kv_heads, cache_len, head_dim] (see `decoder` for why), updated in place. `cache_len`
+is `max_context + largest chunk bucket`: a slot never holds more than `max_context` tokens, so every
+write, padded or idle, lands past the slot's content and inside the cache (writes past the end would
+be dropped, never clamped onto real entries). Attention reads only a power-of-two window of the cache
+when `window_min` is set.
+
+Shapes that vary (chunk length, patch count, image rows) are rounded up to buckets, so the number of
+compiled programs is bounded by the bucket lists (see `Engine.programs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mini_o3_jax.model import rope
+from mini_o3_jax.model.vision import VisionInputs
+from mini_o3_jax.sampler import decoder
+from mini_o3_jax.sampler import sampling as sampling_lib
+from mini_o3_jax.sampler.decoder import SlotCache
+from mini_o3_jax.sampler.sampling import SamplingParams
+from mini_o3_jax.sampler.stops import StopMatcher
+
+# Why a slot stopped (StepOutput.reason).
+RUNNING, STOP_TOKEN, STOP_STRING, LENGTH = 0, 1, 2, 3
+REASON_NAMES = {RUNNING: "running", STOP_TOKEN: "stop_token", STOP_STRING: "stop_string", LENGTH: "length"}
+
+
+def bucket(n: int, buckets: Sequence[int] | None, minimum: int = 1) -> int:
+  """Smallest bucket >= n; with `buckets` None, the next power of two >= max(n, minimum)."""
+  if buckets is None:
+    b = minimum
+    while b < n:
+      b *= 2
+    return b
+  for b in sorted(buckets):
+    if b >= n:
+      return b
+  raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Static shape and sampling settings of an engine.
+
+  num_slots: sequences decoded together (shard over data x fsdp: must divide by that mesh size).
+  max_context: most tokens one slot may hold (prompt + every turn).
+  chunk_buckets: allowed append chunk lengths; chunks longer than the largest are split into pieces.
+  patch_buckets: allowed per-slot patch counts for the vision tower (None: powers of two >= 16).
+  image_row_buckets: allowed numbers of slots encoded by one vision call (None: powers of two up to
+    num_slots).
+  decode_steps: decode steps per host round trip.
+  window_min: 0 = attention always reads the whole cache (one program per chunk bucket and one
+    decode program; cost independent of how full the cache is); W > 0 = attention reads only the
+    smallest of W, 2W, 4W, ... (or the whole cache) that holds every participating slot's context
+    (for decode: after `decode_steps` more tokens): cheaper while contexts are short, one program
+    per window used.
+  max_forced_tokens: width of the per-slot forced-token buffer (scripted turns); 0 disables forcing.
+  cache_len: override of the cache length (default max_context + largest chunk bucket, rounded to 8);
+    only safe when no chunk is appended past `cache_len - largest bucket`.
+  """
+  num_slots: int = 8
+  max_context: int = 2048
+  chunk_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+  patch_buckets: tuple[int, ...] | None = None
+  image_row_buckets: tuple[int, ...] | None = None
+  decode_steps: int = 16
+  window_min: int = 0
+  max_forced_tokens: int = 0
+  sampling: SamplingParams = SamplingParams()
+  cache_len: int | None = None
+
+  def __post_init__(self):
+    if self.num_slots < 1 or self.max_context < 2 or self.decode_steps < 1 or not self.chunk_buckets:
+      raise ValueError(f"bad engine config {self}")
+
+  @property
+  def piece_len(self) -> int:
+    return max(self.chunk_buckets)
+
+  @property
+  def capacity(self) -> int:
+    if self.cache_len is not None:
+      return self.cache_len
+    return -(-(self.max_context + self.piece_len) // 8) * 8
+
+
+# ----------------------------------------------------------------------------- device pytrees
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+  """Everything the device keeps per slot (leading axis: slots)."""
+  cache: SlotCache
+  token: jax.Array       # int32 [slots]: last sampled token, not yet written to the cache
+  pos: jax.Array         # int32 [slots]: its M-RoPE position (text: equal on all three axes)
+  key: jax.Array         # uint32 [slots, 2]: PRNG key, advanced only when the slot samples
+  stop_state: jax.Array  # int32 [slots]: stop-string automaton state since the turn began
+  turn_len: jax.Array    # int32 [slots]: tokens sampled in this turn
+  turn_limit: jax.Array  # int32 [slots]: the turn stops with LENGTH when turn_len reaches it
+  active: jax.Array      # bool [slots]: still generating this turn
+  forced: jax.Array      # int32 [slots, forced_width]: token i of the turn is forced[i] if >= 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One append call's inputs (leading axis: slots; chunk axis C is bucketed)."""
+  ids: jax.Array          # int32 [slots, C], right-padded
+  positions: jax.Array    # int32 [3, slots, C]
+  mask: jax.Array         # int32 [slots, C]: 1 on real tokens
+  reset: jax.Array        # bool [slots]: start a new sequence (length 0) before writing
+  sample: jax.Array       # bool [slots]: the slot's chunk ends in this piece; sample its next token
+  last: jax.Array         # int32 [slots]: index of the chunk's last real token in this piece
+  next_pos: jax.Array     # int32 [slots]: position of the token sampled next
+  turn_limit: jax.Array   # int32 [slots]
+  forced: jax.Array       # int32 [slots, forced_width]
+  new_key: jax.Array      # bool [slots]: replace the slot's key by `key`
+  key: jax.Array          # uint32 [slots, 2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+  """Tokens sampled by one call. Row s produced tokens[s, :count[s]]; reason[s] != RUNNING if it stopped."""
+  tokens: jax.Array           # int32 [slots, steps]
+  logprobs: jax.Array         # float32 [slots, steps]: log softmax(logits / T) of the token
+  sample_logprobs: jax.Array  # float32 [slots, steps]: under the truncated sampling distribution
+  count: jax.Array            # int32 [slots]
+  reason: jax.Array           # int32 [slots]
+
+
+# ----------------------------------------------------------------------------- jitted programs
+
+
+def _sample_step(state: SlotState, logits: jax.Array, rows: jax.Array, table: jax.Array, stop_ids: jax.Array,
+                 sampling: SamplingParams, match_state: int):
+  """Samples for `rows` (bool [slots]) from logits [slots, vocab]; other rows keep their state."""
+  width = state.forced.shape[1]
+  forced = jnp.take_along_axis(state.forced, jnp.clip(state.turn_len, 0, width - 1)[:, None], axis=1)[:, 0]
+  forced = jnp.where(state.turn_len < width, forced, -1)
+  tok, lp, slp, key = sampling_lib.sample(logits, state.key, sampling, forced)
+  stop_state = table[state.stop_state, tok]
+  turn_len = state.turn_len + 1
+  hit_token = jnp.isin(tok, stop_ids)
+  hit_string = stop_state == match_state
+  hit_limit = turn_len >= state.turn_limit
+  # A token that ends a stop string on the turn's last allowed step is a clean stop, not a cut-off.
+  reason = jnp.where(hit_token, STOP_TOKEN, jnp.where(hit_string, STOP_STRING, jnp.where(hit_limit, LENGTH, RUNNING)))
+  reason = jnp.where(rows, reason, RUNNING).astype(jnp.int32)
+  new = dataclasses.replace(
+      state,
+      token=jnp.where(rows, tok, state.token),
+      key=jnp.where(rows[:, None], key, state.key),
+      stop_state=jnp.where(rows, stop_state, state.stop_state),
+      turn_len=jnp.where(rows, turn_len, state.turn_len),
+      active=jnp.where(rows, reason == RUNNING, state.active),
+  )
+  return new, tok, lp, slp, reason
+
+
+def _constrain(tree, shardings):
+  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "out_sharding"))
+def _encode(graphdef, params, pixel_values, vision, rows, *, num_slots, out_sharding):
+  """pixel_values [R, P, D] of slots `rows` [R] (num_slots = padding row) -> embeds [slots, P/4, hidden]."""
+  model = nnx.merge(graphdef, params)
+  emb = model.encode_images(pixel_values, vision)                                   # [R, P/4, hidden]
+  out = jnp.zeros((num_slots,) + emb.shape[1:], emb.dtype).at[rows].set(emb, mode="drop")
+  return _constrain(out, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "out_sharding"))
+def _slice_embeds(embeds, offset, *, width, out_sharding):
+  """embeds [slots, N, hidden], offset [slots] -> the `width` embeddings from each offset [slots, width, hidden].
+
+  A separate (cheap) program, so the expensive prefill program depends on the chunk bucket only,
+  not on the image-size bucket as well.
+  """
+  idx = jnp.clip(offset[:, None] + jnp.arange(width)[None], 0, embeds.shape[1] - 1)
+  return _constrain(jnp.take_along_axis(embeds, idx[:, :, None], axis=1), out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "window", "match_state", "state_sharding"),
+                   donate_argnames=("state",))
+def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, table, stop_ids, *, sampling,
+            window, match_state, state_sharding):
+  """Writes one piece into every slot's cache and samples for the slots whose chunk ends here.
+
+  piece_embeds [slots, C, hidden]: the image embeddings of the piece's image tokens, in order.
+  Returns the new state, a StepOutput of one step and the last real position's logits
+  [slots, vocab] (for tests and scoring; never copied to the host unless read).
+  """
+  model = nnx.merge(graphdef, params)
+  cache = state.cache
+  cache = dataclasses.replace(cache, length=jnp.where(piece.reset, 0, cache.length),
+                              valid=cache.valid & ~piece.reset[:, None])
+  x = model.embed(piece.ids, piece_embeds)
+  h, new_cache = decoder.cached_forward(model, x, piece.positions, piece.mask, cache, window)
+  h_last = jnp.take_along_axis(h, piece.last[:, None, None], axis=1)[:, 0]               # [slots, hidden]
+  logits = model.logits(h_last).astype(jnp.float32)                                     # [slots, vocab]
+  rows = piece.sample
+  state = dataclasses.replace(
+      state, cache=new_cache,
+      pos=jnp.where(rows, piece.next_pos, state.pos),
+      key=jnp.where((rows & piece.new_key)[:, None], piece.key, state.key),
+      stop_state=jnp.where(rows, 0, state.stop_state),
+      turn_len=jnp.where(rows, 0, state.turn_len),
+      turn_limit=jnp.where(rows, piece.turn_limit, state.turn_limit),
+      forced=jnp.where(rows[:, None], piece.forced, state.forced))
+  state, tok, lp, slp, reason = _sample_step(state, logits, rows, table, stop_ids, sampling, match_state)
+  out = StepOutput(tokens=tok[:, None], logprobs=lp[:, None], sample_logprobs=slp[:, None],
+                   count=rows.astype(jnp.int32), reason=reason)
+  return _constrain(state, state_sharding), out, logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps", "window", "match_state",
+                                             "state_sharding"), donate_argnames=("state",))
+def _decode(graphdef, params, state: SlotState, table, stop_ids, *, sampling, steps, window, match_state,
+            state_sharding):
+  """Up to `steps` decode steps for the active slots; stops early when none is active.
+
+  window: attend over the first `window` cache entries (every active slot's length + steps fits).
+  """
+  model = nnx.merge(graphdef, params)
+  slots = state.token.shape[0]
+  out = StepOutput(tokens=jnp.zeros((slots, steps), jnp.int32), logprobs=jnp.zeros((slots, steps), jnp.float32),
+                   sample_logprobs=jnp.zeros((slots, steps), jnp.float32), count=jnp.zeros((slots,), jnp.int32),
+                   reason=jnp.zeros((slots,), jnp.int32))
+
+  def cond(carry):
+    i, st, _ = carry
+    return (i < steps) & jnp.any(st.active)
+
+  def body(carry):
+    i, st, out = carry
+    rows = st.active
+    positions = jnp.broadcast_to(st.pos[None, :, None], (3, slots, 1))
+    x = model.embed(st.token[:, None])
+    # Idle slots write one invalid entry at their length and do not advance.
+    h, cache = decoder.cached_forward(model, x, positions, rows[:, None].astype(jnp.int32), st.cache, window)
+    logits = model.logits(h[:, 0]).astype(jnp.float32)
+    st = dataclasses.replace(st, cache=cache, pos=st.pos + rows.astype(jnp.int32))
+    st, tok, lp, slp, reason = _sample_step(st, logits, rows, table, stop_ids, sampling, match_state)
+    col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(rows, v, 0)[:, None].astype(buf.dtype),
+                                                             i, axis=1)
+    out = StepOutput(tokens=col(out.tokens, tok), logprobs=col(out.logprobs, lp),
+                     sample_logprobs=col(out.sample_logprobs, slp), count=out.count + rows.astype(jnp.int32),
+                     reason=jnp.where(rows, reason, out.reason))
+    return i + 1, st, out
+
+  _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+  return _constrain(state, state_sharding), out
+
+
+def jit_cache_sizes() -> dict[str, int]:
+  """Compiled programs held by the sampler's jitted functions in this process (all engines)."""
+  return {"encode": _encode._cache_size(), "slice": _slice_embeds._cache_size(), "append": _append._cache_size(),
+          "decode": _decode._cache_size()}
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass
+class Chunk:
+  """Tokens to append to one slot, and how the turn that follows starts.
+
+  ids: int [n] (n >= 1); positions: int [3, n] absolute M-RoPE positions; next_pos: position of the
+  token sampled after the chunk; turn_limit: tokens the turn may sample; pixel_values / grids: the
+  chunk's images in order ([patches, patch_dim], [images, 3]); reset: the chunk starts a new sequence;
+  key: uint32 [2], the slot's new PRNG key (required with reset); forced: token ids that open the turn.
+  """
+  ids: np.ndarray
+  positions: np.ndarray
+  next_pos: int
+  turn_limit: int
+  pixel_values: np.ndarray | None = None
+  grids: np.ndarray | None = None
+  reset: bool = False
+  key: np.ndarray | None = None
+  forced: Sequence[int] = ()
+
+
+def chunk_positions(ids: np.ndarray, grids: np.ndarray | None, offset: int, *, image_token_id: int,
+                    merge: int) -> tuple[np.ndarray, int]:
+  """M-RoPE positions [3, n] of a chunk that starts at position `offset`, and the position after it."""
+  ids = np.asarray(ids).reshape(1, -1)
+  grids = None if grids is None or len(grids) == 0 else np.asarray(grids).reshape(-1, 3)
+  pos, delta = rope.get_rope_index(ids, grids, None, image_token_id=image_token_id, spatial_merge_size=merge)
+  return pos[:, 0] + offset, int(offset + ids.shape[1] + delta[0])
+
+
+def slot_state_shardings(mesh: Mesh, state: SlotState) -> SlotState:
+  """Slots over data x fsdp; KV heads over tensor when they divide; everything else replicated."""
+  batch = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+  kvh = state.cache.k.shape[2]
+  head_axis = tensor if tensor and kvh % mesh.shape[tensor] == 0 else None
+
+  def spec(x):
+    return NamedSharding(mesh, P(batch, *([None] * (x.ndim - 1))))
+
+  cache = SlotCache(k=NamedSharding(mesh, P(None, batch, head_axis, None, None)),
+                    v=NamedSharding(mesh, P(None, batch, head_axis, None, None)),
+                    valid=spec(state.cache.valid), length=spec(state.cache.length))
+  rest = {f.name: spec(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name != "cache"}
+  return SlotState(cache=cache, **rest)
+
+
+class Engine:
+  """Host wrapper: owns the device slot state and turns per-slot requests into bucketed calls."""
+
+  def __init__(self, model, config: EngineConfig, *, stop_token_ids: Sequence[int] = (),
+               matcher: StopMatcher | None = None, mesh: Mesh | None = None):
+    self.config = config
+    self.model_config = model.config
+    self.mesh = mesh
+    self.graphdef, params = nnx.split(model)
+    vocab = self.model_config.text.vocab_size
+    self.matcher = matcher if matcher is not None else StopMatcher.none(vocab)
+    if self.matcher.table.shape[1] != vocab:
+      raise ValueError(f"stop matcher covers {self.matcher.table.shape[1]} tokens, the model {vocab}")
+    self._batch_ways = 1
+    if mesh is not None:
+      self._batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+      if config.num_slots % self._batch_ways:
+        raise ValueError(f"num_slots={config.num_slots} must be divisible by data x fsdp = {self._batch_ways}")
+    self.params = self._place_params(params)
+    self.table = self._replicated(np.asarray(self.matcher.table, np.int32))
+    stop_ids = sorted(set(int(t) for t in stop_token_ids))
+    # Padded with -1 (never sampled) to a multiple of 4, so the count rarely changes the program.
+    stop_ids += [-1] * (-len(stop_ids) % 4 or (4 if not stop_ids else 0))
+    self.stop_ids = self._replicated(np.asarray(stop_ids, np.int32))
+    self.state = self._init_state()
+    self.lengths = np.zeros((config.num_slots,), np.int64)   # host mirror of state.cache.length
+    self._active = np.zeros((config.num_slots,), bool)       # host mirror of state.active
+    self.state_sharding = None if mesh is None else slot_state_shardings(mesh, self.state)
+    if self.state_sharding is not None:
+      self.state = jax.device_put(self.state, self.state_sharding)
+    self._no_images: dict[int, jax.Array] = {}   # chunk bucket -> zeros [slots, C, hidden]
+    # Distinct (program, bucketed shape) pairs this engine has run: each is one compile in a fresh
+    # process. ("slice", N, C) programs are tiny gathers; the others hold the model.
+    self.programs: set[tuple] = set()
+
+  # ---------------------------------------------------------------- placement
+
+  def _place_params(self, params):
+    if self.mesh is None:
+      return params
+    from mini_o3_jax.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
+    return jax.device_put(params, shard_lib.state_shardings(params, self.mesh))
+
+  def set_params(self, model) -> None:
+    """Swaps in new weights (same structure), e.g. after an RL update; compiled programs are reused."""
+    graphdef, params = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("set_params needs a model of the same structure")
+    self.params = self._place_params(params)
+
+  def _replicated(self, x):
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(self.mesh, P()))
+
+  def _put_slots(self, x, axis: int = 0):
+    """Host array with a slot axis -> device, sharded over data x fsdp when there is a mesh."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    batch = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None
+    spec = [None] * np.ndim(x)
+    spec[axis] = batch
+    return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+
+  def _init_state(self) -> SlotState:
+    cfg, s = self.config, self.config.num_slots
+    cache = SlotCache.zeros(self.model_config.text, s, cfg.capacity, jnp.dtype(self.model_config.dtype))
+    # Distinct buffers per field: the state is donated, and one buffer must not be donated twice.
+    zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731
+    return SlotState(cache=cache, token=zeros(), pos=zeros(), key=jnp.zeros((s, 2), jnp.uint32),
+                     stop_state=zeros(), turn_len=zeros(), turn_limit=jnp.ones((s,), jnp.int32),
+                     active=jnp.zeros((s,), bool),
+                     forced=jnp.full((s, max(1, cfg.max_forced_tokens)), -1, jnp.int32))
+
+  def reset(self) -> None:
+    """Drops every slot's sequence (the cache memory is reused)."""
+    self.state = dataclasses.replace(self.state, active=jnp.zeros_like(self.state.active))
+    self._active = np.zeros((self.config.num_slots,), bool)
+
+  def _window(self, need: int) -> int:
+    """Attention window covering `need` cache entries (the whole cache when windows are off)."""
+    cfg = self.config
+    if cfg.window_min <= 0:
+      return cfg.capacity
+    w = cfg.window_min
+    while w < need:
+      w *= 2
+    return min(w, cfg.capacity)
+
+  @property
+  def num_programs(self) -> int:
+    return len(self.programs)
+
+  # ---------------------------------------------------------------- calls
+
+  @property
+  def _slot_sharding(self):
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, P(tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None))
+
+  def _zeros_embeds(self, width: int):
+    if width not in self._no_images:
+      hidden = self.model_config.text.hidden_size
+      self._no_images[width] = self._put_slots(np.zeros((self.config.num_slots, width, hidden),
+                                                        jnp.dtype(self.model_config.dtype)))
+    return self._no_images[width]
+
+  def _encode(self, chunks: Mapping[int, Chunk]):
+    """Image embeddings [slots, N, hidden] for the chunks' images in order, or None if there are none."""
+    vcfg = self.model_config.vision
+    rows = [s for s, c in chunks.items() if c.grids is not None and len(c.grids)]
+    if not rows:
+      return None
+    counts = [int(np.prod(np.asarray(chunks[s].grids).reshape(-1, 3), -1).sum()) for s in rows]
+    p = bucket(max(counts), self.config.patch_buckets, minimum=16)
+    r = min(bucket(len(rows), self.config.image_row_buckets), self.config.num_slots)
+    pv = np.zeros((r, p, vcfg.patch_dim), np.float32)
+    layouts, slot_of_row = [], np.full((r,), self.config.num_slots, np.int32)
+    for i in range(r):
+      if i < len(rows):
+        c = chunks[rows[i]]
+        pv[i, :counts[i]] = c.pixel_values
+        layouts.append(VisionInputs.build(np.asarray(c.grids).reshape(-1, 3), vcfg, pad_to=p))
+        slot_of_row[i] = rows[i]
+      else:
+        layouts.append(VisionInputs.build(np.zeros((0, 3), np.int64), vcfg, pad_to=p))
+    vision = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
+    self.programs.add(("encode", r, p))
+    return _encode(self.graphdef, self.params, jnp.asarray(pv, jnp.dtype(self.model_config.dtype)), vision,
+                   jnp.asarray(slot_of_row), num_slots=self.config.num_slots, out_sharding=self._slot_sharding)
+
+  def append(self, chunks: Mapping[int, Chunk]) -> tuple[StepOutput, jax.Array]:
+    """Appends `chunks` (slot -> Chunk) and samples each appended slot's first token.
+
+    Returns the StepOutput (numpy; rows not in `chunks` have count 0) and the device logits
+    [slots, vocab] at each appended slot's last chunk token.
+    """
+    cfg, s = self.config, self.config.num_slots
+    width = max(1, cfg.max_forced_tokens)
+    image_token = self.model_config.image_token_id
+    for slot, c in chunks.items():
+      if not 0 <= slot < s:
+        raise ValueError(f"slot {slot} out of range")
+      if len(c.ids) < 1:
+        raise ValueError("a chunk needs at least one token")
+      if c.reset and c.key is None:
+        raise ValueError("a chunk that starts a sequence needs a PRNG key")
+      if len(c.forced) > cfg.max_forced_tokens:
+        raise ValueError(f"{len(c.forced)} forced tokens but max_forced_tokens={cfg.max_forced_tokens}")
+      start = 0 if c.reset else int(self.lengths[slot])
+      if start + len(c.ids) > cfg.max_context:
+        raise ValueError(f"slot {slot}: {start} + {len(c.ids)} tokens exceed max_context={cfg.max_context}")
+    starts = {slot: 0 if c.reset else int(self.lengths[slot]) for slot, c in chunks.items()}
+    embeds = self._encode(chunks)
+    n_pieces = max(-(-len(c.ids) // cfg.piece_len) for c in chunks.values())
+    outs = []
+    state = self.state
+    for p in range(n_pieces):
+      lo = p * cfg.piece_len
+      n_real = {slot: int(np.clip(len(c.ids) - lo, 0, cfg.piece_len)) for slot, c in chunks.items()}
+      width_c = bucket(max(max(n_real.values()), 1), cfg.chunk_buckets)
+      ids = np.zeros((s, width_c), np.int32)
+      pos = np.zeros((3, s, width_c), np.int32)
+      mask = np.zeros((s, width_c), np.int32)
+      img_offset = np.zeros((s,), np.int32)
+      has_image = False
+      reset = np.zeros((s,), bool)
+      sample = np.zeros((s,), bool)
+      last = np.zeros((s,), np.int32)
+      next_pos = np.zeros((s,), np.int32)
+      turn_limit = np.ones((s,), np.int32)
+      forced = np.full((s, width), -1, np.int32)
+      new_key = np.zeros((s,), bool)
+      key = np.zeros((s, 2), np.uint32)
+      for slot, c in chunks.items():
+        n = n_real[slot]
+        ids[slot, :n] = c.ids[lo:lo + n]
+        pos[:, slot, :n] = c.positions[:, lo:lo + n]
+        mask[slot, :n] = 1
+        img_offset[slot] = int(np.sum(np.asarray(c.ids[:lo]) == image_token))
+        has_image |= bool(np.any(np.asarray(c.ids[lo:lo + n]) == image_token))
+        reset[slot] = c.reset and p == 0
+        if lo < len(c.ids) <= lo + cfg.piece_len:
+          sample[slot] = True
+          last[slot] = n - 1
+          next_pos[slot] = c.next_pos
+          turn_limit[slot] = c.turn_limit
+          forced[slot, :len(c.forced)] = c.forced
+          if c.key is not None:
+            new_key[slot] = True
+            key[slot] = c.key
+      if has_image:
+        self.programs.add(("slice", embeds.shape[1], width_c))
+        piece_embeds = _slice_embeds(embeds, self._put_slots(img_offset), width=width_c,
+                                     out_sharding=self._slot_sharding)
+      else:
+        piece_embeds = self._zeros_embeds(width_c)
+      piece = Piece(ids=self._put_slots(ids), positions=self._put_slots(pos, axis=1), mask=self._put_slots(mask),
+                    reset=self._put_slots(reset),
+                    sample=self._put_slots(sample), last=self._put_slots(last), next_pos=self._put_slots(next_pos),
+                    turn_limit=self._put_slots(turn_limit), forced=self._put_slots(forced),
+                    new_key=self._put_slots(new_key), key=self._put_slots(key))
+      window = self._window(max(starts[slot] + lo + n_real[slot] for slot in chunks))
+      self.programs.add(("append", width_c, window))
+      state, out, piece_logits = _append(self.graphdef, self.params, state, piece, piece_embeds, self.table,
+                                         self.stop_ids, sampling=cfg.sampling, window=window,
+                                         match_state=self.matcher.match_state, state_sharding=self.state_sharding)
+      outs.append((sample, out, piece_logits))
+    self.state = state
+    for slot, c in chunks.items():
+      self.lengths[slot] = (0 if c.reset else self.lengths[slot]) + len(c.ids)
+    # Each slot sampled in exactly one piece; read the outputs only now so the pieces run back to back.
+    results, logits = None, None
+    for sample, out, piece_logits in outs:
+      out = jax.tree.map(np.asarray, out)
+      if results is None:
+        results, logits = out, piece_logits
+      else:
+        pick = lambda a, b: np.where(sample.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)  # noqa: E731
+        results = jax.tree.map(pick, results, out)
+        logits = jnp.where(jnp.asarray(sample)[:, None], piece_logits, logits)
+    for slot in chunks:
+      self._active[slot] = results.reason[slot] == RUNNING
+    return results, logits
+
+  def decode(self) -> StepOutput:
+    """Runs up to `decode_steps` tokens for every active slot; numpy StepOutput."""
+    cfg = self.config
+    window = self._window(int(self.lengths[self._active].max(initial=0)) + cfg.decode_steps)
+    self.programs.add(("decode", cfg.decode_steps, window))
+    self.state, out = _decode(self.graphdef, self.params, self.state, self.table, self.stop_ids,
+                              sampling=cfg.sampling, steps=cfg.decode_steps, window=window,
+                              match_state=self.matcher.match_state, state_sharding=self.state_sharding)
+    out = jax.tree.map(np.asarray, out)
+    # Each decode step first writes the slot's pending token, so the cache grows by the count.
+    self.lengths += out.count
+    self._active &= out.reason == RUNNING
+    return out
+
+  def active(self) -> np.ndarray:
+    """Which slots are still generating their turn (host copy; no device sync)."""
+    return self._active.copy()

@@ -1,0 +1,186 @@
+"""Orbax checkpoints of the train state and the data iterator's position.
+
+One checkpoint = one step directory holding
+  state/  params, opt_state, step, rng (and ref_params when present) as sharded arrays, and
+  data/   a JSON document with the data iterator's state (e.g. a grain iterator's `get_state()`).
+Saves are asynchronous (the arrays are copied off the devices before `save` returns, the files are
+written in the background), happen every `save_interval_steps`, keep the last `max_to_keep`, and are
+atomic: Orbax writes into a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint as the latest one. Restores read into any mesh: the target's
+shardings decide the layout, not the saved one (saved on 8 devices, restored on 1 or 4).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mini_o3_jax.train.state import TrainState
+
+_BYTES_KEY = "__base64_bytes__"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Attributes:
+    directory: where step directories go (created if missing; a local path or a gs:// URL).
+    save_interval_steps: `maybe_save` saves when step % interval == 0.
+    max_to_keep: newest checkpoints kept (None keeps all).
+    async_save: write files in a background thread.
+    replica_parallel_min_bytes: a replicated array is written cooperatively by its replicas (each
+      writing a slice) only when a slice is at least this big; smaller ones are written whole by one
+      replica, which spares compiling an on-device slice per small array.
+  """
+  directory: str
+  save_interval_steps: int = 1000
+  max_to_keep: int | None = 3
+  async_save: bool = True
+  replica_parallel_min_bytes: int = 1 << 20
+
+
+def _encode(data_state: Any) -> dict[str, Any]:
+  """JSON-able wrapper; bytes states (grain's DataLoader iterator) become base64."""
+  if isinstance(data_state, bytes):
+    return {"value": {_BYTES_KEY: base64.b64encode(data_state).decode("ascii")}}
+  return {"value": data_state}
+
+
+def _decode(doc: Any) -> Any:
+  value = (doc or {}).get("value")
+  if isinstance(value, dict) and set(value) == {_BYTES_KEY}:
+    return base64.b64decode(value[_BYTES_KEY])
+  return value
+
+
+def _type_handlers(min_slice_bytes: int) -> ocp.type_handlers.TypeHandlerRegistry:
+  """Orbax's default handlers, with the jax.Array handler's replica-parallel threshold set."""
+  th = ocp.type_handlers
+  return th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+      (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
+      (jax.Array, th.ArrayHandler(min_slice_bytes_for_replica_parallel=min_slice_bytes)))
+
+
+def _state_tree(state: TrainState) -> dict[str, Any]:
+  tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+  if state.ref_params is not None:
+    tree["ref_params"] = state.ref_params
+  return tree
+
+
+class Checkpointer:
+  """Saves and restores TrainStates (plus data-iterator state) with an `ocp.CheckpointManager`.
+
+  Every process of a multi-process run must make the same calls (Orbax coordinates the writes).
+  """
+
+  def __init__(self, config: CheckpointConfig):
+    self.config = config
+    directory = config.directory if "://" in config.directory else os.path.abspath(config.directory)
+    if config.save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {config.save_interval_steps}")
+    # The interval is applied by `maybe_save` (Orbax's own policy would also save the first step).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_to_keep,
+        create=True,
+        enable_async_checkpointing=config.async_save)
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(
+            type_handler_registry=_type_handlers(config.replica_parallel_min_bytes)),
+        "data": ocp.JsonCheckpointHandler(),
+    }
+    self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+  @property
+  def directory(self) -> str:
+    return str(self._manager.directory)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (an interrupted save never counts), or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, state: TrainState, data_state: Any = None, *, step: int | None = None,
+           force: bool = True) -> bool:
+    """Saves `state` at `step` (default: `state.step`). Returns whether a save started.
+
+    With `force=False` only steps on the save interval are saved (see `maybe_save`). The arrays are
+    copied to host memory before this returns, so the caller may donate `state` to the next step.
+    """
+    step = int(jax.device_get(state.step)) if step is None else int(step)
+    if not force and step % self.config.save_interval_steps:
+      return False
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(_state_tree(state)),
+                              data=ocp.args.JsonSave(_encode(data_state)))
+    return self._manager.save(step, args=args, force=True)
+
+  def maybe_save(self, state: TrainState, data_state: Any = None, *, step: int | None = None) -> bool:
+    """Saves when step % save_interval_steps == 0."""
+    return self.save(state, data_state, step=step, force=False)
+
+  def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
+    """Reads a checkpoint into the layout of `target` (default step: the latest).
+
+    Args:
+      target: a TrainState whose leaves are `jax.ShapeDtypeStruct`s with concrete shardings (see
+        `state.abstract_train_state`) or real arrays (their shardings are used); its mesh may differ
+        from the one the checkpoint was saved on.
+      step: which checkpoint.
+
+    Returns:
+      (state, data_state): the restored TrainState (graphdef from `target`) and the saved data state.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+    def spec(x):
+      sharding = getattr(x, "sharding", None)
+      if sharding is None:
+        raise ValueError("restore target leaves need a concrete sharding")
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    abstract = jax.tree.map(spec, _state_tree(target))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args),
+        data=ocp.args.JsonRestore()))
+    tree = out["state"]
+    state = TrainState(graphdef=target.graphdef, params=tree["params"], opt_state=tree["opt_state"],
+                       step=tree["step"], rng=tree["rng"], ref_params=tree.get("ref_params"))
+    return state, _decode(out["data"])
+
+  def restore_params(self, target_params: Any, step: int | None = None) -> Any:
+    """Only the params (e.g. an SFT checkpoint as the start and reference of RL), in `target_params`'
+    layout (ShapeDtypeStructs with shardings, or arrays)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    abstract = {"params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_params)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
+    return out["state"]["params"]
+
+  def wait(self) -> None:
+    """Blocks until background writes are finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

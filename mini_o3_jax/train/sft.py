@@ -1,0 +1,199 @@
+"""Cold-start SFT step: next-token cross-entropy on the assistant's tokens only, sharded and jitted.
+
+Normaliser (documented choice): the loss is the sum of the NLL of every loss token in the GLOBAL batch
+(all devices, all hosts, all micro-batches of an accumulated step) divided by the number of those
+tokens, so every assistant token weighs the same wherever it sits. Per-device or per-sequence means
+would upweight short trajectories. The alternative, `sequence_mean=True`, averages each sequence first
+and then divides by the global number of sequences that have loss tokens (each trajectory weighs the
+same, as some SFT recipes do).
+
+Gradient accumulation runs inside the step: the batch splits into `grad_accum_steps` strided
+micro-batches, scanned with `jax.lax.scan`; each micro-batch's loss is already divided by the global
+count, so the summed gradient equals the gradient of the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mini_o3_jax.model.vlm import Qwen25VL
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import losses
+from mini_o3_jax.train import state as state_lib
+from mini_o3_jax.train.state import Metrics, Params, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """SFT step options.
+
+  Attributes:
+    grad_accum_steps: micro-batches per optimizer update (the batch rows must divide by it).
+    sequence_mean: average per sequence first (see the module docstring); default token mean.
+    logits_chunk: compute the output head over this many positions at a time (rematerialised in the
+      backward pass), so [batch, seq, vocab] logits never exist at once; None = all at once.
+    train_vision: backpropagate into the vision tower. False stops the gradient at the image
+      embeddings (no backward pass through the tower at all); pair it with
+      `OptimizerConfig.freeze_vision` so the frozen weights also get no updates.
+  """
+  grad_accum_steps: int = 1
+  sequence_mean: bool = False
+  logits_chunk: int | None = None
+  train_vision: bool = True
+
+
+def constrain_activation(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """[batch, ...] activations: batch over data x fsdp, the rest replicated."""
+  if mesh is None:
+    return x
+  batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes, *([None] * (x.ndim - 1)))))
+
+
+def hidden_states(model: Qwen25VL, inputs, *, train_vision: bool = True, mesh: Mesh | None = None) -> jax.Array:
+  """Final hidden states [batch, seq, hidden] (as `Qwen25VL.hidden_states`, optionally frozen vision)."""
+  image_embeds = None
+  if inputs.pixel_values is not None:
+    image_embeds = model.encode_images(inputs.pixel_values, inputs.vision)  # [batch, patches / 4, hidden]
+    if not train_vision:
+      image_embeds = jax.lax.stop_gradient(image_embeds)
+    if image_embeds.ndim == 3:  # per-row images: batch-sharded like the tokens
+      image_embeds = constrain_activation(image_embeds, mesh)
+  x = constrain_activation(model.embed(inputs.input_ids, image_embeds), mesh)
+  h, _ = model.model(x, inputs.positions, inputs.attention_mask)
+  return constrain_activation(h, mesh)
+
+
+def head_token_stats(model: Qwen25VL, hidden: jax.Array, targets: jax.Array, *, chunk: int | None = None,
+                     entropy: bool = False, correct: bool = False,
+                     temperature: float = 1.0) -> dict[str, jax.Array]:
+  """Per-token statistics of the output head.
+
+  Args:
+    model: the model (its `logits` head is used).
+    hidden: [batch, seq, hidden] final hidden states aligned with `targets`.
+    targets: int [batch, seq] the next tokens.
+    chunk: positions per head evaluation (None: one pass). Each chunk is rematerialised in the
+      backward pass, so peak memory holds one [batch, chunk, vocab] block instead of the full one.
+    entropy: also return the next-token entropy [batch, seq].
+    correct: also return float [batch, seq] 1 where argmax == target.
+    temperature: logits are divided by it (the sampling temperature, so log-probs match the
+      behaviour policy's).
+
+  Returns:
+    {"logprobs": float32 [batch, seq], and "entropy" / "correct" when asked}.
+  """
+
+  def stats(h: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
+    logits = model.logits(h)  # [batch, c, vocab]
+    if temperature != 1.0:
+      logits = logits.astype(jnp.float32) / temperature
+    out = {"logprobs": losses.token_logprobs(logits, t)}
+    if entropy:
+      out["entropy"] = losses.token_entropy(logits)
+    if correct:
+      out["correct"] = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+    return out
+
+  b, s, d = hidden.shape
+  if chunk is None or chunk >= s:
+    return stats(hidden, targets)
+  n = math.ceil(s / chunk)
+  pad = n * chunk - s
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, b, c, d]
+  t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)            # [n, b, c]
+  out = jax.lax.map(lambda xs: jax.checkpoint(stats)(*xs), (h, t))                         # [n, b, c]
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :s], out)
+
+
+def sft_objective(logprobs: jax.Array, mask: jax.Array, normalizer: jax.Array, *,
+                  sequence_mean: bool = False) -> jax.Array:
+  """The SFT loss of (part of) a batch, divided by a global `normalizer` (pure; 0 if it is 0).
+
+  logprobs, mask: [batch, seq] aligned next-token log-probs and loss mask. Token mean: sum of masked
+  NLL / normalizer (the global loss-token count). Sequence mean: sum over sequences of their mean NLL /
+  normalizer (the global count of sequences with loss tokens).
+  """
+  mask = mask.astype(jnp.float32)
+  nll = jnp.where(mask > 0, -logprobs, 0.0)  # padding positions may hold garbage
+  if sequence_mean:
+    tokens = jnp.sum(mask, axis=-1)
+    total = jnp.sum(jnp.where(tokens > 0, jnp.sum(nll, axis=-1) / jnp.maximum(tokens, 1.0), 0.0))
+  else:
+    total = jnp.sum(nll)
+  return jnp.where(normalizer > 0, total / jnp.where(normalizer > 0, normalizer, 1.0), 0.0)
+
+
+def sft_normalizer(loss_mask: jax.Array, sequence_mean: bool) -> jax.Array:
+  """Global divisor for `sft_objective` from the target-aligned mask [batch, seq]."""
+  mask = loss_mask.astype(jnp.float32)
+  if sequence_mean:
+    return jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+  return jnp.sum(mask)
+
+
+def sft_loss_and_grads(config: SFTConfig, graphdef, params: Params, batch: batch_lib.SFTBatch,
+                       mesh: Mesh | None = None,
+                       grad_shardings: Params | None = None) -> tuple[jax.Array, Metrics, Params]:
+  """Loss, metric sums and gradients of one SFT batch (pure, jit-able)."""
+  _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
+  normalizer = sft_normalizer(global_mask, config.sequence_mean)
+
+  def micro_loss(p: Params, micro: batch_lib.SFTBatch) -> tuple[jax.Array, Metrics]:
+    model = nnx.merge(graphdef, p)
+    hidden = hidden_states(model, micro.inputs, train_vision=config.train_vision, mesh=mesh)[:, :-1]
+    targets, mask = losses.next_token_targets(micro.inputs.input_ids, micro.loss_mask)
+    st = head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
+    loss = sft_objective(st["logprobs"], mask, normalizer, sequence_mean=config.sequence_mean)
+    maskf = mask.astype(jnp.float32)
+    aux = {
+        "nll_sum": jax.lax.stop_gradient(jnp.sum(jnp.where(maskf > 0, -st["logprobs"], 0.0))),
+        "correct_sum": jnp.sum(st["correct"] * maskf),
+        "num_loss_tokens": jnp.sum(maskf),
+        "num_tokens": jnp.sum(micro.inputs.attention_mask.astype(jnp.float32)),
+    }
+    return loss, aux
+
+  k = config.grad_accum_steps
+  micro = batch_lib.split_microbatches(batch, k)
+  constrain = (lambda x: batch_lib.constrain_batch(x, mesh)) if mesh is not None else (lambda x: x)
+  loss, aux, grads = state_lib.accumulate_gradients(micro_loss, params, micro, k, constrain, grad_shardings)
+  n = aux["num_loss_tokens"]
+  safe = jnp.maximum(n, 1.0)
+  metrics = {
+      "loss": loss,
+      "nll": aux["nll_sum"] / safe,
+      "accuracy": aux["correct_sum"] / safe,
+      "num_loss_tokens": n,
+      "num_tokens": aux["num_tokens"],
+  }
+  return loss, metrics, grads
+
+
+def make_sft_step(config: SFTConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                  state_shardings: TrainState, *,
+                  learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
+                  donate: bool = True) -> state_lib.ShardedStep:
+  """The jitted SFT step `(state, SFTBatch) -> (state, metrics)` on `mesh`.
+
+  Metrics: loss, nll (mean per loss token), accuracy (next-token argmax), grad_norm, num_loss_tokens,
+  num_tokens (real tokens, for tokens/s; see `state.timed_step`), learning_rate if a schedule is given.
+  """
+
+  def step(state: TrainState, batch: batch_lib.SFTBatch) -> tuple[TrainState, Metrics]:
+    loss, metrics, grads = sft_loss_and_grads(config, state.graphdef, state.params, batch, mesh,
+                                              state_shardings.params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return state_lib.apply_gradients(state, grads, tx), metrics
+
+  return state_lib.ShardedStep(step, mesh, state_shardings, donate=donate)
