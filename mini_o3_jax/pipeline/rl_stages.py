@@ -83,8 +83,9 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, end_lr_ratio=1.0,
                                  weight_decay=0.0, grad_clip_norm=1.0)
   state, shardings, tx = train_stages.make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=sft_params)
+  # The sampler's behaviour log-probs are log_softmax(logits / T): the step must use the same T.
   rl_cfg = rl_lib.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=overturn_masking,
-                           exclude_masked_from_stats=c.exclude_masked_from_stats)
+                           exclude_masked_from_stats=c.exclude_masked_from_stats, temperature=c.temperature)
   step_fn = rl_lib.make_rl_step(rl_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
   batch_size = c.prompts_per_step * c.group_size
   batch_cfg = batch_lib.BatchConfig(batch_size=batch_size, length_buckets=tuple(c.length_buckets),
