@@ -28,7 +28,7 @@ from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task
 CONFIG = RolloutConfig(num_slots=4, max_turns=6, max_context=1024, max_turn_tokens=48, max_images=4,
                        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, sampling=SamplingParams(temperature=1.0),
                        decode_steps=8, chunk_buckets=(128,), patch_buckets=(64,), image_row_buckets=(4,),
-                       max_forced_tokens=64)
+                       window_min=0, max_forced_tokens=64)
 
 
 def call(bbox, source="original_image"):

@@ -351,6 +351,10 @@ class Engine:
     self.matcher = matcher if matcher is not None else StopMatcher.none(vocab)
     if self.matcher.table.shape[1] != vocab:
       raise ValueError(f"stop matcher covers {self.matcher.table.shape[1]} tokens, the model {vocab}")
+    # Every array handed to the jitted programs is committed to a device (or mesh): jit keys its
+    # cache on committedness, and a mix of fresh host arrays and program outputs would compile each
+    # program twice (measured).
+    self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     self._batch_ways = 1
     if mesh is not None:
       self._batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -366,8 +370,7 @@ class Engine:
     self.lengths = np.zeros((config.num_slots,), np.int64)   # host mirror of state.cache.length
     self._active = np.zeros((config.num_slots,), bool)       # host mirror of state.active
     self.state_sharding = None if mesh is None else slot_state_shardings(mesh, self.state)
-    if self.state_sharding is not None:
-      self.state = jax.device_put(self.state, self.state_sharding)
+    self.state = jax.device_put(self.state, self._device if mesh is None else self.state_sharding)
     self._no_images: dict[int, jax.Array] = {}   # chunk bucket -> zeros [slots, C, hidden]
     # Distinct (program, bucketed shape) pairs this engine has run: each is one compile in a fresh
     # process. ("slice", N, C) programs are tiny gathers; the others hold the model.
@@ -377,7 +380,7 @@ class Engine:
 
   def _place_params(self, params):
     if self.mesh is None:
-      return params
+      return jax.device_put(params, self._device)
     from mini_o3_jax.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
     return jax.device_put(params, shard_lib.state_shardings(params, self.mesh))
 
@@ -389,14 +392,12 @@ class Engine:
     self.params = self._place_params(params)
 
   def _replicated(self, x):
-    if self.mesh is None:
-      return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(self.mesh, P()))
+    return jax.device_put(x, self._device if self.mesh is None else NamedSharding(self.mesh, P()))
 
   def _put_slots(self, x, axis: int = 0):
     """Host array with a slot axis -> device, sharded over data x fsdp when there is a mesh."""
     if self.mesh is None:
-      return jnp.asarray(x)
+      return jax.device_put(x, self._device)
     batch = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None
     spec = [None] * np.ndim(x)
     spec[axis] = batch
@@ -467,8 +468,9 @@ class Engine:
         layouts.append(VisionInputs.build(np.zeros((0, 3), np.int64), vcfg, pad_to=p))
     vision = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
     self.programs.add(("encode", r, p))
-    return _encode(self.graphdef, self.params, jnp.asarray(pv, jnp.dtype(self.model_config.dtype)), vision,
-                   jnp.asarray(slot_of_row), num_slots=self.config.num_slots, out_sharding=self._slot_sharding)
+    inputs = self._replicated((pv.astype(jnp.dtype(self.model_config.dtype)), vision, slot_of_row))
+    return _encode(self.graphdef, self.params, *inputs, num_slots=self.config.num_slots,
+                   out_sharding=self._slot_sharding)
 
   def append(self, chunks: Mapping[int, Chunk]) -> tuple[StepOutput, jax.Array]:
     """Appends `chunks` (slot -> Chunk) and samples each appended slot's first token.

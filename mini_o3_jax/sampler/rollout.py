@@ -60,8 +60,10 @@ class RolloutConfig:
   max_context counts every token of a trajectory (prompt, turns, observations). max_turn_tokens caps
   one assistant turn. min_pixels / max_pixels bound every image (original and crops) before the
   vision tower. max_forced_tokens sizes the scripted-turn buffer (needed only with a `policy`).
-  The other fields set the engine's shapes (see `engine.EngineConfig`); window_min > 0 makes attention
-  cost follow the context length (cheaper for short contexts) at the price of one program per window.
+  The other fields set the engine's shapes (see `engine.EngineConfig`). window_min > 0 (default 512)
+  makes attention read only a power-of-two window covering the live context, so a turn costs what its
+  context needs, at the price of one program per window size used; 0 reads the whole cache every
+  step (fewest programs, cost independent of the context, wasteful when contexts are short).
   """
   num_slots: int = 8
   max_turns: int = 6
@@ -72,7 +74,7 @@ class RolloutConfig:
   max_pixels: int = image_lib.DEFAULT_MAX_PIXELS
   sampling: SamplingParams = SamplingParams(temperature=1.0)
   decode_steps: int = 16
-  window_min: int = 0
+  window_min: int = 512
   chunk_buckets: tuple[int, ...] = (32, 64, 128, 256, 512)
   patch_buckets: tuple[int, ...] | None = None
   image_row_buckets: tuple[int, ...] | None = None

@@ -21,6 +21,8 @@ for the same generate), so one thread each is the fair and stable comparison.
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import datetime
 import json
 import os
@@ -134,7 +136,8 @@ def bench_single_turn(ours, hf, batch: int, new_tokens: int, text_len: int, repe
   prompt_tokens = batch * ids.shape[1]
   t_ids = torch.tensor(ids)
   hf_in = dict(input_ids=t_ids, attention_mask=torch.tensor(mask),
-               mm_token_type_ids=(t_ids == cfg.image_token_id).int(), pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grids))
+               mm_token_type_ids=(t_ids == cfg.image_token_id).int(), pixel_values=torch.tensor(pv),
+               image_grid_thw=torch.tensor(grids))
 
   def hf_prefill():
     with torch.no_grad():
@@ -308,10 +311,13 @@ def bench_multi_turn(ours, turns: int, batch: int, turn_tokens: int, obs_text: i
 # ----------------------------------------------------------------------------- 3. compiles of a long rollout
 
 
-def bench_rollout_compiles(ours, tok, max_turns: int, num_tasks: int, num_slots: int) -> dict:
-  cfg = RolloutConfig(num_slots=num_slots, max_turns=max_turns, max_context=8192, max_turn_tokens=64,
+def bench_rollout_compiles(ours, tok, max_turns: int, num_tasks: int, num_slots: int, timed_rerun: bool = True,
+                           **overrides) -> dict:
+  """Programs compiled by a fresh `Sampler` over a batch of long scripted rollouts (config + overrides)."""
+  cfg = RolloutConfig(num_slots=num_slots, max_turns=max_turns, max_context=6144, max_turn_tokens=64,
                       max_images=max_turns + 1, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64,
                       sampling=SamplingParams(temperature=1.0), decode_steps=16, max_forced_tokens=64)
+  cfg = dataclasses.replace(cfg, **overrides)
   rng = np.random.default_rng(3)
   tasks = [Task(Image.fromarray(rng.integers(0, 255, (rng.integers(200, 500), rng.integers(200, 500), 3), np.uint8)),
                 f"question {i}") for i in range(num_tasks)]
@@ -336,9 +342,11 @@ def bench_rollout_compiles(ours, tok, max_turns: int, num_tasks: int, num_slots:
   results = smp.rollout(tasks, policy=policy)
   first_s = time.perf_counter() - t
   after = engine_lib.jit_cache_sizes()
-  t = time.perf_counter()
-  smp.rollout(tasks, policy=policy)
-  second_s = time.perf_counter() - t
+  second_s = None
+  if timed_rerun:
+    t = time.perf_counter()
+    smp.rollout(tasks, policy=policy)
+    second_s = time.perf_counter() - t
   turns = [r.num_turns for r in results]
   return {
       "tasks": num_tasks, "slots": num_slots, "max_turns": max_turns, "turns": turns,
@@ -347,13 +355,14 @@ def bench_rollout_compiles(ours, tok, max_turns: int, num_tasks: int, num_slots:
       "new_jit_entries": {k: after[k] - before[k] for k in after},
       "tokens": int(sum(len(r.token_ids) for r in results)),
       "first_run_s": first_s, "second_run_s": second_s,
+      "overrides": {k: v for k, v in overrides.items()},
   }
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def report(single, multi, comp) -> str:
+def report(single, multi, comps) -> str:
   lines = []
   lines.append(f"Single turn, batch {single['batch']}, prompt {single['prompt_len']} tokens (one image of "
                f"{IMAGE_TOKENS} tokens per row), {single['new_tokens']} new tokens, greedy:")
@@ -386,12 +395,18 @@ def report(single, multi, comp) -> str:
   lines.append("| recompute from scratch (windowed) | " + " | ".join(f"{1000 * x:.0f}" for x in c) +
                f" | {c[-1] / c[0]:.2f} |")
   lines.append("")
-  lines.append(f"Compiled programs, {comp['max_turns']}-turn rollout batch ({comp['tasks']} tasks on {comp['slots']} "
-               f"slots, scripted crops and error turns, turns per task {min(comp['turns'])}..{max(comp['turns'])}, "
-               f"stop reasons {comp['stop_reasons']}): {comp['num_programs']} programs "
-               f"({', '.join('/'.join(map(str, p)) for p in comp['programs'])}); jit cache entries added "
-               f"{comp['new_jit_entries']}. {comp['tokens']} tokens: first run {comp['first_run_s']:.1f} s "
-               f"(with compiles), second run {comp['second_run_s']:.1f} s.")
+  lines.append("Compiled programs (each distinct program + bucketed shape is one compile in a fresh process):")
+  lines.append("")
+  for comp in comps:
+    kinds = collections.Counter(p[0] for p in comp["programs"])
+    setting = ", ".join(f"{k}={v}" for k, v in comp["overrides"].items()) or "RolloutConfig defaults"
+    timing = f"first run {comp['first_run_s']:.0f} s (with compiles)"
+    if comp["second_run_s"] is not None:
+      timing += f", second run {comp['second_run_s']:.0f} s"
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    lines.append(f"- {comp['max_turns']}-turn rollout batch ({comp['tasks']} tasks on {comp['slots']} slots, scripted "
+                 f"crops and error turns, {min(comp['turns'])}..{max(comp['turns'])} turns per task, "
+                 f"{comp['tokens']} tokens), {setting}: **{comp['num_programs']} programs** ({counts}); {timing}.")
   return "\n".join(lines)
 
 
@@ -414,9 +429,14 @@ def main():
   multi = bench_multi_turn(ours, args.turns, args.multi_batch, args.turn_tokens, obs_text=64,
                            text_len=args.prompt_text)
   print(json.dumps(multi, indent=1), flush=True)
-  comp = bench_rollout_compiles(ours, tok, args.rollout_turns, num_tasks=16, num_slots=8)
-  print(json.dumps(comp, indent=1), flush=True)
-  text = report(single, multi, comp)
+  comps = [bench_rollout_compiles(ours, tok, args.rollout_turns, num_tasks=16, num_slots=8)]
+  # The same batch with every shape knob at its coarsest: one prefill window, one image shape.
+  comps.append(bench_rollout_compiles(ours, tok, args.rollout_turns, num_tasks=16, num_slots=8, timed_rerun=False,
+                                      window_min=0, chunk_buckets=(128, 512), patch_buckets=(256,),
+                                      image_row_buckets=(8,)))
+  for c in comps:
+    print(json.dumps({k: v for k, v in c.items() if k != "turns"}), flush=True)
+  text = report(single, multi, comps)
   print()
   print(text)
   if args.write:
