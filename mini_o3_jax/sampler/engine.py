@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Mapping, Sequence
 
 import jax
@@ -47,6 +48,8 @@ from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.decoder import SlotCache
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher
+
+_log = logging.getLogger(__name__)
 
 # Why a slot stopped (StepOutput.reason).
 RUNNING, STOP_TOKEN, STOP_STRING, LENGTH = 0, 1, 2, 3
@@ -454,7 +457,13 @@ class Engine:
     if not rows:
       return None
     counts = [int(np.prod(np.asarray(chunks[s].grids).reshape(-1, 3), -1).sum()) for s in rows]
-    p = bucket(max(counts), self.config.patch_buckets, minimum=16)
+    most = max(counts)
+    buckets = self.config.patch_buckets
+    if buckets and most > max(buckets):
+      # Rare shapes (e.g. a thin crop upscaled past max_pixels) get a power-of-two program of their own.
+      _log.warning("an image of %d patches exceeds patch_buckets %s", most, buckets)
+      buckets = None
+    p = bucket(most, buckets, minimum=16)
     r = min(bucket(len(rows), self.config.image_row_buckets), self.config.num_slots)
     pv = np.zeros((r, p, vcfg.patch_dim), np.float32)
     layouts, slot_of_row = [], np.full((r,), self.config.num_slots, np.int32)
