@@ -29,10 +29,8 @@ Tiers (as VisualProbe's easy / medium / hard):
 Determinism: item `index` of `split` is generated from its own `np.random.default_rng` seeded with
 (config.seed, tier, split, index), so any item can be regenerated alone, on any machine.
 
-`view_size` re-implements Qwen2-VL's `smart_resize` locally (the same arithmetic as
-`mini_o3_jax.processing.image.smart_resize`) and `render_view` crops the way
-`mini_o3_jax.agent.tools.crop` does (floor/ceil pixel box, LANCZOS up to a 28 px side), so this
-module imports neither; a test checks that they agree.
+`view_size` is the image processor's `smart_resize` and `render_view` crops with the crop tool's own
+pixel box and LANCZOS upscale, so what the generator calls legible is what the agent sees.
 """
 
 from __future__ import annotations
@@ -45,6 +43,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mini_o3_jax.agent import tools
+from mini_o3_jax.processing.image import smart_resize
 
 Box = tuple[float, float, float, float]
 PixelBox = tuple[int, int, int, int]
@@ -220,26 +221,6 @@ class SyntheticTask:
 # ----------------------------------------------------------------------------- view geometry
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int,
-                 max_pixels: int) -> tuple[int, int]:
-  """Qwen2-VL's smart_resize: (height, width) multiples of `factor` with area in range."""
-  if height <= 0 or width <= 0:
-    raise ValueError(f"image must have positive sides, got {height}x{width}")
-  if max(height, width) / min(height, width) > 200:
-    raise ValueError(f"aspect ratio above 200: {height}x{width}")
-  h_bar = round(height / factor) * factor
-  w_bar = round(width / factor) * factor
-  if h_bar * w_bar > max_pixels:
-    beta = math.sqrt((height * width) / max_pixels)
-    h_bar = max(factor, math.floor(height / beta / factor) * factor)
-    w_bar = max(factor, math.floor(width / beta / factor) * factor)
-  elif h_bar * w_bar < min_pixels:
-    beta = math.sqrt(min_pixels / (height * width))
-    h_bar = math.ceil(height * beta / factor) * factor
-    w_bar = math.ceil(width * beta / factor) * factor
-  return h_bar, w_bar
-
-
 def view_size(image_size: tuple[int, int], config: SyntheticConfig) -> tuple[int, int]:
   """(width, height) the image processor resizes an image of PIL size `image_size` to."""
   width, height = image_size
@@ -248,17 +229,8 @@ def view_size(image_size: tuple[int, int], config: SyntheticConfig) -> tuple[int
   return w, h
 
 
-def _snap(v: float) -> float:
-  r = round(v)
-  return float(r) if abs(v - r) < 1e-6 else v
-
-
-def pixel_box(box_rel: Sequence[float], image_size: tuple[int, int]) -> PixelBox:
-  """Relative box -> clamped pixel box (floor the start, ceil the end), as the crop tool does."""
-  w, h = image_size
-  x0, y0, x1, y1 = (min(max(float(c), 0.0), 1.0) for c in box_rel)
-  return (math.floor(_snap(x0 * w)), math.floor(_snap(y0 * h)), math.ceil(_snap(x1 * w)),
-          math.ceil(_snap(y1 * h)))
+# The crop tool's own geometry, so views and zoom paths are exactly what the agent gets.
+pixel_box = tools.pixel_box
 
 
 def crop_image(image: Image.Image, box_rel: Sequence[float] | None,
@@ -266,13 +238,7 @@ def crop_image(image: Image.Image, box_rel: Sequence[float] | None,
   """Crops a relative box of full-resolution `image`, LANCZOS-upscaled so no side is < min_side."""
   if box_rel is None:
     return image
-  region = image.crop(pixel_box(box_rel, image.size))
-  w, h = region.size
-  if min(w, h) >= min_side:
-    return region
-  scale = min_side / min(w, h)
-  size = (max(min_side, round(w * scale)), max(min_side, round(h * scale)))
-  return region.resize(size, Image.Resampling.LANCZOS)
+  return tools.upscale_to_min_side(image.crop(pixel_box(box_rel, image.size)), min_side)
 
 
 def render_view(image: Image.Image, box_rel: Sequence[float] | None,

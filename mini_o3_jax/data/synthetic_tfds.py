@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mini_o3_jax.data import synthetic
+from mini_o3_jax.data import tfds_builders
 
 DEFAULT_NUM_TRAIN = 1000
 DEFAULT_NUM_TEST = 300
@@ -76,19 +77,12 @@ def _features() -> tfds.features.FeaturesDict:
   })
 
 
-class SyntheticVisualSearch(tfds.core.GeneratorBasedBuilder):
+class SyntheticVisualSearch(tfds_builders.LocalGeneratorBuilder):
   """Synthetic "read the digit on the <colour> <shape>" visual-search items, one config per tier."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [builder_config(tier) for tier in synthetic.TIERS]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:  # pylint: disable=invalid-overridden-method
-    # TFDS looks up the builder's source file only to find URL checksums; nothing is downloaded
-    # here, and that lookup needs `importlib_resources` (absent) for builders inside a package.
-    return None
 
   def _info(self) -> tfds.core.DatasetInfo:
     # Built directly: `dataset_info_from_configs` looks for package metadata this module lacks.

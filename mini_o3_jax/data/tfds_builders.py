@@ -39,6 +39,17 @@ _HOMEPAGES = {
 }
 
 
+class LocalGeneratorBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder that only reads local files (or generates its data): no download checksums to find."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:  # pylint: disable=invalid-overridden-method
+    # TFDS looks up a builder's source file only to find URL checksums. Nothing is downloaded
+    # here, and the lookup needs `importlib_resources` for builders inside a package.
+    return None
+
+
 @dataclasses.dataclass
 class BenchmarkConfig(tfds.core.BuilderConfig):
   """One benchmark; `option_seed` fixes the multiple-choice option order stored on disk."""
@@ -56,7 +67,7 @@ def storable_image_bytes(data: bytes) -> bytes:
   return out.getvalue()
 
 
-class MiniO3Benchmarks(tfds.core.GeneratorBasedBuilder):
+class MiniO3Benchmarks(LocalGeneratorBuilder):
   """VisualProbe, V* Bench and HR-Bench from a local download (one config each)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -71,13 +82,6 @@ class MiniO3Benchmarks(tfds.core.GeneratorBasedBuilder):
     vstar: craigwu/vstar_bench as <dir>/direct_attributes/, <dir>/relative_position/
     hrbench_4k / hrbench_8k: DreamMr/HR-Bench as <dir>/hr_bench_4k.parquet, hr_bench_8k.parquet
   """
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> None:  # pylint: disable=invalid-overridden-method
-    # TFDS looks up a builder's source file only to find URL checksums. Nothing is downloaded
-    # here, and the lookup needs `importlib_resources` for builders inside a package.
-    return None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

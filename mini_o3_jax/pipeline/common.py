@@ -16,6 +16,7 @@ from mini_o3_jax.data import coldstart, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax.train import sharding as sharding_lib
 
 # Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline).
 QUICK = {
@@ -37,6 +38,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     section, key = dotted.split(".")
     c[section][key] = value
   return c
+
+
+def setup(config, workdir: str):
+  """What every model stage starts from: (resolved config, tokenizer, model config, mesh)."""
+  config = resolve(config)
+  tokenizer = build_tokenizer(config, workdir)
+  return config, tokenizer, model_config(config, tokenizer), sharding_lib.make_mesh((1, -1, 1))
 
 
 def path(workdir: str, *parts: str) -> str:

@@ -21,8 +21,7 @@ from mini_o3_jax.data import synthetic
 from mini_o3_jax.eval import report, turn_scaling
 from mini_o3_jax.model.hf import save_pretrained
 from mini_o3_jax.pipeline import common, rl_stages, train_stages
-from mini_o3_jax.sampler import rollout as rollout_lib
-from mini_o3_jax.train import sharding as sharding_lib
+import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -55,11 +54,8 @@ def _record(traj, o: turn_scaling.Outcome) -> dict:
 
 
 def run_eval(config, workdir: str) -> dict:
-  config = common.resolve(config)
+  config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.eval
-  tokenizer = common.build_tokenizer(config, workdir)
-  mcfg = common.model_config(config, tokenizer)
-  mesh = sharding_lib.make_mesh((1, -1, 1))
   tcfg = common.task_config(config)
   judge = common.judge()
   rows, summary = [], {}
@@ -171,10 +167,7 @@ def run_report(config, workdir: str) -> dict:
 
 
 def run_export(config, workdir: str) -> dict:
-  config = common.resolve(config)
-  tokenizer = common.build_tokenizer(config, workdir)
-  mcfg = common.model_config(config, tokenizer)
-  mesh = sharding_lib.make_mesh((1, -1, 1))
+  config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = next((s for s in ("rl", "sft") if _has_checkpoint(workdir, s)), None)
   if stage is None:
     raise FileNotFoundError("nothing to export: no rl or sft checkpoint in the work directory")

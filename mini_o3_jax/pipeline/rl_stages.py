@@ -20,12 +20,11 @@ from mini_o3_jax.data import synthetic
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.pipeline import train_stages
 from mini_o3_jax.sampler import SamplingParams
-from mini_o3_jax.sampler import rollout as rollout_lib
+import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import rl as rl_lib
-from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -63,22 +62,15 @@ def rl_examples(results, judge) -> tuple[list[dict], dict]:
     ok = traj.final_answer is not None and bool(judge(traj.question, traj.final_answer, traj.gold, None))
     correct.append(ok)
     turns.append(r.num_turns)
-    examples.append({
-        "input_ids": r.token_ids, "loss_mask": r.response_mask, "old_logprobs": r.logprobs,
-        "pixel_values": np.concatenate(r.pixel_values), "image_grid_thw": r.image_grid_thw,
-        "reward": float(ok), "group_id": traj.id, "overturn": bool(r.overturn),
-    })
+    examples.append(batch_lib.example_from_rollout(r, reward=float(ok), group_id=traj.id))
   stats = {"rollout_accuracy": float(np.mean(correct)), "rollout_turns": float(np.mean(turns)),
            "rollout_overturn": float(np.mean([e["overturn"] for e in examples]))}
   return examples, stats
 
 
 def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
-  config = common.resolve(config)
+  config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.rl
-  tokenizer = common.build_tokenizer(config, workdir)
-  mcfg = common.model_config(config, tokenizer)
-  mesh = sharding_lib.make_mesh((1, -1, 1))
   sft_params = train_stages.restore_params(workdir, "sft", config, mcfg, mesh)
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, end_lr_ratio=1.0,
                                  weight_decay=0.0, grad_clip_norm=1.0)

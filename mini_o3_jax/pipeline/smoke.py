@@ -1,7 +1,7 @@
 """The smoke stage: every piece of the model path once, end to end, in seconds on a CPU.
 
 A synthetic visual-search scene -> Qwen2.5-VL image processing -> chat template with the agent prompt
--> a tiny random Qwen2.5-VL forward and a few greedy tokens through the KV cache -> HF export and
+-> a tiny random Qwen2.5-VL forward and a few greedy tokens from the sampler -> HF export and
 reload -> the same logits. Writes `smoke.json` and `hf_export/` in the work directory.
 """
 
@@ -12,45 +12,17 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mini_o3_jax import agent
 from mini_o3_jax.data import synthetic
-from mini_o3_jax.model import Qwen25VL, config as config_lib, prepare_inputs
+from mini_o3_jax.model import Qwen25VL, config as config_lib
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained
 from mini_o3_jax.processing import chat, image as image_lib, tokenizer as tok_lib
+from mini_o3_jax.sampler import generate
 
 log = logging.getLogger(__name__)
-
-
-@nnx.jit
-def _prefill(model: Qwen25VL, inputs, cache):
-  image_embeds = model.encode_images(inputs.pixel_values, inputs.vision)
-  return model.forward_cached(inputs.input_ids, inputs.positions, cache, inputs.attention_mask, image_embeds)
-
-
-@nnx.jit
-def _decode(model: Qwen25VL, ids, positions, cache):
-  return model.forward_cached(ids, positions, cache)
-
-
-def _greedy(model: Qwen25VL, inputs, steps: int) -> list[int]:
-  """Greedy continuation of one prompt through the KV cache (prefill once, then one token a step)."""
-  t = inputs.input_ids.shape[1]
-  cache = model.init_cache(batch=1, max_len=t + steps)
-  logits, cache = _prefill(model, inputs, cache)
-  next_pos = int(inputs.positions.max()) + 1
-  out = []
-  for _ in range(steps):
-    token = int(jnp.argmax(logits[0, -1]))
-    out.append(token)
-    ids = jnp.full((1, 1), token, jnp.int32)
-    pos = jnp.full((3, 1, 1), next_pos, jnp.int32)
-    logits, cache = _decode(model, ids, pos, cache)
-    next_pos += 1
-  return out
 
 
 def run_smoke(config, workdir: str) -> dict:
@@ -68,8 +40,8 @@ def run_smoke(config, workdir: str) -> dict:
   tokens = chat.tokenize_conversation(tokenizer, messages, [grid], add_generation_prompt=True)
   input_ids = tokens["input_ids"][None]
   logits = np.asarray(model(input_ids, pixel_values, grid[None]))
-  inputs, _ = prepare_inputs(model_cfg, input_ids, None, pixel_values, grid[None])
-  generated = _greedy(model, inputs, config.new_tokens)
+  out = generate(model, input_ids, None, pixel_values, grid[None], max_new_tokens=config.new_tokens)
+  generated = out.tokens[0, :out.lengths[0]].tolist()
 
   export = os.path.join(workdir, "hf_export")
   save_pretrained(model, model_cfg, export)

@@ -13,7 +13,6 @@ import logging
 import os
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
@@ -68,27 +67,21 @@ def make_state(config, mcfg, optimizer_config, mesh, *, seed: int, params=None):
 def restore_params(workdir: str, stage: str, config, mcfg, mesh):
   """The parameters of a finished stage's latest checkpoint, sharded for `mesh` (optimizer state skipped)."""
   directory = os.path.join(workdir, "ckpt", stage)
-  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step() if os.path.isdir(directory) else None
-  if step is None:
+  if not os.path.isdir(directory):
     raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {directory}: run it first")
   _, abstract = state_lib.abstract_model(mcfg)
   shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract),
                         shardings)
-  item = {"params": target}
-  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-  manager.close()
-  return out["state"]["params"]
+  with ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(directory, async_save=False)) as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {directory}: run it first")
+    return ckpt.restore_params(target)
 
 
 def run_sft(config, workdir: str) -> dict:
-  config = common.resolve(config)
+  config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.sft
-  tokenizer = common.build_tokenizer(config, workdir)
-  mcfg = common.model_config(config, tokenizer)
-  mesh = sharding_lib.make_mesh((1, -1, 1))
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
                                  end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0)
   state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed)
