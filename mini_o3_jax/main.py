@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mini_o3_jax.pipeline import STAGES
+from mini_o3_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                           lock_config=True)
@@ -24,13 +25,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _setup_logging(workdir: str) -> None:
+def _setup_logging(workdir: str, process_index: int = 0) -> None:
   """absl already logs to stderr; add a plain-text copy in the work directory.
 
   Library chatter (Orbax's per-save INFO lines go through absl, JAX's backend probing) is kept to
   warnings so the stage logs stay readable.
   """
-  handler = logging.FileHandler(os.path.join(workdir, "log.txt"))
+  # One file per process: on a multi-host slice the work directory is shared.
+  handler = logging.FileHandler(os.path.join(workdir, "log.txt" if process_index == 0 else f"log.{process_index}.txt"))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
   root = logging.getLogger()
   root.setLevel(logging.INFO)
@@ -51,12 +53,19 @@ def _setup_compile_cache() -> None:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
+  if "://" in _WORKDIR.value:
+    raise app.UsageError(f"--workdir {_WORKDIR.value}: the stages write through the file system; mount the "
+                         "bucket (gcsfuse, as tpu/tpu.sh does) and pass the mounted path")
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  _setup_logging(workdir)
+  # Before anything touches a backend: joins the other workers on a multi-host TPU slice (or the
+  # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID env settings); a no-op on one host.
+  distributed.maybe_initialize()
+  _setup_logging(workdir, distributed.process_index())
   _setup_compile_cache()
   log = logging.getLogger("mini_o3_jax")
-  stages = list(config.stages)
+  # `--config.stages=sft,rl` arrives as the one-element tuple ('sft,rl',).
+  stages = [s.strip() for entry in config.stages for s in str(entry).split(",") if s.strip()]
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise app.UsageError(f"unknown stage(s) {unknown}; known: {sorted(STAGES)}")

@@ -78,3 +78,46 @@ def test_drop_long_filters_instead_of_raising(setup):
   kept = [e for b in pipeline.batches(ds, 2, list, seed=0, repeat=False, shuffle=False, drop_remainder=False)
           for e in b]
   assert len(kept) == sum(n <= limit for n in lengths) and 0 < len(kept) < len(trajs)
+
+
+def test_example_length_equals_the_tokenized_length(setup):
+  trajs, tok, cfg = setup
+  for t in trajs:
+    assert pipeline.example_length(t, tok, cfg) == len(pipeline.trajectory_example(t, tok, cfg)["input_ids"])
+
+
+def test_length_grouped_order_is_a_permutation_of_similar_length_batches():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(50, 800, size=203)
+  order = pipeline.length_grouped_order(lengths, 8, seed=3, epoch=0, window_batches=5)
+  assert len(order) == 200 and len(set(order.tolist())) == 200  # each example at most once; tail dropped
+  spread = np.ptp(lengths[order].reshape(-1, 8), axis=1).mean()
+  random_spread = np.ptp(lengths[rng.permutation(200)].reshape(-1, 8), axis=1).mean()
+  assert spread < random_spread / 3
+  assert not np.array_equal(order, pipeline.length_grouped_order(lengths, 8, seed=3, epoch=1, window_batches=5))
+  np.testing.assert_array_equal(order, pipeline.length_grouped_order(lengths, 8, seed=3, epoch=0, window_batches=5))
+
+
+def test_length_grouped_batches_resume_and_split_global_batches_between_hosts(setup):
+  trajs, tok, cfg = setup
+  trajs = trajs * 2  # 20 examples
+  ds = pipeline.examples_dataset(trajs, tok, cfg)
+  lengths = [pipeline.example_length(t, tok, cfg) for t in trajs]
+  lens_of = lambda batch: [len(e["input_ids"]) for e in batch]
+
+  it = pipeline.length_grouped_batches(ds, lengths, 4, list, seed=1)
+  next(it), next(it)
+  state = it.get_state()
+  rest = [lens_of(next(it)) for _ in range(6)]  # runs past the end of the first epoch
+  resumed = pipeline.length_grouped_batches(ds, lengths, 4, list, seed=1)
+  resumed.set_state(state)
+  assert [lens_of(next(resumed)) for _ in range(6)] == rest
+
+  # Two hosts of 2 rows each read exactly the rows of the one-host global batch of 4.
+  one = pipeline.length_grouped_batches(ds, lengths, 4, list, seed=1)
+  hosts = [pipeline.length_grouped_batches(ds, lengths, 2, list, seed=1, process_index=i, process_count=2)
+           for i in range(2)]
+  for _ in range(5):
+    assert lens_of(next(one)) == lens_of(next(hosts[0])) + lens_of(next(hosts[1]))
+  with pytest.raises(ValueError, match="lengths for"):
+    pipeline.length_grouped_batches(ds, lengths[:-1], 4, list, seed=1)

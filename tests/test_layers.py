@@ -27,6 +27,18 @@ def test_grouped_attention_matches_numpy():
   np.testing.assert_allclose(np.asarray(got), _np_attention(q, k, v, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize("seq,block", [(64, 16), (48, 16), (40, 16), (16, 16)])
+def test_causal_attention_equals_dense_causal_mask(seq, block):
+  # 64 and 48: the block-skipping path; 40 (not a multiple) and 16 (one block): the dense fallback.
+  rng = np.random.default_rng(seq)
+  q, k, v = rng.normal(size=(3, seq, 4, 8)), rng.normal(size=(3, seq, 2, 8)), rng.normal(size=(3, seq, 2, 8))
+  valid = np.arange(seq)[None] < np.array([seq, seq - 5, 7])[:, None]
+  mask = np.tril(np.ones((seq, seq), bool))[None] & valid[:, None, :]
+  got = layers.causal_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), jnp.asarray(valid), block)
+  # Rows of padding queries see only valid keys either way; compare the real query rows.
+  np.testing.assert_allclose(np.asarray(got)[valid], _np_attention(q, k, v, mask)[valid], atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_local_segment_attention_equals_dense_segment_mask(seed):
   rng = np.random.default_rng(seed)

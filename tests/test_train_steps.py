@@ -312,6 +312,14 @@ def test_collate_matches_prepare_row_inputs_and_buckets(env):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match="exceeds the largest bucket"):
     batch_lib.collate_sft(examples, cfg, batch_lib.BatchConfig(4, length_buckets=(16,)))
+  # Patches padded to the sequence bucket: one shape per length bucket; too many patches fall back.
+  follow = batch_lib.collate_sft(examples, cfg, batch_lib.BatchConfig(
+      4, length_buckets=(48, 96), patch_buckets=(16, 32, 64), patches_follow_length=True))
+  assert follow.inputs.pixel_values.shape == (4, 48, cfg.vision.patch_dim)
+  np.testing.assert_array_equal(follow.inputs.pixel_values[:, :32], host.inputs.pixel_values)
+  many = batch_lib.random_examples(cfg, 2, seq_len=20, images_per_row=2, grid=(1, 4, 4), seed=6)
+  assert batch_lib.collate_sft(many, cfg, batch_lib.BatchConfig(
+      4, length_buckets=(24,), patch_buckets=(64,), patches_follow_length=True)).inputs.pixel_values.shape[1] == 64
 
 
 def test_collate_rl_groups_and_padding(env):

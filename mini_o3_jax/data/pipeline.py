@@ -7,11 +7,13 @@ batched by `collate` (length / patch buckets) -> a checkpointable iterator (`get
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
+import PIL.Image
 
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.processing import chat
@@ -70,8 +72,86 @@ def examples_dataset(trajectories: Sequence[Trajectory], tokenizer, config: Exam
         return None
       raise
 
-  ds = grain.MapDataset.source(list(trajectories)).map(example)
+  # A Sequence (e.g. a lazily decoded release) is read on access; anything else is listed first.
+  source = trajectories if isinstance(trajectories, collections.abc.Sequence) else list(trajectories)
+  ds = grain.MapDataset.source(source).map(example)
   return ds.filter(lambda e: e is not None) if drop_long else ds
+
+
+def example_length(traj: Trajectory, tokenizer, config: ExampleConfig) -> int:
+  """`len(trajectory_example(traj)["input_ids"])` without preprocessing any pixels (grids from sizes)."""
+  grids = []
+  for im in traj.images:
+    if isinstance(im, str):
+      with PIL.Image.open(im) as f:  # reads the header only
+        size = f.size
+    else:
+      size = im.size
+    height, width = image_lib.smart_resize(size[1], size[0], config.patch_size * config.merge_size,
+                                           config.min_pixels, config.max_pixels)
+    grids.append((1, height // config.patch_size, width // config.patch_size))
+  enc = chat.tokenize_conversation(tokenizer, traj.to_messages(), grids, config.merge_size,
+                                   add_default_system=config.add_default_system)
+  return len(enc["input_ids"])
+
+
+def length_grouped_order(lengths: Sequence[int], global_batch: int, seed: int, epoch: int,
+                         window_batches: int = 16) -> np.ndarray:
+  """One epoch's example order in which each run of `global_batch` indices has similar lengths.
+
+  Shuffle (seeded per epoch), sort each window of `window_batches` batches by length, cut it into
+  batches, shuffle the batches. Batches then pad to a bucket near their own length instead of the
+  longest example of the data set, while every example is still seen once per epoch in random
+  company. The tail that does not fill a batch is dropped (it is seen in other epochs).
+  """
+  lengths = np.asarray(lengths)
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  window = global_batch * window_batches
+  groups = []
+  for start in range(0, len(order), window):
+    chunk = order[start:start + window]
+    chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+    groups += [chunk[i:i + global_batch] for i in range(0, len(chunk) - global_batch + 1, global_batch)]
+  if not groups:
+    raise ValueError(f"{len(lengths)} examples do not fill one batch of {global_batch}")
+  return np.concatenate([groups[i] for i in rng.permutation(len(groups))])
+
+
+class _GroupedIndices(collections.abc.Sequence):
+  """Random access to `length_grouped_order` epoch after epoch, this host's rows of each batch only."""
+
+  def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, process_index: int,
+               process_count: int, epochs: int):
+    self._lengths, self._batch, self._seed = np.asarray(lengths), batch_size, seed
+    self._host, self._hosts = process_index, process_count
+    self._per_epoch = len(length_grouped_order(lengths, batch_size * process_count, seed, 0)) // process_count
+    self._epochs, self._cached = epochs, (None, None)
+
+  def __len__(self) -> int:
+    return self._per_epoch * self._epochs
+
+  def __getitem__(self, j: int) -> int:
+    epoch, local = divmod(int(j), self._per_epoch)
+    if self._cached[0] != epoch:
+      self._cached = (epoch, length_grouped_order(self._lengths, self._batch * self._hosts, self._seed, epoch))
+    step, row = divmod(local, self._batch)
+    return int(self._cached[1][(step * self._hosts + self._host) * self._batch + row])
+
+
+def length_grouped_batches(dataset: grain.MapDataset, lengths: Sequence[int], batch_size: int,
+                           collate: Callable[[Sequence[dict]], Any], *, seed: int, process_index: int = 0,
+                           process_count: int = 1, epochs: int = 100_000) -> grain.DatasetIterator:
+  """Like `batches` (shuffled, repeated, per-host, checkpointable), with length-grouped batches.
+
+  `lengths[i]` is the token count of `dataset[i]` (see `example_length`); every host takes its own
+  `batch_size` rows of each global batch.
+  """
+  if len(lengths) != len(dataset):
+    raise ValueError(f"{len(lengths)} lengths for {len(dataset)} examples")
+  order = _GroupedIndices(lengths, batch_size, seed, process_index, process_count, epochs)
+  ds = grain.MapDataset.source(order).map(lambda i: dataset[i])
+  return iter(ds.to_iter_dataset().batch(batch_size, drop_remainder=True, batch_fn=collate))
 
 
 def batches(dataset: grain.MapDataset, batch_size: int, collate: Callable[[Sequence[dict]], Any], *, seed: int,

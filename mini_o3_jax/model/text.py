@@ -60,7 +60,10 @@ class DecoderLayer(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
 
   def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-    """x [batch, chunk, dim]; cos/sin [batch, chunk, head_dim]; mask bool [batch, chunk, keys].
+    """x [batch, chunk, dim]; cos/sin [batch, chunk, head_dim].
+
+    mask: bool [batch, chunk, keys] with a cache; without one, the keys' validity bool [batch, chunk]
+    (attention is causal within the chunk).
 
     kv: this layer's (k, v) cache [batch, max_len, kv_heads, head_dim] or None; write_index int [batch].
     Returns the new x and the updated (k, v) (or None).
@@ -76,7 +79,10 @@ class DecoderLayer(nnx.Module):
       k = write(kv[0], k.astype(kv[0].dtype), write_index)
       v = write(kv[1], v.astype(kv[1].dtype), write_index)
       kv = (k, v)
-    attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    if kv is None:
+      attn = layers.causal_attention(q, k, v, mask)
+    else:
+      attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     x = x + self.o_proj(attn.reshape(b, t, -1))
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
@@ -108,8 +114,7 @@ class TextModel(nnx.Module):
     cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     token_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if cache is None:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      mask = causal[None] & token_valid[:, None, :]
+      mask = token_valid  # causal within the chunk: `layers.causal_attention`
       xs, write_index = None, None
     else:
       write_index = cache.length

@@ -78,11 +78,15 @@ class BatchConfig:
     length_buckets: allowed padded sequence lengths (ascending).
     patch_buckets: allowed padded patches per row (ascending; multiples of the merge unit, 4).
     pad_token_id: the id written at padding positions (never attended to, never a target); None = 0.
+    patches_follow_length: pad patches per row to the sequence bucket when they fit in it (a multiple
+      of the merge unit), so each length bucket compiles one shape instead of one per patch bucket.
+      Suits data whose images are small next to their text (patches per row <= tokens per row).
   """
   batch_size: int
   length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
   patch_buckets: tuple[int, ...] = (64, 256, 1024, 4096, 16384, 65536)
   pad_token_id: int | None = 0
+  patches_follow_length: bool = False
 
 
 def bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -154,6 +158,9 @@ def _collate_common(examples: Sequence[Example], model_config: Qwen25VLConfig, b
   seq = seq_len or bucket(need_seq, batch_config.length_buckets, "sequence length")
   if seq < need_seq:
     raise ValueError(f"seq_len={seq} is shorter than the longest example ({need_seq} tokens)")
+  if (num_patches is None and need_patches and batch_config.patches_follow_length and need_patches <= seq
+      and seq % model_config.vision.merge_unit == 0):
+    num_patches = seq
   if num_patches is None and need_patches:
     num_patches = bucket(need_patches, batch_config.patch_buckets, "patches per row")
   if num_patches is not None and num_patches < need_patches:
