@@ -28,8 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
       max_tokens=768))  # longer trajectories (rare 10-turn searches) are dropped
 
   c.sft = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=16, lr=2e-3, warmup_steps=40, end_lr_ratio=0.05, weight_decay=0.01,
-      length_buckets=(384, 768), checkpoint_every=100, log_every=20))
+      steps=150, batch_size=16, lr=2e-3, warmup_steps=15, end_lr_ratio=0.05, weight_decay=0.01,
+      group_by_length=True, length_buckets=(128, 256, 384, 512, 768), patch_buckets=(128, 256, 512, 768),
+      checkpoint_every=50, log_every=10))
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=60, prompts_per_step=8, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,

@@ -270,6 +270,11 @@ class ColdStartRelease(collections.abc.Sequence):
   def __len__(self) -> int:
     return len(self._rows)
 
+  def messages(self, index: int) -> tuple[str, list[dict[str, Any]]]:
+    """(id, messages) of row `index` without decoding its images."""
+    row = self._rows[index]
+    return row.id, [{"role": m["role"], "content": [dict(p) for p in m["content"]]} for m in row.messages]
+
   def __getitem__(self, index: int) -> ColdStartTrajectory:  # type: ignore[override]
     if not isinstance(index, int):
       raise TypeError(f"index must be an int, got {type(index).__name__}")

@@ -14,6 +14,7 @@ from mini_o3_jax import agent
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.data import coldstart, synthetic
 from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.pipeline import sources
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.train import sharding as sharding_lib
@@ -44,7 +45,13 @@ def setup(config, workdir: str):
   """What every model stage starts from: (resolved config, tokenizer, model config, mesh)."""
   config = resolve(config)
   tokenizer = build_tokenizer(config, workdir)
-  return config, tokenizer, model_config(config, tokenizer), sharding_lib.make_mesh((1, -1, 1))
+  mesh = sharding_lib.make_mesh(tuple(config.get("mesh") or (1, -1, 1)))
+  return config, tokenizer, model_config(config, tokenizer), mesh
+
+
+def sampler_mesh(config, mesh):
+  """The mesh the sampler shards its slots over: the run's, when the config names one (else one device)."""
+  return mesh if config.get("mesh") else None
 
 
 def path(workdir: str, *parts: str) -> str:
@@ -66,11 +73,14 @@ PHRASES = (prompts.INSTRUCTIONS, "\n\nQuestion: ", prompts.ERROR_SUFFIX, prompts
            "the original image or any observation by outputting <grounding> and </grounding> as before. If "
            "the final answer is confirmed, put it inside <answer> and </answer>.",
            "You are a helpful assistant.",
-           # The scripted explorer's fixed wording and the tool-call JSON around the numbers.
-           "I need the digit on the ", ". There is a ", ". I look at its region first.",
+           # The scripted explorer's fixed wording and the tool-call JSON around the numbers. A phrase
+           # never swallows the space before a colour, shape or digit: the thought then names the target
+           # with the same tokens as the question (" yellow"), so the model learns to copy a token rather
+           # than to map " yellow" to "yellow".
+           "I need the digit on the", ". There is a", ". I look at its region first.",
            ". Its digit is too small to read here, so I zoom in on it.",
-           " is here but its digit is still too small, so I zoom in further.", "This is a ", " with the digit ",
-           ", not the ", ". I go back to the original image and look elsewhere. ", "The digit on the ",
+           " is here but its digit is still too small, so I zoom in further.", "This is a", " with the digit",
+           ", not the", ". I go back to the original image and look elsewhere. ", "The digit on the",
            '<grounding>{"bbox_2d": [', '], "source": "original_image"}</grounding>', '], "source": "observation_',
            '"}</grounding>', "I answer from the image.", ", 0.", "0.", ", 1.00", "1.00")
 
@@ -83,7 +93,12 @@ def _message_text(message: dict) -> str:
 
 
 def build_tokenizer(config, workdir: str):
-  """The demo's small BPE (special tokens first, protocol phrases as single tokens), saved in workdir."""
+  """The demo's small BPE (special tokens first, protocol phrases as single tokens), saved in workdir.
+
+  With `config.tokenizer.kind = "qwen"`, the real Qwen2.5 tokenizer instead (built offline, not saved).
+  """
+  if config.tokenizer.get("kind", "small") == "qwen":
+    return tok_lib.build_qwen_tokenizer()
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
     return tok_lib.load_tokenizer(out)
@@ -100,6 +115,8 @@ def build_tokenizer(config, workdir: str):
 
 def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
   ids = tok_lib.special_token_ids(tokenizer)
+  if config.model.get("preset") or config.model.get("init_from"):
+    return sources.model_config(config, len(tokenizer), ids)
   m = config.model
   half = m.hidden_size // m.num_heads // 2
   # Qwen's (16, 24, 24) split of the rotary half: a quarter temporal, the rest height / width.

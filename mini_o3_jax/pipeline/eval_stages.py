@@ -17,10 +17,10 @@ import os
 
 from flax import nnx
 
+from mini_o3_jax import export as export_lib
 from mini_o3_jax.data import synthetic
 from mini_o3_jax.eval import report, turn_scaling
-from mini_o3_jax.model.hf import save_pretrained
-from mini_o3_jax.pipeline import common, rl_stages, train_stages
+from mini_o3_jax.pipeline import common, rl_stages, sources, train_stages
 import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import state as state_lib
 
@@ -36,8 +36,12 @@ def _answer_at_once(task_index: int, traj) -> str | None:
   return DIRECT_ANSWER if traj.num_turns == 0 else None
 
 
-def _load_model(workdir: str, stage: str, config, mcfg, mesh):
-  params = train_stages.restore_params(workdir, stage, config, mcfg, mesh)
+def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
+  """A stage's checkpoint in the work directory, or (stage None) the model of `config.model.init_from`."""
+  if stage is None:
+    params = sources.init_params(config, mcfg, mesh)
+  else:
+    params = train_stages.restore_params(workdir, stage, config, mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   return nnx.merge(graphdef, params)
 
@@ -45,6 +49,31 @@ def _load_model(workdir: str, stage: str, config, mcfg, mesh):
 def _has_checkpoint(workdir: str, stage: str) -> bool:
   d = os.path.join(workdir, "ckpt", stage)
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+
+
+def _eval_models(config) -> list[tuple[str, str | None, bool]]:
+  """(report name, checkpoint stage or None for `config.model.init_from`, answers at once?)."""
+  if config.model.get("init_from"):
+    return [(config.eval.get("model_name", "model"), None, False)]
+  return [(name, stage, at_once) for name, (stage, at_once) in MODELS.items()]
+
+
+def _eval_sets(config, tcfg):
+  """(label, iterator of (task offset, tasks)): the synthetic test tiers, or `config.eval.benchmarks`."""
+  c = config.eval
+  if not c.get("benchmarks"):
+    for tier in c.tiers:
+      yield tier, iter([(0, [rollout_lib.Task(image=t.image, question=t.question, gold=t.answer, id=t.id)
+                             for t in synthetic.generate_split(tier, "test", c.n_per_tier, tcfg)])])
+    return
+  for entry in c.benchmarks:
+    yield entry, sources.eval_chunks(config, entry, c.get("chunk", 64))
+
+
+def _without_images(traj):
+  """The trajectory with its images replaced by stubs (scoring needs only the turns)."""
+  return dataclasses.replace(traj, images=[f"<image {i}>" for i in range(len(traj.images))],
+                             metadata=dict(traj.metadata))
 
 
 def _record(traj, o: turn_scaling.Outcome) -> dict:
@@ -56,35 +85,46 @@ def _record(traj, o: turn_scaling.Outcome) -> dict:
 def run_eval(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.eval
-  tcfg = common.task_config(config)
+  tcfg = None if c.get("benchmarks") else common.task_config(config)
   judge = common.judge()
   rows, summary = [], {}
-  for name, (stage, at_once) in MODELS.items():
-    if not _has_checkpoint(workdir, stage):
+  for name, stage, at_once in _eval_models(config):
+    if stage is not None and not _has_checkpoint(workdir, stage):
       log.warning("eval: no %s checkpoint, skipping model %s", stage, name)
       continue
     model = _load_model(workdir, stage, config, mcfg, mesh)
     budgets = (1,) if at_once else tuple(c.budgets)
     sampler = rollout_lib.Sampler(model, tokenizer, rl_stages.rollout_config(
-        config, c, num_slots=c.num_slots, max_turns=max(budgets)))
-    for tier in c.tiers:
-      tasks = [rollout_lib.Task(image=t.image, question=t.question, gold=t.answer, id=t.id)
-               for t in synthetic.generate_split(tier, "test", c.n_per_tier, tcfg)]
-      results = sampler.rollout(tasks, seed=config.seed + 7, policy=_answer_at_once if at_once else None)
-      trajs = [r.trajectory for r in results]
+        config, c, num_slots=c.num_slots, max_turns=max(budgets)), mesh=common.sampler_mesh(config, mesh))
+    for tier, chunks in _eval_sets(config, tcfg):
+      file = tier.replace("/", "_")
+      trajs = []
+      for offset, tasks in chunks:
+        results = sampler.rollout(tasks, seed=config.seed + 7, policy=_answer_at_once if at_once else None,
+                                  key_ids=range(offset, offset + len(tasks)))
+        if not trajs:
+          for k, r in enumerate(results[:c.viewer_examples]):
+            report.render_trajectory(r.trajectory).save(common.path(workdir, "eval", name, f"{file}_{k}.png"))
+        trajs += [_without_images(r.trajectory) for r in results]
       tier_rows = turn_scaling.turn_scaling_rows(name, tier, trajs, budgets, judge)
       rows += [r.as_dict() for r in tier_rows]
       top = tier_rows[-1]
       summary[f"{name}/{tier}"] = round(top.accuracy, 3)
       log.info("eval %s/%s: %s", name, tier, ", ".join(f"{r.max_turns}t {100 * r.accuracy:.1f}%" for r in tier_rows))
-      with open(common.path(workdir, "eval", name, f"{tier}.jsonl"), "w") as f:
+      with open(common.path(workdir, "eval", name, f"{file}.jsonl"), "w") as f:
         for t in trajs:
           f.write(json.dumps(_record(t, turn_scaling.outcome(t, judge))) + "\n")
-      for k, t in enumerate(trajs[:c.viewer_examples]):
-        report.render_trajectory(t).save(common.path(workdir, "eval", name, f"{tier}_{k}.png"))
-  settings = {"temperature": c.temperature, "samples_per_task": 1, "view_pixels": config.view_pixels,
-              "max_context": c.max_context, "judge": "rule (exact match of the digit)", "split": "test",
-              "train_turn_limit": config.rl.max_turns, "budgets": list(c.budgets)}
+  if c.get("benchmarks"):
+    min_pixels, max_pixels = sources.pixel_budget(config)
+    settings = {"temperature": c.temperature, "samples_per_task": dict(c.get("samples_per_task") or {}),
+                "min_pixels": min_pixels, "max_pixels": max_pixels, "max_context": c.max_context,
+                "max_turn_tokens": c.max_turn_tokens, "judge": "rule (normalised exact match; option letter)",
+                "option_seed": c.get("option_seed", 0), "benchmarks": list(c.benchmarks),
+                "budgets": list(c.budgets), "model": config.model.get("init_from") or workdir}
+  else:
+    settings = {"temperature": c.temperature, "samples_per_task": 1, "view_pixels": config.view_pixels,
+                "max_context": c.max_context, "judge": "rule (exact match of the digit)", "split": "test",
+                "train_turn_limit": config.rl.max_turns, "budgets": list(c.budgets)}
   report.write_metrics(os.path.join(workdir, "metrics.json"), rows, settings=settings)
   return summary
 
@@ -173,6 +213,7 @@ def run_export(config, workdir: str) -> dict:
     raise FileNotFoundError("nothing to export: no rl or sft checkpoint in the work directory")
   model = _load_model(workdir, stage, config, mcfg, mesh)
   out = os.path.join(workdir, "hf_export")
-  save_pretrained(model, mcfg, out)
-  tokenizer.save_pretrained(out)
+  # The whole HF directory (weights, tokenizer, chat template, processor and generation configs).
+  min_pixels, max_pixels = sources.pixel_budget(config)
+  export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
   return {"exported": stage, "path": out}

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mini_o3_jax.data import synthetic
-from mini_o3_jax.pipeline import common
+from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.pipeline import train_stages
 from mini_o3_jax.sampler import SamplingParams
 import mini_o3_jax.sampler.rollout as rollout_lib
@@ -35,6 +35,8 @@ RL_INDEX_OFFSET = 1_000_000
 
 def rl_tasks(config, step: int) -> list[rollout_lib.Task]:
   """The prompts of RL step `step`, each repeated group_size times (its GRPO group)."""
+  if not sources.is_synthetic(config.rl):
+    return sources.rl_tasks(config, step)
   c = config.rl
   tcfg = common.task_config(config)
   tasks = []
@@ -47,11 +49,14 @@ def rl_tasks(config, step: int) -> list[rollout_lib.Task]:
 
 
 def rollout_config(config, section, *, num_slots: int, max_turns: int) -> rollout_lib.RolloutConfig:
+  min_pixels, max_pixels = sources.pixel_budget(config)
   return rollout_lib.RolloutConfig(
       num_slots=num_slots, max_turns=max_turns, max_context=section.max_context,
-      max_turn_tokens=section.max_turn_tokens, max_images=max_turns + 1, min_pixels=config.view_pixels,
-      max_pixels=config.view_pixels, sampling=SamplingParams(temperature=section.temperature),
-      chunk_buckets=(32, 64, 128), patch_buckets=(64,), decode_steps=8, max_forced_tokens=32)
+      max_turn_tokens=section.max_turn_tokens, max_images=section.get("max_images", max_turns + 1),
+      min_pixels=min_pixels, max_pixels=max_pixels, sampling=SamplingParams(temperature=section.temperature),
+      chunk_buckets=tuple(section.get("chunk_buckets", (32, 64, 128))),
+      patch_buckets=tuple(section.get("patch_buckets_per_image", (64,))) or None,
+      decode_steps=section.get("decode_steps", 8), max_forced_tokens=32)
 
 
 def rl_examples(results, judge) -> tuple[list[dict], dict]:
@@ -71,20 +76,28 @@ def rl_examples(results, judge) -> tuple[list[dict], dict]:
 def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.rl
-  sft_params = train_stages.restore_params(workdir, "sft", config, mcfg, mesh)
+  if config.model.get("init_from"):  # a model from elsewhere (not needed when resuming)
+    sft_params = None if sources.has_checkpoint(workdir, name) else sources.init_params(config, mcfg, mesh)
+  else:
+    sft_params = train_stages.restore_params(workdir, "sft", config, mcfg, mesh)
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, end_lr_ratio=1.0,
                                  weight_decay=0.0, grad_clip_norm=1.0)
   state, shardings, tx = train_stages.make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=sft_params)
   # The sampler's behaviour log-probs are log_softmax(logits / T): the step must use the same T.
   rl_cfg = rl_lib.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=overturn_masking,
-                           exclude_masked_from_stats=c.exclude_masked_from_stats, temperature=c.temperature)
+                           exclude_masked_from_stats=c.exclude_masked_from_stats, temperature=c.temperature,
+                           grad_accum_steps=c.get("grad_accum_steps", 1), logits_chunk=c.get("logits_chunk"),
+                           train_vision=c.get("train_vision", True))
   step_fn = rl_lib.make_rl_step(rl_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
   batch_size = c.prompts_per_step * c.group_size
   batch_cfg = batch_lib.BatchConfig(batch_size=batch_size, length_buckets=tuple(c.length_buckets),
-                                    patch_buckets=(64 * (c.max_turns + 1),), pad_token_id=mcfg.text.pad_token_id)
+                                    patch_buckets=tuple(c.get("patch_buckets", (64 * (c.max_turns + 1),))),
+                                    patches_follow_length=c.get("patches_follow_length", False),
+                                    pad_token_id=mcfg.text.pad_token_id)
   collate = functools.partial(batch_lib.collate_rl, model_config=mcfg, batch_config=batch_cfg)
   sampler = rollout_lib.Sampler(state.model(), tokenizer,
-                                rollout_config(config, c, num_slots=batch_size, max_turns=c.max_turns))
+                                rollout_config(config, c, num_slots=c.get("num_slots") or batch_size,
+                                               max_turns=c.max_turns), mesh=common.sampler_mesh(config, mesh))
   judge = common.judge()
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", name),

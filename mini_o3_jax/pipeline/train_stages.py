@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+from typing import Sequence
 
 import jax
 from flax import nnx
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from mini_o3_jax.data import coldstart, pipeline, synthetic
 from mini_o3_jax.eval import report
-from mini_o3_jax.pipeline import common
+from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
@@ -29,8 +30,13 @@ from mini_o3_jax.train import state as state_lib
 log = logging.getLogger(__name__)
 
 
-def coldstart_trajectories(config) -> list:
-  """The scripted cold-start set; every image replaced by the view the model sees (saves memory)."""
+def coldstart_trajectories(config) -> Sequence:
+  """The scripted cold-start set; every image replaced by the view the model sees (saves memory).
+
+  With `config.data.source = "coldstart"`, the released trajectories instead (images decoded on access).
+  """
+  if not sources.is_synthetic(config.data):
+    return sources.sft_trajectories(config)
   tcfg = common.task_config(config)
   out = []
   for tier, n in config.data.sft_tasks.items():
@@ -84,20 +90,34 @@ def run_sft(config, workdir: str) -> dict:
   c = config.sft
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
                                  end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0)
-  state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed)
-  step_fn = sft_lib.make_sft_step(sft_lib.SFTConfig(), tx, mesh, shardings,
-                                  learning_rate_fn=opt_lib.make_schedule(ocfg))
+  init = None if sources.has_checkpoint(workdir, "sft") else sources.init_params(config, mcfg, mesh)
+  state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=init)
+  sft_cfg = sft_lib.SFTConfig(grad_accum_steps=c.get("grad_accum_steps", 1), logits_chunk=c.get("logits_chunk"),
+                              train_vision=c.get("train_vision", True))
+  step_fn = sft_lib.make_sft_step(sft_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
   log.info("SFT: %d parameters, %d steps of %d trajectories", state_lib.count_params(state.params), c.steps,
            c.batch_size)
 
   trajs = coldstart_trajectories(config)
-  example_cfg = pipeline.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels,
-                                       max_tokens=config.data.max_tokens)
-  dataset = pipeline.examples_dataset(trajs, tokenizer, example_cfg, drop_long=True)
+  min_pixels, max_pixels = sources.pixel_budget(config)
+  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens)
+  lengths = None
+  if c.get("group_by_length", False):
+    # Batches of similar lengths pad to small buckets: attention and logits cost follow the padding.
+    lengths = [pipeline.example_length(t, tokenizer, example_cfg) for t in trajs]
+    keep = [i for i, n in enumerate(lengths) if n <= example_cfg.max_tokens]
+    log.info("SFT: %d of %d trajectories within %d tokens", len(keep), len(trajs), example_cfg.max_tokens)
+    trajs, lengths = [trajs[i] for i in keep], [lengths[i] for i in keep]
+  dataset = pipeline.examples_dataset(trajs, tokenizer, example_cfg, drop_long=lengths is None)
   batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
-                                    patch_buckets=(256, 768), pad_token_id=mcfg.text.pad_token_id)
+                                    patch_buckets=tuple(c.get("patch_buckets", (256, 768))),
+                                    patches_follow_length=c.get("patches_follow_length", False),
+                                    pad_token_id=mcfg.text.pad_token_id)
   collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
-  batches = pipeline.batches(dataset, c.batch_size, collate, seed=config.seed)
+  if lengths is None:
+    batches = pipeline.batches(dataset, c.batch_size, collate, seed=config.seed)
+  else:
+    batches = pipeline.length_grouped_batches(dataset, lengths, c.batch_size, collate, seed=config.seed)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", "sft"),
                                                          save_interval_steps=c.checkpoint_every, max_to_keep=2))

@@ -1,0 +1,51 @@
+"""GRPO with over-turn masking for Qwen2.5-VL-7B on the VisualProbe train split (TPU), after cold-start SFT.
+
+  python -m mini_o3_jax.main --config configs/qwen25vl_7b_rl.py --workdir gs://.../runs/rl \\
+      --config.data_dir=/mnt/data --config.model.init_from=gs://.../runs/sft/ckpt/sft
+
+`model.init_from` is the SFT run's checkpoint directory (or its HF export). Data: a local copy of
+`Mini-o3/VisualProbe_train` under `data_dir/datasets.visualprobe` (the parent of `VisualProbe_train/`).
+
+The paper's recipe: training turn limit 6, at most 12 images, correctness reward only, no KL, no entropy
+bonus, asymmetric clipping 0.2 / 0.3, lr 1e-6, 16 rollouts per prompt, updates of 32 prompts (its PPO
+mini-batch), 8,192 prompt + 8,192 response tokens (a 16,384-token context), temperature 1.0, over-turn
+trajectories masked with the group statistics over all rollouts. One step here = 32 prompts x 16
+rollouts, then one update (the original takes 8 such updates per 256-prompt rollout batch); 300 steps
+and the 2,048-token cap on one assistant turn are our choices.
+Deviation: images within 0.5M pixels (the paper's pixel-cap ablation: 44.4% on VisualProbe-Hard vs
+48.0% at its 2M cap). The vision tower's full-attention blocks attend over every patch of a training
+row at once (memory quadratic in the row's patches): 7 images of 2M pixels (71k patches) do not fit any
+TPU here, 7 of 0.5M (<= 17,857 patches) do. See docs/scaling.md (`tools/memory_plan.py`).
+Mesh: v5p-32 (16 chips) as (1, 4, 4), one row per chip: 512 rows in 128 micro-batches of 4; on v5p-64
+use --config.mesh="(1,-1,2)" --config.rl.grad_accum_steps=32.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stages = ("rl",)
+  c.seed = 0
+  c.mesh = (1, -1, 4)  # (data, fsdp, tensor); -1 = the remaining chips
+  c.min_pixels = 40_000
+  c.max_pixels = 500_000
+
+  c.data_dir = "/mnt/data"
+  c.datasets = ml_collections.ConfigDict(dict(visualprobe="VisualProbe"))
+  c.tokenizer = ml_collections.ConfigDict(dict(kind="qwen", vocab_size=0))
+  c.model = ml_collections.ConfigDict(dict(
+      preset="qwen25vl_7b", init_from="/mnt/gcs/runs/qwen25vl_7b_sft/ckpt/sft",
+      dtype="bfloat16", param_dtype="float32", remat="full"))
+
+  c.rl = ml_collections.ConfigDict(dict(
+      source="visualprobe", split="train",  # "synthetic": the demo's generated tasks
+      steps=300, prompts_per_step=32, group_size=16, max_turns=6,
+      max_images=7,  # the question's image + 6 crops: the turn limit binds before the paper's 12
+      max_context=16384, max_turn_tokens=2048, temperature=1.0,
+      lr=1e-6, warmup_steps=0, clip_low=0.2, clip_high=0.3, exclude_masked_from_stats=False,
+      grad_accum_steps=128, logits_chunk=2048, train_vision=True,
+      length_buckets=(4096, 8192, 16384), patch_buckets=(4096, 8192, 18432),  # per row: 7 x 2,551 fit
+      num_slots=64, chunk_buckets=(256, 1024), patch_buckets_per_image=(1024, 2560), decode_steps=16,
+      checkpoint_every=10, log_every=1))
+  return c

@@ -1,0 +1,70 @@
+"""Imports a downloaded Hugging Face Qwen2.5-VL directory as an Orbax checkpoint training starts from.
+
+    huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir /data/Qwen2.5-VL-7B-Instruct  # yourself
+    python tools/import_hf.py --hf /data/Qwen2.5-VL-7B-Instruct --out /ckpt/qwen25vl_7b_init [--dtype bf16]
+
+Writes, with the train `Checkpointer`, step 0 of a checkpoint holding the params only (an empty
+optimizer state). An SFT run starts from it with `--config.model.init_from=/ckpt/qwen25vl_7b_init` (see
+configs/qwen25vl_7b_sft.py; the model config is read from its hf_assets/config.json), or in code with
+
+    from mini_o3_jax import export
+    config = Qwen25VLConfig.from_pretrained("/ckpt/qwen25vl_7b_init/hf_assets")
+    params, _ = export.restore_params("/ckpt/qwen25vl_7b_init", config, mesh=mesh)  # any dtype, any mesh
+    state, shardings, tx = state_lib.create_train_state(config, make_tx, mesh, params=params)
+
+`init_from` also takes the HF directory itself; importing once pays off when many runs start from the
+same weights or the HF files sit far from the TPU VM (OUT may be gs://). The weights are read tensor
+slice by tensor slice into the sharded device arrays (`model.hf.load_pretrained`), so a 7B model never
+exists twice in host memory; the mesh spans every local device.
+
+The HF side files (config.json, generation / preprocessor configs, tokenizer files, chat template) are
+copied into OUT/hf_assets/, where tools/export_hf.py finds them when exporting OUT itself; a checkpoint
+of a run started from OUT is exported from its work directory, or with `--config OUT/hf_assets
+--tokenizer OUT/hf_assets`.
+`--dtype` is the stored dtype (fp32 by default: the fp32 master weights training keeps; bf16 halves the
+size; a restore converts to whatever its target asks for). On gs:// Orbax writes the arrays and the side
+files go through etils.epath (untested here: the tests cover local paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+try:
+  from mini_o3_jax import export
+except ImportError:  # run from a checkout without installing the package
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from mini_o3_jax import export
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--hf", required=True, help="a local HF Qwen2.5-VL model directory")
+  p.add_argument("--out", required=True, help="new checkpoint directory (local or gs://)")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored params")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for name in ("absl", "jax", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    summary = export.import_pretrained(args.hf, args.out, dtype=DTYPES[args.dtype])
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"import_hf: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

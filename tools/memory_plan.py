@@ -1,0 +1,233 @@
+"""Per-device memory of a config (or a model preset) on TPU slices: what fits, on which mesh, with which micro-batch.
+
+    python tools/memory_plan.py --config configs/qwen25vl_7b_sft.py                 # every default TPU shape
+    python tools/memory_plan.py --config configs/qwen25vl_7b_rl.py --tpu v5p-32 --mesh 1,4,4
+    python tools/memory_plan.py --config configs/qwen25vl_7b_rl.py --tpu v5p-8 --set rl.num_slots=16
+    python tools/memory_plan.py --preset qwen25vl_7b --phase sft --seq_len 8192 --batch 32 --remat full
+    python tools/memory_plan.py --config configs/qwen25vl_7b_sft.py --config configs/qwen25vl_7b_rl.py \\
+        --config configs/qwen25vl_7b_eval.py --markdown            # the tables of docs/scaling.md
+
+For each TPU shape the tool tries meshes in the order of `memory.candidate_meshes` (FSDP over every chip,
+then fsdp x tensor, then a data axis) and micro-batches of 8, 4, 2, 1 rows per device, and reports the
+first mesh on which one fits, with its largest micro-batch (`--mesh` evaluates one mesh instead). Sizes
+are GiB per device; parameters, optimizer state and gradients are exact (see `mini_o3_jax.train.memory`),
+activations, logits, vision tower and KV cache are estimates. Nothing is allocated and no TPU is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import os
+import sys
+import tempfile
+from typing import Sequence
+
+try:
+  import mini_o3_jax  # noqa: F401  pylint: disable=unused-import
+except ImportError:  # run from a checkout without installing the package
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mini_o3_jax.model import config as config_lib  # noqa: E402
+from mini_o3_jax.pipeline import sources  # noqa: E402
+from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
+from mini_o3_jax.train import memory  # noqa: E402
+from mini_o3_jax.train import optimizer as optimizer_lib  # noqa: E402
+
+DEFAULT_TPUS = ("v4-8", "v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-32", "v5p-64")
+PATCH = 14 * 14  # pixels per vision patch
+
+
+def load_config(path: str, overrides: Sequence[str] = ()):
+  """A config file's `get_config()`, with `key.sub=value` overrides (values as Python literals)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, _, text = item.partition("=")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config
+
+
+def model_config(config) -> config_lib.Qwen25VLConfig:
+  """The run's model config, without building its tokenizer where the ids are known."""
+  kind = config.tokenizer.get("kind", "small")
+  if config.model.get("preset") or config.model.get("init_from"):
+    vocab = (tok_lib.QWEN_NUM_BPE_TOKENS + len(tok_lib.QWEN_ADDED_TOKENS) if kind == "qwen"
+             else config.tokenizer.vocab_size)
+    return sources.model_config(config, vocab, sources.special_ids(kind))
+  from mini_o3_jax.pipeline import common  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:  # the demo's sizes depend on its trained tokenizer
+    return common.model_config(config, common.build_tokenizer(common.resolve(config), tmp))
+
+
+def _power_of_two(n: int, minimum: int = 16) -> int:
+  b = minimum
+  while b < n:
+    b *= 2
+  return b
+
+
+def _image_patches(config, section) -> int:
+  """Padded patches of one image in the sampler: the per-image bucket holding an image at max_pixels."""
+  _, max_pixels = sources.pixel_budget(config)
+  need = max_pixels // PATCH
+  buckets = tuple(section.get("patch_buckets_per_image", (64,)))
+  fitting = [b for b in sorted(buckets) if b >= need]
+  return fitting[0] if fitting else _power_of_two(need)
+
+
+def phases(config) -> list[memory.Phase]:
+  """The SFT / RL / evaluation phases of a config's stages."""
+  stages = [s.strip() for entry in config.stages for s in str(entry).split(",")]
+  out = []
+  if "sft" in stages:
+    c = config.sft
+    out.append(memory.Phase(
+        "sft", batch=c.batch_size, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
+        patches_per_row=max(c.get("patch_buckets", (256, 768))), logits_chunk=c.get("logits_chunk"),
+        train_vision=c.get("train_vision", True),
+        optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=c.weight_decay)))
+  if "rl" in stages or "rl_no_mask" in stages:
+    c = config.rl
+    batch = c.prompts_per_step * c.group_size
+    out.append(memory.Phase(
+        "rl", batch=batch, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
+        patches_per_row=max(c.get("patch_buckets", (64 * (c.max_turns + 1),))), logits_chunk=c.get("logits_chunk"),
+        train_vision=c.get("train_vision", True),
+        optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=0.0),
+        rollout_slots=c.get("num_slots") or batch, rollout_context=c.max_context,
+        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c)))
+  if "eval" in stages:
+    c = config.eval
+    out.append(memory.Phase(
+        "eval", train=False, rollout_slots=c.num_slots, rollout_context=c.max_context,
+        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c)))
+  return out
+
+
+def _parse_mesh(text: str) -> memory.MeshShape:
+  parts = [int(x) for x in text.split(",")]
+  if len(parts) != 3:
+    raise argparse.ArgumentTypeError(f"--mesh wants data,fsdp,tensor, got {text!r}")
+  return memory.MeshShape(*parts)
+
+
+def why(p: memory.Plan, budget: memory.Budget) -> str:
+  """The items that decide the verdict, largest first."""
+  big = sorted(((v, k) for k, v in p.items.items() if v), reverse=True)[:3]
+  parts = ", ".join(f"{k} {memory.gib(v)}" for v, k in big)
+  return f"peak {memory.gib(p.peak)} GiB vs {memory.gib(budget.usable)} usable: {parts}"
+
+
+def plans_for(mcfg, phase: memory.Phase, tpus: Sequence[str], mesh: memory.MeshShape | None, headroom: float):
+  """[(label, plan, budget, rows per device or None, note)] for each TPU shape."""
+  out = []
+  for tpu in tpus:
+    chip, devices = memory.tpu_slice(tpu)
+    budget = memory.Budget(chip, headroom)
+    label = f"{tpu} ({devices}x{chip.hbm_gib:g} GiB)"
+    if mesh is not None:
+      if mesh.size != devices:
+        raise SystemExit(f"--mesh {mesh} has {mesh.size} devices, {tpu} has {devices}")
+      p = memory.plan(mcfg, phase, mesh)
+      rows = -(-phase.micro_batch // mesh.batch_ways) if phase.train else None
+      out.append((label, p, budget, rows, "" if budget.verdict(p) == "fits" else why(p, budget)))
+      continue
+    found = memory.recommend(mcfg, phase, devices, budget)
+    if found is not None:
+      p, rows = found
+      out.append((label, p, budget, rows if phase.train else None, ""))
+      continue
+    # Nothing fits: show the leanest candidate (most model parallelism, one row per device).
+    best = None
+    for m in memory.candidate_meshes(devices, mcfg):
+      micro = m.batch_ways
+      trial = dataclasses.replace(phase, grad_accum=max(1, phase.batch // micro)) if phase.train else phase
+      p = memory.plan(mcfg, trial, m)
+      if best is None or p.peak < best.peak:
+        best = p
+    out.append((label, best, budget, 1 if phase.train else None, why(best, budget)))
+  return out
+
+
+def render(name: str, mcfg, phase: memory.Phase, rows, *, markdown: bool) -> str:
+  n = memory.param_count(mcfg)
+  title = f"{name}: {phase.name}"
+  head = f"{n / 1e9:.2f}B params ({mcfg.param_dtype} params, {mcfg.dtype} compute, remat {mcfg.remat})"
+  if phase.train:
+    head += (f", batch {phase.batch} rows of {phase.seq_len} tokens and {phase.patches_per_row} patches, "
+             f"logits_chunk {phase.logits_chunk}")
+  if phase.rollout_slots:
+    head += (f", sampler {phase.rollout_slots} slots x {phase.cache_len} cache, {phase.rollout_patches} patches "
+             "per image")
+  table = memory.table([(label, p, b) for label, p, b, _, _ in rows], markdown=markdown)
+  lines = [f"### {title}\n\n{head}." if markdown else f"{title}: {head}", "", table, ""]
+  for label, p, budget, per_device, note in rows:
+    verdict = budget.verdict(p)
+    micro = f", micro-batch {per_device} row(s)/device" if per_device else ""
+    lines.append(f"{'- ' if markdown else '  '}{label}: mesh {p.mesh}{micro}: {verdict}" + (f" ({note})" if note else ""))
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", action="append", default=[], help="a configs/*.py file (repeatable)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. rl.num_slots=16 (repeatable)")
+  parser.add_argument("--preset", choices=sorted(sources.PRESETS), help="a model preset instead of a config")
+  parser.add_argument("--tpu", action="append", default=[], help=f"TPU type(s); default {', '.join(DEFAULT_TPUS)}")
+  parser.add_argument("--mesh", type=_parse_mesh, help="data,fsdp,tensor: evaluate this mesh only")
+  parser.add_argument("--headroom", type=float, default=0.9, help="fraction of HBM a plan may use")
+  parser.add_argument("--markdown", action="store_true", help="markdown tables (docs/scaling.md)")
+  g = parser.add_argument_group("with --preset")
+  g.add_argument("--phase", choices=("sft", "rl", "eval"), default="sft")
+  g.add_argument("--dtype", default="bfloat16")
+  g.add_argument("--param_dtype", default="float32")
+  g.add_argument("--remat", choices=("none", "full", "dots"), default="full")
+  g.add_argument("--batch", type=int, default=32, help="rows per optimizer update")
+  g.add_argument("--grad_accum", type=int, default=1)
+  g.add_argument("--seq_len", type=int, default=8192)
+  g.add_argument("--patches", type=int, default=16384, help="padded vision patches per training row")
+  g.add_argument("--logits_chunk", type=int, default=2048)
+  g.add_argument("--slots", type=int, default=0, help="sampler slots (rl / eval)")
+  g.add_argument("--context", type=int, default=16384, help="sampler max_context (rl / eval)")
+  args = parser.parse_args(argv)
+  if not args.config and not args.preset:
+    parser.error("give --config or --preset")
+  tpus = args.tpu or list(DEFAULT_TPUS)
+
+  runs = []
+  for path in args.config:
+    config = load_config(path, args.set)
+    mcfg = model_config(config)
+    runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config)]
+  if args.preset:
+    mcfg = sources.PRESETS[args.preset](dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    train = args.phase != "eval"
+    slots = args.slots or (0 if args.phase == "sft" else 64)
+    phase = memory.Phase(args.phase, train=train, batch=args.batch, grad_accum=args.grad_accum,
+                         seq_len=args.seq_len, patches_per_row=args.patches, logits_chunk=args.logits_chunk or None,
+                         optimizer=optimizer_lib.OptimizerConfig() if train else None,
+                         rollout_slots=slots, rollout_context=args.context if slots else 0, rollout_chunk=512,
+                         rollout_patches=_power_of_two(2_000_000 // PATCH) if slots else 0)
+    runs.append((args.preset, mcfg, phase))
+  for name, mcfg, phase in runs:
+    rows = plans_for(mcfg, phase, tpus, args.mesh, args.headroom)
+    print(render(name, mcfg, phase, rows, markdown=args.markdown))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
