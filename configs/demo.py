@@ -10,6 +10,8 @@ evaluation at 1..32 max turns -> report.md, turn_scaling.png, metrics.json, an H
 
 import ml_collections
 
+from mini_o3_jax.pipeline import coldstart_stage
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -24,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
       vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_heads=4))
 
   c.data = ml_collections.ConfigDict(dict(
+      source="synthetic",  # or "collected": the `coldstart` stage's output in collected_dir
+      collected_dir="",
       sft_tasks=dict(easy=300, medium=500, hard=800),  # scripted cold-start trajectories per tier
       max_tokens=768))  # longer trajectories (rare 10-turn searches) are dropped
 
@@ -37,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
       max_turn_tokens=96, temperature=1.0, lr=2e-4, warmup_steps=5, clip_low=0.2, clip_high=0.3,
       exclude_masked_from_stats=False, checkpoint_every=20, log_every=5,
       length_buckets=(384, 768)))
+
+  # Model-driven cold start (not in the default stages): after `sft`, `--config.stages=coldstart`
+  # collects few-shot trajectories with the SFT model into WORKDIR/coldstart (correct ones kept); then
+  # `--config.data.source=collected --config.data.collected_dir=WORKDIR/coldstart` trains on them.
+  c.coldstart = coldstart_stage.default_config()
 
   c.eval = ml_collections.ConfigDict(dict(
       tiers=("easy", "medium", "hard"), n_per_tier=100, budgets=(1, 2, 4, 8, 16, 32), max_context=4096,

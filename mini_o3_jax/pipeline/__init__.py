@@ -1,5 +1,6 @@
 """The stages `main` can run, by name."""
 
+from mini_o3_jax.pipeline.coldstart_stage import run_coldstart
 from mini_o3_jax.pipeline.eval_stages import run_eval, run_export, run_report
 from mini_o3_jax.pipeline.rl_stages import run_rl, run_rl_no_mask
 from mini_o3_jax.pipeline.smoke import run_smoke
@@ -9,6 +10,7 @@ STAGES = {
     "smoke": run_smoke,
     "data": run_data,
     "sft": run_sft,
+    "coldstart": run_coldstart,
     "rl": run_rl,
     "rl_no_mask": run_rl_no_mask,
     "eval": run_eval,

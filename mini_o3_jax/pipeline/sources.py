@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mini_o3_jax.agent.trajectory import Trajectory
-from mini_o3_jax.data import benchmarks, coldstart_release
+from mini_o3_jax.data import benchmarks, coldstart_gen, coldstart_release
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 import mini_o3_jax.sampler.rollout as rollout_lib
@@ -175,7 +175,20 @@ class ReleaseTrajectories(collections.abc.Sequence):
     return Trajectory.from_messages(t.messages, t.images, id=t.id)
 
 
-def sft_trajectories(config) -> ReleaseTrajectories:
+COLLECTED = "collected"  # data.source: trajectories the `coldstart` stage collected with a model
+
+
+def sft_trajectories(config) -> ReleaseTrajectories | list[Trajectory]:
+  """The released cold-start set, or (data.source = "collected") a `coldstart` stage's output dir."""
+  if config.data.get("source") == COLLECTED:
+    directory = config.data.get("collected_dir")
+    if not directory:
+      raise ValueError('data.source="collected" needs data.collected_dir (the coldstart stage\'s output, '
+                       "e.g. WORKDIR/coldstart)")
+    trajs = coldstart_gen.load_collected(directory)
+    if not trajs:
+      raise ValueError(f"no collected trajectories in {directory}")
+    return trajs[:config.data.get("limit") or None]
   return ReleaseTrajectories(dataset_dir(config, "coldstart"), limit=config.data.get("limit") or None)
 
 

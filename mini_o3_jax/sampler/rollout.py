@@ -7,9 +7,15 @@ configured pixel budget, and the observation turn appended to *its* cache at its
 chunked prefill (the prefix is never recomputed). All slots that need an append at the same moment
 share one `append` call; the others keep their state.
 
+Few-shot context: a `Task` may carry `context`, messages (e.g. exemplar trajectories with their images
+embedded) that the prompt puts before the question, after the system turn. They are part of the token
+stream (and of `pixel_values` / `image_grid_thw`, first, counted by `num_context_images`) but not of the
+trajectory: `trajectory.images[0]` is still the question's image and "observation_i" names the
+question's own crops, so the model's turns are written out as SFT data without the exemplars.
+
 Token bookkeeping per trajectory (what the RL step and the SFT writer consume):
-  token_ids: prompt, then each assistant turn's sampled tokens, then each user turn (observation or
-    error) as the chat template renders it: `<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n
+  token_ids: prompt (with any context), then each assistant turn's sampled tokens, then each user turn
+    (observation or error) as the chat template renders it: `<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n
     <|im_start|>assistant\\n` (with `<|vision_start|><|image_pad|>*n<|vision_end|>` for a crop).
   response_mask: 1 on sampled tokens (including a sampled `<|im_end|>`), 0 elsewhere. The
     `<|im_end|>` that closes a turn stopped by a stop string was not sampled: it belongs to the user
@@ -106,6 +112,8 @@ class Task:
   prompt: str | None = None   # verbatim first-turn text instead of the protocol's template
   gold: str | None = None
   id: str | None = None
+  # Messages put before the question (few-shot exemplars); image items embed their image under "image".
+  context: Sequence[Mapping[str, Any]] | None = None
 
   @classmethod
   def from_record(cls, rec: Mapping[str, Any]) -> Task:
@@ -126,6 +134,7 @@ class RolloutResult:
   prompt_length: int
   pixel_values: list[np.ndarray]  # per image: float32 [patches, patch_dim]
   image_grid_thw: np.ndarray   # int64 [images, 3], in token order
+  num_context_images: int = 0  # the first images of pixel_values / image_grid_thw belong to Task.context
 
   @property
   def images(self) -> list[Image.Image]:
@@ -160,6 +169,7 @@ class _Slot:
   pixel_values: list[np.ndarray]
   grids: list[np.ndarray]
   prompt_length: int
+  num_context_images: int = 0
   pos: int = 0                  # M-RoPE position of the last sampled token (pending, not yet cached)
   turn: list[int] = dataclasses.field(default_factory=list)
 
@@ -183,6 +193,9 @@ class Sampler:
                                     matcher=self.matcher, mesh=mesh)
     # What closes an assistant turn that ended on a stop string, before the next user turn.
     self._turn_close = list(tokenizer.encode(tokenizer_lib.IM_END + "\n", add_special_tokens=False))
+    # id(context) -> (context, its preprocessed images): the K samples of a question, and every question
+    # of a few-shot run, share one context, whose images need preprocessing once.
+    self._context_cache: dict[int, tuple[Any, list[tuple[np.ndarray, np.ndarray]]]] = {}
 
   def set_params(self, model) -> None:
     self.engine.set_params(model)
@@ -194,14 +207,34 @@ class Sampler:
     return image_lib.preprocess_image(image, self.config.min_pixels, self.config.max_pixels, patch_size=v.patch_size,
                                       temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
 
-  def _tokenize(self, message: Mapping[str, Any], grids: Sequence[np.ndarray], first: bool) -> list[int]:
-    enc = chat.tokenize_conversation(self.tokenizer, [message], grids, self.model_config.vision.spatial_merge_size,
-                                     add_generation_prompt=True,
+  def _tokenize(self, message: Mapping[str, Any], grids: Sequence[np.ndarray], first: bool,
+                context: Sequence[Mapping[str, Any]] = ()) -> list[int]:
+    enc = chat.tokenize_conversation(self.tokenizer, [*context, message], grids,
+                                     self.model_config.vision.spatial_merge_size, add_generation_prompt=True,
                                      add_default_system=first and self.config.add_default_system)
     return enc["input_ids"].tolist()
 
+  def _context_images(self, context: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pixel_values, grid) of every image item of `context`, in order (cached per context object)."""
+    hit = self._context_cache.get(id(context))
+    if hit is not None and hit[0] is context:
+      return hit[1]
+    # An image part as the chat template sees it (its type, or an "image" / "image_url" key).
+    images = [part.get("image") for m in context if not isinstance(m.get("content"), str)
+              for part in m["content"]
+              if part.get("type") == "image" or "image" in part or "image_url" in part]
+    if any(not isinstance(im, Image.Image) for im in images):
+      raise ValueError("every image item of Task.context must embed a PIL image under 'image'")
+    processed = [self._preprocess(im) for im in images]
+    if len(self._context_cache) >= 8:
+      self._context_cache.clear()
+    self._context_cache[id(context)] = (context, processed)
+    return processed
+
   def _positions(self, ids: Sequence[int], grid: np.ndarray | None, offset: int):
-    return engine_lib.chunk_positions(np.asarray(ids, np.int32), None if grid is None else grid[None], offset,
+    """Positions of a chunk; `grid` is one image's [3] grid or several images' [n, 3]."""
+    return engine_lib.chunk_positions(np.asarray(ids, np.int32), None if grid is None else np.reshape(grid, (-1, 3)),
+                                      offset,
                                       image_token_id=self.model_config.image_token_id,
                                       merge=self.model_config.vision.spatial_merge_size)
 
@@ -223,7 +256,8 @@ class Sampler:
                          token_ids=np.asarray(slot.tokens, np.int32), response_mask=np.asarray(slot.mask, np.int32),
                          logprobs=np.asarray(slot.logprobs, np.float32),
                          sample_logprobs=np.asarray(slot.sample_logprobs, np.float32),
-                         prompt_length=slot.prompt_length, pixel_values=slot.pixel_values, image_grid_thw=grids)
+                         prompt_length=slot.prompt_length, pixel_values=slot.pixel_values, image_grid_thw=grids,
+                         num_context_images=slot.num_context_images)
 
   # ---------------------------------------------------------------- protocol steps
 
@@ -232,18 +266,22 @@ class Sampler:
     cfg = self.config
     traj = Trajectory(question=task.question, images=[task.image], options=None if task.options is None
                       else list(task.options), prompt=task.prompt, gold=task.gold, id=task.id)
-    pv, grid = self._preprocess(task.image)
-    ids = self._tokenize(prompts.prompt_message(traj.prompt_text), [grid], first=True)
+    context = list(task.context or ())
+    processed = (self._context_images(task.context) if context else []) + [self._preprocess(task.image)]
+    pvs, grids = [p for p, _ in processed], [g for _, g in processed]
+    ids = self._tokenize(prompts.prompt_message(traj.prompt_text), grids, first=True, context=context)
     slot = _Slot(task_index=index, traj=traj, tokens=list(ids), mask=[0] * len(ids), logprobs=[0.0] * len(ids),
-                 sample_logprobs=[0.0] * len(ids), pixel_values=[pv], grids=[grid], prompt_length=len(ids))
+                 sample_logprobs=[0.0] * len(ids), pixel_values=pvs, grids=grids, prompt_length=len(ids),
+                 num_context_images=len(grids) - 1)
     if len(ids) + 1 > cfg.max_context:
       _log.warning("task %d: prompt of %d tokens does not fit max_context=%d", index, len(ids), cfg.max_context)
       return slot, None
-    pos, next_pos = self._positions(ids, grid, 0)
+    pos, next_pos = self._positions(ids, np.stack(grids), 0)
     slot.pos = next_pos
     chunk = engine_lib.Chunk(ids=np.asarray(ids, np.int32), positions=pos, next_pos=next_pos,
-                             turn_limit=min(cfg.max_turn_tokens, cfg.max_context - len(ids)), pixel_values=pv,
-                             grids=grid[None], reset=True, key=np.asarray(key, np.uint32),
+                             turn_limit=min(cfg.max_turn_tokens, cfg.max_context - len(ids)),
+                             pixel_values=np.concatenate(pvs), grids=np.stack(grids), reset=True,
+                             key=np.asarray(key, np.uint32),
                              forced=self._forced(policy, slot))
     return slot, chunk
 
