@@ -159,6 +159,8 @@ def test_filter_dedupe_cap_and_summary_counts(sampler, tokenizer, tmp_path):
                               "duplicate": 2, "over_cap": 1}
   assert summary["stop_reasons"] == {"answer": 14, "max_turns": 1, "no_action": 1}
   assert summary["kept_per_question"] == {"0": 1, "1": 1, "2": 2}
+  assert sum(summary["kept_turns"].values()) == summary["kept"]
+  assert sum(int(k) * v for k, v in summary["kept_turns"].items()) == round(summary["mean_turns_kept"] * summary["kept"])
   with open(tmp_path / "summary.json") as f:
     assert json.load(f) == json.loads(json.dumps(summary))
 

@@ -61,3 +61,23 @@ def test_report_files(tmp_path, trajectories):
   assert "| scripted | hard | 12 |" in grid
   img = report.render_trajectory(max(trajectories, key=lambda t: t.num_turns))
   assert img.size[0] >= 1200
+
+
+def test_search_diagnostics_reads_the_first_turn_and_the_answer():
+  from mini_o3_jax.pipeline import eval_stages
+
+  def rec(question, first_text, first_error, action_type, answer):
+    return {"question": question, "final_answer": answer,
+            "turns": [{"text": first_text, "error": first_error, "action": {"type": action_type}}]}
+
+  records = [
+      rec("What is the digit written on the yellow hexagon?", "<think>I need the digit on the yellow hexagon.",
+          None, "tool_call", "3"),
+      rec("What number is shown on the red cross?", "<think>I need the digit on the blue cross.", None,
+          "tool_call", "12"),
+      rec("What number is shown on the red cross?", "<grounding>{bad", "not valid JSON", "tool_call_error", None),
+      rec("What number is shown on the red cross?", "<answer>4</answer>", None, "answer", " 4 "),
+  ]
+  d = eval_stages.search_diagnostics(records)
+  assert d == {"names_target": 0.25, "digit_answer": 0.5, "first_call_valid": 0.5}
+  assert eval_stages.search_diagnostics([]) == {}

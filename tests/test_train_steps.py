@@ -235,6 +235,15 @@ def test_overturn_masking_switch(env):
   # Rewards of over-turn rows count as 0 either way: group 0 = [0, 1, 0, 0], group 1 = [1, 0, 0, 0].
   assert on["reward_mean"] == off["reward_mean"] == 2 / 8
   assert on["loss"] != off["loss"]
+  # The pipeline's ablation: the masking step with every flag cleared (rewards of over-turn rows 0) is
+  # the masking-off step, loss and gradients alike (so both runs share one compiled step).
+  cleared = dataclasses.replace(batch, overturn=jnp.zeros_like(batch.overturn),
+                                rewards=jnp.where(batch.overturn, 0.0, batch.rewards))
+  loss_off, _, grads_off = jax.jit(lambda p, b: rl.rl_loss_and_grads(cfg_off, graphdef, p, b))(env.params, batch)
+  loss_cl, _, grads_cl = jax.jit(lambda p, b: rl.rl_loss_and_grads(cfg_on, graphdef, p, b))(env.params, cleared)
+  np.testing.assert_allclose(float(loss_cl), float(loss_off), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_cl), jax.tree.leaves(grads_off)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
 
 
 def test_rl_advantages_follow_the_config():

@@ -287,6 +287,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       "drops": {reason: drops.get(reason, 0) for reason in REASONS},
       "stop_reasons": dict(sorted(collections.Counter(s for r in records for s in r["stop_reasons"]).items())),
       "kept_per_question": {str(k): v for k, v in sorted(collections.Counter(r["kept"] for r in records).items())},
+      "kept_turns": {str(k): v for k, v in sorted(collections.Counter(kept_turns).items())},  # histogram
   }
 
 

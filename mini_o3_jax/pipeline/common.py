@@ -23,8 +23,9 @@ from mini_o3_jax.train import sharding as sharding_lib
 QUICK = {
     "data.sft_tasks": dict(easy=6, medium=6, hard=8),
     "sft.steps": 6, "sft.batch_size": 4, "sft.checkpoint_every": 3, "sft.log_every": 2,
+    "sft.length_buckets": (768,),  # one shape per step function: compiles, not steps, dominate here
     "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 2, "rl.checkpoint_every": 1, "rl.log_every": 1,
-    "rl.max_turn_tokens": 48, "rl.max_context": 768,
+    "rl.max_turn_tokens": 48, "rl.max_context": 768, "rl.length_buckets": (768,),
     "eval.n_per_tier": 2, "eval.budgets": (1, 2, 4), "eval.num_slots": 4, "eval.max_turn_tokens": 48,
     "eval.max_context": 1024, "eval.viewer_examples": 1,
 }

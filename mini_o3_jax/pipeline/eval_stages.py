@@ -14,7 +14,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
+import numpy as np
 from flax import nnx
 
 from mini_o3_jax import export as export_lib
@@ -173,6 +175,42 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
   return out
 
 
+_CUE = re.compile(r"on the ([a-z]+ [a-z]+)\?\s*$")
+
+
+def search_diagnostics(records: list[dict]) -> dict[str, float]:
+  """Why a synthetic-task policy fails, from its per-sample eval records.
+
+  names_target: the first thought names the question's target ("... on the yellow hexagon"), i.e. the
+    policy conditions on the question at all; digit_answer: the final answer is a single digit;
+    first_call_valid: the first turn is a well-formed crop call.
+  """
+  if not records:
+    return {}
+  names, digits, valid = [], [], []
+  for r in records:
+    first = r["turns"][0] if r["turns"] else {"text": "", "error": "no turn", "action": None}
+    cue = _CUE.search(r["question"])
+    names.append(bool(cue) and f"on the {cue.group(1)}" in first["text"])
+    digits.append(bool(re.fullmatch(r"\s*\d\s*", r.get("final_answer") or "")))
+    valid.append(first["error"] is None and (first.get("action") or {}).get("type") == "tool_call")
+  return {"names_target": float(np.mean(names)), "digit_answer": float(np.mean(digits)),
+          "first_call_valid": float(np.mean(valid))}
+
+
+def _diagnostics_table(workdir: str, tiers) -> str:
+  rows = []
+  for name in MODELS:
+    for tier in tiers:
+      path = os.path.join(workdir, "eval", name, f"{tier}.jsonl")
+      if os.path.exists(path):
+        with open(path) as f:
+          d = search_diagnostics([json.loads(line) for line in f])
+        rows.append({"model": name, "tier": tier, **{k: round(100 * v, 1) for k, v in d.items()}})
+  return report.markdown_table(rows, ["model", "tier", "names_target", "digit_answer", "first_call_valid"]) \
+      if rows else "(no per-sample records)"
+
+
 def run_report(config, workdir: str) -> dict:
   config = common.resolve(config)
   metrics_file = os.path.join(workdir, "metrics.json")
@@ -192,6 +230,10 @@ def run_report(config, workdir: str) -> dict:
   for claim, holds, numbers in claims:
     mark = "not measured" if holds is None else ("HOLDS" if holds else "DOES NOT HOLD")
     lines.append(f"- **{mark}** — {claim}: {numbers}")
+  lines += ["", "## Diagnostics (% of test samples)", "",
+            "names_target: the first thought names the question's target (the policy reads the question); "
+            "digit_answer: the answer is one digit; first_call_valid: the first turn is a well-formed crop.", "",
+            _diagnostics_table(workdir, config.eval.tiers)]
   lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",
                                                               "mean_turns", "mean_turns_correct",
                                                               "overturn_rate", "tool_error_rate"])]

@@ -84,7 +84,10 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
                                  weight_decay=0.0, grad_clip_norm=1.0)
   state, shardings, tx = train_stages.make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=sft_params)
   # The sampler's behaviour log-probs are log_softmax(logits / T): the step must use the same T.
-  rl_cfg = rl_lib.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=overturn_masking,
+  # The ablation runs the *same* compiled step with every over-turn flag cleared, which is the same
+  # math as RLConfig(overturn_masking=False) (over-turn trajectories are unanswered, so their reward
+  # is 0 either way; tests/test_train_steps.py checks the equality) and reuses the compile cache.
+  rl_cfg = rl_lib.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=True,
                            exclude_masked_from_stats=c.exclude_masked_from_stats, temperature=c.temperature,
                            grad_accum_steps=c.get("grad_accum_steps", 1), logits_chunk=c.get("logits_chunk"),
                            train_vision=c.get("train_vision", True))
@@ -115,6 +118,8 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
       tasks = rl_tasks(config, step)
       results = sampler.rollout(tasks, seed=config.seed * 100_003 + step)
       examples, stats = rl_examples(results, judge)
+      if not overturn_masking:
+        examples = [dict(e, overturn=False, reward=0.0 if e["overturn"] else e["reward"]) for e in examples]
       batch = batch_lib.shard_batch(collate(examples), mesh)
       state, metrics = state_lib.timed_step(step_fn, state, batch)
       metrics.update(stats)
