@@ -129,8 +129,9 @@ cmd_run() {
   mount_bucket
   local rc=0
   "$PYTHON" -m mini_o3_jax.main "$@" || rc=$?
-  echo "$rc" >"$LOG_DIR/$run.exit"
+  # The log line first: the .exit file is what marks the run finished.
   echo "=== $(date -u +%FT%TZ) exit code $rc"
+  echo "$rc" >"$LOG_DIR/$run.exit"
   return "$rc"
 }
 
