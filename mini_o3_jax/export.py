@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Iterable
 
@@ -469,3 +470,23 @@ def import_pretrained(hf_dir: str, out: str, *, dtype=jnp.float32, mesh=None) ->
     log.warning("%s has no tokenizer files; an export will use the real Qwen2.5 tokenizer", hf_dir)
   return {"hf_dir": hf_dir, "out": out, "step": 0, "dtype": config.param_dtype,
           "params": state_lib.count_params(state.params), "copied": present}
+
+
+# ------------------------------------------------------------------------------ command lines
+
+CLI_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def run_cli(tool: str, action) -> int:
+  """What tools/export_hf.py and tools/import_hf.py share: quiet library logs, `action()`'s summary as
+  JSON on stdout, and a one-line error with exit code 2 for bad paths or settings."""
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for name in ("absl", "jax", "orbax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    summary = action()
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"{tool}: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary, indent=2))
+  return 0

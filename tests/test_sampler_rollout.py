@@ -9,15 +9,15 @@ tower, the crops and the bookkeeping all run; only the choice of tokens is scrip
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
 from mini_o3_jax.agent import prompts
-from mini_o3_jax.model import Qwen25VL, prepare_inputs
+from mini_o3_jax.model import prepare_inputs
 from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.model import vlm
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
@@ -51,17 +51,7 @@ def model(tokenizer):
   cfg = config_lib.tiny(vocab_size=512, image_token_id=ids["image_token_id"],
                         vision_start_token_id=ids["vision_start_token_id"],
                         vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
-  # Random weights filled on the host: eager init runs hundreds of tiny compiled ops.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(0)
-
-  def fill(path, x):
-    name = "/".join(str(p) for p in path)
-    if "norm" in name or "ln_q" in name:
-      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), x.dtype)
-    return jnp.asarray(0.05 * rng.standard_normal(x.shape), x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+  return vlm.random_model(cfg, seed=0)  # host-side init: eager init runs hundreds of tiny ops
 
 
 @pytest.fixture(scope="module")

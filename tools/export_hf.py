@@ -20,8 +20,6 @@ in a local temporary directory, then copied with etils.epath (needs a GCS-capabl
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import re
 import sys
@@ -33,7 +31,7 @@ except ImportError:  # run from a checkout without installing the package
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from mini_o3_jax import export
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = export.CLI_DTYPES
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -60,19 +58,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for name in ("absl", "jax", "orbax"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  try:
-    summary = export.export_checkpoint(
-        args.checkpoint, args.out, config_path=args.config, tokenizer_path=args.tokenizer,
-        dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size, min_pixels=args.min_pixels,
-        max_pixels=args.max_pixels)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"export_hf: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary, indent=2))
-  return 0
+  return export.run_cli("export_hf", lambda: export.export_checkpoint(
+      args.checkpoint, args.out, config_path=args.config, tokenizer_path=args.tokenizer,
+      dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size, min_pixels=args.min_pixels,
+      max_pixels=args.max_pixels))
 
 
 if __name__ == "__main__":

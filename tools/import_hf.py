@@ -29,8 +29,6 @@ files go through etils.epath (untested here: the tests cover local paths).
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 from typing import Sequence
@@ -41,7 +39,7 @@ except ImportError:  # run from a checkout without installing the package
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from mini_o3_jax import export
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = export.CLI_DTYPES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -54,16 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for name in ("absl", "jax", "orbax"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  try:
-    summary = export.import_pretrained(args.hf, args.out, dtype=DTYPES[args.dtype])
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"import_hf: error: {e}", file=sys.stderr)
-    return 2
-  print(json.dumps(summary, indent=2))
-  return 0
+  return export.run_cli("import_hf", lambda: export.import_pretrained(args.hf, args.out, dtype=DTYPES[args.dtype]))
 
 
 if __name__ == "__main__":

@@ -80,16 +80,14 @@ def examples_dataset(trajectories: Sequence[Trajectory], tokenizer, config: Exam
 
 def example_length(traj: Trajectory, tokenizer, config: ExampleConfig) -> int:
   """`len(trajectory_example(traj)["input_ids"])` without preprocessing any pixels (grids from sizes)."""
-  grids = []
-  for im in traj.images:
+  def resized(im) -> tuple[int, int]:
+    args = (config.min_pixels, config.max_pixels, config.patch_size, config.merge_size)
     if isinstance(im, str):
       with PIL.Image.open(im) as f:  # reads the header only
-        size = f.size
-    else:
-      size = im.size
-    height, width = image_lib.smart_resize(size[1], size[0], config.patch_size * config.merge_size,
-                                           config.min_pixels, config.max_pixels)
-    grids.append((1, height // config.patch_size, width // config.patch_size))
+        return image_lib.resized_size(f, *args)
+    return image_lib.resized_size(im, *args)
+
+  grids = [(1, h // config.patch_size, w // config.patch_size) for h, w in map(resized, traj.images)]
   enc = chat.tokenize_conversation(tokenizer, traj.to_messages(), grids, config.merge_size,
                                    add_default_system=config.add_default_system)
   return len(enc["input_ids"])

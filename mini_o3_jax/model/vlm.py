@@ -232,3 +232,21 @@ def _jit_forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
 
 def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def random_model(config: Qwen25VLConfig, seed: int = 0, std: float = 0.05) -> Qwen25VL:
+  """A model with random weights drawn on the host: N(0, std), norm scales 1 + N(0, 2*std).
+
+  For tests and benchmarks: eager `nnx` init runs hundreds of tiny compiled ops; this fills the abstract
+  state from one numpy generator instead (same values for the same seed, whatever the backend).
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    name = "/".join(str(p) for p in path)
+    if "norm" in name or "ln_q" in name:
+      return jnp.asarray(1.0 + 2 * std * rng.standard_normal(x.shape), x.dtype)
+    return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))

@@ -51,14 +51,12 @@ if THREADS == 1:  # must be set before jax initialises its CPU client
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mini_o3_jax.agent import prompts  # noqa: E402
-from mini_o3_jax.model import Qwen25VL  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
+from mini_o3_jax.model import vlm  # noqa: E402
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained  # noqa: E402
 from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
 from mini_o3_jax.sampler import SamplingParams, generate  # noqa: E402
@@ -79,16 +77,7 @@ def build(tmp: str):
   cfg = config_lib.tiny(vocab_size=512, image_token_id=ids["image_token_id"],
                         vision_start_token_id=ids["vision_start_token_id"],
                         vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(0)
-
-  def fill(path, x):
-    name = "/".join(str(p) for p in path)
-    scale = 0.1 if ("norm" in name or "ln_q" in name) else 0.05
-    base = 1.0 if scale == 0.1 else 0.0
-    return jnp.asarray(base + scale * rng.standard_normal(x.shape), x.dtype)
-
-  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+  model = vlm.random_model(cfg, seed=0)
   save_pretrained(model, cfg, tmp)
   ours, _ = load_pretrained(tmp)
   import torch  # pylint: disable=g-import-not-at-top
