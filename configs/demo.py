@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.stages = ("data", "sft", "rl", "rl_no_mask", "eval", "report", "export")
   c.quick = False  # toy sizes for every stage (see mini_o3_jax/pipeline/common.py: QUICK)
   c.seed = 0
+  c.xla_flags = ""  # added to XLA_FLAGS before the backend starts (the quick preset compiles at -O0)
   c.view_pixels = 112 * 112  # every image (scene and crop) is shown at this budget: 8x8 patches
 
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
@@ -52,5 +53,6 @@ def get_config() -> ml_collections.ConfigDict:
       # Greedy: one deterministic trajectory per task (the paper reports Avg@K at temperature 1.0).
       # The claims need medium and hard; add "easy" with --config.eval.tiers (about 30 s per model).
       tiers=("medium", "hard"), n_per_tier=20, budgets=(1, 2, 4, 8, 16, 32), max_context=3072,
-      max_turn_tokens=96, temperature=0.0, num_slots=20, viewer_examples=3))
+      max_turn_tokens=96, temperature=0.0, num_slots=20, viewer_examples=3,
+      skills_per_tier=16))  # scripted test trajectories per tier for the skills table (pipeline/probe.py)
   return c

@@ -16,7 +16,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mini_o3_jax.pipeline import STAGES
+from mini_o3_jax.pipeline import STAGES, common
 from mini_o3_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -41,6 +41,13 @@ def _setup_logging(workdir: str, process_index: int = 0) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _apply_xla_flags(config) -> None:
+  """Adds `config.xla_flags` to XLA_FLAGS; XLA reads them once, when the first backend starts."""
+  extra = common.resolve(config).get("xla_flags") or ""
+  if extra:
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {extra}".strip()
+
+
 def _setup_compile_cache() -> None:
   """A persistent XLA compile cache: re-runs skip compilation (minutes on a small CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -58,6 +65,7 @@ def main(argv) -> None:
                          "bucket (gcsfuse, as tpu/tpu.sh does) and pass the mounted path")
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
+  _apply_xla_flags(config)
   # Before anything touches a backend: joins the other workers on a multi-host TPU slice (or the
   # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID env settings); a no-op on one host.
   distributed.maybe_initialize()

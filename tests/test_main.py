@@ -36,3 +36,21 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   proc = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.no_such_key=1"], tmp_path)
   assert proc.returncode != 0
   assert "no_such_key" in proc.stderr
+
+
+def test_quick_preset_adds_its_xla_flags_before_the_backend_starts(monkeypatch):
+  import ml_collections
+
+  from mini_o3_jax import main as main_lib
+  from mini_o3_jax.pipeline import common
+  config = ml_collections.ConfigDict({"quick": True, "xla_flags": "", "data": {}, "sft": {}, "rl": {}, "eval": {}})
+  resolved = common.resolve(config)
+  assert resolved.xla_flags == common.QUICK["xla_flags"] and resolved.sft.steps == common.QUICK["sft.steps"]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  main_lib._apply_xla_flags(config)
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                             "--xla_backend_optimization_level=0"]
+  config.quick = False
+  monkeypatch.setenv("XLA_FLAGS", "")
+  main_lib._apply_xla_flags(config)
+  assert os.environ["XLA_FLAGS"] == ""

@@ -19,15 +19,17 @@ from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.train import sharding as sharding_lib
 
-# Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline).
+# Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline). Compiles are
+# most of such a run, and XLA's -O0 halves them; the few steps run slower, which costs less.
 QUICK = {
+    "xla_flags": "--xla_backend_optimization_level=0",
     "data.sft_tasks": dict(easy=6, medium=6, hard=8),
     "sft.steps": 6, "sft.batch_size": 4, "sft.checkpoint_every": 3, "sft.log_every": 2,
     "sft.length_buckets": (768,),  # one shape per step function: compiles, not steps, dominate here
     "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 2, "rl.checkpoint_every": 1, "rl.log_every": 1,
     "rl.max_turn_tokens": 48, "rl.max_context": 768, "rl.length_buckets": (768,),
     "eval.n_per_tier": 2, "eval.budgets": (1, 2, 4), "eval.num_slots": 4, "eval.max_turn_tokens": 48,
-    "eval.max_context": 1024, "eval.viewer_examples": 1,
+    "eval.max_context": 1024, "eval.viewer_examples": 1, "eval.skills_per_tier": 2,
 }
 
 
@@ -37,8 +39,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
   c = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in QUICK.items():
-    section, key = dotted.split(".")
-    c[section][key] = value
+    *section, key = dotted.split(".")
+    (c[section[0]] if section else c)[key] = value
   return c
 
 

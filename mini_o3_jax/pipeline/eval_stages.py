@@ -19,10 +19,11 @@ import re
 import numpy as np
 from flax import nnx
 
+from mini_o3_jax import agent
 from mini_o3_jax import export as export_lib
-from mini_o3_jax.data import synthetic
+from mini_o3_jax.data import coldstart, pipeline, synthetic
 from mini_o3_jax.eval import report, turn_scaling
-from mini_o3_jax.pipeline import common, rl_stages, sources, train_stages
+from mini_o3_jax.pipeline import common, probe, rl_stages, sources, train_stages
 import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import state as state_lib
 
@@ -116,6 +117,8 @@ def run_eval(config, workdir: str) -> dict:
       with open(common.path(workdir, "eval", name, f"{file}.jsonl"), "w") as f:
         for t in trajs:
           f.write(json.dumps(_record(t, turn_scaling.outcome(t, judge))) + "\n")
+    if tcfg is not None and not at_once and c.get("skills_per_tier", 0):
+      _write_skills(config, workdir, name, model, tokenizer, mcfg, tcfg)
   if c.get("benchmarks"):
     min_pixels, max_pixels = sources.pixel_budget(config)
     settings = {"temperature": c.temperature, "samples_per_task": dict(c.get("samples_per_task") or {}),
@@ -129,6 +132,21 @@ def run_eval(config, workdir: str) -> dict:
                 "train_turn_limit": config.rl.max_turns, "budgets": list(c.budgets)}
   report.write_metrics(os.path.join(workdir, "metrics.json"), rows, settings=settings)
   return summary
+
+
+def _write_skills(config, workdir: str, name: str, model, tokenizer, mcfg, tcfg) -> None:
+  """Teacher-forced accuracy by kind of token on scripted test-split trajectories (see `probe`)."""
+  trajs = []
+  for tier in config.eval.tiers:
+    for t in coldstart.scripted_coldstart(tier, config.eval.skills_per_tier, split="test", task_config=tcfg):
+      trajs.append(dataclasses.replace(t, images=[synthetic.render_view(im, None, tcfg) for im in t.images]))
+  min_pixels, max_pixels = sources.pixel_budget(config)
+  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels)
+  skills = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg,
+                               probe.ProbeConfig(seq_len=config.data.max_tokens))
+  log.info("eval %s skills: %s", name, ", ".join(f"{k} {100 * skills[k]:.0f}%" for k in probe.KINDS if k in skills))
+  with open(common.path(workdir, "eval", name, "skills.json"), "w") as f:
+    json.dump(skills, f, indent=2)
 
 
 def _cell(rows, model, tier, budget):
@@ -178,37 +196,68 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
 _CUE = re.compile(r"on the ([a-z]+ [a-z]+)\?\s*$")
 
 
-def search_diagnostics(records: list[dict]) -> dict[str, float]:
+def _centre_in(box, crop) -> bool:
+  cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+  return crop[0] <= cx <= crop[2] and crop[1] <= cy <= crop[3]
+
+
+def search_diagnostics(records: list[dict], task_config: synthetic.SyntheticConfig | None = None) -> dict[str, float]:
   """Why a synthetic-task policy fails, from its per-sample eval records.
 
   names_target: the first thought names the question's target ("... on the yellow hexagon"), i.e. the
     policy conditions on the question at all; digit_answer: the final answer is a single digit;
-    first_call_valid: the first turn is a well-formed crop call.
+    first_call_valid: the first turn is a well-formed crop call. With `task_config` (the scenes are
+    regenerated from the record ids): first_zoom_on_target / first_zoom_on_object: the first turn crops
+    the original image around the target's centre / any shape's centre (the policy localises at all).
   """
   if not records:
     return {}
-  names, digits, valid = [], [], []
+  names, digits, valid, on_target, on_object = [], [], [], [], []
   for r in records:
     first = r["turns"][0] if r["turns"] else {"text": "", "error": "no turn", "action": None}
     cue = _CUE.search(r["question"])
     names.append(bool(cue) and f"on the {cue.group(1)}" in first["text"])
     digits.append(bool(re.fullmatch(r"\s*\d\s*", r.get("final_answer") or "")))
-    valid.append(first["error"] is None and (first.get("action") or {}).get("type") == "tool_call")
-  return {"names_target": float(np.mean(names)), "digit_answer": float(np.mean(digits)),
-          "first_call_valid": float(np.mean(valid))}
+    action = first.get("action") or {}
+    valid.append(first["error"] is None and action.get("type") == "tool_call")
+    if task_config is not None:
+      tier, split, index = synthetic.parse_task_id(r["id"])
+      task = synthetic.make_task(tier, index, task_config, split)
+      call = agent.tools.parse_action(first["text"])
+      crop = call.bbox if isinstance(call, agent.tools.ToolCall) and call.source_index == 0 else None
+      on_target.append(crop is not None and _centre_in(task.target_box, crop))
+      on_object.append(crop is not None and any(_centre_in(o.box, crop) for o in task.objects))
+  out = {"names_target": float(np.mean(names)), "digit_answer": float(np.mean(digits)),
+         "first_call_valid": float(np.mean(valid))}
+  if task_config is not None:
+    out.update(first_zoom_on_target=float(np.mean(on_target)), first_zoom_on_object=float(np.mean(on_object)))
+  return out
 
 
-def _diagnostics_table(workdir: str, tiers) -> str:
+DIAGNOSTICS = ("names_target", "first_zoom_on_target", "first_zoom_on_object", "digit_answer", "first_call_valid")
+
+
+def _diagnostics_table(workdir: str, tiers, task_config) -> str:
   rows = []
   for name in MODELS:
     for tier in tiers:
       path = os.path.join(workdir, "eval", name, f"{tier}.jsonl")
       if os.path.exists(path):
         with open(path) as f:
-          d = search_diagnostics([json.loads(line) for line in f])
+          d = search_diagnostics([json.loads(line) for line in f], task_config)
         rows.append({"model": name, "tier": tier, **{k: round(100 * v, 1) for k, v in d.items()}})
-  return report.markdown_table(rows, ["model", "tier", "names_target", "digit_answer", "first_call_valid"]) \
-      if rows else "(no per-sample records)"
+  return report.markdown_table(rows, ["model", "tier", *DIAGNOSTICS]) if rows else "(no per-sample records)"
+
+
+def _skills_table(workdir: str) -> str:
+  rows = []
+  for name in MODELS:
+    path = os.path.join(workdir, "eval", name, "skills.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        d = json.load(f)
+      rows.append({"model": name, **{k: round(100 * d[k], 1) for k in probe.KINDS if k in d}})
+  return report.markdown_table(rows, ["model", *probe.KINDS]) if rows else "(not measured)"
 
 
 def run_report(config, workdir: str) -> dict:
@@ -232,8 +281,14 @@ def run_report(config, workdir: str) -> dict:
     lines.append(f"- **{mark}** — {claim}: {numbers}")
   lines += ["", "## Diagnostics (% of test samples)", "",
             "names_target: the first thought names the question's target (the policy reads the question); "
-            "digit_answer: the answer is one digit; first_call_valid: the first turn is a well-formed crop.", "",
-            _diagnostics_table(workdir, config.eval.tiers)]
+            "first_zoom_on_target / first_zoom_on_object: the first crop of the original image is centred "
+            "around the target / around any shape (the policy localises); digit_answer: the answer is one digit; "
+            "first_call_valid: the first turn is a well-formed crop.", "",
+            _diagnostics_table(workdir, config.eval.tiers, common.task_config(config))]
+  lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
+            "goal: copying the target's colour and shape from the question; box_coarse / box_fine: the tenths "
+            "/ hundredths digits of crop coordinates (where to look); read: digits read off a crop; other: the "
+            "protocol's fixed wording. See mini_o3_jax/pipeline/probe.py.", "", _skills_table(workdir)]
   lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",
                                                               "mean_turns", "mean_turns_correct",
                                                               "overturn_rate", "tool_error_rate"])]

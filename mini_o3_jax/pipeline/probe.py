@@ -1,0 +1,118 @@
+"""Which skill a demo policy lacks: teacher-forced accuracy by kind of token on held-out trajectories.
+
+The scripted cold-start trajectories need three skills beyond the protocol's fixed wording:
+
+  goal        copy the target's colour and shape from the question ("I need the digit on the| red| cross");
+  box_coarse  the tenths digit of a crop coordinate (where the object is, to a tenth of the image);
+  box_fine    the hundredths digit (and any other digit of a coordinate);
+  read        a digit written outside a box: read off a crop ("... with the digit 7", "... is 7",
+              <answer>7</answer>).
+
+Sampled evaluations mix them: a policy that never names the target also never crops it. Running the
+model over correct trajectories of the test split (teacher forcing) and scoring its next-token argmax
+per kind separates them, so the report says which one is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mini_o3_jax.data import pipeline
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import losses
+from mini_o3_jax.train import sft as sft_lib
+
+KINDS = ("goal", "box_coarse", "box_fine", "read", "other")
+GOAL_PHRASE = "I need the digit on the"
+GOAL_WORDS = 2  # colour, shape
+
+
+def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | None]:
+  """The kind of every token (None outside the assistant's turns), from the decoded token strings.
+
+  A goal is the two words after GOAL_PHRASE, whether the phrase is one token or several; a coordinate
+  digit is a digit token between '[' and ']' in the assistant's text (the bbox list), coarse when it
+  follows a token that ends in '.'; any other digit token is read (but an observation's index).
+  """
+  kinds: list[str | None] = []
+  text_so_far = ""
+  goal_left, in_box, prev = 0, False, ""
+  for piece, m in zip(pieces, loss_mask):
+    kind = None
+    if m:
+      if goal_left and piece.strip():
+        kind, goal_left = "goal", goal_left - 1
+      elif in_box and piece.strip().isdigit():
+        kind = "box_coarse" if prev.endswith(".") else "box_fine"
+      elif piece.strip().isdigit() and not prev.endswith("observation_"):
+        kind = "read"
+      else:
+        kind = "other"
+    kinds.append(kind)
+    text_so_far = (text_so_far + piece)[-256:]
+    if m and text_so_far.endswith(GOAL_PHRASE):
+      goal_left = GOAL_WORDS
+    if not m:
+      in_box = False
+    elif "[" in piece or "]" in piece:  # a coordinate list opens at the last '[' and closes at ']'
+      in_box = piece.rfind("[") > piece.rfind("]")
+    prev = piece
+  return kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  seq_len: int = 768  # one compiled shape: longer trajectories are dropped
+  batch_size: int = 16
+  patch_multiple: int = 256  # patches pad to a multiple of this (the longest row's need, rounded up)
+
+
+@functools.lru_cache(maxsize=4)
+def _correct_fn(graphdef):
+  @jax.jit
+  def correct(params, inputs, targets):
+    model = nnx.merge(graphdef, params)
+    hidden = sft_lib.hidden_states(model, inputs)[:, :-1]
+    return sft_lib.head_token_stats(model, hidden, targets, correct=True)["correct"]
+  return correct
+
+
+def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.ExampleConfig, model_config,
+                  config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
+  """Teacher-forced next-token accuracy per kind (and "n_<kind>" token counts) over `trajectories`."""
+  example_config = dataclasses.replace(example_config, max_tokens=config.seq_len)
+  examples = [e for e in pipeline.examples_dataset(trajectories, tokenizer, example_config, drop_long=True)]
+  if not examples:
+    raise ValueError(f"no trajectory fits the probe's {config.seq_len} tokens")
+  batch_config = batch_lib.BatchConfig(batch_size=config.batch_size, length_buckets=(config.seq_len,),
+                                       patch_buckets=(config.seq_len * 4,),
+                                       pad_token_id=model_config.text.pad_token_id)
+  need = max(len(e["pixel_values"]) for e in examples)
+  num_patches = -(-need // config.patch_multiple) * config.patch_multiple
+  graphdef, params = nnx.split(model)
+  correct_fn = _correct_fn(graphdef)
+  hits = {k: 0.0 for k in KINDS}
+  counts = {k: 0 for k in KINDS}
+  for start in range(0, len(examples), config.batch_size):
+    chunk = examples[start:start + config.batch_size]
+    batch = batch_lib.collate_sft(chunk, model_config, batch_config, seq_len=config.seq_len,
+                                  num_patches=num_patches)
+    targets, _ = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
+    correct = np.asarray(correct_fn(params, batch.inputs, jnp.asarray(targets)))  # [batch, seq - 1]
+    for row, ex in enumerate(chunk):
+      ids = [int(i) for i in ex["input_ids"]]
+      kinds = token_kinds([tokenizer.decode([i]) for i in ids], ex["loss_mask"])
+      for t in range(1, len(ids)):  # position t - 1 predicts token t
+        if kinds[t] is not None:
+          hits[kinds[t]] += float(correct[row, t - 1])
+          counts[kinds[t]] += 1
+  out = {k: hits[k] / counts[k] for k in KINDS if counts[k]}
+  out.update({f"n_{k}": counts[k] for k in KINDS})
+  return out
