@@ -309,6 +309,45 @@ def test_library_export_of_a_step_dir_with_explicit_config_bf16_sharded(trained,
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(again, nnx.Param)), want)
 
 
+def test_export_to_a_gcs_path_stages_locally_and_copies_through_epath(trained, tmp_path):
+  """`gs://` outputs go through `etils.epath` (mocked here onto a local folder: no network in tests)."""
+  from etils.epath import testing as epath_testing
+  bucket = tmp_path / "bucket"
+  written = []
+
+  def local(path):
+    path = os.fspath(path)
+    assert path.startswith("gs://my-bucket/"), path
+    return str(bucket / path[len("gs://my-bucket/"):])
+
+  def fake_open(_, path, mode="r", *args, **kwargs):
+    if "w" in mode:
+      written.append(os.path.basename(os.fspath(path)))
+    return open(local(path), mode, *args, **kwargs)
+
+  def fake_makedirs(_, path, *args, exist_ok=False, **kwargs):
+    os.makedirs(local(path), exist_ok=exist_ok)
+
+  with epath_testing.mock_epath(open=fake_open, makedirs=fake_makedirs,
+                                mkdir=lambda _, path, *a, **k: os.makedirs(local(path), exist_ok=True),
+                                exists=lambda _, path: os.path.exists(local(path)),
+                                isdir=lambda _, path: os.path.isdir(local(path))):
+    out = export.export_model(trained["model"], trained["config"], trained["tokenizer"], "gs://my-bucket/runs/hf",
+                              min_pixels=VIEW_PIXELS, max_pixels=VIEW_PIXELS)
+  assert out == "gs://my-bucket/runs/hf"
+  local_out = tmp_path / "local_hf"
+  export.export_model(trained["model"], trained["config"], trained["tokenizer"], str(local_out),
+                      min_pixels=VIEW_PIXELS, max_pixels=VIEW_PIXELS)
+  remote = bucket / "runs" / "hf"
+  assert sorted(os.listdir(remote)) == sorted(os.listdir(local_out))
+  for name in os.listdir(local_out):
+    assert (remote / name).read_bytes() == (local_out / name).read_bytes(), name
+  # Weights before any JSON: a reader that waits for config.json never sees a half-written model.
+  assert written.index("model.safetensors") < min(written.index(n) for n in written if n.endswith(".json"))
+  again, _ = load_pretrained(str(remote))
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(again, nnx.Param)), trained["params"])
+
+
 @pytest.mark.slow
 def test_demo_export_stage_writes_the_complete_directory(trained):
   result = eval_stages.run_export(trained["run_config"], str(trained["workdir"]))
