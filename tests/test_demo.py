@@ -35,7 +35,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
   assert "The paper's claims in miniature" in report
   assert "## Skills" in report and "first_zoom_on_target" in report
   skills = json.load(open(tmp_path / "eval" / "sft" / "skills.json"))
-  assert set(skills) >= {"goal", "box_coarse", "box_fine", "read", "other"}
+  assert set(skills) >= {"goal", "box_xy", "box_rest", "read", "other"}
   # A re-run resumes: every training stage finds its final checkpoint and does no new step.
   again = _run(tmp_path, "--config.stages=('sft', 'rl')")
   assert again.returncode == 0, again.stderr[-4000:]

@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_token_kinds_of_a_scripted_turn():
   pieces = ["<|im_start|>", "user", "Read the digit on the", " red", " cross", "<|im_end|>",
             "<think>", "I need the digit on the", " red", " cross", ". There is a", " red", " cross", "</think>",
-            '<grounding>{"bbox_2d": [', "0.", "3", "2", ", 0.", "8", "7", ', 1.00', '], "source": "observation_',
+            '<grounding>{"bbox_2d": [', "0.", "3", "2", ", 0.", "8", "7", ", 0.", "4", "1", ", 1.00",
+            '], "source": "observation_',
             "2", '"}</grounding>', "<think>", "This is a", " pink", " cross", " with the digit", " ", "7", ".",
             "<answer>", "7", "</answer>"]
   mask = [0] * 6 + [1] * (len(pieces) - 6)
@@ -26,7 +27,7 @@ def test_token_kinds_of_a_scripted_turn():
   got = {k: [p for p, kk in zip(pieces, kinds) if kk == k] for k in probe.KINDS}
   assert kinds[:6] == [None] * 6  # the question's words are not the model's
   assert got["goal"] == [" red", " cross"]  # only the two words after the goal phrase
-  assert got["box_coarse"] == ["3", "8"] and got["box_fine"] == ["2", "7"]
+  assert got["box_xy"] == ["3", "8"] and got["box_rest"] == ["2", "7", "4", "1"]
   assert got["read"] == ["7", "7"]  # the observation index "2" is not a reading
   assert "2" in got["other"] and " pink" in got["other"]
 
@@ -57,7 +58,9 @@ def test_kind_accuracy_matches_a_per_example_forward(demo_parts):
   model = vlm.random_model(mcfg, seed=3, std=0.3)
   example_cfg = pipeline.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels)
   got = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg, probe.ProbeConfig(seq_len=768, batch_size=3))
+  import collections
   hits = {k: 0 for k in probe.KINDS}
+  seen = {k: collections.Counter() for k in probe.KINDS}
   counts = {k: 0 for k in probe.KINDS}
   for ex in pipeline.examples_dataset(trajs, tokenizer, example_cfg):
     logits = np.asarray(model(ex["input_ids"][None], ex["pixel_values"], ex["image_grid_thw"]))[0]
@@ -67,10 +70,12 @@ def test_kind_accuracy_matches_a_per_example_forward(demo_parts):
       if kinds[t] is not None:
         hits[kinds[t]] += int(np.argmax(logits[t - 1]) == ids[t])
         counts[kinds[t]] += 1
-  assert counts["goal"] >= 2 * len(trajs) and counts["box_coarse"] == counts["box_fine"] > 0
+        seen[kinds[t]][ids[t]] += 1
+  assert counts["goal"] >= 2 * len(trajs) and 0 < counts["box_xy"] < counts["box_rest"]
   for k in probe.KINDS:
     assert got[f"n_{k}"] == counts[k]
     assert got[k] == pytest.approx(hits[k] / counts[k], abs=1e-9), k
+    assert got[f"prior_{k}"] == pytest.approx(seen[k].most_common(1)[0][1] / counts[k]), k
 
 
 def test_search_diagnostics_localises_the_first_crop():

@@ -256,7 +256,8 @@ def _skills_table(workdir: str) -> str:
     if os.path.exists(path):
       with open(path) as f:
         d = json.load(f)
-      rows.append({"model": name, **{k: round(100 * d[k], 1) for k in probe.KINDS if k in d}})
+      rows.append({"model": name, **{k: f"{100 * d[k]:.0f} ({100 * d[f'prior_{k}']:.0f})"
+                                     for k in probe.KINDS if k in d}})
   return report.markdown_table(rows, ["model", *probe.KINDS]) if rows else "(not measured)"
 
 
@@ -286,9 +287,10 @@ def run_report(config, workdir: str) -> dict:
             "first_call_valid: the first turn is a well-formed crop.", "",
             _diagnostics_table(workdir, config.eval.tiers, common.task_config(config))]
   lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
-            "goal: copying the target's colour and shape from the question; box_coarse / box_fine: the tenths "
-            "/ hundredths digits of crop coordinates (where to look); read: digits read off a crop; other: the "
-            "protocol's fixed wording. See mini_o3_jax/pipeline/probe.py.", "", _skills_table(workdir)]
+            "goal: copying the target's colour and shape from the question; box_xy: the tenths digits of a crop's "
+            "x0, y0 (where to look); box_rest: its other coordinate digits; read: digits read off a crop; other: the "
+            "protocol's fixed wording. In brackets: the score of always writing the most frequent token (a "
+            "policy that ignores the question and the image). See mini_o3_jax/pipeline/probe.py.", "", _skills_table(workdir)]
   lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",
                                                               "mean_turns", "mean_turns_correct",
                                                               "overturn_rate", "tool_error_rate"])]

@@ -3,8 +3,8 @@
 The scripted cold-start trajectories need three skills beyond the protocol's fixed wording:
 
   goal        copy the target's colour and shape from the question ("I need the digit on the| red| cross");
-  box_coarse  the tenths digit of a crop coordinate (where the object is, to a tenth of the image);
-  box_fine    the hundredths digit (and any other digit of a coordinate);
+  box_xy      the tenths digits of a crop's x0 and y0 (where to look, to a tenth of the image or crop);
+  box_rest    the other digits of a crop's coordinates (hundredths; x1, y1 follow from x0, y0 and the size);
   read        a digit written outside a box: read off a crop ("... with the digit 7", "... is 7",
               <answer>7</answer>).
 
@@ -15,6 +15,7 @@ per kind separates them, so the report says which one is missing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Sequence
@@ -29,7 +30,7 @@ from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
 from mini_o3_jax.train import sft as sft_lib
 
-KINDS = ("goal", "box_coarse", "box_fine", "read", "other")
+KINDS = ("goal", "box_xy", "box_rest", "read", "other")
 GOAL_PHRASE = "I need the digit on the"
 GOAL_WORDS = 2  # colour, shape
 
@@ -38,19 +39,22 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
   """The kind of every token (None outside the assistant's turns), from the decoded token strings.
 
   A goal is the two words after GOAL_PHRASE, whether the phrase is one token or several; a coordinate
-  digit is a digit token between '[' and ']' in the assistant's text (the bbox list), coarse when it
-  follows a token that ends in '.'; any other digit token is read (but an observation's index).
+  digit is a digit token between '[' and ']' in the assistant's text (the bbox list), box_xy when it is
+  the first or second digit that follows a token ending in '.' in that list (x0's and y0's tenths); any
+  other digit token is read (but an observation's index).
   """
   kinds: list[str | None] = []
   text_so_far = ""
-  goal_left, in_box, prev = 0, False, ""
+  goal_left, in_box, prev, tenths_seen = 0, False, "", 0
   for piece, m in zip(pieces, loss_mask):
     kind = None
     if m:
       if goal_left and piece.strip():
         kind, goal_left = "goal", goal_left - 1
       elif in_box and piece.strip().isdigit():
-        kind = "box_coarse" if prev.endswith(".") else "box_fine"
+        tenths = prev.endswith(".")
+        kind = "box_xy" if tenths and tenths_seen < 2 else "box_rest"
+        tenths_seen += tenths
       elif piece.strip().isdigit() and not prev.endswith("observation_"):
         kind = "read"
       else:
@@ -63,6 +67,7 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
       in_box = False
     elif "[" in piece or "]" in piece:  # a coordinate list opens at the last '[' and closes at ']'
       in_box = piece.rfind("[") > piece.rfind("]")
+      tenths_seen = 0
     prev = piece
   return kinds
 
@@ -86,7 +91,11 @@ def _correct_fn(graphdef):
 
 def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.ExampleConfig, model_config,
                   config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
-  """Teacher-forced next-token accuracy per kind (and "n_<kind>" token counts) over `trajectories`."""
+  """Teacher-forced next-token accuracy per kind over `trajectories`.
+
+  Also "n_<kind>" (token counts) and "prior_<kind>": the accuracy of always writing the kind's most
+  frequent token, the score of a policy that ignores the question and the image.
+  """
   example_config = dataclasses.replace(example_config, max_tokens=config.seq_len)
   examples = [e for e in pipeline.examples_dataset(trajectories, tokenizer, example_config, drop_long=True)]
   if not examples:
@@ -100,6 +109,7 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
   correct_fn = _correct_fn(graphdef)
   hits = {k: 0.0 for k in KINDS}
   counts = {k: 0 for k in KINDS}
+  targets_seen = {k: collections.Counter() for k in KINDS}
   for start in range(0, len(examples), config.batch_size):
     chunk = examples[start:start + config.batch_size]
     batch = batch_lib.collate_sft(chunk, model_config, batch_config, seq_len=config.seq_len,
@@ -113,6 +123,8 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
         if kinds[t] is not None:
           hits[kinds[t]] += float(correct[row, t - 1])
           counts[kinds[t]] += 1
+          targets_seen[kinds[t]][ids[t]] += 1
   out = {k: hits[k] / counts[k] for k in KINDS if counts[k]}
   out.update({f"n_{k}": counts[k] for k in KINDS})
+  out.update({f"prior_{k}": max(targets_seen[k].values()) / counts[k] for k in KINDS if counts[k]})
   return out
