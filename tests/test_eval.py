@@ -81,3 +81,14 @@ def test_search_diagnostics_reads_the_first_turn_and_the_answer():
   d = eval_stages.search_diagnostics(records)
   assert d == {"names_target": 0.25, "digit_answer": 0.5, "first_call_valid": 0.5}
   assert eval_stages.search_diagnostics([]) == {}
+
+
+def test_no_tools_policy_opens_with_the_trained_final_turn():
+  from mini_o3_jax import agent
+  from mini_o3_jax.pipeline import eval_stages
+  traj = agent.Trajectory(question="Which digit is printed on the cyan hexagon?", images=[], gold="1")
+  assert eval_stages._answer_at_once(0, traj) == "<think>The digit on the cyan hexagon is "
+  other = agent.Trajectory(question="What colour is the car?", images=[], gold="red")
+  assert eval_stages._answer_at_once(0, other) == eval_stages.DIRECT_ANSWER
+  traj.turns.append(agent.Turn("<think>The digit on the cyan hexagon is 3.</think>\n<answer>3</answer>"))
+  assert eval_stages._answer_at_once(0, traj) is None

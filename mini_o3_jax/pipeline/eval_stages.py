@@ -3,7 +3,8 @@
 eval: every trained model on held-out synthetic tasks of every tier, one rollout per task at the
 largest turn budget, scored at every budget by exact truncation (`eval.turn_scaling`); plus the
 "no_tools" baseline: the SFT model made to answer at once from the downscaled image (its first turn
-is forced to open with an answer).
+is forced to open with the wording of its trained final turns, "<think>The digit on the red cross is ",
+so the next token is its reading of the digit).
 report: report.md (tables, the four claims checked, figures), turn_scaling.png, metrics.json.
 export: the RL model (or the best available) as an HF checkpoint with its tokenizer.
 """
@@ -36,7 +37,15 @@ DIRECT_ANSWER = "<think>I answer from the image.</think>\n<answer>"
 
 
 def _answer_at_once(task_index: int, traj) -> str | None:
-  return DIRECT_ANSWER if traj.num_turns == 0 else None
+  """The no-tools policy: the first turn opens as the scripted final turn does, with the digit next.
+
+  An opening the model never saw in SFT ("I answer from the image.") is off its distribution: it then
+  writes no digit at all, which measures the prompt rather than what the model reads in the image.
+  """
+  if traj.num_turns:
+    return None
+  cue = _CUE.search(traj.question)
+  return f"<think>The digit on the {cue.group(1)} is " if cue else DIRECT_ANSWER
 
 
 def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
@@ -239,13 +248,13 @@ DIAGNOSTICS = ("names_target", "first_zoom_on_target", "first_zoom_on_object", "
 
 def _diagnostics_table(workdir: str, tiers, task_config) -> str:
   rows = []
-  for name in MODELS:
+  for name, (_, at_once) in MODELS.items():
     for tier in tiers:
       path = os.path.join(workdir, "eval", name, f"{tier}.jsonl")
-      if os.path.exists(path):
+      if os.path.exists(path) and not at_once:  # a forced answer is no search to diagnose
         with open(path) as f:
           d = search_diagnostics([json.loads(line) for line in f], task_config)
-        rows.append({"model": name, "tier": tier, **{k: round(100 * v, 1) for k, v in d.items()}})
+        rows.append({"model": name, "tier": tier, **{k: f"{100 * v:.0f}" for k, v in d.items()}})
   return report.markdown_table(rows, ["model", "tier", *DIAGNOSTICS]) if rows else "(no per-sample records)"
 
 
