@@ -67,8 +67,9 @@ cmd_install() {
   [[ -x "$VENV/bin/python" ]] || "$uv" venv --python "$PYTHON_VERSION" "$VENV"
   local spec
   spec="$(jax_tpu_spec)"
-  log "installing the project and $spec into $VENV"
-  "$uv" pip install --python "$VENV/bin/python" -r "$REPO_DIR/requirements.txt" -e "$REPO_DIR" "$spec"
+  log "installing the project, $spec and gcsfs into $VENV"
+  # gcsfs: etils.epath (Orbax's directories, our HF export) reaches gs:// paths through fsspec.
+  "$uv" pip install --python "$VENV/bin/python" -r "$REPO_DIR/requirements.txt" -e "$REPO_DIR" "$spec" gcsfs
   if [[ -n "$BUCKET" ]]; then
     install_gcsfuse
     sudo mkdir -p "$MOUNT_DIR"
