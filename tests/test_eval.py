@@ -92,3 +92,27 @@ def test_no_tools_policy_opens_with_the_trained_final_turn():
   assert eval_stages._answer_at_once(0, other) == eval_stages.DIRECT_ANSWER
   traj.turns.append(agent.Turn("<think>The digit on the cyan hexagon is 3.</think>\n<answer>3</answer>"))
   assert eval_stages._answer_at_once(0, traj) is None
+
+
+def _row(model, tier, max_turns, accuracy, n=20, mean_turns=2.0):
+  return {"model": model, "tier": tier, "max_turns": max_turns, "n": n, "accuracy": accuracy,
+          "mean_turns": mean_turns, "overturn_rate": 0.0}
+
+
+def test_claims_are_checked_with_their_thresholds_and_noise():
+  from mini_o3_jax.pipeline import eval_stages
+  rows = [_row("no_tools", "medium", 1, 0.10)]
+  for b, sft, rl, nm in ((4, (0.5, 0.2), 0.30, 0.30), (32, (0.6, 0.25), 0.45, 0.32)):
+    rows += [_row("sft", "medium", b, sft[0]), _row("sft", "hard", b, sft[1]), _row("rl", "hard", b, rl, mean_turns=5.0),
+             _row("rl_no_overturn_mask", "hard", b, nm, mean_turns=3.0)]
+  claims = eval_stages.check_claims(rows)
+  assert [holds for _, holds, _ in claims] == [True, True, True, True]
+  # 60% vs 10% of 20: beyond noise; 45% vs 25% of 20 passes the +5 threshold but is within noise.
+  assert "within noise" not in claims[0][2] and "difference +50.0" in claims[0][2]
+  assert "difference +20.0" in claims[1][2] and "within noise" in claims[1][2]
+  # The half-width matches the Agresti-Caffo formula recomputed by hand.
+  p1, p2 = (0.45 * 20 + 1) / 22, (0.25 * 20 + 1) / 22
+  want = 196 * ((p1 * (1 - p1) + p2 * (1 - p2)) / 22) ** 0.5
+  assert eval_stages.difference_noise(rows[-2], rows[-3]) == pytest.approx(want)
+  no_rl = [r for r in rows if not r["model"].startswith("rl")]
+  assert [holds for _, holds, _ in eval_stages.check_claims(no_rl)] == [True, None, None, None]

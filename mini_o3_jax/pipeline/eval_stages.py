@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 
@@ -165,6 +166,23 @@ def _cell(rows, model, tier, budget):
   return None
 
 
+def difference_noise(a: dict, b: dict) -> float:
+  """95% half-width, in points, of accuracy(a) - accuracy(b) for independent samples (Agresti-Caffo)."""
+  var = 0.0
+  for r in (a, b):
+    p = (r["accuracy"] * r["n"] + 1) / (r["n"] + 2)
+    var += p * (1 - p) / (r["n"] + 2)
+  return 100 * 1.96 * math.sqrt(var)
+
+
+def _noise(a: dict | None, b: dict | None) -> str:
+  if a is None or b is None:
+    return ""
+  d, h = 100 * (a["accuracy"] - b["accuracy"]), difference_noise(a, b)
+  return f"; difference {d:+.1f} ± {h:.1f} points (95%, n={a['n']}/{b['n']})" + (
+      ", within noise" if abs(d) <= h else "")
+
+
 def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
   """The paper's four claims in miniature: (claim, holds (None = not measured), the numbers)."""
   budgets = sorted({r["max_turns"] for r in rows})
@@ -179,10 +197,13 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
   sft_m, none_m = acc("sft", "medium", top), acc("no_tools", "medium", 1)
   out.append(("Tools matter: SFT with crops beats the same model answering from the downscaled image by "
               ">= 30 points (medium)", None if None in (sft_m, none_m) else sft_m - none_m >= 30,
-              f"sft {sft_m} vs no_tools {none_m}"))
+              f"sft {sft_m} vs no_tools {none_m}" + _noise(_cell(rows, "sft", "medium", top),
+                                                            _cell(rows, "no_tools", "medium", 1))))
   rl_h, sft_h = acc("rl", "hard", top), acc("sft", "hard", top)
   out.append(("RL helps: hard-tier accuracy after RL >= SFT + 5 points (same budget)",
-              None if None in (rl_h, sft_h) else rl_h >= sft_h + 5, f"rl {rl_h} vs sft {sft_h} at {top} turns"))
+              None if None in (rl_h, sft_h) else rl_h >= sft_h + 5,
+              f"rl {rl_h} vs sft {sft_h} at {top} turns" + _noise(_cell(rows, "rl", "hard", top),
+                                                                  _cell(rows, "sft", "hard", top))))
   hi = [acc("rl", "hard", b) for b in (16, 32) if b in budgets]
   at_low = acc("rl", "hard", low)
   out.append((f"Test-time turn scaling: RL hard accuracy at 16/32 turns > at {low} turns",
