@@ -309,6 +309,8 @@ def run_report(config, workdir: str) -> dict:
            "![turn scaling](turn_scaling.png)", "", "## The paper's claims in miniature", ""]
   for claim, holds, numbers in claims:
     mark = "not measured" if holds is None else ("HOLDS" if holds else "DOES NOT HOLD")
+    if holds and "within noise" in numbers:
+      mark = "HOLDS, BUT WITHIN NOISE"
     lines.append(f"- **{mark}** — {claim}: {numbers}")
   lines += ["", "## Diagnostics (% of test samples)", "",
             "names_target: the first thought names the question's target (the policy reads the question); "
