@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       max_tokens=768))  # longer trajectories (rare 10-turn searches) are dropped
 
   c.sft = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, lr=2e-3, warmup_steps=10, end_lr_ratio=0.05, weight_decay=0.01,
+      steps=200, batch_size=16, lr=2e-3, warmup_steps=10, end_lr_ratio=0.05, weight_decay=0.01,
       # Similar lengths per batch and patches padded to the length bucket: one compile per bucket.
       group_by_length=True, length_buckets=(160, 256, 384, 512, 768), patches_follow_length=True,
       patch_buckets=(768,), checkpoint_every=50, log_every=10))

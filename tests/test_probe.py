@@ -91,5 +91,18 @@ def test_search_diagnostics_localises_the_first_crop():
   d = eval_stages.search_diagnostics(records, tcfg)
   assert d["first_zoom_on_target"] == pytest.approx(1 / 3)
   assert d["first_zoom_on_object"] == pytest.approx(1 / 3)
+  # A random crop the size of the empty one almost never holds the target; one the size of the region
+  # zoom sometimes does, and a crop that covers the image always does.
+  def chance(box):
+    cx, cy = (task.target_box[0] + task.target_box[2]) / 2, (task.target_box[1] + task.target_box[3]) / 2
+    return np.mean([b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in eval_stages._shifted_boxes(box)])
+
+  want = (chance(coldstart.quantize_box(task.zoom_path[0], 2)) + chance((0.0, 0.0, 0.01, 0.01)) + 0.0) / 3
+  assert d["first_zoom_on_target_chance"] == pytest.approx(want)
+  assert 0 < d["first_zoom_on_target_chance"] < 1 / 3
+  whole = dict(records[1], turns=[{"text": "<think>x</think>\n" + coldstart.grounding((0, 0, 1, 1), 0, 2),
+                                    "error": None, "action": {"type": "tool_call"}}])
+  full = eval_stages.search_diagnostics([whole], tcfg)
+  assert full["first_zoom_on_target"] == full["first_zoom_on_target_chance"] == 1.0
   assert "first_zoom_on_target" not in eval_stages.search_diagnostics(records)
   json.dumps(d)

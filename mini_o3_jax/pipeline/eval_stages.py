@@ -238,11 +238,13 @@ def search_diagnostics(records: list[dict], task_config: synthetic.SyntheticConf
     policy conditions on the question at all; digit_answer: the final answer is a single digit;
     first_call_valid: the first turn is a well-formed crop call. With `task_config` (the scenes are
     regenerated from the record ids): first_zoom_on_target / first_zoom_on_object: the first turn crops
-    the original image around the target's centre / any shape's centre (the policy localises at all).
+    the original image around the target's centre / any shape's centre (the policy localises at all),
+    and *_chance: the same for a crop of the same size at a uniformly random place (what a policy that
+    sizes its crops right but does not localise scores).
   """
   if not records:
     return {}
-  names, digits, valid, on_target, on_object = [], [], [], [], []
+  names, digits, valid, on_target, on_object, target_chance, object_chance = [], [], [], [], [], [], []
   for r in records:
     first = r["turns"][0] if r["turns"] else {"text": "", "error": "no turn", "action": None}
     cue = _CUE.search(r["question"])
@@ -257,11 +259,24 @@ def search_diagnostics(records: list[dict], task_config: synthetic.SyntheticConf
       crop = call.bbox if isinstance(call, agent.tools.ToolCall) and call.source_index == 0 else None
       on_target.append(crop is not None and _centre_in(task.target_box, crop))
       on_object.append(crop is not None and any(_centre_in(o.box, crop) for o in task.objects))
+      shifted = _shifted_boxes(crop) if crop is not None else []
+      target_chance.append(np.mean([_centre_in(task.target_box, b) for b in shifted]) if shifted else 0.0)
+      object_chance.append(np.mean([any(_centre_in(o.box, b) for o in task.objects) for b in shifted])
+                           if shifted else 0.0)
   out = {"names_target": float(np.mean(names)), "digit_answer": float(np.mean(digits)),
          "first_call_valid": float(np.mean(valid))}
   if task_config is not None:
-    out.update(first_zoom_on_target=float(np.mean(on_target)), first_zoom_on_object=float(np.mean(on_object)))
+    out.update(first_zoom_on_target=float(np.mean(on_target)), first_zoom_on_object=float(np.mean(on_object)),
+               first_zoom_on_target_chance=float(np.mean(target_chance)),
+               first_zoom_on_object_chance=float(np.mean(object_chance)))
   return out
+
+
+def _shifted_boxes(box, steps: int = 9) -> list[tuple[float, float, float, float]]:
+  """`box` moved to each point of a steps x steps grid over the image (same size): where a blind crop goes."""
+  x0, y0, x1, y1 = box
+  w, h = min(max(x1 - x0, 0.0), 1.0), min(max(y1 - y0, 0.0), 1.0)
+  return [(x, y, x + w, y + h) for x in np.linspace(0, 1 - w, steps) for y in np.linspace(0, 1 - h, steps)]
 
 
 DIAGNOSTICS = ("names_target", "first_zoom_on_target", "first_zoom_on_object", "digit_answer", "first_call_valid")
@@ -275,7 +290,11 @@ def _diagnostics_table(workdir: str, tiers, task_config) -> str:
       if os.path.exists(path) and not at_once:  # a forced answer is no search to diagnose
         with open(path) as f:
           d = search_diagnostics([json.loads(line) for line in f], task_config)
-        rows.append({"model": name, "tier": tier, **{k: f"{100 * v:.0f}" for k, v in d.items()}})
+        cells = {k: f"{100 * v:.0f}" for k, v in d.items() if not k.endswith("_chance")}
+        for k in ("first_zoom_on_target", "first_zoom_on_object"):
+          if k in d:
+            cells[k] += f" ({100 * d[k + '_chance']:.0f})"
+        rows.append({"model": name, "tier": tier, **cells})
   return report.markdown_table(rows, ["model", "tier", *DIAGNOSTICS]) if rows else "(no per-sample records)"
 
 
@@ -315,7 +334,8 @@ def run_report(config, workdir: str) -> dict:
   lines += ["", "## Diagnostics (% of test samples)", "",
             "names_target: the first thought names the question's target (the policy reads the question); "
             "first_zoom_on_target / first_zoom_on_object: the first crop of the original image is centred "
-            "around the target / around any shape (the policy localises); digit_answer: the answer is one digit; "
+            "around the target / around any shape (the policy localises), in brackets the same for a crop of "
+            "that size at a random place; digit_answer: the answer is one digit; "
             "first_call_valid: the first turn is a well-formed crop.", "",
             _diagnostics_table(workdir, config.eval.tiers, common.task_config(config))]
   lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
