@@ -92,7 +92,10 @@ mount_bucket() {
   mountpoint -q "$MOUNT_DIR" && return 0
   log "mounting gs://$BUCKET at $MOUNT_DIR"
   mkdir -p "$MOUNT_DIR"
-  gcsfuse --implicit-dirs "$BUCKET" "$MOUNT_DIR"
+  # Orbax finalises every checkpoint step by renaming its temporary directory; on a bucket with a flat
+  # namespace gcsfuse refuses directory renames unless rename-dir-limit admits them (it then copies
+  # and deletes each object; a hierarchical-namespace bucket renames atomically).
+  gcsfuse --implicit-dirs --rename-dir-limit=200000 "$BUCKET" "$MOUNT_DIR"
 }
 
 # The pid of a live run (its process group), or nothing.
