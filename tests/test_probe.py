@@ -20,7 +20,7 @@ def test_token_kinds_of_a_scripted_turn():
             "<think>", "I need the digit on the", " red", " cross", ". There is a", " red", " cross", "</think>",
             '<grounding>{"bbox_2d": [', "0.", "3", "2", ", 0.", "8", "7", ", 0.", "4", "1", ", 1.00",
             '], "source": "observation_',
-            "2", '"}</grounding>', "<think>", "This is a", " pink", " cross", " with the digit", " ", "7", ".",
+            "2", '"}</grounding>', "<think>", "This is a", " pink", " cross", " with the digit", " ", "7", ".", " is", " ", "0.",
             "<answer>", "7", "</answer>"]
   mask = [0] * 6 + [1] * (len(pieces) - 6)
   kinds = probe.token_kinds(pieces, mask)
@@ -28,7 +28,8 @@ def test_token_kinds_of_a_scripted_turn():
   assert kinds[:6] == [None] * 6  # the question's words are not the model's
   assert got["goal"] == [" red", " cross"]  # only the two words after the goal phrase
   assert got["box_xy"] == ["3", "8"] and got["box_rest"] == ["2", "7", "4", "1"]
-  assert got["read"] == ["7", "7"]  # the observation index "2" is not a reading
+  assert got["read"] == ["7", "0.", "7"]  # the observation index "2" is not a reading
+  assert "0." in got["other"]  # a coordinate's leading "0." is wording
   assert "2" in got["other"] and " pink" in got["other"]
 
 

@@ -1,6 +1,6 @@
 """Which skill a demo policy lacks: teacher-forced accuracy by kind of token on held-out trajectories.
 
-The scripted cold-start trajectories need three skills beyond the protocol's fixed wording:
+The scripted cold-start trajectories need four kinds of tokens beyond the protocol's fixed wording:
 
   goal        copy the target's colour and shape from the question ("I need the digit on the| red| cross");
   box_xy      the tenths digits of a crop's x0 and y0 (where to look, to a tenth of the image or crop);
@@ -41,7 +41,7 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
   A goal is the two words after GOAL_PHRASE, whether the phrase is one token or several; a coordinate
   digit is a digit token between '[' and ']' in the assistant's text (the bbox list), box_xy when it is
   the first or second digit that follows a token ending in '.' in that list (x0's and y0's tenths); any
-  other digit token is read (but an observation's index).
+  other digit token ("7" or "7.") is read (but an observation's index).
   """
   kinds: list[str | None] = []
   text_so_far = ""
@@ -51,12 +51,14 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
     if m:
       if goal_left and piece.strip():
         kind, goal_left = "goal", goal_left - 1
-      elif in_box and piece.strip().isdigit():
-        tenths = prev.endswith(".")
-        kind = "box_xy" if tenths and tenths_seen < 2 else "box_rest"
-        tenths_seen += tenths
-      elif piece.strip().isdigit() and not prev.endswith("observation_"):
-        kind = "read"
+      elif in_box:
+        kind = "other"
+        if piece.strip().isdigit():
+          tenths = prev.endswith(".")
+          kind = "box_xy" if tenths and tenths_seen < 2 else "box_rest"
+          tenths_seen += tenths
+      elif piece.strip().rstrip(".").isdigit() and not prev.endswith("observation_"):
+        kind = "read"  # "7" or, where the vocabulary merges them, "7."
       else:
         kind = "other"
     kinds.append(kind)
