@@ -1,6 +1,5 @@
 """The skills probe: token kinds of the scripted protocol, and per-kind teacher-forced accuracy."""
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -10,7 +9,7 @@ import pytest
 
 from mini_o3_jax.data import coldstart, pipeline, synthetic
 from mini_o3_jax.model import vlm
-from mini_o3_jax.pipeline import common, eval_stages, probe
+from mini_o3_jax.pipeline import common, eval_stages, probe, train_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +47,7 @@ def demo_parts(tmp_path_factory):
   tokenizer = common.build_tokenizer(config, str(tmp_path_factory.mktemp("tok")))
   mcfg = common.model_config(config, tokenizer)
   tcfg = common.task_config(config)
-  trajs = [dataclasses.replace(t, images=[synthetic.render_view(im, None, tcfg) for im in t.images])
-           for tier in ("medium", "hard") for t in coldstart.scripted_coldstart(tier, 2, split="test", task_config=tcfg)]
+  trajs = [t for tier in ("medium", "hard") for t in train_stages.scripted_views(tier, 2, "test", tcfg)]
   return config, tokenizer, mcfg, trajs
 
 

@@ -25,6 +25,10 @@ from mini_o3_jax import agent
 from mini_o3_jax.data import synthetic
 
 PATTERNS = ("direct", "depth_first", "trial_and_error")
+# How every thought restating the goal opens, and how the final thought gives the digit; the skills
+# probe and the no-tools baseline key on them.
+GOAL_PREFIX = "I need the digit on the"
+ANSWER_PREFIX = "The digit on the"
 Box = tuple[float, float, float, float]
 
 
@@ -120,7 +124,7 @@ def _name(obj: synthetic.SceneObject) -> str:
 
 def _goal(task: synthetic.SyntheticTask) -> str:
   target = next(o for o in task.objects if o.is_target)
-  return f"I need the digit on the {_name(target)}."
+  return f"{GOAL_PREFIX} {_name(target)}."
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
@@ -167,7 +171,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   else:
     depth_first = pattern == "depth_first"
   _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead)
-  return ep.answer(f"The digit on the {_name(target)} is {task.answer}.")
+  return ep.answer(f"{ANSWER_PREFIX} {_name(target)} is {task.answer}.")
 
 
 def scripted_coldstart(tier: str, n: int, split: str = "train",

@@ -80,10 +80,10 @@ PHRASES = (prompts.INSTRUCTIONS, "\n\nQuestion: ", prompts.ERROR_SUFFIX, prompts
            # never swallows the space before a colour, shape or digit: the thought then names the target
            # with the same tokens as the question (" yellow"), so the model learns to copy a token rather
            # than to map " yellow" to "yellow".
-           "I need the digit on the", ". There is a", ". I look at its region first.",
+           coldstart.GOAL_PREFIX, ". There is a", ". I look at its region first.",
            ". Its digit is too small to read here, so I zoom in on it.",
            " is here but its digit is still too small, so I zoom in further.", "This is a", " with the digit",
-           ", not the", ". I go back to the original image and look elsewhere. ", "The digit on the",
+           ", not the", ". I go back to the original image and look elsewhere. ", coldstart.ANSWER_PREFIX,
            '<grounding>{"bbox_2d": [', '], "source": "original_image"}</grounding>', '], "source": "observation_',
            '"}</grounding>', "I answer from the image.", ", 0.", "0.", ", 1.00", "1.00")
 

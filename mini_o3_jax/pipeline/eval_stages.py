@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MODELS = {"no_tools": ("sft", True), "sft": ("sft", False), "rl": ("rl", False),
           "rl_no_overturn_mask": ("rl_no_mask", False)}
 DIRECT_ANSWER = "<think>I answer from the image.</think>\n<answer>"
+_CUE = re.compile(r"on the ([a-z]+ [a-z]+)\?\s*$")  # the target a synthetic question names
 
 
 def _answer_at_once(task_index: int, traj) -> str | None:
@@ -46,7 +47,7 @@ def _answer_at_once(task_index: int, traj) -> str | None:
   if traj.num_turns:
     return None
   cue = _CUE.search(traj.question)
-  return f"<think>The digit on the {cue.group(1)} is " if cue else DIRECT_ANSWER
+  return f"<think>{coldstart.ANSWER_PREFIX} {cue.group(1)} is " if cue else DIRECT_ANSWER
 
 
 def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
@@ -100,7 +101,7 @@ def run_eval(config, workdir: str) -> dict:
   c = config.eval
   tcfg = None if c.get("benchmarks") else common.task_config(config)
   judge = common.judge()
-  rows, summary = [], {}
+  rows, summary, skill_trajs = [], {}, None
   for name, stage, at_once in _eval_models(config):
     if stage is not None and not _has_checkpoint(workdir, stage):
       log.warning("eval: no %s checkpoint, skipping model %s", stage, name)
@@ -128,7 +129,10 @@ def run_eval(config, workdir: str) -> dict:
         for t in trajs:
           f.write(json.dumps(_record(t, turn_scaling.outcome(t, judge))) + "\n")
     if tcfg is not None and not at_once and c.get("skills_per_tier", 0):
-      _write_skills(config, workdir, name, model, tokenizer, mcfg, tcfg)
+      if skill_trajs is None:  # the same held-out trajectories for every model
+        skill_trajs = [t for tier in c.tiers
+                       for t in train_stages.scripted_views(tier, c.skills_per_tier, "test", tcfg)]
+      _write_skills(config, workdir, name, model, tokenizer, mcfg, skill_trajs)
   if c.get("benchmarks"):
     min_pixels, max_pixels = sources.pixel_budget(config)
     settings = {"temperature": c.temperature, "samples_per_task": dict(c.get("samples_per_task") or {}),
@@ -144,12 +148,8 @@ def run_eval(config, workdir: str) -> dict:
   return summary
 
 
-def _write_skills(config, workdir: str, name: str, model, tokenizer, mcfg, tcfg) -> None:
+def _write_skills(config, workdir: str, name: str, model, tokenizer, mcfg, trajs) -> None:
   """Teacher-forced accuracy by kind of token on scripted test-split trajectories (see `probe`)."""
-  trajs = []
-  for tier in config.eval.tiers:
-    for t in coldstart.scripted_coldstart(tier, config.eval.skills_per_tier, split="test", task_config=tcfg):
-      trajs.append(dataclasses.replace(t, images=[synthetic.render_view(im, None, tcfg) for im in t.images]))
   min_pixels, max_pixels = sources.pixel_budget(config)
   example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels)
   skills = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg,
@@ -221,9 +221,6 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                 f"mean turns {m['mean_turns']:.2f} (mask) vs {nm['mean_turns']:.2f} (no mask); "
                 f"gain {low}->{top} turns {gain_m:.1f} vs {gain_nm:.1f} points"))
   return out
-
-
-_CUE = re.compile(r"on the ([a-z]+ [a-z]+)\?\s*$")
 
 
 def _centre_in(box, crop) -> bool:

@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mini_o3_jax.data import pipeline
+from mini_o3_jax.data import coldstart, pipeline
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
 from mini_o3_jax.train import sft as sft_lib
 
 KINDS = ("goal", "box_xy", "box_rest", "read", "other")
-GOAL_PHRASE = "I need the digit on the"
+GOAL_PHRASE = coldstart.GOAL_PREFIX
 GOAL_WORDS = 2  # colour, shape
 
 
@@ -102,9 +102,8 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
   examples = [e for e in pipeline.examples_dataset(trajectories, tokenizer, example_config, drop_long=True)]
   if not examples:
     raise ValueError(f"no trajectory fits the probe's {config.seq_len} tokens")
-  batch_config = batch_lib.BatchConfig(batch_size=config.batch_size, length_buckets=(config.seq_len,),
-                                       patch_buckets=(config.seq_len * 4,),
-                                       pad_token_id=model_config.text.pad_token_id)
+  # Shapes are forced below (seq_len, num_patches), so the config's buckets are never consulted.
+  batch_config = batch_lib.BatchConfig(batch_size=config.batch_size, pad_token_id=model_config.text.pad_token_id)
   need = max(len(e["pixel_values"]) for e in examples)
   num_patches = -(-need // config.patch_multiple) * config.patch_multiple
   graphdef, params = nnx.split(model)

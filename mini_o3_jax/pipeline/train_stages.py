@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -40,11 +40,15 @@ def coldstart_trajectories(config) -> Sequence:
   tcfg = common.task_config(config)
   out = []
   for tier, n in config.data.sft_tasks.items():
-    for traj in tqdm(coldstart.scripted_coldstart(tier, n, split="train", task_config=tcfg), total=n,
-                     desc=f"cold-start {tier}", leave=False):
-      views = [synthetic.render_view(im, None, tcfg) for im in traj.images]
-      out.append(dataclasses.replace(traj, images=views, metadata=dict(traj.metadata)))
+    out += tqdm(scripted_views(tier, n, "train", tcfg), total=n, desc=f"cold-start {tier}", leave=False)
   return out
+
+
+def scripted_views(tier: str, n: int, split: str, tcfg) -> Iterator:
+  """Scripted trajectories of (tier, split) with every image replaced by the view the model sees."""
+  for traj in coldstart.scripted_coldstart(tier, n, split=split, task_config=tcfg):
+    views = [synthetic.render_view(im, None, tcfg) for im in traj.images]
+    yield dataclasses.replace(traj, images=views, metadata=dict(traj.metadata))
 
 
 def run_data(config, workdir: str) -> dict:
