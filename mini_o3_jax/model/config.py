@@ -34,6 +34,9 @@ class VisionConfig:
   tokens_per_second: int = 2
   rms_norm_eps: float = 1e-6  # fixed in the reference implementation
   initializer_range: float = 0.02
+  # Experimental, not in Qwen2.5-VL (HF export refuses it): learned row / column embeddings of this
+  # many patch positions added to the patch embeddings (absolute position in the value stream).
+  position_table: int = 0
 
   @property
   def head_dim(self) -> int:
@@ -161,6 +164,9 @@ class Qwen25VLConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers-5 nested layout, readable by transformers 4.5x too (flat `rope_scaling` kept)."""
     t, v = self.text, self.vision
+    if v.position_table:
+      raise ValueError("vision.position_table is an experimental extension with no Qwen2.5-VL equivalent: "
+                       "a model with it cannot be saved as an HF Qwen2.5-VL checkpoint")
     rope = {"rope_type": "default", "type": "mrope", "mrope_section": list(t.mrope_section),
             "rope_theta": t.rope_theta}
     text = {

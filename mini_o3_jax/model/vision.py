@@ -180,6 +180,10 @@ class VisionTower(nnx.Module):
                                      rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range)
     self.blocks = VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.depth)
     self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if cfg.position_table:
+      init = jax.nn.initializers.normal(cfg.initializer_range)
+      self.row_embed = nnx.Param(init(rngs.params(), (cfg.position_table, cfg.hidden_size), param_dtype))
+      self.col_embed = nnx.Param(init(rngs.params(), (cfg.position_table, cfg.hidden_size), param_dtype))
     self.remat = remat
 
   def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
@@ -187,6 +191,9 @@ class VisionTower(nnx.Module):
     n, unit = pixel_values.shape[0], cfg.merge_unit
     x = self.patch_embed(pixel_values)                                                  # [patches, dim]
     x = x.reshape(n // unit, unit, -1)[inputs.window_index].reshape(n, -1)             # window-major
+    if cfg.position_table:
+      rows, cols = inputs.patch_positions[:, 0], inputs.patch_positions[:, 1]
+      x = x + (self.row_embed[...][rows] + self.col_embed[...][cols]).astype(x.dtype)
     cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
     window_block = cfg.window_merged**2 * unit  # the largest possible window, in patches
     # Runs of consecutive blocks with the same attention kind, each one scan with a static kind, so

@@ -134,7 +134,7 @@ def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
   vision = config_lib.VisionConfig(
       depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
       num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
-      window_size=56)
+      window_size=56, position_table=m.get("vision_position_table", 0))
   return config_lib.Qwen25VLConfig(
       text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
       vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
@@ -154,6 +154,14 @@ class MetricLog:
                 for k, v in metrics.items()})
     with open(self.file, "a") as f:
       f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(file: str) -> list[dict[str, Any]]:
+  """The rows a MetricLog wrote ([] when the file does not exist)."""
+  if not os.path.exists(file):
+    return []
+  with open(file) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def fmt_metrics(metrics: dict[str, Any], keys) -> str:

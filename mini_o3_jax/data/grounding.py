@@ -1,0 +1,235 @@
+"""Grounding pretraining for the tiny base: fresh synthetic scenes, every object a question.
+
+A base that can *see* must exist before the agent recipe means anything (the paper starts from
+Qwen2.5-VL-7B-Instruct, which grounds already). One training row is one scene shown at the demo's view
+budget, followed by short chat turns about its objects, each of one kind:
+
+  locate  "Where is the blue diamond?"            -> the crop tool's call on the shape's box
+  name    "What is at [0.56, 0.14, 0.72, 0.30]?"  -> "blue diamond"
+  read    a legible crop (the shape's last zoom)  -> its digit, "<answer>3</answer>"
+
+The locate answer is the protocol's own `<grounding>` call, written as the scripted cold start writes
+its boxes, so the skill transfers to the agent's first crop without a change of format. Scenes come
+from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
+splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
+
+A curriculum walks from one shape on a canvas to the demo's hard tier: `Level`s are scene recipes
+(a `TierSpec` for the generator), `Curriculum` says which levels each training step draws from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.processing import chat
+from mini_o3_jax.processing import image as image_lib
+
+KINDS = ("locate", "name", "read")
+PRETRAIN_SPLIT = "pretrain"
+HELDOUT_SPLIT = "pretrain_heldout"
+
+LOCATE_PREFIX = "Where is the"
+NAME_PREFIX = "What is at ["
+READ_QUESTION = "What digit is on the label?"
+_LOCATE = LOCATE_PREFIX + " {name}?"
+_NAME = NAME_PREFIX + "{box}]?"
+_READ = READ_QUESTION
+
+# Scene recipes below the demo's tiers: the first rungs of the curriculum.
+LEVELS: dict[str, synthetic.TierSpec] = {
+    "single": dataclasses.replace(synthetic.EASY, num_objects=(1, 1)),
+    "few": dataclasses.replace(synthetic.EASY, num_objects=(2, 4)),
+    "easy": synthetic.EASY,
+    "medium": synthetic.MEDIUM,
+    "hard": synthetic.HARD,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+  """Which scene levels a step draws from: `stages` of (first step, {level: weight})."""
+  stages: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+  def mixture(self, step: int) -> tuple[tuple[str, float], ...]:
+    current = self.stages[0][1]
+    for start, mix in self.stages:
+      if step >= start:
+        current = mix
+    return current
+
+  @classmethod
+  def parse(cls, spec: str) -> Curriculum:
+    """From "0:single=0.5,few=0.5; 300:easy=1" (a command-line friendly form)."""
+    stages = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+      start, _, mix = part.partition(":")
+      weights = {}
+      for item in filter(None, (m.strip() for m in mix.split(","))):
+        level, _, weight = item.partition("=")
+        weights[level.strip()] = float(weight or 1.0)
+      stages.append((int(start), weights))
+    if not stages:
+      raise ValueError(f"empty curriculum {spec!r}")
+    return cls.from_dict(stages)
+
+  @classmethod
+  def from_dict(cls, stages: Sequence[tuple[int, dict[str, float]]]) -> Curriculum:
+    out = []
+    for start, mix in stages:
+      for level in mix:
+        if level not in LEVELS:
+          raise ValueError(f"unknown curriculum level {level!r}; expected one of {tuple(LEVELS)}")
+      out.append((int(start), tuple((k, float(v)) for k, v in mix.items())))
+    return cls(tuple(sorted(out)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingConfig:
+  """What one row holds.
+
+  locate / name / read: questions of each kind per scene (fewer when the scene has fewer shapes).
+  decimals: digits of every box coordinate, as the scripted cold start writes them.
+  """
+  locate: int = 6
+  name: int = 2
+  read: int = 1
+  decimals: int = 2
+
+
+def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
+  """(generator config, generator tier) that draw scenes of curriculum `level`."""
+  if level in synthetic.TIERS:
+    return task_config, level
+  return dataclasses.replace(task_config, easy=LEVELS[level]), "easy"
+
+
+def make_scene(level: str, index: int, task_config: synthetic.SyntheticConfig,
+               split: str = PRETRAIN_SPLIT) -> synthetic.SyntheticTask:
+  cfg, tier = scene_config(task_config, level)
+  # Each level has its own index space: a level's scene i never repeats another level's.
+  return synthetic.make_task(tier, index, dataclasses.replace(cfg, seed=cfg.seed * 7919 + level_salt(level)),
+                             split)
+
+
+def level_salt(level: str) -> int:
+  return 1 + tuple(LEVELS).index(level)
+
+
+def object_name(obj: synthetic.SceneObject) -> str:
+  return f"{obj.colour} {obj.shape}"
+
+
+def locate_question(name: str) -> str:
+  return _LOCATE.format(name=name)
+
+
+def box_text(box: Sequence[float], decimals: int) -> str:
+  return ", ".join(f"{v:.{decimals}f}" for v in coldstart.quantize_box(box, decimals))
+
+
+def locate_answer(box: Sequence[float], decimals: int) -> str:
+  return coldstart.grounding(coldstart.quantize_box(box, decimals), 0, decimals)
+
+
+def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
+                    rng: np.random.Generator) -> list[tuple[str, str, str, int]]:
+  """[(kind, question, answer, object index)] about `task`, in a random order.
+
+  A locate question names a shape only when its name is unique in the scene (a look-alike shares the
+  colour or the shape, never both), so every answer is determined by the image. The target comes
+  first in line: the agent will be asked about it, and the scene's look-alikes surround it.
+  """
+  objects = task.objects
+  names = [object_name(o) for o in objects]
+  target = next(i for i, o in enumerate(objects) if o.is_target)
+  order = [target] + [int(i) for i in rng.permutation(len(objects)) if i != target]
+  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals), i)
+         for i in [i for i in order if names.count(names[i]) == 1][:config.locate]]
+  out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
+          for i in order[:config.name]]
+  out += [("read", _READ, f"<answer>{objects[i].digit}</answer>", i) for i in order[:config.read]]
+  return [out[j] for j in rng.permutation(len(out))]
+
+
+def scene_messages(questions) -> list[dict[str, Any]]:
+  """The chat: the scene in the first user turn, then one user / assistant pair per question; a read
+  question brings its crop as an image of its own."""
+  messages = []
+  for n, (kind, question, answer, _) in enumerate(questions):
+    content = [{"type": "image"}] if n == 0 else []
+    if kind == "read":
+      content.append({"type": "image"})
+    content.append({"type": "text", "text": question})
+    messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+  return messages
+
+
+def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig) -> list:
+  """The views the model sees, in placeholder order: the scene, then each read question's crop (the
+  shape's last zoom, where its digit is legible)."""
+  views = [synthetic.render_view(task.image, None, task_config)]
+  views += [synthetic.render_view(task.image, task.objects[i].zoom_path[-1], task_config)
+            for kind, _, _, i in questions if kind == "read"]
+  return views
+
+
+def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
+                  task_config: synthetic.SyntheticConfig, rng: np.random.Generator) -> dict[str, Any]:
+  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw}.
+
+  `kinds` int [T] is the index in KINDS of the question each answer token belongs to (-1 elsewhere),
+  so the skills probe can score each kind separately.
+  """
+  questions = scene_questions(task, config, rng)
+  processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels)
+               for v in scene_views(task, questions, task_config)]
+  grids = [g for _, g in processed]
+  enc = chat.tokenize_conversation(tokenizer, scene_messages(questions), grids)
+  return {
+      "id": task.id,
+      "input_ids": enc["input_ids"],
+      "loss_mask": enc["loss_mask"],
+      "kinds": _answer_kinds(enc["loss_mask"], [q[0] for q in questions]),
+      "pixel_values": np.concatenate([pv for pv, _ in processed]).astype(np.float32),
+      "image_grid_thw": np.stack(grids).astype(np.int64),
+  }
+
+
+def _answer_kinds(loss_mask: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
+  """Per token, the KINDS index of the answer it belongs to (-1 outside answers)."""
+  out = np.full(len(loss_mask), -1, np.int32)
+  starts = np.flatnonzero(np.diff(np.concatenate([[0], loss_mask])) == 1)
+  ends = np.flatnonzero(np.diff(np.concatenate([loss_mask, [0]])) == -1) + 1
+  if len(starts) != len(kinds):
+    raise ValueError(f"{len(starts)} answer spans for {len(kinds)} questions")
+  for s, e, kind in zip(starts, ends, kinds):
+    out[s:e] = KINDS.index(kind)
+  return out
+
+
+class SceneStream:
+  """Fresh rows for step `step` of a curriculum: row r of step s is scene s * rows + r of its level.
+
+  Stateless apart from the step, so a resumed run regenerates exactly the rows it would have seen.
+  """
+
+  def __init__(self, curriculum: Curriculum, config: GroundingConfig, task_config: synthetic.SyntheticConfig,
+               tokenizer, rows: int, seed: int, split: str = PRETRAIN_SPLIT):
+    self.curriculum, self.config, self.task_config = curriculum, config, task_config
+    self.tokenizer, self.rows, self.seed, self.split = tokenizer, rows, seed, split
+
+  def rows_for(self, step: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
+    mix = self.curriculum.mixture(step)
+    levels = [k for k, _ in mix]
+    p = np.asarray([w for _, w in mix], np.float64)
+    picks = rng.choice(len(levels), size=self.rows, p=p / p.sum())
+    out = []
+    for r, pick in enumerate(picks):
+      task = make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
+      out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng))
+    return out

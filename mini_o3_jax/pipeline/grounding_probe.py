@@ -1,0 +1,181 @@
+"""What the grounding base can do, on held-out scenes: per-skill accuracy and greedy boxes.
+
+Teacher-forced (cheap, every `eval_every` steps), per answer-token role:
+  where  the tenths digit of x0 and y0 of a located box (the coarse position: where to look);
+  box    the box's other digits (its fine position and size);
+  name   the name of the shape at a given box;
+  read   the digit of a legible crop;
+each beside `prior_<role>`, the accuracy of always writing the role's most frequent token.
+
+Greedy (the numbers the base is judged by): the target of each held-out scene is asked for alone
+("Where is the <target>?"), the box is decoded by the sampler and parsed by the agent's own parser,
+and `on_target` counts boxes whose centre lies in the target's box (a crop there shows the target),
+`iou50` boxes with IoU >= 0.5; `read` the digit decoded from the target's legible crop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mini_o3_jax.agent import tools
+from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.processing import chat
+from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.sampler import generate
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import losses
+from mini_o3_jax.train import sft as sft_lib
+
+ROLES = ("where", "box", "name", "read")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+  levels: tuple[str, ...] = ("easy", "medium", "hard")
+  scenes: int = 64  # held-out scenes per level
+  batch_size: int = 16
+  seq_len: int = 512
+  num_patches: int = 192
+
+
+def token_roles(pieces, kinds) -> list[str | None]:
+  """Per token, its role in ROLES (None outside answers). pieces: decoded tokens; kinds: KINDS index."""
+  roles: list[str | None] = [None] * len(pieces)
+  coord, digits_seen = -1, 0
+  for t, (piece, kind) in enumerate(zip(pieces, kinds)):
+    if kind < 0:
+      coord = -1
+      continue
+    name = grounding.KINDS[kind]
+    if name != "locate":
+      roles[t] = name if name != "read" or piece.strip().isdigit() else None
+      continue
+    if piece.endswith("0.") or piece.endswith("1.") or piece.endswith("1.00"):
+      coord, digits_seen = coord + 1, 0
+      continue
+    if piece.isdigit() and coord >= 0:
+      roles[t] = "where" if coord < 2 and digits_seen == 0 else "box"
+      digits_seen += 1
+  return roles
+
+
+@functools.lru_cache(maxsize=4)
+def _correct_fn(graphdef):
+  @jax.jit
+  def correct(params, inputs, targets):
+    model = nnx.merge(graphdef, params)
+    hidden = sft_lib.hidden_states(model, inputs)[:, :-1]
+    return sft_lib.head_token_stats(model, hidden, targets, correct=True)["correct"]
+  return correct
+
+
+def _centre_in(box, crop) -> bool:
+  cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+  return crop[0] <= cx <= crop[2] and crop[1] <= cy <= crop[3]
+
+
+def iou(a, b) -> float:
+  ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = ix * iy
+  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+  return inter / union if union > 0 else 0.0
+
+
+class GroundingProbe:
+  """Held-out rows and greedy questions per level, built once; `run(model)` scores a model."""
+
+  def __init__(self, config: ProbeConfig, grounding_config: grounding.GroundingConfig,
+               task_config: synthetic.SyntheticConfig, tokenizer, model_config, seed: int = 0):
+    self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
+    self.rows, self.tasks = {}, {}
+    for level in config.levels:
+      rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + grounding.level_salt(level)]))
+      tasks = [grounding.make_scene(level, i, task_config, grounding.HELDOUT_SPLIT) for i in range(config.scenes)]
+      self.tasks[level] = tasks
+      self.rows[level] = [grounding.scene_example(t, tokenizer, grounding_config, task_config, rng) for t in tasks]
+
+  def run(self, model, greedy: bool = True) -> dict[str, float]:
+    out = {}
+    for level in self.config.levels:
+      for k, v in self.teacher_forced(model, self.rows[level]).items():
+        out[f"{level}/{k}"] = v
+      if greedy:
+        for k, v in self.greedy(model, self.tasks[level]).items():
+          out[f"{level}/{k}"] = v
+    return out
+
+  def teacher_forced(self, model, rows) -> dict[str, float]:
+    cfg = self.config
+    batch_cfg = batch_lib.BatchConfig(batch_size=cfg.batch_size, pad_token_id=self.model_config.text.pad_token_id)
+    graphdef, params = nnx.split(model)
+    correct_fn = _correct_fn(graphdef)
+    hits, counts = collections.Counter(), collections.Counter()
+    seen = {r: collections.Counter() for r in ROLES}
+    for start in range(0, len(rows), cfg.batch_size):
+      chunk = rows[start:start + cfg.batch_size]
+      batch = batch_lib.collate_sft(chunk, self.model_config, batch_cfg, seq_len=cfg.seq_len,
+                                    num_patches=cfg.num_patches)
+      targets, _ = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
+      correct = np.asarray(correct_fn(params, batch.inputs, jnp.asarray(targets)))
+      for r, ex in enumerate(chunk):
+        ids = [int(i) for i in ex["input_ids"]]
+        roles = token_roles([self.tokenizer.decode([i]) for i in ids], ex["kinds"])
+        for t in range(1, len(ids)):
+          if roles[t] is not None:
+            hits[roles[t]] += float(correct[r, t - 1])
+            counts[roles[t]] += 1
+            seen[roles[t]][ids[t]] += 1
+    out = {f"tf_{k}": hits[k] / counts[k] for k in ROLES if counts[k]}
+    out.update({f"prior_{k}": max(seen[k].values()) / counts[k] for k in ROLES if counts[k]})
+    return out
+
+  def _prompt(self, image, question: str):
+    pv, grid = image_lib.preprocess_image(image, self.task_config.view_min_pixels, self.task_config.view_max_pixels)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    enc = chat.tokenize_conversation(self.tokenizer, messages, [grid], add_generation_prompt=True)
+    return enc["input_ids"], pv, grid
+
+  def _generate(self, model, prompts, max_new_tokens: int) -> list[str]:
+    texts = []
+    for start in range(0, len(prompts), self.config.batch_size):
+      chunk = prompts[start:start + self.config.batch_size]
+      width = max(len(p[0]) for p in chunk)
+      ids = np.full((len(chunk), width), self.model_config.text.pad_token_id, np.int32)
+      mask = np.zeros_like(ids)
+      for r, (p, _, _) in enumerate(chunk):  # left padding
+        ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+      out = generate(model, ids, mask, np.concatenate([c[1] for c in chunk]), np.stack([c[2] for c in chunk]),
+                     max_new_tokens=max_new_tokens, temperature=0.0,
+                     pad_token_id=self.model_config.text.pad_token_id)
+      texts += [self.tokenizer.decode(out.tokens[r, :out.lengths[r]], skip_special_tokens=False)
+                for r in range(len(chunk))]
+    return texts
+
+  def greedy(self, model, tasks) -> dict[str, float]:
+    view = lambda t, box: synthetic.render_view(t.image, box, self.task_config)
+    target = lambda t: next(o for o in t.objects if o.is_target)
+    locate = [self._prompt(view(t, None), grounding.locate_question(grounding.object_name(target(t))))
+              for t in tasks]
+    read = [self._prompt(view(t, target(t).zoom_path[-1]), grounding.READ_QUESTION) for t in tasks]
+    on_target, iou50, reads = [], [], []
+    for t, text in zip(tasks, self._generate(model, locate, 20)):
+      action = tools.parse_action(tools.truncate_at_stop(text))
+      box = action.bbox if isinstance(action, tools.ToolCall) else None
+      on_target.append(box is not None and _centre_in(t.target_box, box))
+      iou50.append(box is not None and iou(box, t.target_box) >= 0.5)
+    for t, text in zip(tasks, self._generate(model, read, 8)):
+      reads.append(f"<answer>{t.answer}</answer>" in text)
+    return {"on_target": float(np.mean(on_target)), "iou50": float(np.mean(iou50)),
+            "read": float(np.mean(reads))}
+
+
+def format_skills(skills: dict[str, float]) -> str:
+  return " ".join(f"{k}={100 * v:.0f}" for k, v in skills.items() if not k.split("/")[-1].startswith("prior"))

@@ -1,0 +1,88 @@
+"""Grounding pretraining rows (data/grounding.py) and the pretrain stage end to end at toy size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import demo
+from mini_o3_jax.agent import tools
+from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.pipeline import common, grounding_probe
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return common.build_tokenizer(demo.get_config(), str(tmp_path_factory.mktemp("tok")))
+
+
+def test_curriculum_parse_and_mixture():
+  cur = grounding.Curriculum.parse("300:easy=1; 0:single=0.5,few=0.5")
+  assert cur.mixture(0) == (("single", 0.5), ("few", 0.5))
+  assert cur.mixture(299) == cur.mixture(0)
+  assert cur.mixture(300) == (("easy", 1.0),)
+  with pytest.raises(ValueError, match="unknown curriculum level"):
+    grounding.Curriculum.parse("0:nowhere=1")
+
+
+def test_rows_answer_from_the_scene(tokenizer):
+  tcfg = synthetic.SyntheticConfig()
+  task = grounding.make_scene("medium", 3, tcfg)
+  rng = np.random.default_rng(0)
+  questions = grounding.scene_questions(task, grounding.GroundingConfig(), rng)
+  names = [grounding.object_name(o) for o in task.objects]
+  for kind, question, answer, i in questions:
+    obj = task.objects[i]
+    if kind == "locate":
+      assert names.count(names[i]) == 1 and names[i] in question
+      box = tools.parse_action(answer).bbox          # the protocol's own parser reads it
+      assert grounding_probe.iou(box, obj.box) > 0.8
+    elif kind == "name":
+      assert answer == names[i]
+    else:
+      assert answer == f"<answer>{obj.digit}</answer>"
+  ex = grounding.scene_example(task, tokenizer, grounding.GroundingConfig(), tcfg, np.random.default_rng(0))
+  n_images = 1 + sum(q[0] == "read" for q in questions)
+  assert ex["image_grid_thw"].shape == (n_images, 3)
+  assert ex["pixel_values"].shape[0] == int(np.prod(ex["image_grid_thw"], -1).sum())
+  # Every answer span is labelled with its kind; nothing outside the loss mask is.
+  assert np.all((ex["kinds"] >= 0) == (ex["loss_mask"] == 1))
+
+
+def test_stream_is_fresh_and_reproducible(tokenizer):
+  cur = grounding.Curriculum.parse("0:few=1")
+  stream = grounding.SceneStream(cur, grounding.GroundingConfig(), synthetic.SyntheticConfig(), tokenizer, rows=2,
+                                 seed=0)
+  a, b = stream.rows_for(5), stream.rows_for(5)
+  assert [r["id"] for r in a] == [r["id"] for r in b]
+  assert all(np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+  later = {r["id"] for r in stream.rows_for(6)}
+  assert not later & {r["id"] for r in a}
+  # Pretraining scenes never come from the agent's splits.
+  assert all(f"-{grounding.PRETRAIN_SPLIT}-" in r["id"] for r in a)
+
+
+def test_position_table_is_not_exported_as_qwen25vl():
+  from mini_o3_jax.model import config as config_lib
+  cfg = config_lib.Qwen25VLConfig(vision=config_lib.VisionConfig(position_table=8))
+  with pytest.raises(ValueError, match="position_table"):
+    cfg.to_hf_dict()
+
+
+def test_pretrain_stage_runs_and_exports(tmp_path):
+  env = dict(os.environ, MINI_O3_COMPILE_CACHE="0")
+  cmd = [sys.executable, "-m", "mini_o3_jax.main", "--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path),
+         "--config.pretrain.steps=2", "--config.pretrain.batch_size=8", "--config.pretrain.eval_every=2",
+         "--config.pretrain.probe_scenes=2", "--config.pretrain.probe_levels=('easy',)",
+         "--config.pretrain.checkpoint_every=1"]
+  subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True)
+  skills = json.load(open(tmp_path / "pretrain" / "skills.json"))
+  assert {"easy/tf_where", "easy/prior_where", "easy/on_target", "easy/read"} <= set(skills)
+  base = tmp_path / "base"
+  assert (base / "config.json").exists() and (base / "training_summary.json").exists()
+  from mini_o3_jax.model.hf import load_pretrained
+  model, cfg = load_pretrained(str(base))
+  assert cfg.vision.depth == demo.get_config().model.vision_depth
