@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mini_o3_jax.agent import tools
 from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.pipeline import probe as probe_lib
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.sampler import generate
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
-from mini_o3_jax.train import sft as sft_lib
 
 ROLES = ("where", "box", "name", "read")
 
@@ -64,16 +62,6 @@ def token_roles(pieces, kinds) -> list[str | None]:
       roles[t] = "where" if coord < 2 and digits_seen == 0 else "box"
       digits_seen += 1
   return roles
-
-
-@functools.lru_cache(maxsize=4)
-def _correct_fn(graphdef):
-  @jax.jit
-  def correct(params, inputs, targets):
-    model = nnx.merge(graphdef, params)
-    hidden = sft_lib.hidden_states(model, inputs)[:, :-1]
-    return sft_lib.head_token_stats(model, hidden, targets, correct=True)["correct"]
-  return correct
 
 
 def _centre_in(box, crop) -> bool:
@@ -116,7 +104,7 @@ class GroundingProbe:
     cfg = self.config
     batch_cfg = batch_lib.BatchConfig(batch_size=cfg.batch_size, pad_token_id=self.model_config.text.pad_token_id)
     graphdef, params = nnx.split(model)
-    correct_fn = _correct_fn(graphdef)
+    correct_fn = probe_lib.correct_fn(graphdef)
     hits, counts = collections.Counter(), collections.Counter()
     seen = {r: collections.Counter() for r in ROLES}
     for start in range(0, len(rows), cfg.batch_size):

@@ -82,7 +82,8 @@ class ProbeConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _correct_fn(graphdef):
+def correct_fn(graphdef):
+  """A jitted (params, inputs, targets) -> [batch, seq - 1] next-token argmax hits, one per graphdef."""
   @jax.jit
   def correct(params, inputs, targets):
     model = nnx.merge(graphdef, params)
@@ -107,7 +108,7 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
   need = max(len(e["pixel_values"]) for e in examples)
   num_patches = -(-need // config.patch_multiple) * config.patch_multiple
   graphdef, params = nnx.split(model)
-  correct_fn = _correct_fn(graphdef)
+  hits_fn = correct_fn(graphdef)
   hits = {k: 0.0 for k in KINDS}
   counts = {k: 0 for k in KINDS}
   targets_seen = {k: collections.Counter() for k in KINDS}
@@ -116,7 +117,7 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
     batch = batch_lib.collate_sft(chunk, model_config, batch_config, seq_len=config.seq_len,
                                   num_patches=num_patches)
     targets, _ = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
-    correct = np.asarray(correct_fn(params, batch.inputs, jnp.asarray(targets)))  # [batch, seq - 1]
+    correct = np.asarray(hits_fn(params, batch.inputs, jnp.asarray(targets)))  # [batch, seq - 1]
     for row, ex in enumerate(chunk):
       ids = [int(i) for i in ex["input_ids"]]
       kinds = token_kinds([tokenizer.decode([i]) for i in ids], ex["loss_mask"])
