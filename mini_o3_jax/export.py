@@ -42,7 +42,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model.config import Qwen25VLConfig
-from mini_o3_jax.model.hf import load_pretrained, save_pretrained
+from mini_o3_jax.model.hf import (check_export_target, is_previous_export, load_pretrained, replace_dir,
+                                  save_pretrained)
 from mini_o3_jax.model.vlm import Qwen25VL
 from mini_o3_jax.processing import chat as chat_lib
 from mini_o3_jax.processing import image as image_lib
@@ -175,17 +176,6 @@ def _is_remote(path: str) -> bool:
   return "://" in str(path)
 
 
-def _replace_dir(src: str, dst: str) -> None:
-  """Renames the finished directory `src` onto `dst`, replacing any old one (same filesystem)."""
-  if os.path.exists(dst):
-    trash = tempfile.mkdtemp(prefix=".tmp_old_", dir=os.path.dirname(dst))
-    os.rename(dst, os.path.join(trash, "old"))
-    os.rename(src, dst)
-    shutil.rmtree(trash)
-  else:
-    os.rename(src, dst)
-
-
 def copy_tree(src: str, dst: str | epath.Path, names: Iterable[str] | None = None) -> list[str]:
   """Copies the files of local `src` (or only `names`) into `dst`, any epath-supported filesystem.
 
@@ -201,12 +191,35 @@ def copy_tree(src: str, dst: str | epath.Path, names: Iterable[str] | None = Non
   return names
 
 
+def check_remote_target(out: str, overwrite: bool) -> None:
+  """`check_export_target` for a gs:// (epath) directory, which an export copies files into."""
+  p = epath.Path(out)
+  if overwrite or not p.exists():
+    return
+  names = [c.name for c in p.iterdir()] if p.is_dir() else None
+  if names is None or (names and not is_previous_export(names)):
+    raise FileExistsError(f"{out} exists and is not an empty directory or a model export; refusing to "
+                          "write into it (choose another path, or pass overwrite=True / --overwrite)")
+
+
 def export_model(model: Qwen25VL, config: Qwen25VLConfig, tokenizer, out: str, *, dtype=None,
                  max_shard_bytes: int = 5 * 10**9, min_pixels: int = image_lib.DEFAULT_MIN_PIXELS,
-                 max_pixels: int = image_lib.DEFAULT_MAX_PIXELS, generation: dict[str, Any] | None = None) -> str:
-  """A model in memory -> a complete HF Qwen2.5-VL directory at `out` (local path or gs://). Returns `out`."""
+                 max_pixels: int = image_lib.DEFAULT_MAX_PIXELS, generation: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> str:
+  """A model in memory -> a complete HF Qwen2.5-VL directory at `out` (local path or gs://). Returns `out`.
+
+  `out` must be new, empty or a previous export; `overwrite=True` replaces whatever it is. The export
+  is staged beside `out` and swapped in whole, so a failed export leaves the old one intact.
+
+  Raises:
+    FileExistsError: `out` holds something other than a previous export.
+  """
   check_tokenizer(tokenizer, config)
   remote = _is_remote(out)
+  if remote:
+    check_remote_target(out, overwrite)
+  else:
+    check_export_target(out, overwrite)
   parent = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp_export_", dir=parent)
@@ -217,7 +230,7 @@ def export_model(model: Qwen25VL, config: Qwen25VLConfig, tokenizer, out: str, *
     if remote:
       copy_tree(staged, out)
     else:
-      _replace_dir(staged, os.path.abspath(out))
+      replace_dir(staged, os.path.abspath(out))
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out
@@ -420,17 +433,20 @@ def find_sources(checkpoint: str, *, config_path: str | None = None, tokenizer_p
 
 def export_checkpoint(checkpoint: str, out: str, *, config_path: str | None = None,
                       tokenizer_path: str | None = None, dtype=None, max_shard_bytes: int = 5 * 10**9,
-                      min_pixels: int | None = None, max_pixels: int | None = None, mesh=None) -> dict[str, Any]:
-  """An Orbax train checkpoint -> a complete HF directory at `out`. Returns a summary.
+                      min_pixels: int | None = None, max_pixels: int | None = None, mesh=None,
+                      overwrite: bool = False) -> dict[str, Any]:
+  """An Orbax train checkpoint -> a complete HF directory at `out` (see `export_model`). Returns a summary.
 
   `dtype` (e.g. jnp.bfloat16) is the dtype of the written weights; the params are read from the
   checkpoint in it directly, so a bf16 export of a 7B model never holds an fp32 copy.
   """
+  (check_remote_target if _is_remote(out) else check_export_target)(out, overwrite)  # before the slow part
   sources = find_sources(checkpoint, config_path=config_path, tokenizer_path=tokenizer_path,
                          min_pixels=min_pixels, max_pixels=max_pixels)
   model, step = restore_model(checkpoint, sources.config, mesh=mesh, dtype=dtype)
   export_model(model, model.config, sources.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-               min_pixels=sources.min_pixels, max_pixels=sources.max_pixels, generation=sources.generation)
+               min_pixels=sources.min_pixels, max_pixels=sources.max_pixels, generation=sources.generation,
+               overwrite=overwrite)
   return {"checkpoint": checkpoint, "step": step, "out": out, "dtype": model.config.param_dtype,
           "min_pixels": sources.min_pixels, "max_pixels": sources.max_pixels, "sources": sources.origin}
 

@@ -15,6 +15,8 @@ generation_config.json, preprocessor_config.json, the tokenizer and the chat tem
 `Qwen2_5_VLForConditionalGeneration.from_pretrained(OUT)`, `AutoTokenizer`, `AutoImageProcessor`
 (`AutoProcessor` as well where torchvision is installed) and `vllm serve OUT`. A gs:// --out is staged
 in a local temporary directory, then copied with etils.epath (needs a GCS-capable epath backend).
+--out must be new, empty or a previous export (anything else is refused unless --overwrite); the
+export is staged beside it and swapped in whole, so a failed export leaves the old one intact.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tokenizer", help="tokenizer directory")
   p.add_argument("--min-pixels", type=int, help="image budget for preprocessor_config.json")
   p.add_argument("--max-pixels", type=int, help="image budget for preprocessor_config.json")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace --out even when it is not empty and not a previous export")
   return p.parse_args(argv)
 
 
@@ -61,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   return export.run_cli("export_hf", lambda: export.export_checkpoint(
       args.checkpoint, args.out, config_path=args.config, tokenizer_path=args.tokenizer,
       dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size, min_pixels=args.min_pixels,
-      max_pixels=args.max_pixels))
+      max_pixels=args.max_pixels, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable
@@ -26,6 +27,13 @@ from mini_o3_jax.model.vlm import Qwen25VL
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+
+# What an exported model directory holds (ours, transformers' and tokenizers' file names). A directory
+# holding only these (config.json among them) is a previous export, which a new one may replace.
+EXPORT_FILE = re.compile(
+    r"(config|generation_config|preprocessor_config|tokenizer|tokenizer_config|special_tokens_map|"
+    r"added_tokens|vocab|chat_template|skills|training_summary)\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
+    r"model\.safetensors\.index\.json|merges\.txt|chat_template\.jinja")
 
 _TEXT_LAYER = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                "o_proj": "self_attn.o_proj"}
@@ -234,13 +242,62 @@ def hf_tensors(model: Qwen25VL, dtype=None) -> dict[str, tuple[int, Callable[[],
   return out
 
 
+def is_previous_export(names) -> bool:
+  """Whether directory entries `names` are those of a model export (config.json and export files only)."""
+  names = list(names)
+  return "config.json" in names and all(EXPORT_FILE.fullmatch(n) for n in names)
+
+
+def check_export_target(path: str, overwrite: bool = False) -> None:
+  """Refuses to write a model directory where it would replace something the user made.
+
+  `path` may be absent, an empty directory, or a previous export (see `is_previous_export`); anything
+  else (a file, a folder of notes, a work directory) needs `overwrite=True`.
+
+  Raises:
+    FileExistsError: naming `path` and what it holds.
+  """
+  if overwrite or not os.path.lexists(path):
+    return
+  if not os.path.isdir(path) or os.path.islink(path):
+    raise FileExistsError(f"{path} exists and is not a directory; refusing to replace it with a model "
+                          "export (choose another path, or pass overwrite=True / --overwrite)")
+  names = os.listdir(path)
+  if names and not is_previous_export(names):
+    foreign = sorted(n for n in names if not EXPORT_FILE.fullmatch(n))[:5] or ["no config.json"]
+    raise FileExistsError(f"{path} is not empty and is not a model export (it holds {', '.join(foreign)}); "
+                          "refusing to replace it (choose an empty or new directory, or pass "
+                          "overwrite=True / --overwrite)")
+
+
+def replace_dir(staged: str, path: str) -> None:
+  """Renames the finished directory `staged` onto `path` (same filesystem), replacing what was there.
+
+  The old directory is moved aside first and removed only once the new one is in place, so a failure
+  leaves one of the two complete.
+  """
+  if os.path.lexists(path):
+    old = tempfile.mkdtemp(prefix=".tmp_old_", dir=os.path.dirname(os.path.abspath(path)))
+    os.rename(path, os.path.join(old, "x"))
+    try:
+      os.rename(staged, path)
+    except BaseException:
+      os.rename(os.path.join(old, "x"), path)
+      raise
+    shutil.rmtree(old)
+  else:
+    os.rename(staged, path)
+
+
 def save_pretrained(model: Qwen25VL, config: Qwen25VLConfig | None, path: str, *, dtype=None,
-                    max_shard_bytes: int = 5 * 1024**3) -> None:
+                    max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> None:
   """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) atomically.
 
-  The directory is written under a temporary name and renamed into place, so a crash never leaves a
-  half-written checkpoint at `path`.
+  The directory is written under a temporary name beside `path` and renamed into place, so a crash
+  never leaves a half-written checkpoint at `path`. `path` must be new, empty or a previous export
+  (`check_export_target`); `overwrite=True` replaces whatever it is.
   """
+  check_export_target(path, overwrite)
   config = config or model.config
   if dtype is not None:
     config = config.replace(param_dtype=jnp.dtype(dtype).name)
@@ -273,13 +330,7 @@ def save_pretrained(model: Qwen25VL, config: Qwen25VLConfig | None, path: str, *
       total = sum(t[0] for t in thunks.values())
       with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=".tmp_old_", dir=parent)
-      os.rename(path, os.path.join(old, "x"))
-      os.rename(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
+    replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -8,14 +8,22 @@ written in the background), happen every `save_interval_steps`, keep the last `m
 atomic: Orbax writes into a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoint as the latest one. Restores read into any mesh: the target's
 shardings decide the layout, not the saved one (saved on 8 devices, restored on 1 or 4).
+
+A newest checkpoint damaged after the fact (truncated arrays, a lost manifest, an emptied step
+directory) does not block a resume: `restore` without a step falls back to the newest step that
+restores, logs which step was skipped and why, and moves the damaged one aside to
+`damaged_step_<N>` (kept for inspection, and out of the way of the step's next save).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
+
+from etils import epath
 
 import jax
 import numpy as np
@@ -24,6 +32,9 @@ import orbax.checkpoint as ocp
 from mini_o3_jax.train.state import TrainState
 
 _BYTES_KEY = "__base64_bytes__"
+DAMAGED_PREFIX = "damaged_step_"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +148,13 @@ class Checkpointer:
 
     Returns:
       (state, data_state): the restored TrainState (graphdef from `target`) and the saved data state.
+      Without `step`, the newest checkpoint that restores (see the module docstring).
     """
-    step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return self._newest_restorable(lambda s: self._restore(target, s))
+    return self._restore(target, step)
 
+  def _restore(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
     def spec(x):
       sharding = getattr(x, "sharding", None)
       if sharding is None:
@@ -170,6 +183,46 @@ class Checkpointer:
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
     return out["state"]["params"]
+
+  def _newest_restorable(self, restore: Callable[[int], Any]) -> Any:
+    """`restore(step)` for the newest step where it succeeds; the newer, damaged steps are moved aside.
+
+    When no step restores, nothing is moved and the newest step's error is raised (a target that
+    matches no checkpoint, e.g. another model size, must not look like damage).
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failures: list[tuple[int, Exception]] = []
+    for step in steps:
+      try:
+        out = restore(step)
+      except Exception as e:  # noqa: BLE001 - any damage: TensorStore, JSON, missing files
+        failures.append((step, e))
+        continue
+      for bad, error in failures:
+        moved = self._set_aside(bad)
+        log.warning("checkpoint step %d in %s does not restore (%s: %s); resumed from step %d instead, "
+                    "the damaged step is kept at %s", bad, self.directory, type(error).__name__,
+                    str(error).strip().splitlines()[0][:300] if str(error).strip() else "", step, moved)
+      return out
+    step, error = failures[0]
+    raise ValueError(f"no checkpoint in {self.directory} restores; the newest (step {step}) fails with "
+                     f"{type(error).__name__}: {str(error).strip()[:500]}") from error
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step directory `step` to `damaged_step_<step>[_k]` (process 0) and forgets it."""
+    directory = epath.Path(self.directory)
+    target = directory / f"{DAMAGED_PREFIX}{step}"
+    k = 1
+    while target.exists():
+      target, k = directory / f"{DAMAGED_PREFIX}{step}_{k}", k + 1
+    if jax.process_index() == 0:
+      (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"mini_o3_set_aside_{step}")
+    self._manager.reload()
+    return os.fspath(target)
 
   def wait(self) -> None:
     """Blocks until background writes are finished."""
