@@ -57,9 +57,38 @@ def _setup_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# Settings a run's checkpoints depend on: a re-run in the same work directory must keep them.
+CHECKPOINT_KEYS = ("model", "tokenizer", "view_pixels")
+
+
+def record_config(config, workdir: str) -> None:
+  """Writes WORKDIR/config.json, after checking that it does not contradict the run already there.
+
+  When WORKDIR holds checkpoints and its config.json differs in `CHECKPOINT_KEYS`, the new settings
+  could not resume (or export) them: refuse before anything is written, so the record of the run
+  that made those checkpoints survives. The file is replaced atomically.
+  """
+  file = os.path.join(workdir, "config.json")
+  new = json.loads(config.to_json_best_effort())
+  ckpt_dir = os.path.join(workdir, "ckpt")
+  if os.path.exists(file) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    with open(file) as f:
+      old = json.load(f)
+    changed = [k for k in CHECKPOINT_KEYS if old.get(k) != new.get(k)]
+    if changed:
+      details = "; ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)
+      raise app.UsageError(f"{workdir} holds checkpoints of a run with other {', '.join(changed)} ({details}); "
+                           "use a new --workdir, or the settings recorded in its config.json")
+  tmp = file + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, file)
+
+
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  # Resolved once, here: the quick preset under the flags the user typed, so config.json holds what ran.
+  config = common.resolve(_CONFIG.value, config_flags.get_override_values(flags.FLAGS[_CONFIG.name]))
   if "://" in _WORKDIR.value:
     raise app.UsageError(f"--workdir {_WORKDIR.value}: the stages write through the file system; mount the "
                          "bucket (gcsfuse, as tpu/tpu.sh does) and pass the mounted path")
@@ -77,8 +106,9 @@ def main(argv) -> None:
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise app.UsageError(f"unknown stage(s) {unknown}; known: {sorted(STAGES)}")
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if not stages:
+    raise app.UsageError(f"--config.stages names no stage; known: {sorted(STAGES)}")
+  record_config(config, workdir)
   for stage in stages:
     log.info("stage %s: start", stage)
     start = time.time()

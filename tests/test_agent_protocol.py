@@ -104,7 +104,6 @@ def test_parse_valid_call():
     ("{'bbox_2d': [0.1, 0.2, 0.3, 0.4], 'source': 'observation_2'}", "observation_2", 2),
     ('{"bbox_2d": [0.1, 0.2, 0.3, 0.4,], "source": "original_image",}', "original_image", 0),
     ('\n  {"bbox_2d": (0, 0.2, 1, 0.4), "source": " Observation_1 "}\n', "observation_1", 1),
-    ('{"source": "observation_0", "bbox_2d": [0, 0, 1, 1]}', "original_image", 0),
 ])
 def test_parse_lenient_syntax(payload, source, index):
   action = tools.parse_action(f"<grounding>{payload}</grounding>")
@@ -216,7 +215,8 @@ def test_parse_action_never_raises_on_random_text():
 def test_resolve_source():
   assert tools.resolve_source("original_image", 1) == 0
   assert tools.resolve_source("observation_3", 4) == 3
-  assert tools.resolve_source("observation_0", 1) == 0
+  with pytest.raises(CropError, match='count from observation_1; the original is "original_image"'):
+    tools.resolve_source("observation_0", 1)  # the protocol names the original one way only
   with pytest.raises(
       CropError,
       match=r'"observation_7" does not exist; the available images are '

@@ -1,8 +1,10 @@
 """Careless-user inputs (issue 18): nothing of the user's is lost, errors name what is wrong."""
 
+import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -16,6 +18,7 @@ from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import sharding
 from mini_o3_jax.train import state as state_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(__file__))
 import train_worker as W  # noqa: E402
 
@@ -145,3 +148,61 @@ def test_no_restorable_checkpoint_is_a_clear_error_and_moves_nothing(train_state
     with pytest.raises(ValueError, match=f"no checkpoint in {directory} restores"):
       ckpt.restore(state_lib.abstract_train_state(shardings, state))
   assert sorted(os.listdir(directory)) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-runs in a work directory (items 4, 6, 10): a real, tiny pretrain stage through the command line.
+
+_TINY_PRETRAIN = [
+    "--config.xla_flags=--xla_backend_optimization_level=0",
+    "--config.pretrain.batch_size=2", "--config.pretrain.curriculum=0:single=1",
+    "--config.pretrain.questions.locate=1", "--config.pretrain.questions.name=0",
+    "--config.pretrain.questions.read=0", "--config.pretrain.length_buckets=(128,)",
+    "--config.pretrain.probe_levels=('single',)", "--config.pretrain.probe_scenes=2",
+    "--config.pretrain.log_every=1", "--config.pretrain.checkpoint_every=1", "--config.pretrain.eval_every=100",
+]
+
+
+def _main(workdir, *flags, stages="pretrain"):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "mini_o3_jax.main", "--config", "configs/pretrain_tiny.py",
+                         "--workdir", str(workdir), f"--config.stages={stages}", *_TINY_PRETRAIN, *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_reruns_refuse_incompatible_settings_and_resume_cleanly(tmp_path):
+  first = _main(tmp_path, "--config.pretrain.steps=2")
+  assert first.returncode == 0, first.stderr[-3000:]
+  record = (tmp_path / "config.json").read_bytes()
+  steps = lambda: [r["step"] for r in map(json.loads, open(tmp_path / "metrics" / "pretrain.jsonl"))]
+  assert steps() == [1, 2]
+
+  # Item 4: another model size cannot use these checkpoints: refused before config.json is touched.
+  bigger = _main(tmp_path, "--config.pretrain.steps=2", "--config.model.hidden_size=64")
+  assert bigger.returncode != 0
+  assert "holds checkpoints of a run with other model" in bigger.stderr and "hidden_size" in bigger.stderr
+  assert (tmp_path / "config.json").read_bytes() == record
+
+  # Item 6: fewer steps than the run already took: said so, not an Orbax traceback.
+  fewer = _main(tmp_path, "--config.pretrain.steps=1")
+  assert fewer.returncode != 0
+  assert "already at step 2, past the configured 1 steps" in fewer.stderr
+  assert "StepAlreadyExists" not in fewer.stderr
+
+  # Item 10: `--config.stages=` names nothing: an error, not a silent exit 0.
+  empty = _main(tmp_path, stages="")
+  assert empty.returncode != 0 and "names no stage" in empty.stderr
+
+  # Item 10: a run killed after logging step 2 but before saving it repeats step 2 once, not twice;
+  # a finished stage resumed reports its last loss instead of null.
+  shutil.rmtree(tmp_path / "ckpt" / "pretrain" / "2")
+  again = _main(tmp_path, "--config.pretrain.steps=2")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from step 1" in again.stderr
+  assert steps() == [1, 2]
+  done = _main(tmp_path, "--config.pretrain.steps=2")
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = next(l for l in done.stderr.splitlines() if "stage pretrain: {" in l)
+  result = json.loads(line.split("stage pretrain: ", 1)[1])
+  assert isinstance(result["final_loss"], float)

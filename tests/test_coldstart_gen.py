@@ -363,8 +363,11 @@ def test_stage_config_errors():
   base = ml_collections.ConfigDict({"quick": False})
   c = coldstart_stage.section(base)
   assert c.model == "stage:sft" and c.samples_per_question == 4
-  cfg = ml_collections.ConfigDict({"quick": True, "coldstart": {"samples_per_question": 9}})
-  assert coldstart_stage.section(cfg).samples_per_question == 2  # the quick preset wins, as in other stages
+  from mini_o3_jax.pipeline import common
+  cfg = ml_collections.ConfigDict({"quick": True, "coldstart": {"samples_per_question": 9, "num_slots": 8}})
+  quick = coldstart_stage.section(common.resolve(cfg, {"coldstart.num_slots": 8}))
+  assert quick.samples_per_question == 2  # the quick preset replaces the config file's value...
+  assert quick.num_slots == 8  # ...but not a value given on the command line
   for bad, msg in ((dict(sample_per_question=3), "unknown coldstart setting"),
                    (dict(model="sft"), "stage:<name>' or 'hf:<dir>"),
                    (dict(source="web"), "'synthetic' or 'benchmark'"),

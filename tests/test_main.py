@@ -54,3 +54,16 @@ def test_quick_preset_adds_its_xla_flags_before_the_backend_starts(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   main_lib._apply_xla_flags(config)
   assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_quick_preset_yields_to_flags_the_user_typed():
+  import ml_collections
+
+  from mini_o3_jax.pipeline import common
+  config = ml_collections.ConfigDict({"quick": True, "sft": {"steps": 2000, "batch_size": 32}, "rl": {"steps": 80}})
+  resolved = common.resolve(config, {"sft.steps": 50, "quick": True})
+  assert resolved.sft.steps == 50 and resolved.sft.batch_size == common.QUICK["sft.batch_size"]
+  assert resolved.rl.steps == common.QUICK["rl.steps"]
+  assert resolved.coldstart.num_slots == common.QUICK["coldstart.num_slots"]
+  assert common.resolve(resolved) is resolved  # stages may resolve again: nothing changes
+  assert common.resolve(ml_collections.ConfigDict({"quick": False, "sft": {"steps": 9}})).sft.steps == 9

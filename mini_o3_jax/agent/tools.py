@@ -120,6 +120,9 @@ def parse_source(source: Any) -> int:
   if m is None:
     raise CropError(f'unknown source {_short_repr(source)}: it must be "original_image" or '
                     '"observation_i" with i the number of a zoom-in image.')
+  if int(m.group(1)) == 0:  # zoom-ins count from 1; the protocol names the original only one way
+    raise CropError(f'unknown source {_short_repr(source)}: zoom-in images count from observation_1; '
+                    'the original is "original_image".')
   return int(m.group(1))
 
 

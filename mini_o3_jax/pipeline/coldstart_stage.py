@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = dict(
     temperature=1.0, max_turns=6, max_context=2048, max_turn_tokens=96, num_slots=16, questions_per_batch=4,
     min_pixels=0, max_pixels=0, seed=0, out_dir="",
 )
-# `--config.quick=True`: toy sizes, as the other stages' quick preset.
+# `--config.quick=True`: toy sizes, applied with the other stages' preset by `common.resolve`.
 QUICK: dict[str, Any] = dict(n_per_tier=2, samples_per_question=2, num_exemplars=1, max_turn_tokens=48,
                              num_slots=4, questions_per_batch=2)
 
@@ -61,15 +61,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def section(config) -> ml_collections.ConfigDict:
-  """The effective settings: defaults, then `config.coldstart`, then the quick preset if set."""
+  """The effective settings: defaults, then `config.coldstart` (where `common.resolve` puts the quick preset)."""
   given = config.get("coldstart")
   given = {} if given is None else (given.to_dict() if hasattr(given, "to_dict") else dict(given))
   unknown = sorted(set(given) - set(DEFAULTS))
   if unknown:
     raise ValueError(f"unknown coldstart setting(s) {unknown}; known: {sorted(DEFAULTS)}")
   merged = {**DEFAULTS, **given}
-  if config.get("quick", False):
-    merged.update(QUICK)
   if merged["source"] not in ("synthetic", "benchmark"):
     raise ValueError(f"coldstart.source must be 'synthetic' or 'benchmark', got {merged['source']!r}")
   if merged["source"] == "benchmark" and not merged["data_dir"]:

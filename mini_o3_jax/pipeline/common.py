@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
@@ -14,7 +14,7 @@ from mini_o3_jax import agent
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.data import coldstart, synthetic
 from mini_o3_jax.model import config as config_lib
-from mini_o3_jax.pipeline import sources
+from mini_o3_jax.pipeline import coldstart_stage, sources
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.train import sharding as sharding_lib
@@ -30,17 +30,34 @@ QUICK = {
     "rl.max_turn_tokens": 48, "rl.max_context": 768, "rl.length_buckets": (768,),
     "eval.n_per_tier": 2, "eval.budgets": (1, 2, 4), "eval.num_slots": 4, "eval.max_turn_tokens": 48,
     "eval.max_context": 1024, "eval.viewer_examples": 1, "eval.skills_per_tier": 2,
+    **{f"coldstart.{k}": v for k, v in coldstart_stage.QUICK.items()},
 }
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with the quick preset applied when `config.quick` is set."""
-  if not config.get("quick", False):
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  *parents, key = dotted.split(".")
+  node = config
+  for name in parents:
+    if name not in node:
+      node[name] = ml_collections.ConfigDict()
+    node = node[name]
+  node[key] = value
+
+
+def resolve(config: ml_collections.ConfigDict, explicit: Mapping[str, Any] | None = None
+            ) -> ml_collections.ConfigDict:
+  """The config that runs: the quick preset applied when `config.quick` is set, `explicit` over it.
+
+  `explicit` maps dotted names to the values given on the command line (`config_flags`'
+  `get_override_values`): a flag the user typed wins over the preset. Idempotent (the result is
+  marked `quick_applied`), so stages may call it on a config `main` has resolved already.
+  """
+  if not config.get("quick", False) or config.get("quick_applied", False):
     return config
   c = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in QUICK.items():
-    *section, key = dotted.split(".")
-    (c[section[0]] if section else c)[key] = value
+  for dotted, value in {**QUICK, **(explicit or {})}.items():
+    _set(c, dotted, value)
+  c.quick_applied = True
   return c
 
 
@@ -144,9 +161,20 @@ def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
 class MetricLog:
   """Appends one JSON line per logged step (a person can `tail -f` it; plots read it)."""
 
-  def __init__(self, file: str):
+  def __init__(self, file: str, start_step: int):
+    """Appends to `file`; rows past `start_step` (the step a stage resumes from) are dropped first.
+
+    Those rows were logged by a run that died before its next checkpoint: the steps run again, and
+    without the cut the log would hold them twice.
+    """
     self.file = file
     self.start = time.time()
+    if os.path.exists(file):
+      kept = [row for row in read_jsonl(file) if row.get("step", 0) <= start_step]
+      tmp = file + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+      os.replace(tmp, file)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), "time_s": round(time.time() - self.start, 2)}
@@ -162,6 +190,21 @@ def read_jsonl(file: str) -> list[dict[str, Any]]:
     return []
   with open(file) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def check_resume(stage: str, start: int, steps: int, directory: str) -> None:
+  """Raises ValueError when a resumed stage's checkpoint is past its configured `steps`."""
+  if start > steps:
+    raise ValueError(f"{stage}: the run in {directory} is already at step {start}, past the configured "
+                     f"{steps} steps; raise the steps to continue it, or use a new work directory")
+
+
+def last_metrics(file: str, metrics: dict[str, Any]) -> dict[str, Any]:
+  """`metrics` of this process's last step, or (a finished stage resumed) the last row of its log."""
+  if metrics:
+    return metrics
+  rows = read_jsonl(file)
+  return rows[-1] if rows else {}
 
 
 def fmt_metrics(metrics: dict[str, Any], keys) -> str:

@@ -69,9 +69,10 @@ def run_pretrain(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state_lib.abstract_train_state(shardings, state))
     start = int(jax.device_get(state.step))
+    common.check_resume("pretrain", start, c.steps, ckpt.directory)
     log.info("pretrain: resumed from step %d", start)
-  metrics_log = common.MetricLog(common.path(workdir, "metrics", "pretrain.jsonl"))
-  skills_log = common.MetricLog(common.path(workdir, "metrics", "pretrain_skills.jsonl"))
+  metrics_log = common.MetricLog(common.path(workdir, "metrics", "pretrain.jsonl"), start)
+  skills_log = common.MetricLog(common.path(workdir, "metrics", "pretrain_skills.jsonl"), start)
   metrics, skills = {}, {}
   # Scenes for the next step are drawn on a host thread while the device runs this one.
   with concurrent.futures.ThreadPoolExecutor(1) as pool, \
@@ -99,6 +100,7 @@ def run_pretrain(config, workdir: str) -> dict:
     skills = probe.run(state.model(), greedy=True)
   with open(common.path(workdir, "pretrain", "skills.json"), "w") as f:
     json.dump(skills, f, indent=2)
+  metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": c.steps, "final_loss": metrics.get("loss"), "skills": grounding_probe.format_skills(skills)}
 
 

@@ -109,9 +109,10 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state_lib.abstract_train_state(shardings, state))
     start = int(jax.device_get(state.step))
+    common.check_resume(name, start, c.steps, ckpt.directory)
     sampler.set_params(state.model())
     log.info("%s: resumed from step %d", name, start)
-  metrics_log = common.MetricLog(common.path(workdir, "metrics", f"{name}.jsonl"))
+  metrics_log = common.MetricLog(common.path(workdir, "metrics", f"{name}.jsonl"), start)
   metrics = {}
   with tqdm(range(start, c.steps), desc=name, initial=start, total=c.steps) as bar:
     for step in bar:
@@ -134,6 +135,7 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   if ckpt.latest_step() != c.steps:
     ckpt.save(state)
   ckpt.close()
+  metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": c.steps, "overturn_masking": overturn_masking,
           "final_rollout_accuracy": metrics.get("rollout_accuracy")}
 

@@ -130,8 +130,9 @@ def run_sft(config, workdir: str) -> dict:
     state, data_state = ckpt.restore(state_lib.abstract_train_state(shardings, state))
     batches.set_state(data_state)
     start = int(jax.device_get(state.step))
+    common.check_resume("sft", start, c.steps, ckpt.directory)
     log.info("SFT: resumed from step %d", start)
-  metrics_log = common.MetricLog(common.path(workdir, "metrics", "sft.jsonl"))
+  metrics_log = common.MetricLog(common.path(workdir, "metrics", "sft.jsonl"), start)
   metrics = {}
   with tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps) as bar:
     for step in bar:
@@ -146,4 +147,5 @@ def run_sft(config, workdir: str) -> dict:
   if ckpt.latest_step() != c.steps:
     ckpt.save(state, batches.get_state())
   ckpt.close()
+  metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": c.steps, "final_loss": metrics.get("loss"), "final_accuracy": metrics.get("accuracy")}
