@@ -206,3 +206,70 @@ def test_reruns_refuse_incompatible_settings_and_resume_cleanly(tmp_path):
   line = next(l for l in done.stderr.splitlines() if "stage pretrain: {" in l)
   result = json.loads(line.split("stage pretrain: ", 1)[1])
   assert isinstance(result["final_loss"], float)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token ids outside the vocabulary (item 5): refused where they enter, not NaN or wrapped logits.
+
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_out_of_range_token_ids_are_refused_where_they_enter(model, bad):
+  from mini_o3_jax.sampler import generate
+  from mini_o3_jax.train import batch as batch_lib
+  vocab = model.config.text.vocab_size
+  bad = vocab if bad == "vocab" else bad
+  ids = np.array([[5, 6, bad, 7]], np.int32)
+  message = rf"outside the vocabulary \[0, {vocab}\): {bad} at position \(0, 2\)"
+  first_message = message.replace(r"\(0, 2\)", r"\(0, 0\)")
+  with pytest.raises(ValueError, match=message):
+    model(ids)
+  with pytest.raises(ValueError, match=message):
+    generate(model, ids, max_new_tokens=2)
+  with pytest.raises(ValueError, match=rf"example 0's input_ids .* {bad} at position \(2,\)"):
+    batch_lib.collate_sft([{"input_ids": ids[0], "loss_mask": np.ones(4, np.int32)}], model.config,
+                          batch_lib.BatchConfig(batch_size=1))
+  # Padding too: one id past the end under a zero mask still turns the whole row to NaN.
+  with pytest.raises(ValueError, match=first_message):
+    model(np.array([[bad, 5, 6, 7]], np.int32), attention_mask=np.array([[0, 1, 1, 1]]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Images (item 8): 16-bit and float pixels scaled, not clipped; EXIF orientation applied everywhere.
+
+def test_16_bit_and_float_images_keep_their_contrast(tmp_path):
+  from PIL import Image
+  from mini_o3_jax.processing import image as image_lib
+  ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+  Image.fromarray(ramp).save(tmp_path / "scan16.png")  # a 16-bit greyscale PNG
+  got = np.asarray(image_lib.load_image(tmp_path / "scan16.png"))
+  want = np.rint(ramp / 257.0).astype(np.uint8)
+  assert got.shape == (48, 64, 3) and np.abs(got[..., 0].astype(int) - want).max() <= 1
+  assert got.min() == 0 and got.max() == 255  # not all white
+  unit = (ramp / 65535.0).astype(np.float32)
+  Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")  # a float image in [0, 1]
+  got = np.asarray(image_lib.load_image(tmp_path / "unit.tif"))
+  assert np.abs(got[..., 1].astype(int) - want).max() <= 1  # not all black
+  Image.fromarray(unit * 1000.0, mode="F").save(tmp_path / "hdr.tif")
+  with pytest.raises(ValueError, match=r"hdr.tif.*float image must hold finite values in \[0, 1\] or \[0, 255\]"):
+    image_lib.load_image(tmp_path / "hdr.tif")
+
+
+def test_exif_orientation_is_applied_by_every_loader(tmp_path):
+  from PIL import Image
+  from mini_o3_jax.agent.trajectory import Trajectory
+  from mini_o3_jax.data import benchmarks
+  from mini_o3_jax.processing import image as image_lib
+  stored = np.zeros((40, 80, 3), np.uint8)
+  stored[:, :40] = (255, 0, 0)  # left half red as stored; orientation 6 shows it turned 90 degrees clockwise
+  exif = Image.Exif()
+  exif[Image.ExifTags.Base.Orientation] = 6
+  path = tmp_path / "phone.jpg"
+  Image.fromarray(stored).save(path, exif=exif, quality=95)
+  upright = image_lib.load_image(path)
+  assert upright.size == (40, 80)  # width, height as a viewer shows it
+  top, bottom = np.asarray(upright)[:30].mean((0, 1)), np.asarray(upright)[-30:].mean((0, 1))
+  assert top[0] > 200 and top[1] < 60 and bottom.min() < 40  # the red half is on top
+  assert np.array_equal(np.asarray(benchmarks.decode_image(path.read_bytes())), np.asarray(upright))
+  traj = Trajectory(question="q", images=[str(path)], turns=[])
+  assert np.array_equal(np.asarray(traj.load_images().images[0]), np.asarray(upright))
+  with Image.open(path) as f:
+    assert image_lib.displayed_size(f) == (40, 80)

@@ -409,3 +409,45 @@ def test_prepare_data_cli(vp_dir, vstar_dir, tmp_path, capsys):
   assert capsys.readouterr().out.count("test: 5 examples") == 2
   assert tool.main(["--dataset", "vstar", "--download_dir", str(tmp_path / "none"),
                     "--out_dir", out, "--scan_only"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Files that hold nothing, or not what they claim (issue 18, items 7 and 9).
+
+
+def test_empty_files_are_an_error_naming_the_file(tmp_path):
+  _write_json(tmp_path / "vp" / "VisualProbe_Hard/val.json", [])
+  with pytest.raises(BenchmarkDataError, match=r"val.json.*no rows|no rows.*val.json"):
+    load_benchmark("visualprobe", "hard", str(tmp_path / "vp"))
+  folder = tmp_path / "vpq" / "VisualProbe_Hard" / "data"
+  folder.mkdir(parents=True)
+  pq.write_table(pa.table({"images": pa.array([], pa.list_(pa.string())), "problem": pa.array([], pa.string()),
+                           "solution": pa.array([], pa.string())}), folder / "val-00000-of-00001.parquet")
+  with pytest.raises(BenchmarkDataError, match=r"val-00000-of-00001.parquet.*no rows|no rows.*val-00000"):
+    load_benchmark("visualprobe", "hard", str(tmp_path / "vpq"))
+  hr = tmp_path / "hr"
+  hr.mkdir()
+  pq.write_table(_hr_table([], []), hr / "hr_bench_4k.parquet")
+  with pytest.raises(BenchmarkDataError, match="hr_bench_4k.parquet"):
+    load_benchmark("hrbench_4k", "test", str(hr))
+
+
+def test_nan_solution_is_an_error_naming_the_row(tmp_path):
+  folder = tmp_path / "VisualProbe_Hard" / "data"
+  _write(folder / "p.jpg", _image_bytes(60))
+  pq.write_table(pa.table({"images": [["VisualProbe_Hard/data/p.jpg"]] * 2, "problem": ["<image>\nQ0?"] * 2,
+                           "solution": [1.5, float("nan")]}), folder / "val-00000-of-00001.parquet")
+  with pytest.raises(BenchmarkDataError, match=r"row 1.*NaN 'solution'|NaN 'solution'.*row 1") as info:
+    load_benchmark("visualprobe", "hard", str(tmp_path))
+  assert "val-00000-of-00001.parquet" in str(info.value)
+  ds = load_benchmark("visualprobe", "hard", str(tmp_path), skip_bad=True)
+  assert len(ds) == 1 and ds[0]["answer"] == "1.5" and ds.num_skipped == 1
+
+
+def test_files_of_the_wrong_kind_are_named(tmp_path):
+  (tmp_path / "hr_bench_4k.parquet").write_bytes(b"index,question\n0,What?\n")  # a CSV under a parquet name
+  with pytest.raises(BenchmarkDataError, match=r"not a readable parquet file.*hr_bench_4k.parquet"):
+    load_benchmark("hrbench_4k", "test", str(tmp_path))
+  _write(tmp_path / "vp" / "VisualProbe_Hard/val.json", json.dumps([{"problem": "é"}]).encode("utf-16"))
+  with pytest.raises(BenchmarkDataError, match=r"not UTF-8 text.*val.json"):
+    load_benchmark("visualprobe", "hard", str(tmp_path / "vp"))

@@ -321,3 +321,14 @@ def test_sharded_rollouts_equal_unsharded(model, tokenizer, sampler):
     np.testing.assert_array_equal(g.token_ids, w.token_ids)
     np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
     assert g.stop_reason == w.stop_reason and g.num_turns == w.num_turns
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
+  ids = tok_lib.special_token_ids(tokenizer)
+  assert max(ids.values()) < 300 < len(tokenizer)
+  small = vlm.random_model(config_lib.tiny(vocab_size=300, image_token_id=ids["image_token_id"],
+                                           vision_start_token_id=ids["vision_start_token_id"],
+                                           vision_end_token_id=ids["vision_end_token_id"],
+                                           video_token_id=ids["video_token_id"]), seed=0)
+  with pytest.raises(ValueError, match=f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only 300"):
+    Sampler(small, tokenizer, CONFIG)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.agent import tools
+from mini_o3_jax.processing import image as image_lib
 
 STOP_REASONS = ("answer", "no_action", "max_turns", "max_context", "max_response", "image_limit",
                 "error")
@@ -377,9 +378,7 @@ class Trajectory:
     for im in self.images:
       if isinstance(im, (str, os.PathLike)):
         path = os.path.join(base_dir, im) if base_dir is not None else os.fspath(im)
-        with Image.open(path) as f:
-          f.load()
-          loaded.append(f.copy())
+        loaded.append(image_lib.load_image(path))
       else:
         loaded.append(im)
     return dataclasses.replace(

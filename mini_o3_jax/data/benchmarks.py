@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -45,6 +46,8 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypedDict
 
 from PIL import Image
+
+from mini_o3_jax.processing import image as image_lib
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +261,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def decode_image(data: bytes) -> Image.Image:
-  """Decodes encoded bytes to an RGB PIL image (fully loaded)."""
-  image = Image.open(io.BytesIO(data))
-  image.load()
-  return image if image.mode == "RGB" else image.convert("RGB")
+  """Decodes encoded bytes to an upright RGB PIL image (fully loaded; see `image_lib.load_image`)."""
+  return image_lib.load_image(data)
 
 
 def verify_image(data: bytes) -> None:
@@ -408,9 +409,11 @@ def _find_child_dir(parent: str, name: str) -> str | None:
 
 
 def _as_text(value: Any) -> str | None:
-  """A string field; numbers are accepted (answers like 6 or 2.5), null/empty are not."""
+  """A string field; numbers are accepted (answers like 6 or 2.5), null/empty/NaN are not."""
   if isinstance(value, bool) or value is None:
     return None
+  if isinstance(value, float) and not math.isfinite(value):
+    return None  # pandas writes a missing cell as NaN: 'nan' is no answer
   if isinstance(value, (int, float)):
     return str(value)
   if isinstance(value, str) and value.strip():
@@ -435,7 +438,12 @@ def unique_ids(ids: Sequence[str]) -> list[str]:
 def _read_parquet_metadata(path: str, columns: Iterable[str]) -> tuple[list[str], list[dict]]:
   """Names of all columns, and the rows of the requested (present) non-image columns."""
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  parquet = pq.ParquetFile(path)
+  try:
+    parquet = pq.ParquetFile(path)
+  except Exception as err:  # pyarrow raises its own ArrowInvalid / OSError kinds
+    raise _malformed(os.path.basename(path), path, f"not a readable parquet file ({err})") from err
+  if parquet.metadata.num_rows == 0:
+    raise _malformed(os.path.basename(path), path, "the file holds no rows")
   names = list(parquet.schema_arrow.names)
   wanted = [c for c in columns if c in names]
   if not wanted:  # keep one (empty) row per file row so each is reported as malformed
@@ -473,7 +481,7 @@ def _visualprobe_row(raw: Any, split: str, where: str, file: str,
   if not isinstance(problem, str) or not strip_image_placeholder(problem):
     return _malformed(where, file, "missing or empty 'problem'")
   if answer is None:
-    return _malformed(where, file, "missing or empty 'solution'")
+    return _malformed(where, file, f"missing, empty or NaN 'solution' ({raw.get('solution')!r})")
   source = image(raw)
   if isinstance(source, str):
     return _malformed(where, file, source)
@@ -508,8 +516,13 @@ def _visualprobe_json_rows(path: str, split: str,
       raws = json.load(f)
   except json.JSONDecodeError as err:
     raise _malformed(f"visualprobe/{split}", path, f"invalid JSON ({err})") from err
+  except UnicodeDecodeError as err:
+    raise _malformed(f"visualprobe/{split}", path, f"not UTF-8 text ({err.reason} at byte {err.start}); "
+                     "save it as UTF-8") from err
   if not isinstance(raws, list):
     raise _malformed(f"visualprobe/{split}", path, "expected a JSON list of rows")
+  if not raws:
+    raise _malformed(f"visualprobe/{split}", path, "the file holds no rows")
 
   def image(raw: Mapping[str, Any]) -> ImageSource | str:
     images = raw.get("images")
@@ -737,6 +750,8 @@ def load_benchmark(name: str, split: str, data_dir: str, skip_bad: bool = False,
       else:
         skipped.append(SkippedRow.from_error(err))
     rows = good
+  if not rows and not skipped:  # a reader that found files but no rows in them
+    raise BenchmarkDataError(f"{name}/{split}", data_dir, "no rows in the split's files", "malformed")
   ids = unique_ids([row.id for row in rows])
   rows = [row if row.id == new_id else dataclasses.replace(row, id=new_id)
           for row, new_id in zip(rows, ids)]

@@ -84,7 +84,9 @@ def example_length(traj: Trajectory, tokenizer, config: ExampleConfig) -> int:
     args = (config.min_pixels, config.max_pixels, config.patch_size, config.merge_size)
     if isinstance(im, str):
       with PIL.Image.open(im) as f:  # reads the header only
-        return image_lib.resized_size(f, *args)
+        width, height = image_lib.displayed_size(f)
+      return image_lib.smart_resize(height, width, config.patch_size * config.merge_size,
+                                    config.min_pixels, config.max_pixels)
     return image_lib.resized_size(im, *args)
 
   grids = [(1, h // config.patch_size, w // config.patch_size) for h, w in map(resized, traj.images)]

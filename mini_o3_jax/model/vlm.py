@@ -36,6 +36,20 @@ class ModelInputs:
   vision: VisionInputs | None = None
 
 
+def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> None:
+  """Raises ValueError if a token id lies outside [0, vocab_size), padding included.
+
+  Inside the model such an id is no error: a negative one wraps, one past the end gathers NaN, which
+  attention spreads over the whole row even where the mask hides it. Called where ids enter from the host.
+  """
+  ids = np.asarray(ids)
+  bad = (ids < 0) | (ids >= vocab_size)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{name} holds {int(bad.sum())} token id(s) outside the vocabulary [0, {vocab_size}): "
+                     f"{int(ids[where])} at position {where}; were the ids made by another tokenizer?")
+
+
 def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, pad_patches_to: int | None = None) -> tuple[ModelInputs, np.ndarray]:
   """Host side: M-RoPE positions and the vision layout for a batch. Returns (inputs, rope_deltas [batch])."""
@@ -45,6 +59,7 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
   mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
   if mask.shape != input_ids.shape:
     raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+  check_token_ids(input_ids, config.text.vocab_size)
   n_image_tokens = int(((input_ids == config.image_token_id) & (mask != 0)).sum())
   if (pixel_values is None) != (image_grid_thw is None):
     raise ValueError("pixel_values and image_grid_thw must be given together")

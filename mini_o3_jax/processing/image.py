@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,14 +72,48 @@ def smart_resize(
   return h_bar, w_bar
 
 
+def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+  """16-bit and float greyscale ("I;16*", "I", "F") scaled to 8 bits ("L"), rather than clipped.
+
+  PIL's own conversion clips these to 0..255, so a 16-bit scan turns white and a float image in [0, 1]
+  black. Values already in 0..255 (an 8-bit image in a wider container) are kept, as `transformers`
+  keeps them; integers past 255 are read as 16-bit, floats up to 1.0 as [0, 1].
+  """
+  pixels = np.asarray(image, np.float64)
+  lo, hi = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+  if image.mode == "F":
+    if not np.isfinite(pixels).all() or lo < 0 or hi > 255:
+      raise ValueError(f"a float image must hold finite values in [0, 1] or [0, 255], got [{lo:g}, {hi:g}]")
+    scale = 255.0 if 0 < hi <= 1.0 else 1.0
+  else:
+    scale = 255.0 / 65535.0 if hi > 255 else 1.0
+  if scale == 1.0:
+    return image  # PIL's conversion is right here, and rounds as the reference does
+  return PIL.Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
   """Any PIL mode -> RGB; transparency is composited onto white (as the reference)."""
+  if image.mode == "F" or image.mode.startswith("I"):
+    image = _to_8bit(image)
   has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
   if has_alpha:
     rgba = image.convert("RGBA")
     white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return PIL.Image.alpha_composite(white, rgba).convert("RGB")
   return image.convert("RGB")
+
+
+# EXIF orientations that turn the stored image by 90 degrees (5-8): width and height swap on display.
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def displayed_size(image: PIL.Image.Image) -> tuple[int, int]:
+  """(width, height) as shown, EXIF orientation applied, from the header alone."""
+  width, height = image.size
+  if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) in _TRANSPOSED_ORIENTATIONS:
+    return height, width
+  return width, height
 
 
 def normalize(rgb: np.ndarray,
@@ -185,6 +220,8 @@ def load_image(source: str | os.PathLike | bytes) -> PIL.Image.Image:
       img.load()
       if img.width == 0 or img.height == 0:
         raise ValueError("empty image")
-      return to_rgb(img)
+      # Cameras store pixels as the sensor saw them and the turn in EXIF; a viewer (and a person
+      # asking about the photo) sees it upright.
+      return to_rgb(PIL.ImageOps.exif_transpose(img))
   except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
     raise ValueError(f"cannot read image {name}: {type(e).__name__}: {e}") from e

@@ -8,7 +8,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mini_o3_jax.model import rope
+from mini_o3_jax.model import rope, vlm
 from mini_o3_jax.sampler import engine as engine_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher
@@ -80,6 +80,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
   ids = np.asarray(input_ids)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+  vlm.check_token_ids(ids, config.text.vocab_size)
   rows = split_rows(config, ids, attention_mask, pixel_values, image_grid_thw)
   batch = len(rows)
   if stop_token_ids is None:

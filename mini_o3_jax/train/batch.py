@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mini_o3_jax.model import rope
 from mini_o3_jax.model.config import Qwen25VLConfig
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.model.vlm import ModelInputs
+from mini_o3_jax.model.vlm import ModelInputs, check_token_ids
 from mini_o3_jax.train import distributed
 from mini_o3_jax.train import sharding as sharding_lib
 
@@ -175,6 +175,7 @@ def _collate_common(examples: Sequence[Example], model_config: Qwen25VLConfig, b
     if r < len(examples):
       e = examples[r]
       n = len(e["input_ids"])
+      check_token_ids(e["input_ids"], model_config.text.vocab_size, name=f"example {r}'s input_ids")
       ids[r, :n] = np.asarray(e["input_ids"], np.int32)
       attn[r, :n] = 1
       grids.append(_grid(e))
