@@ -273,3 +273,56 @@ def test_exif_orientation_is_applied_by_every_loader(tmp_path):
   assert np.array_equal(np.asarray(traj.load_images().images[0]), np.asarray(upright))
   with Image.open(path) as f:
     assert image_lib.displayed_size(f) == (40, 80)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors that name the file (item 7).
+
+def test_broken_hf_directories_are_named(model, tmp_path):
+  good = tmp_path / "good"
+  save_pretrained(model, model.config, str(good))
+  # A truncated single file.
+  cut = tmp_path / "cut"
+  shutil.copytree(good, cut)
+  data = (cut / "model.safetensors").read_bytes()
+  (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r"cannot read safetensors file .*cut/model.safetensors"):
+    load_pretrained(str(cut))
+  # A sharded index without its weight_map.
+  sharded = tmp_path / "sharded"
+  shutil.copytree(good, sharded)
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+  with pytest.raises(ValueError, match=r"model.safetensors.index.json has no \"weight_map\""):
+    load_pretrained(str(sharded))
+  # config.json values of the wrong type.
+  typed = tmp_path / "typed"
+  shutil.copytree(good, typed)
+  cfg = json.loads((typed / "config.json").read_text())
+  cfg["text_config"]["hidden_size"] = str(cfg["text_config"]["hidden_size"])
+  (typed / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"typed/config.json: text_config.hidden_size must be an integer, got '\d+' \(str\)"):
+    load_pretrained(str(typed))
+
+
+def test_a_shape_mismatch_lists_only_what_is_wrong(model, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  out = tmp_path / "export"
+  save_pretrained(model, model.config, str(out))
+  tensors = load_file(out / "model.safetensors")
+  name = "model.language_model.layers.1.mlp.up_proj.weight"
+  name = name if name in tensors else next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.weight"))
+  tensors[name] = tensors[name][:-1]
+  save_file(tensors, out / "model.safetensors")
+  with pytest.raises(ValueError) as info:
+    load_pretrained(str(out))
+  message = str(info.value)
+  assert f"tensor {name} has shape" in message and "unexpected" not in message  # present tensors are not "unexpected"
+
+
+def test_a_torn_trajectory_line_names_file_and_line(tmp_path):
+  from mini_o3_jax.agent import trajectory
+  path = tmp_path / "t.jsonl"
+  good = trajectory.Trajectory(question="q", images=["a.png"], turns=[]).to_json()
+  path.write_text(good + "\n" + good[:len(good) // 2] + "\n")
+  with pytest.raises(ValueError, match=r"t.jsonl:2: not a trajectory"):
+    trajectory.read_jsonl(path)

@@ -418,5 +418,13 @@ def write_jsonl(path: str | os.PathLike[str], trajectories: Iterable[Trajectory]
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
+  """The trajectories of a `write_jsonl` file; a bad line is a ValueError naming file and line."""
+  out = []
   with open(path, encoding="utf-8") as f:
-    return [Trajectory.from_json(line) for line in f if line.strip()]
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          out.append(Trajectory.from_json(line))
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"{os.fspath(path)}:{n}: not a trajectory ({type(e).__name__}: {e})") from e
+  return out

@@ -430,8 +430,11 @@ def load_collected(directory: str) -> list[Trajectory]:
   path = os.path.join(os.fspath(directory), TRAJECTORIES)
   base = os.path.dirname(os.path.abspath(path))
   out = []
-  for _, line in _read_jsonl_lines(path):
-    traj = Trajectory.from_json(line)
+  for n, line in _read_jsonl_lines(path):
+    try:
+      traj = Trajectory.from_json(line)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}:{n}: not a trajectory ({type(e).__name__}: {e})") from e
     images = [im if os.path.isabs(im) else os.path.join(base, im) for im in traj.images]
     out.append(dataclasses.replace(traj, images=images))
   return out

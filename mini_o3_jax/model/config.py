@@ -144,7 +144,7 @@ class Qwen25VLConfig:
       raise NotImplementedError("use_sliding_window=True is not supported (Qwen2.5-VL checkpoints use full attention)")
     if text.get("num_key_value_heads") is None:
       text["num_key_value_heads"] = text.get("num_attention_heads", TextConfig.num_attention_heads)
-    text_cfg = TextConfig(**_known(TextConfig, text))
+    text_cfg = TextConfig(**_known(TextConfig, text, "text_config"))
 
     vis = dict(d.get("vision_config") or {})
     if "in_chans" in vis and "in_channels" not in vis:
@@ -154,7 +154,7 @@ class Qwen25VLConfig:
       vis["rope_theta"] = vrope["rope_theta"]
     if "fullatt_block_indexes" in vis:
       vis["fullatt_block_indexes"] = tuple(vis["fullatt_block_indexes"])
-    vision_cfg = VisionConfig(**_known(VisionConfig, vis))
+    vision_cfg = VisionConfig(**_known(VisionConfig, vis, "vision_config"))
 
     top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
            if d.get(k) is not None}
@@ -210,7 +210,12 @@ class Qwen25VLConfig:
         d = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    return cls.from_hf_dict(d, **overrides)
+    if not isinstance(d, dict):
+      raise ValueError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    try:
+      return cls.from_hf_dict(d, **overrides)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{file}: {e}") from e
 
   def save_pretrained(self, path: str) -> None:
     os.makedirs(path, exist_ok=True)
@@ -218,9 +223,38 @@ class Qwen25VLConfig:
       json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
 
 
-def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {k: v for k, v in d.items() if k in names}
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+# A field's annotation (a string: the module uses postponed annotations) -> (test, what it wants).
+_TYPE_CHECKS = {
+    "int": (_is_int, "an integer"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "float": (lambda v: _is_int(v) or isinstance(v, float), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _known(cls, d: dict[str, Any], section: str) -> dict[str, Any]:
+  """The entries of `d` that are fields of `cls`, each checked against the field's type.
+
+  A value of the wrong type ("hidden_size": "128") would otherwise fail far away, inside a shape.
+  """
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  out = {}
+  for name, value in d.items():
+    if name not in fields:
+      continue
+    annotation = str(fields[name].type)
+    check = _TYPE_CHECKS.get(annotation)
+    if annotation.startswith("tuple[int"):
+      check = (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), "a list of integers")
+    if check is not None and not check[0](value):
+      raise ValueError(f"{section}.{name} must be {check[1]}, got {value!r} ({type(value).__name__})")
+    out[name] = value
+  return out
 
 
 # ------------------------------------------------------------------------ presets

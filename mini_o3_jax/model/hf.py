@@ -79,20 +79,31 @@ class _Tensors:
   def __init__(self, path: str):
     index = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index) as f:
+          weight_map = json.load(f).get("weight_map")
+      except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a JSON object: {e}") from e
+      if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no \"weight_map\" of tensor name -> shard file")
       files = {k: os.path.join(path, v) for k, v in weight_map.items()}
     else:
       single = os.path.join(path, SAFE_SINGLE)
       if not os.path.exists(single):
         raise FileNotFoundError(f"no {SAFE_SINGLE} or {SAFE_INDEX} in {path!r}")
-      with safe_open(single, framework="numpy") as f:
-        files = {k: single for k in f.keys()}
+      files = {k: single for k in self._open(single).keys()}
     missing_files = sorted({f for f in files.values() if not os.path.exists(f)})
     if missing_files:
       raise FileNotFoundError(f"checkpoint index names missing files: {missing_files[:5]}")
     self.files = files
     self._handles: dict[str, Any] = {}
+
+  @staticmethod
+  def _open(file: str):
+    try:
+      return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError for truncated or foreign files
+      raise ValueError(f"cannot read safetensors file {file}: {e} (truncated or not safetensors?)") from e
 
   def keys(self) -> set[str]:
     return set(self.files)
@@ -100,7 +111,7 @@ class _Tensors:
   def _handle(self, key: str):
     file = self.files[key]
     if file not in self._handles:
-      self._handles[file] = safe_open(file, framework="numpy")
+      self._handles[file] = self._open(file)
     return self._handles[file]
 
   def shape(self, key: str) -> tuple[int, ...]:
@@ -171,6 +182,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
     n_layers = shape[0] if stacked else 1
     keys = [template.format(i=i) for i in range(n_layers)]
     missing = [k for k in keys if k not in available]
+    used.update(k for k in keys if k in available)  # present under its name: never "unexpected"
     if missing:
       errors.append(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more layers)" if len(missing) > 1 else ""))
       continue
@@ -179,7 +191,6 @@ def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
     if bad:
       errors.append(f"tensor {bad[0][0]} has shape {bad[0][1]}, expected {_expected_hf_shape(kind, want)}")
       continue
-    used.update(keys)
 
     def callback(index, keys=keys, kind=kind, stacked=stacked, shape=shape, pdtype=pdtype):
       index = _normalize_index(index, shape)
