@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
       questions=dict(locate=6, name=2, read=1, decimals=2),
       length_buckets=(256, 384, 512), patch_buckets=(128,),
       eval_every=250, greedy_every_eval=False, probe_levels=("easy", "medium", "hard"), probe_scenes=48,
-      checkpoint_every=250, log_every=25))
+      checkpoint_every=250, log_every=25,
+      # Experimental (issue 13): train the text side on the random vision tower's features, which
+      # keep position; trained end to end they collapse to one shared direction (docs/miniature.md).
+      freeze_vision=False))
   c.base_export = ml_collections.ConfigDict(dict(out=""))  # "" = WORKDIR/base
   return c

@@ -46,7 +46,8 @@ def run_pretrain(config, workdir: str) -> dict:
   c = config.pretrain
   tcfg = common.task_config(config)
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
-                                 end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0)
+                                 end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0,
+                                 freeze_vision=c.get("freeze_vision", False))
   init = None if sources.has_checkpoint(workdir, "pretrain") else sources.init_params(config, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(sft_lib.SFTConfig(), tx, mesh, shardings,
