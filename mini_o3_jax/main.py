@@ -69,7 +69,8 @@ def record_config(config, workdir: str) -> None:
   that made those checkpoints survives. The file is replaced atomically.
   """
   file = os.path.join(workdir, "config.json")
-  new = json.loads(config.to_json_best_effort())
+  text = config.to_json_best_effort(indent=2)
+  new = json.loads(text)
   ckpt_dir = os.path.join(workdir, "ckpt")
   if os.path.exists(file) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     with open(file) as f:
@@ -81,7 +82,7 @@ def record_config(config, workdir: str) -> None:
                            "use a new --workdir, or the settings recorded in its config.json")
   tmp = file + ".tmp"
   with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(text)
   os.replace(tmp, file)
 
 

@@ -347,8 +347,14 @@ class Trajectory:
     return json.dumps(self.to_json_dict(), ensure_ascii=False)
 
   @classmethod
-  def from_json(cls, line: str) -> Trajectory:
-    return cls.from_json_dict(json.loads(line))
+  def from_json(cls, line: str, where: str | None = None) -> Trajectory:
+    """Inverse of `to_json`; with `where` (e.g. "file:line"), a bad line is a ValueError naming it."""
+    if where is None:
+      return cls.from_json_dict(json.loads(line))
+    try:
+      return cls.from_json_dict(json.loads(line))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{where}: not a trajectory ({type(e).__name__}: {e})") from e
 
   def save_images(self,
                   directory: str | os.PathLike[str],
@@ -419,12 +425,5 @@ def write_jsonl(path: str | os.PathLike[str], trajectories: Iterable[Trajectory]
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Trajectory]:
   """The trajectories of a `write_jsonl` file; a bad line is a ValueError naming file and line."""
-  out = []
   with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          out.append(Trajectory.from_json(line))
-        except (ValueError, KeyError, TypeError) as e:
-          raise ValueError(f"{os.fspath(path)}:{n}: not a trajectory ({type(e).__name__}: {e})") from e
-  return out
+    return [Trajectory.from_json(line, f"{os.fspath(path)}:{n}") for n, line in enumerate(f, 1) if line.strip()]

@@ -112,10 +112,7 @@ def load_exemplars(path: str, limit: int | None = None) -> list[Trajectory]:
   for n, line in _read_jsonl_lines(path):
     if limit is not None and len(out) >= limit:
       break
-    try:
-      traj = Trajectory.from_json(line)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}:{n}: not a trajectory: {e}") from e
+    traj = Trajectory.from_json(line, f"{path}:{n}")
     if traj.final_answer is None:
       raise ValueError(f"{path}:{n}: exemplar {traj.id!r} does not end in an <answer> (stop_reason "
                        f"{traj.stop_reason!r}); exemplars must be complete trajectories")
@@ -431,10 +428,7 @@ def load_collected(directory: str) -> list[Trajectory]:
   base = os.path.dirname(os.path.abspath(path))
   out = []
   for n, line in _read_jsonl_lines(path):
-    try:
-      traj = Trajectory.from_json(line)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}:{n}: not a trajectory ({type(e).__name__}: {e})") from e
+    traj = Trajectory.from_json(line, f"{path}:{n}")
     images = [im if os.path.isabs(im) else os.path.join(base, im) for im in traj.images]
     out.append(dataclasses.replace(traj, images=images))
   return out

@@ -81,13 +81,13 @@ def examples_dataset(trajectories: Sequence[Trajectory], tokenizer, config: Exam
 def example_length(traj: Trajectory, tokenizer, config: ExampleConfig) -> int:
   """`len(trajectory_example(traj)["input_ids"])` without preprocessing any pixels (grids from sizes)."""
   def resized(im) -> tuple[int, int]:
-    args = (config.min_pixels, config.max_pixels, config.patch_size, config.merge_size)
     if isinstance(im, str):
       with PIL.Image.open(im) as f:  # reads the header only
         width, height = image_lib.displayed_size(f)
-      return image_lib.smart_resize(height, width, config.patch_size * config.merge_size,
-                                    config.min_pixels, config.max_pixels)
-    return image_lib.resized_size(im, *args)
+    else:
+      width, height = im.size
+    return image_lib.smart_resize(height, width, config.patch_size * config.merge_size,
+                                  config.min_pixels, config.max_pixels)
 
   grids = [(1, h // config.patch_size, w // config.patch_size) for h, w in map(resized, traj.images)]
   enc = chat.tokenize_conversation(tokenizer, traj.to_messages(), grids, config.merge_size,

@@ -169,8 +169,9 @@ class MetricLog:
     """
     self.file = file
     self.start = time.time()
-    if os.path.exists(file):
-      kept = [row for row in read_jsonl(file) if row.get("step", 0) <= start_step]
+    rows = read_jsonl(file) if os.path.exists(file) else []
+    kept = [row for row in rows if row.get("step", 0) <= start_step]
+    if len(kept) < len(rows):
       tmp = file + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in kept)

@@ -45,7 +45,6 @@ from PIL import Image
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.agent import tools
 from mini_o3_jax.agent.trajectory import Trajectory, Turn, execute_turn
-from mini_o3_jax.model import vlm
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tokenizer_lib
@@ -189,6 +188,7 @@ class Sampler:
     if len(tokenizer) > model.config.text.vocab_size:
       raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
                        f"{model.config.text.vocab_size}: its ids past that would wrap or give NaN logits")
+    # Checked once here: every id the sampler feeds the model comes from this tokenizer.
     self.special_ids = ids
     stop_ids = {ids["im_end_token_id"], ids["eos_token_id"], ids["endoftext_token_id"]}
     vocab = model.config.text.vocab_size
@@ -216,7 +216,6 @@ class Sampler:
     enc = chat.tokenize_conversation(self.tokenizer, [*context, message], grids,
                                      self.model_config.vision.spatial_merge_size, add_generation_prompt=True,
                                      add_default_system=first and self.config.add_default_system)
-    vlm.check_token_ids(enc["input_ids"], self.model_config.text.vocab_size, name="a prompt's token ids")
     return enc["input_ids"].tolist()
 
   def _context_images(self, context: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
