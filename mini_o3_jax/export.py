@@ -41,10 +41,10 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.model.hf import (check_export_target, is_previous_export, load_pretrained, replace_dir,
                                   save_pretrained)
-from mini_o3_jax.model.vlm import Qwen25VL
+from mini_o3_jax.model.vlm import VLM
 from mini_o3_jax.processing import chat as chat_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
@@ -60,13 +60,13 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.j
                  "video_preprocessor_config.json", "processor_config.json", "chat_template.json",
                  "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                  "special_tokens_map.json", "added_tokens.json")
-_PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
+_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what preprocess_image resizes with
 
 
 # ------------------------------------------------------------------------------ side files
 
-def generation_config_dict(config: Qwen25VLConfig, tokenizer) -> dict[str, Any]:
+def generation_config_dict(config: VLMConfig, tokenizer) -> dict[str, Any]:
   """generation_config.json: stop at `<|im_end|>` (end of turn) or `<|endoftext|>`, greedy by default.
 
   Greedy is the neutral default for a converted research model; callers sample by passing their own
@@ -82,7 +82,7 @@ def generation_config_dict(config: Qwen25VLConfig, tokenizer) -> dict[str, Any]:
   return out
 
 
-def preprocessor_config_dict(config: Qwen25VLConfig, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+def preprocessor_config_dict(config: VLMConfig, min_pixels: int, max_pixels: int) -> dict[str, Any]:
   """preprocessor_config.json for `Qwen2VLImageProcessor`, equal to `preprocess_image(min, max)`.
 
   The pixel budget is written both as the hub's `min_pixels` / `max_pixels` (transformers 4.x, vLLM)
@@ -91,12 +91,13 @@ def preprocessor_config_dict(config: Qwen25VLConfig, min_pixels: int, max_pixels
   if not 0 < min_pixels <= max_pixels:
     raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
   v = config.vision
+  mean, std = image_lib.normalization(config.model_type)
   return {
-      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": _PROCESSOR_CLASS,
+      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": _PROCESSOR_CLASS[config.model_type],
       "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
       "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
       "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
-      "image_mean": list(image_lib.OPENAI_CLIP_MEAN), "image_std": list(image_lib.OPENAI_CLIP_STD),
+      "image_mean": list(mean), "image_std": list(std),
       "do_convert_rgb": True, "do_resize": True, "resample": _BICUBIC, "do_rescale": True,
       "rescale_factor": 1 / 255, "do_normalize": True,
   }
@@ -114,7 +115,7 @@ def _write_json(path: str, d: dict[str, Any]) -> None:
     f.write("\n")
 
 
-def save_tokenizer(tokenizer, path: str) -> None:
+def save_tokenizer(tokenizer, path: str, model_type: str = "qwen2_5_vl") -> None:
   """The tokenizer plus Qwen2.5-VL's chat template, loadable by transformers 5 and 4.x.
 
   The template is always the official one: `processing.chat.tokenize_conversation`, which made every
@@ -132,14 +133,14 @@ def save_tokenizer(tokenizer, path: str) -> None:
     tok_config.pop("extra_special_tokens")
     tok_config["additional_special_tokens"] = extra
   tok_config["chat_template"] = template
-  tok_config["processor_class"] = _PROCESSOR_CLASS
+  tok_config["processor_class"] = _PROCESSOR_CLASS[model_type]
   _write_json(config_file, tok_config)
   with open(os.path.join(path, "chat_template.jinja"), "w") as f:
     f.write(template)
   _write_json(os.path.join(path, "chat_template.json"), {"chat_template": template})
 
 
-def write_hf_assets(path: str, config: Qwen25VLConfig, tokenizer, *, min_pixels: int, max_pixels: int,
+def write_hf_assets(path: str, config: VLMConfig, tokenizer, *, min_pixels: int, max_pixels: int,
                     generation: dict[str, Any] | None = None) -> None:
   """Everything but the weights: generation / preprocessor configs, tokenizer, chat template.
 
@@ -154,10 +155,10 @@ def write_hf_assets(path: str, config: Qwen25VLConfig, tokenizer, *, min_pixels:
   _write_json(os.path.join(path, "generation_config.json"),
               generation if generation is not None else generation_config_dict(config, tokenizer))
   _write_json(os.path.join(path, "preprocessor_config.json"), preprocessor_config_dict(config, min_pixels, max_pixels))
-  save_tokenizer(tokenizer, path)
+  save_tokenizer(tokenizer, path, config.model_type)
 
 
-def check_tokenizer(tokenizer, config: Qwen25VLConfig) -> None:
+def check_tokenizer(tokenizer, config: VLMConfig) -> None:
   """Raises ValueError unless the tokenizer's vision tokens and size fit the model."""
   ids = tok_lib.special_token_ids(tokenizer)
   want = {"image_token_id": config.image_token_id, "vision_start_token_id": config.vision_start_token_id,
@@ -202,7 +203,7 @@ def check_remote_target(out: str, overwrite: bool) -> None:
                           "write into it (choose another path, or pass overwrite=True / --overwrite)")
 
 
-def export_model(model: Qwen25VL, config: Qwen25VLConfig, tokenizer, out: str, *, dtype=None,
+def export_model(model: VLM, config: VLMConfig, tokenizer, out: str, *, dtype=None,
                  max_shard_bytes: int = 5 * 10**9, min_pixels: int = image_lib.DEFAULT_MIN_PIXELS,
                  max_pixels: int = image_lib.DEFAULT_MAX_PIXELS, generation: dict[str, Any] | None = None,
                  overwrite: bool = False) -> str:
@@ -255,7 +256,7 @@ def resolve_checkpoint(path: str) -> tuple[str, int | None]:
   return os.fspath(p), None
 
 
-def restore_params(checkpoint: str, config: Qwen25VLConfig, *, mesh=None, dtype=None) -> tuple[Any, int]:
+def restore_params(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[Any, int]:
   """The params of a checkpoint (optimizer state skipped), sharded for `mesh` -> (params, step).
 
   Args:
@@ -282,7 +283,7 @@ def restore_params(checkpoint: str, config: Qwen25VLConfig, *, mesh=None, dtype=
       raise ValueError(f"checkpoint {directory} step {step} does not match the model config: {e}") from e
 
 
-def restore_model(checkpoint: str, config: Qwen25VLConfig, *, mesh=None, dtype=None) -> tuple[Qwen25VL, int]:
+def restore_model(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[VLM, int]:
   """`restore_params` as an NNX model -> (model, step)."""
   if dtype is not None:
     config = config.replace(param_dtype=jnp.dtype(dtype).name)
@@ -296,7 +297,7 @@ def restore_model(checkpoint: str, config: Qwen25VLConfig, *, mesh=None, dtype=N
 @dataclasses.dataclass(frozen=True)
 class ExportSources:
   """What an export needs besides the weights, and where each piece came from (for the log)."""
-  config: Qwen25VLConfig
+  config: VLMConfig
   tokenizer: Any
   min_pixels: int
   max_pixels: int
@@ -410,7 +411,7 @@ def find_sources(checkpoint: str, *, config_path: str | None = None, tokenizer_p
   tokenizer = tok_lib.load_tokenizer(None if tok_dir is None else _local_dir(tok_dir))
   origin = {"tokenizer": tok_dir or "the real Qwen2.5 tokenizer (built offline)"}
   if config_file is not None:
-    config = Qwen25VLConfig.from_hf_dict(_read_json(config_file))
+    config = VLMConfig.from_hf_dict(_read_json(config_file))
     origin["config"] = os.fspath(config_file)
   else:
     from mini_o3_jax.pipeline import common  # pylint: disable=g-import-not-at-top  (pipeline imports this module)

@@ -1,10 +1,11 @@
-"""Tiny random `transformers` Qwen2.5-VL models used as the reference oracle in tests."""
+"""Tiny random `transformers` Qwen2.5-VL and Qwen3-VL models used as the reference oracle in tests."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+import transformers
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig
 
 VOCAB = 300
 IMAGE, VISION_START, VISION_END, VIDEO = 290, 291, 292, 293
@@ -23,13 +24,31 @@ def hf_config(*, tie: bool = False, kv_heads: int = 2, heads: int = 4, hidden: i
       video_token_id=VIDEO, tie_word_embeddings=tie)
 
 
-def hf_model(config: Qwen2_5_VLConfig, seed: int = 0, std: float = 0.1) -> Qwen2_5_VLForConditionalGeneration:
-  """A reference model with all weights ~ N(0, std) (norms around 1) so logits are O(1)."""
+def hf_qwen3_config(*, tie: bool = False, kv_heads: int = 2, heads: int = 4, hidden: int = 64, layers: int = 3,
+                    head_dim: int = 16, vision_depth: int = 3, deepstack=(0, 2), positions: int = 16,
+                    mrope=(2, 3, 3)) -> Qwen3VLConfig:
+  """A tiny Qwen3-VL: DeepStack at two depths; a 4 x 4 position table, so every grid resamples it."""
+  return Qwen3VLConfig(
+      text_config=dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       rms_norm_eps=1e-6, pad_token_id=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": list(mrope), "mrope_interleaved": True}),
+      vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=48, num_heads=2,
+                         out_hidden_size=hidden, num_position_embeddings=positions,
+                         deepstack_visual_indexes=list(deepstack), patch_size=16),
+      image_token_id=IMAGE, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+      video_token_id=VIDEO, tie_word_embeddings=tie)
+
+
+def hf_model(config, seed: int = 0, std: float = 0.1):
+  """A reference model (either family, by its config) with weights ~ N(0, std), norm scales around 1."""
   torch.manual_seed(seed)
-  model = Qwen2_5_VLForConditionalGeneration(config).eval()
+  cls = transformers.AutoModelForImageTextToText
+  model = cls.from_config(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if "norm" in name or "ln_q" in name:
+      if ("norm" in name or "ln_q" in name) and name.endswith("weight"):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
       else:
         p.normal_(0.0, std)
@@ -61,9 +80,9 @@ def build_batch(rows, grids, rng: np.random.Generator, pad_side: str = "left"):
   return input_ids, mask
 
 
-def pixel_values(grids, rng: np.random.Generator) -> np.ndarray:
+def pixel_values(grids, rng: np.random.Generator, patch: int = 14) -> np.ndarray:
   n = int(sum(np.prod(g) for g in grids))
-  return rng.normal(size=(n, 3 * 2 * 14 * 14)).astype(np.float32)
+  return rng.normal(size=(n, 3 * 2 * patch * patch)).astype(np.float32)
 
 
 def hf_logits(model, input_ids, mask, pv=None, grids=None) -> np.ndarray:

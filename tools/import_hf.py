@@ -8,7 +8,7 @@ optimizer state). An SFT run starts from it with `--config.model.init_from=/ckpt
 configs/qwen25vl_7b_sft.py; the model config is read from its hf_assets/config.json), or in code with
 
     from mini_o3_jax import export
-    config = Qwen25VLConfig.from_pretrained("/ckpt/qwen25vl_7b_init/hf_assets")
+    config = VLMConfig.from_pretrained("/ckpt/qwen25vl_7b_init/hf_assets")
     params, _ = export.restore_params("/ckpt/qwen25vl_7b_init", config, mesh=mesh)  # any dtype, any mesh
     state, shardings, tx = state_lib.create_train_state(config, make_tx, mesh, params=params)
 

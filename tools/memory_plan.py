@@ -37,11 +37,13 @@ from mini_o3_jax.train import memory  # noqa: E402
 from mini_o3_jax.train import optimizer as optimizer_lib  # noqa: E402
 
 DEFAULT_TPUS = ("v4-8", "v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-32", "v5p-64")
-PATCH = 14 * 14  # pixels per vision patch
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
   """A config file's `get_config()`, with `key.sub=value` overrides (values as Python literals)."""
+  if REPO not in sys.path:  # configs import each other as `configs.<name>`, as under `python -m mini_o3_jax.main`
+    sys.path.insert(0, REPO)
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -60,7 +62,7 @@ def load_config(path: str, overrides: Sequence[str] = ()):
   return config
 
 
-def model_config(config) -> config_lib.Qwen25VLConfig:
+def model_config(config) -> config_lib.VLMConfig:
   """The run's model config, without building its tokenizer where the ids are known."""
   kind = config.tokenizer.get("kind", "small")
   if config.model.get("preset") or config.model.get("init_from"):
@@ -79,17 +81,17 @@ def _power_of_two(n: int, minimum: int = 16) -> int:
   return b
 
 
-def _image_patches(config, section) -> int:
+def _image_patches(config, section, patch_pixels: int) -> int:
   """Padded patches of one image in the sampler: the per-image bucket holding an image at max_pixels."""
   _, max_pixels = sources.pixel_budget(config)
-  need = max_pixels // PATCH
+  need = max_pixels // patch_pixels
   buckets = tuple(section.get("patch_buckets_per_image", (64,)))
   fitting = [b for b in sorted(buckets) if b >= need]
   return fitting[0] if fitting else _power_of_two(need)
 
 
-def phases(config) -> list[memory.Phase]:
-  """The SFT / RL / evaluation phases of a config's stages."""
+def phases(config, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
+  """The SFT / RL / evaluation phases of a config's stages (patch_pixels: the model's patch area)."""
   stages = [s.strip() for entry in config.stages for s in str(entry).split(",")]
   out = []
   if "sft" in stages:
@@ -108,12 +110,12 @@ def phases(config) -> list[memory.Phase]:
         train_vision=c.get("train_vision", True),
         optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=0.0),
         rollout_slots=c.get("num_slots") or batch, rollout_context=c.max_context,
-        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c)))
+        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c, patch_pixels)))
   if "eval" in stages:
     c = config.eval
     out.append(memory.Phase(
         "eval", train=False, rollout_slots=c.num_slots, rollout_context=c.max_context,
-        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c)))
+        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c, patch_pixels)))
   return out
 
 
@@ -212,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in args.config:
     config = load_config(path, args.set)
     mcfg = model_config(config)
-    runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config)]
+    runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config, mcfg.vision.patch_size**2)]
   if args.preset:
     mcfg = sources.PRESETS[args.preset](dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
     train = args.phase != "eval"
@@ -221,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          seq_len=args.seq_len, patches_per_row=args.patches, logits_chunk=args.logits_chunk or None,
                          optimizer=optimizer_lib.OptimizerConfig() if train else None,
                          rollout_slots=slots, rollout_context=args.context if slots else 0, rollout_chunk=512,
-                         rollout_patches=_power_of_two(2_000_000 // PATCH) if slots else 0)
+                         rollout_patches=_power_of_two(2_000_000 // mcfg.vision.patch_size**2) if slots else 0)
     runs.append((args.preset, mcfg, phase))
   for name, mcfg, phase in runs:
     rows = plans_for(mcfg, phase, tpus, args.mesh, args.headroom)

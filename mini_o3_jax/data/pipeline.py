@@ -28,6 +28,8 @@ class ExampleConfig:
   patch_size: int = 14
   temporal_patch_size: int = 2
   merge_size: int = 2
+  mean: tuple[float, ...] = image_lib.OPENAI_CLIP_MEAN  # Qwen3-VL: image_lib.settings_for(model_config)
+  std: tuple[float, ...] = image_lib.OPENAI_CLIP_STD
   add_default_system: bool = True
   max_tokens: int | None = None  # longer examples raise (or are dropped by `sft_dataset(drop_long=True)`)
 
@@ -41,7 +43,8 @@ def trajectory_example(traj: Trajectory, tokenizer, config: ExampleConfig) -> di
   images = [im if not isinstance(im, str) else image_lib.load_image(im) for im in traj.images]
   processed = [image_lib.preprocess_image(im, config.min_pixels, config.max_pixels, patch_size=config.patch_size,
                                           temporal_patch_size=config.temporal_patch_size,
-                                          merge_size=config.merge_size) for im in images]
+                                          merge_size=config.merge_size, mean=config.mean, std=config.std)
+               for im in images]
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, traj.to_messages(), grids, config.merge_size,
                                    add_default_system=config.add_default_system)

@@ -1,9 +1,9 @@
-"""Flax NNX port of Qwen2.5-VL."""
+"""Flax NNX ports of Qwen2.5-VL and Qwen3-VL (one `VLM` class; the config picks the family)."""
 
-from mini_o3_jax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+from mini_o3_jax.model.config import Qwen25VLConfig, Qwen3VisionConfig, TextConfig, VisionConfig, VLMConfig
 from mini_o3_jax.model.text import KVCache
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.model.vlm import ModelInputs, Qwen25VL, prepare_inputs
+from mini_o3_jax.model.vlm import VLM, ModelInputs, Qwen25VL, Qwen3VL, prepare_inputs
 
-__all__ = ["Qwen25VLConfig", "TextConfig", "VisionConfig", "Qwen25VL", "KVCache", "VisionInputs",
-           "ModelInputs", "prepare_inputs"]
+__all__ = ["VLMConfig", "Qwen25VLConfig", "TextConfig", "VisionConfig", "Qwen3VisionConfig", "VLM", "Qwen25VL",
+           "Qwen3VL", "KVCache", "VisionInputs", "ModelInputs", "prepare_inputs"]

@@ -1,9 +1,10 @@
-"""Hugging Face checkpoints <-> our NNX model.
+"""Hugging Face checkpoints <-> our NNX model (Qwen2.5-VL and Qwen3-VL).
 
 `load_pretrained` reads `config.json` and safetensors (one file or a sharded index), one tensor slice
 at a time straight into (optionally sharded) device arrays: a stacked parameter's shard reads only its
 own layers and rows, so a 7B checkpoint never exists twice in host memory. `save_pretrained` writes the
-hub layout (`model.layers.{i}...`, `visual.blocks.{i}...`) that `transformers` loads.
+hub layout that `transformers` loads: Qwen2.5-VL's `model.layers.{i}...`, `visual.blocks.{i}...`;
+Qwen3-VL's `model.language_model.layers.{i}...`, `model.visual.blocks.{i}...`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mini_o3_jax.model.config import Qwen25VLConfig
-from mini_o3_jax.model.vlm import Qwen25VL
+from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.model.vlm import VLM
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -35,32 +36,35 @@ EXPORT_FILE = re.compile(
     r"added_tokens|vocab|chat_template|skills|training_summary)\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
     r"model\.safetensors\.index\.json|merges\.txt|chat_template\.jinja")
 
-_TEXT_LAYER = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-               "o_proj": "self_attn.o_proj"}
+_TEXT_LAYER = {name: "self_attn." + name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
 _VISION_BLOCK = {"qkv": "attn.qkv", "proj": "attn.proj"}
 _MERGER = {"mlp_0": "mlp.0", "mlp_2": "mlp.2"}
 _LEAF = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
 
 
-def hf_name(path: tuple[str, ...]) -> tuple[str, str, bool]:
+def hf_name(path: tuple[str, ...], model_type: str = "qwen2_5_vl") -> tuple[str, str, bool]:
   """Our parameter path -> (HF key template with `{i}` for stacked layers, kind, stacked).
 
   kind: "linear" (our [in, out] is torch's [out, in] transposed), "conv" (the patch embedding, a Conv3d
   whose kernel covers the whole patch), or "plain".
   """
   *mods, leaf = path
+  if mods == ["visual"] and leaf == "pos_embed":  # Qwen3-VL's learned table, a Param of the tower itself
+    mods, leaf = ["visual", "pos_embed"], "weight"
   kind = "linear" if leaf == "kernel" else "plain"
   stacked = False
   if mods[:2] == ["model", "layers"]:
     mods = ["model", "layers", "{i}", _TEXT_LAYER.get(mods[2], mods[2]), *mods[3:]]
     stacked = True
-  elif mods[:2] == ["visual", "blocks"]:
-    mods = ["visual", "blocks", "{i}", _VISION_BLOCK.get(mods[2], mods[2]), *mods[3:]]
+  elif mods[:2] in (["visual", "blocks"], ["visual", "deepstack_merger_list"]):
+    mods = [*mods[:2], "{i}", _VISION_BLOCK.get(mods[2], mods[2]), *mods[3:]]
     stacked = True
-  elif mods[:2] == ["visual", "merger"]:
+  elif mods[:2] == ["visual", "merger"] and model_type == "qwen2_5_vl":
     mods = ["visual", "merger", *[_MERGER.get(m, m) for m in mods[2:]]]
   elif mods == ["visual", "patch_embed"]:
-    mods, kind = ["visual", "patch_embed", "proj"], "conv"
+    mods, kind = ["visual", "patch_embed", "proj"], "conv" if leaf == "kernel" else "plain"
+  if model_type == "qwen3_vl" and mods[0] in ("model", "visual"):
+    mods = ["model", "language_model" if mods[0] == "model" else "visual", *mods[1:]]
   return ".".join([*mods, _LEAF[leaf]]), kind, stacked
 
 
@@ -148,8 +152,8 @@ def _normalize_index(index, shape) -> tuple[slice, ...]:
 
 
 def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
-                    **config_overrides) -> tuple[Qwen25VL, Qwen25VLConfig]:
-  """HF safetensors directory -> (Qwen25VL, config).
+                    **config_overrides) -> tuple[VLM, VLMConfig]:
+  """HF safetensors directory -> (VLM, config); the family comes from config.json's `model_type`.
 
   Args:
     path: a directory with `config.json` and `model.safetensors` or `model.safetensors.index.json`.
@@ -160,9 +164,9 @@ def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
   from mini_o3_jax.train import sharding as shard_lib  # local: keeps model/ free of train/ at import
 
   dtype_name = jnp.dtype(dtype).name
-  config = Qwen25VLConfig.from_pretrained(path, dtype=dtype_name,
+  config = VLMConfig.from_pretrained(path, dtype=dtype_name,
                                           param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
-  abstract = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   if mesh is not None:
     shardings = shard_lib.state_shardings(state, mesh, rules or shard_lib.DEFAULT_RULES)
@@ -177,7 +181,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
   flat = _param_paths(state)
   values = {}
   for p, var in flat.items():
-    template, kind, stacked = hf_name(p)
+    template, kind, stacked = hf_name(p, config.model_type)
     shape, pdtype = var.get_value().shape, var.get_value().dtype
     n_layers = shape[0] if stacked else 1
     keys = [template.format(i=i) for i in range(n_layers)]
@@ -224,13 +228,13 @@ def _expected_hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------ writing
 
-def hf_tensors(model: Qwen25VL, dtype=None) -> dict[str, tuple[int, Callable[[], np.ndarray]]]:
+def hf_tensors(model: VLM, dtype=None) -> dict[str, tuple[int, Callable[[], np.ndarray]]]:
   """HF key -> (size in bytes, a thunk producing that tensor on the host), so callers can stream them."""
   cfg = model.config
   v = cfg.vision
   out: dict[str, tuple[int, Callable[[], np.ndarray]]] = {}
   for p, var in _param_paths(nnx.state(model, nnx.Param)).items():
-    template, kind, stacked = hf_name(p)
+    template, kind, stacked = hf_name(p, cfg.model_type)
     value = var.get_value()
     itemsize = np.dtype(dtype).itemsize if dtype is not None else value.dtype.itemsize
 
@@ -300,7 +304,7 @@ def replace_dir(staged: str, path: str) -> None:
     os.rename(staged, path)
 
 
-def save_pretrained(model: Qwen25VL, config: Qwen25VLConfig | None, path: str, *, dtype=None,
+def save_pretrained(model: VLM, config: VLMConfig | None, path: str, *, dtype=None,
                     max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> None:
   """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) atomically.
 

@@ -68,6 +68,22 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, statistics in fp32 (Qwen3-VL's vision tower)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32, stack: int | None = None):
+    self.weight = param(None, (dim,), ("norm",), param_dtype, init="ones", stack=stack)
+    self.bias = param(None, (dim,), ("norm",), param_dtype, init="zeros", stack=stack)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class Embed(nnx.Module):
   """Token embedding table [vocab, embed]; `attend` reuses it as a tied output head."""
 
@@ -106,6 +122,20 @@ class GatedMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nnx.Module):
+  """fc2(act(fc1(x))) with biases — Qwen3-VL's vision MLP."""
+
+  def __init__(self, dim: int, hidden: int, *, act: str, rngs: nnx.Rngs, dtype, param_dtype,
+               stack: int | None = None, std: float = 0.02):
+    kw = dict(bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=std)
+    self.linear_fc1 = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
+    self.linear_fc2 = Linear(hidden, dim, axes=("mlp", "embed"), **kw)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_fc2(activation(self.act)(self.linear_fc1(x)))
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

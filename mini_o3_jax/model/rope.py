@@ -90,27 +90,79 @@ def get_rope_index(input_ids: np.ndarray, image_grid_thw: np.ndarray | None, att
   return positions.astype(np.int32), deltas.astype(np.int32)
 
 
+def position_table_taps(grid_thw: np.ndarray, side: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+  """Bilinear resampling of a learned `side x side` position table to each image's patch grid.
+
+  The same as `F.interpolate(table, (h, w), mode="bilinear", align_corners=True)` (Qwen3-VL's
+  `pos_embed`), written as four taps per patch: patch p's embedding is
+  `sum_k weights[p, k] * table[index[p, k]]`. Patches come in the processor's merge-block order.
+
+  Returns index int32 [patches, 4] into the flattened table and weights float32 [patches, 4].
+  """
+  rows = vision_patch_positions(grid_thw, merge)                                     # [patches, 2]
+  sizes = []
+  for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3):
+    sizes.append(np.tile([[h, w]], (t * h * w, 1)))
+  if not sizes:
+    return np.zeros((0, 4), np.int32), np.zeros((0, 4), np.float32)
+  sizes = np.concatenate(sizes)
+
+  def axis_taps(index, size):
+    src = index * (side - 1) / np.maximum(size - 1, 1)                               # align_corners=True
+    lo = np.floor(src)
+    taps = np.clip(lo[:, None].astype(np.int64) + np.arange(2), 0, side - 1)         # [patches, 2]
+    weights = np.clip(1 - np.abs(src[:, None] - lo[:, None] - np.arange(2)), 0, None)
+    return taps, weights
+
+  h_taps, h_w = axis_taps(rows[:, 0].astype(np.float64), sizes[:, 0])
+  w_taps, w_w = axis_taps(rows[:, 1].astype(np.float64), sizes[:, 1])
+  index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+  weights = (h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4)
+  return index.astype(np.int32), weights.astype(np.float32)
+
+
 # ---------------------------------------------------------------- device side: cos / sin tables
 
 def inverse_frequencies(dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
-                  mrope_section: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def mrope_axes(mrope_section: tuple[int, ...], interleaved: bool = False) -> np.ndarray:
+  """Which position axis (0 t, 1 h, 2 w) each frequency of the rotary half follows. -> int [head_dim/2].
+
+  Blocks (Qwen2.5-VL): the first `mrope_section[0]` frequencies follow t, the next h, the last w.
+  Interleaved (Qwen3-VL): frequency j follows h when j % 3 == 1 and j < 3 * section[1], w when
+  j % 3 == 2 and j < 3 * section[2], else t, so every axis spans low and high frequencies.
+  """
+  if not interleaved:
+    return np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+  j = np.arange(sum(mrope_section))
+  axes = np.zeros_like(j)
+  for axis in (1, 2):
+    axes[(j % 3 == axis) & (j < 3 * mrope_section[axis])] = axis
+  return axes
+
+
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, ...],
+                  interleaved: bool = False) -> tuple[jax.Array, jax.Array]:
   """positions int [3, batch, seq] -> cos, sin fp32 [batch, seq, head_dim].
 
-  Frequency j of the rotary half uses the temporal, height or width position according to which
-  `mrope_section` chunk it falls in; both halves use the same layout.
+  Frequency j of the rotary half uses the temporal, height or width position given by `mrope_axes`;
+  both halves use the same layout.
   """
   inv_freq = inverse_frequencies(head_dim, theta)                                   # [head_dim/2]
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq                       # [3, batch, seq, head_dim/2]
-  axis_of_freq = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)       # [head_dim/2]
+  axis_of_freq = mrope_axes(mrope_section, interleaved)                             # [head_dim/2]
   # A gather, not a one-hot matmul: TPU matmuls may run in bf16 and positions need full precision.
   freqs = freqs[axis_of_freq, :, :, np.arange(len(axis_of_freq))]                   # [head_dim/2, batch, seq]
   freqs = jnp.moveaxis(freqs, 0, -1)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def text_cos_sin(cfg, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The decoder's rotary tables for a `TextConfig`: positions int [3, batch, seq] -> [batch, seq, head_dim]."""
+  return mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
 
 
 def vision_cos_sin(patch_positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,8 @@
-"""Qwen2 decoder (GQA with QKV bias, RMSNorm, SwiGLU, M-RoPE) with an explicit KV cache.
+"""Qwen2 / Qwen3 decoder (GQA, RMSNorm, SwiGLU, M-RoPE; Qwen3: per-head q/k norms) with an explicit KV cache.
+
+Qwen3-VL's DeepStack: the decoder's input may carry, per token, the embedding followed by one vector per
+DeepStack level ([batch, seq, hidden * (1 + levels)], zeros for text tokens); level i is added to the
+hidden states after layer i, as `Qwen3VLTextModel._deepstack_process` does.
 
 Two modes share one layer body:
   * no cache: causal self-attention over the given tokens (training, scoring);
@@ -52,12 +56,34 @@ class DecoderLayer(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
     self.input_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
     self.post_attention_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
-    self.q_proj = layers.Linear(d, h * hd, axes=("embed", "q_heads"), bias=True, **kw)
-    self.k_proj = layers.Linear(d, kvh * hd, axes=("embed", "kv_heads"), bias=True, **kw)
-    self.v_proj = layers.Linear(d, kvh * hd, axes=("embed", "kv_heads"), bias=True, **kw)
-    self.o_proj = layers.Linear(h * hd, d, axes=("q_heads", "embed"), bias=False, **kw)
+    self.q_proj = layers.Linear(d, h * hd, axes=("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
+    self.k_proj = layers.Linear(d, kvh * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.v_proj = layers.Linear(d, kvh * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.o_proj = layers.Linear(h * hd, d, axes=("q_heads", "embed"), bias=cfg.o_bias, **kw)
+    if cfg.qk_norm:
+      self.q_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
+      self.k_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
+    else:
+      self.q_norm = self.k_norm = None
     self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, bias=False, **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
+
+  def qkv(self, x, cos, sin):
+    """The attention inputs of x [batch, chunk, dim]: rotated q [batch, chunk, heads, head_dim], k and v
+    [batch, chunk, kv_heads, head_dim]. Shared with the sampler's cache layout (`sampler.decoder`)."""
+    b, t, _ = x.shape
+    h = self.input_layernorm(x)
+    q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin), v
+
+  def finish(self, x, attn):
+    """The residual updates after attention: attn [batch, chunk, heads, head_dim] -> new x."""
+    x = x + self.o_proj(attn.reshape(x.shape[0], x.shape[1], -1))
+    return x + self.mlp(self.post_attention_layernorm(x))
 
   def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
     """x [batch, chunk, dim]; cos/sin [batch, chunk, head_dim].
@@ -68,12 +94,7 @@ class DecoderLayer(nnx.Module):
     kv: this layer's (k, v) cache [batch, max_len, kv_heads, head_dim] or None; write_index int [batch].
     Returns the new x and the updated (k, v) (or None).
     """
-    b, t, _ = x.shape
-    h = self.input_layernorm(x)
-    q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    q, k, v = self.qkv(x, cos, sin)
     if kv is not None:
       write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(cache, new, i, axis=0))
       k = write(kv[0], k.astype(kv[0].dtype), write_index)
@@ -83,9 +104,7 @@ class DecoderLayer(nnx.Module):
       attn = layers.causal_attention(q, k, v, mask)
     else:
       attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    x = x + self.o_proj(attn.reshape(b, t, -1))
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    return x, kv
+    return self.finish(x, attn), kv
 
 
 class TextModel(nnx.Module):
@@ -102,7 +121,8 @@ class TextModel(nnx.Module):
 
   def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """embeds [batch, chunk, dim]; positions int [3, batch, chunk]; attention_mask [batch, chunk] (1 = real).
+    """embeds [batch, chunk, dim * (1 + deepstack levels)]; positions int [3, batch, chunk];
+    attention_mask [batch, chunk] (1 = real).
 
     Without a cache: causal attention within the chunk, padding keys hidden.
     With a cache: the chunk is written at `cache.length` of each row and attends to every valid earlier
@@ -111,7 +131,8 @@ class TextModel(nnx.Module):
     """
     b, t, _ = embeds.shape
     cfg = self.cfg
-    cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    embeds, deepstack = split_deepstack(embeds, cfg.hidden_size)
+    cos, sin = rope.text_cos_sin(cfg, positions)
     token_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if cache is None:
       mask = token_valid  # causal within the chunk: `layers.causal_attention`
@@ -126,16 +147,47 @@ class TextModel(nnx.Module):
       mask = new_valid[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])      # [batch, chunk, max_len]
       xs = (cache.k, cache.v)
 
-    def body(layer, x, kv):
+    def body(layer, x, inputs):
+      kv, added = inputs
       x, kv = layer(x, cos, sin, mask, kv, write_index)
-      return x, kv
+      return (x if added is None else x + added.astype(x.dtype)), kv
 
-    x, new_kv = layers.scan_layers(self.layers, body, embeds, xs, remat=self.remat)
+    x, new_kv = scan_with_deepstack(self.layers, body, embeds, xs, deepstack, remat=self.remat)
     x = self.norm(x)
     if cache is None:
       return x, None
     new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, length=cache.length + t)
     return x, new_cache
+
+
+def split_deepstack(embeds: jax.Array, hidden: int) -> tuple[jax.Array, jax.Array | None]:
+  """[batch, seq, hidden * (1 + levels)] -> the embeddings [batch, seq, hidden] and the DeepStack
+  additions [levels, batch, seq, hidden] (None without levels)."""
+  levels = embeds.shape[-1] // hidden - 1
+  if levels <= 0:
+    return embeds, None
+  b, t, _ = embeds.shape
+  deep = embeds[..., hidden:].reshape(b, t, levels, hidden)
+  return embeds[..., :hidden], jnp.moveaxis(deep, 2, 0)
+
+
+def scan_with_deepstack(stacked, body, x, xs, deepstack, *, remat: str = "none"):
+  """Scans `body(layer, x, (xs_i, added_i)) -> (x, y_i)` over the stacked layers, where added_i is
+  DeepStack level i for the first `levels` layers and None after them (two scans, so no zeros are
+  carried through the later layers). xs: a pytree with a leading layer axis, or None."""
+  n_layers = jax.tree.leaves(nnx.state(stacked))[0].shape[0]
+  levels = 0 if deepstack is None else deepstack.shape[0]
+  if levels == 0:
+    return layers.scan_layers(stacked, lambda l, c, x_i: body(l, c, (x_i, None)), x, xs, remat=remat)
+  head = None if xs is None else jax.tree.map(lambda a: a[:levels], xs)
+  x, ys_head = layers.scan_layers(stacked, body, x, (head, deepstack), remat=remat, layer_slice=slice(0, levels))
+  if levels == n_layers:
+    return x, ys_head
+  tail = None if xs is None else jax.tree.map(lambda a: a[levels:], xs)
+  x, ys_tail = layers.scan_layers(stacked, lambda l, c, x_i: body(l, c, (x_i, None)), x, tail, remat=remat,
+                                  layer_slice=slice(levels, n_layers))
+  ys = None if ys_head is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
+  return x, ys
 
 
 def advance(cache: KVCache, new_cache: KVCache, num_real: jax.Array) -> KVCache:

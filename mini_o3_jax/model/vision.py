@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mini_o3_jax.model import layers, rope
-from mini_o3_jax.model.config import VisionConfig
+from mini_o3_jax.model.config import Qwen3VisionConfig, VisionConfig
 
 
 @jax.tree_util.register_dataclass
@@ -29,19 +29,25 @@ class VisionInputs:
   reverse_index int32 [patches/unit]: its inverse (applied to the merged tokens).
   window_segments int32 [patches]: id of the attention window of each patch (window-major order).
   image_segments int32 [patches]: id of the image frame of each patch (window-major order).
+  table_index int32 [patches, 4], table_weight float32 [patches, 4]: Qwen3-VL only (else None), the
+    bilinear taps that resample its learned position table to each grid (`rope.position_table_taps`).
+
+  Qwen3-VL has no windows: its window order is the processor order (identity permutations).
   """
   patch_positions: jax.Array
   window_index: jax.Array
   reverse_index: jax.Array
   window_segments: jax.Array
   image_segments: jax.Array
+  table_index: jax.Array | None = None
+  table_weight: jax.Array | None = None
 
   @property
   def num_patches(self) -> int:
     return self.patch_positions.shape[0]
 
   @classmethod
-  def build(cls, grid_thw: np.ndarray, cfg: VisionConfig, pad_to: int | None = None) -> VisionInputs:
+  def build(cls, grid_thw: np.ndarray, cfg: VisionConfig | Qwen3VisionConfig, pad_to: int | None = None) -> VisionInputs:
     """Computes the layout for images with `grid_thw` int [images, 3]; optionally pads to `pad_to` patches.
 
     Padding patches form their own segment, so they never mix with real ones; the merged tokens they
@@ -51,8 +57,10 @@ class VisionInputs:
     m, unit = cfg.spatial_merge_size, cfg.merge_unit
     if np.any(grid_thw[:, 1:] % m):
       raise ValueError(f"grid_thw {grid_thw.tolist()} has h or w not divisible by spatial_merge_size {m}")
-    window_index, window_of_unit = _window_layout(grid_thw, m, cfg.window_merged)
     n = int(np.prod(grid_thw, -1).sum())
+    if isinstance(cfg, Qwen3VisionConfig):
+      return cls._build_unwindowed(grid_thw, cfg, n, pad_to)
+    window_index, window_of_unit = _window_layout(grid_thw, m, cfg.window_merged)
     positions = rope.vision_patch_positions(grid_thw, m)
     frame_of_patch = np.repeat(np.arange(int(grid_thw[:, 0].sum())),
                                np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
@@ -78,6 +86,27 @@ class VisionInputs:
         window_segments=window_segments.astype(np.int32),
         image_segments=image_segments.astype(np.int32),
     )
+
+
+  @classmethod
+  def _build_unwindowed(cls, grid_thw: np.ndarray, cfg: Qwen3VisionConfig, n: int, pad_to: int | None) -> VisionInputs:
+    total = n if pad_to is None else pad_to
+    if total < n:
+      raise ValueError(f"pad_to={pad_to} is smaller than the {n} patches of these images")
+    if total % cfg.merge_unit:
+      raise ValueError(f"patch count {total} must be a multiple of {cfg.merge_unit}")
+    pad = total - n
+    frames = np.repeat(np.arange(int(grid_thw[:, 0].sum())),
+                       np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]))
+    segments = np.concatenate([frames, np.full(pad, -1)]).astype(np.int32)
+    positions = np.concatenate([rope.vision_patch_positions(grid_thw, cfg.spatial_merge_size),
+                                np.zeros((pad, 2), np.int32)]).astype(np.int32)
+    index, weight = rope.position_table_taps(grid_thw, cfg.grid_per_side, cfg.spatial_merge_size)
+    units = np.arange(total // cfg.merge_unit, dtype=np.int32)
+    return cls(patch_positions=positions, window_index=units, reverse_index=units, window_segments=segments,
+               image_segments=segments,
+               table_index=np.concatenate([index, np.zeros((pad, 4), np.int32)]),
+               table_weight=np.concatenate([weight, np.zeros((pad, 4), np.float32)]))
 
 
 def _window_layout(grid_thw: np.ndarray, merge: int, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +146,14 @@ def _attention_runs(depth: int, full_blocks) -> list[tuple[int, int, bool]]:
   return runs
 
 
+def rotary_qkv(qkv: jax.Array, num_heads: int, cos: jax.Array, sin: jax.Array):
+  """A fused projection [patches, 3 * dim] -> rotated q, k and v, each [patches, heads, head_dim]."""
+  n = qkv.shape[0]
+  qkv = qkv.reshape(n, 3, num_heads, -1)
+  q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+  return layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin), v
+
+
 class VisionBlock(nnx.Module):
   """Pre-norm ViT block; built with `stack=depth` it holds every block's parameters."""
 
@@ -138,9 +175,7 @@ class VisionBlock(nnx.Module):
     attention is dense within each image frame.
     """
     n, d = x.shape
-    qkv = self.qkv(self.norm1(x)).reshape(n, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [patches, heads, head_dim]
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    q, k, v = rotary_qkv(self.qkv(self.norm1(x)), self.num_heads, cos, sin)
 
     def full_attention(q, k, v):
       mask = image_segments[:, None] == image_segments[None, :]
@@ -206,3 +241,93 @@ class VisionTower(nnx.Module):
       x, _ = layers.scan_layers(self.blocks, body, x, None, remat=self.remat, layer_slice=slice(start, stop))
     merged = self.merger(x)                                                             # [patches/4, out]
     return merged[inputs.reverse_index]
+
+
+# ------------------------------------------------------------------------------------ Qwen3-VL
+
+class Qwen3VisionBlock(nnx.Module):
+  """Pre-LayerNorm ViT block with full attention within each image; `stack=depth` holds every block."""
+
+  def __init__(self, cfg: Qwen3VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None):
+    d = cfg.hidden_size
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
+    self.norm1 = layers.LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, stack=stack)
+    self.norm2 = layers.LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, stack=stack)
+    self.qkv = layers.Linear(d, 3 * d, axes=("embed", "qkv"), bias=True, **kw)
+    self.proj = layers.Linear(d, d, axes=("qkv", "embed"), bias=True, **kw)
+    self.mlp = layers.MLP(d, cfg.intermediate_size, act=cfg.hidden_act, **kw)
+    self.num_heads = cfg.num_heads
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image_segments: jax.Array) -> jax.Array:
+    """x [patches, dim]; cos/sin [patches, head_dim]; image_segments int [patches]."""
+    n, d = x.shape
+    q, k, v = rotary_qkv(self.qkv(self.norm1(x)), self.num_heads, cos, sin)
+    mask = image_segments[:, None] == image_segments[None, :]
+    attn = layers.attention(q[None], k[None], v[None], mask[None])[0]
+    x = x + self.proj(attn.reshape(n, d))
+    return x + self.mlp(self.norm2(x))
+
+
+class Qwen3PatchMerger(nnx.Module):
+  """LayerNorm (per patch, or after the 2x2 shuffle for DeepStack), then a GELU MLP -> one LLM token."""
+
+  def __init__(self, cfg: Qwen3VisionConfig, *, postshuffle_norm: bool, rngs: nnx.Rngs, dtype, param_dtype,
+               stack: int | None = None):
+    d, hidden = cfg.hidden_size, cfg.hidden_size * cfg.merge_unit
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range, stack=stack)
+    self.norm = layers.LayerNorm(hidden if postshuffle_norm else d, eps=cfg.layer_norm_eps,
+                                 param_dtype=param_dtype, stack=stack)
+    self.linear_fc1 = layers.Linear(hidden, hidden, axes=("merger", "mlp"), bias=True, **kw)
+    self.linear_fc2 = layers.Linear(hidden, cfg.out_hidden_size, axes=("mlp", "embed"), bias=True, **kw)
+    self.hidden, self.postshuffle_norm = hidden, postshuffle_norm
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [patches, dim] -> [patches / 4, out_hidden_size]."""
+    x = self.norm(x.reshape(-1, self.hidden)) if self.postshuffle_norm else self.norm(x).reshape(-1, self.hidden)
+    return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+
+
+class Qwen3VisionTower(nnx.Module):
+  """pixel_values [patches, patch_dim] -> image tokens [patches / 4, out_hidden_size * (1 + deepstack)].
+
+  Each token's embedding comes first on the last axis, then one DeepStack feature per entry of
+  `deepstack_visual_indexes` (the merged output of that block), which the decoder adds to its hidden
+  states after its first layers.
+  """
+
+  def __init__(self, cfg: Qwen3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: str = "none"):
+    self.cfg = cfg
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), bias=True,
+                                     std=cfg.initializer_range, **kw)
+    self.pos_embed = layers.param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), ("table", "embed"),
+                                  param_dtype, std=cfg.initializer_range)
+    self.blocks = Qwen3VisionBlock(cfg, stack=cfg.depth, **kw)
+    self.merger = Qwen3PatchMerger(cfg, postshuffle_norm=False, **kw)
+    self.deepstack_merger_list = (Qwen3PatchMerger(cfg, postshuffle_norm=True, stack=cfg.deepstack_levels, **kw)
+                                  if cfg.deepstack_levels else None)
+    self.remat = remat
+
+  def __call__(self, pixel_values: jax.Array, inputs: VisionInputs) -> jax.Array:
+    cfg = self.cfg
+    x = self.patch_embed(pixel_values)                                                  # [patches, dim]
+    table = self.pos_embed[...][inputs.table_index]                                     # [patches, 4, dim]
+    x = x + jnp.einsum("pk,pkd->pd", inputs.table_weight, table.astype(jnp.float32)).astype(x.dtype)
+    cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
+
+    def body(block, x, _):
+      return block(x, cos, sin, inputs.image_segments), None
+
+    features, start = [], 0
+    for stop in (*(i + 1 for i in cfg.deepstack_visual_indexes), cfg.depth):
+      if stop > start:
+        x, _ = layers.scan_layers(self.blocks, body, x, None, remat=self.remat, layer_slice=slice(start, stop))
+      features.append(x)
+      start = stop
+    merged = self.merger(x)                                                             # [patches/4, out]
+    if not cfg.deepstack_levels:
+      return merged
+    _, deep = layers.scan_layers(self.deepstack_merger_list, lambda m, c, f: (c, m(f)), None,
+                                 jnp.stack(features[:-1]))                              # [levels, patches/4, out]
+    return jnp.concatenate([merged, *deep], axis=-1)

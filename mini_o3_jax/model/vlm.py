@@ -1,6 +1,8 @@
-"""Qwen2.5-VL: the vision tower's tokens scattered into the token stream, the decoder, the output head.
+"""Qwen2.5-VL and Qwen3-VL: the vision tower's tokens scattered into the token stream, the decoder, the head.
 
-`Qwen25VL.__call__` takes exactly what `transformers.Qwen2_5_VLForConditionalGeneration` takes and
+One class serves both families (the config's `vision` type picks the tower; the text switches pick the
+decoder's details). `VLM.__call__` takes exactly what `transformers.Qwen2_5_VLForConditionalGeneration`
+(or `Qwen3VLForConditionalGeneration`) takes and
 computes the host-side pieces (M-RoPE positions, vision layout) itself, so it is the easy, eager API.
 Jitted code (training steps, the sampler) calls `prepare_inputs` on the host once and then the pure
 array methods `encode_images` / `forward` / `forward_cached`.
@@ -16,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from mini_o3_jax.model import layers, rope
-from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.config import Qwen3VisionConfig, VLMConfig
 from mini_o3_jax.model.text import KVCache, TextModel
-from mini_o3_jax.model.vision import VisionInputs, VisionTower
+from mini_o3_jax.model.vision import Qwen3VisionTower, VisionInputs, VisionTower
 
 
 @jax.tree_util.register_dataclass
@@ -50,7 +52,7 @@ def check_token_ids(ids, vocab_size: int, name: str = "input_ids") -> None:
                      f"{int(ids[where])} at position {where}; were the ids made by another tokenizer?")
 
 
-def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel_values=None,
+def prepare_inputs(config: VLMConfig, input_ids, attention_mask=None, pixel_values=None,
                    image_grid_thw=None, *, pad_patches_to: int | None = None) -> tuple[ModelInputs, np.ndarray]:
   """Host side: M-RoPE positions and the vision layout for a batch. Returns (inputs, rope_deltas [batch])."""
   input_ids = np.asarray(input_ids)
@@ -90,7 +92,7 @@ def prepare_inputs(config: Qwen25VLConfig, input_ids, attention_mask=None, pixel
                      pv, jax.tree.map(jnp.asarray, vision)), deltas
 
 
-def prepare_row_inputs(config: Qwen25VLConfig, input_ids, attention_mask, row_pixel_values, row_grids, *,
+def prepare_row_inputs(config: VLMConfig, input_ids, attention_mask, row_pixel_values, row_grids, *,
                        pad_patches_to: int) -> tuple[ModelInputs, np.ndarray]:
   """Host side, per-row images: the layout data-parallel training and the sampler use.
 
@@ -154,13 +156,14 @@ def scatter_image_embeds(token_embeds: jax.Array, is_image: jax.Array, image_emb
   return jnp.where(is_image[..., None], gathered, token_embeds)
 
 
-class Qwen25VL(nnx.Module):
-  """Qwen2.5-VL for conditional generation (logits over the vocabulary)."""
+class VLM(nnx.Module):
+  """Qwen2.5-VL or Qwen3-VL for conditional generation (logits over the vocabulary)."""
 
-  def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: VLMConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    self.visual = VisionTower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
+    tower = Qwen3VisionTower if isinstance(config.vision, Qwen3VisionConfig) else VisionTower
+    self.visual = tower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
     self.model = TextModel(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
     if config.tie_word_embeddings:
       self.lm_head = None
@@ -174,7 +177,7 @@ class Qwen25VL(nnx.Module):
   def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None) -> jax.Array:
     """Logits [batch, seq, vocab]; arguments mean what they mean in `transformers`."""
     if isinstance(image_grid_thw, jax.core.Tracer) or isinstance(input_ids, jax.core.Tracer):
-      raise TypeError("Qwen25VL.__call__ computes positions on the host; under jit call "
+      raise TypeError("VLM.__call__ computes positions on the host; under jit call "
                       "prepare_inputs(...) outside and model.forward(inputs) inside")
     inputs, _ = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
     return _jit_forward(self, inputs)
@@ -182,7 +185,10 @@ class Qwen25VL(nnx.Module):
   # ------------------------------------------------------------------ array API (jit-able)
 
   def encode_images(self, pixel_values: jax.Array, vision: VisionInputs) -> jax.Array:
-    """[patches, patch_dim] -> image token embeddings [patches / 4, hidden].
+    """[patches, patch_dim] -> image token embeddings [patches / 4, hidden * config.embed_levels].
+
+    Qwen3-VL's tokens carry their DeepStack features after the embedding on the last axis, so code that
+    moves image tokens around (batching, the sampler's slots) treats both families alike.
 
     With per-row images (pixel_values [batch, patches, patch_dim], vision arrays with a leading batch
     axis, see `prepare_row_inputs`) -> [batch, patches / 4, hidden].
@@ -195,11 +201,14 @@ class Qwen25VL(nnx.Module):
   def embed(self, input_ids: jax.Array, image_embeds: jax.Array | None = None) -> jax.Array:
     """Token embeddings with image placeholders replaced, in order, by `image_embeds`.
 
-    image_embeds: [n, hidden] consumed across the whole batch in row-major order, or per row
-    [batch, n, hidden].
+    image_embeds: [n, hidden * levels] consumed across the whole batch in row-major order, or per row
+    [batch, n, hidden * levels]. With DeepStack levels the result is [batch, seq, hidden * levels]
+    (zeros past `hidden` for text tokens), which the decoder splits (`text.split_deepstack`).
     """
     x = self.model.embed_tokens(input_ids)
     if image_embeds is not None:
+      if image_embeds.shape[-1] > x.shape[-1]:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, image_embeds.shape[-1] - x.shape[-1])))
       is_image = input_ids == self.config.image_token_id
       if image_embeds.ndim == 3:
         x = jax.vmap(lambda xr, mr, er: scatter_image_embeds(xr[None], mr[None], er)[0])(x, is_image, image_embeds)
@@ -240,8 +249,13 @@ class Qwen25VL(nnx.Module):
     return KVCache.zeros(self.config.text, batch, max_len, dtype or jnp.dtype(self.config.dtype))
 
 
+# The names users knew first; one class describes both families.
+Qwen25VL = VLM
+Qwen3VL = VLM
+
+
 @nnx.jit
-def _jit_forward(model: Qwen25VL, inputs: ModelInputs) -> jax.Array:
+def _jit_forward(model: VLM, inputs: ModelInputs) -> jax.Array:
   return model.forward(inputs)
 
 
@@ -249,18 +263,18 @@ def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def random_model(config: Qwen25VLConfig, seed: int = 0, std: float = 0.05) -> Qwen25VL:
+def random_model(config: VLMConfig, seed: int = 0, std: float = 0.05) -> VLM:
   """A model with random weights drawn on the host: N(0, std), norm scales 1 + N(0, 2*std).
 
   For tests and benchmarks: eager `nnx` init runs hundreds of tiny compiled ops; this fills the abstract
   state from one numpy generator instead (same values for the same seed, whatever the backend).
   """
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
     name = "/".join(str(p) for p in path)
-    if "norm" in name or "ln_q" in name:
+    if ("norm" in name or "ln_q" in name) and not name.endswith("bias"):
       return jnp.asarray(1.0 + 2 * std * rng.standard_normal(x.shape), x.dtype)
     return jnp.asarray(std * rng.standard_normal(x.shape), x.dtype)
 

@@ -133,7 +133,7 @@ def build_tokenizer(config, workdir: str):
   return tok_lib.load_tokenizer(out)
 
 
-def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
+def model_config(config, tokenizer) -> config_lib.VLMConfig:
   ids = tok_lib.special_token_ids(tokenizer)
   if config.model.get("preset") or config.model.get("init_from"):
     return sources.model_config(config, len(tokenizer), ids)
@@ -152,7 +152,7 @@ def model_config(config, tokenizer) -> config_lib.Qwen25VLConfig:
       depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
       num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
       window_size=56, position_table=m.get("vision_position_table", 0))
-  return config_lib.Qwen25VLConfig(
+  return config_lib.VLMConfig(
       text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
       vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
       tie_word_embeddings=True)

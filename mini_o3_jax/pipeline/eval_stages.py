@@ -26,6 +26,7 @@ from mini_o3_jax import export as export_lib
 from mini_o3_jax.data import coldstart, pipeline, synthetic
 from mini_o3_jax.eval import report, turn_scaling
 from mini_o3_jax.pipeline import common, probe, rl_stages, sources, train_stages
+from mini_o3_jax.processing import image as image_lib
 import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import state as state_lib
 
@@ -151,7 +152,7 @@ def run_eval(config, workdir: str) -> dict:
 def _write_skills(config, workdir: str, name: str, model, tokenizer, mcfg, trajs) -> None:
   """Teacher-forced accuracy by kind of token on scripted test-split trajectories (see `probe`)."""
   min_pixels, max_pixels = sources.pixel_budget(config)
-  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels)
+  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, **image_lib.settings_for(mcfg))
   skills = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg,
                                probe.ProbeConfig(seq_len=config.data.max_tokens))
   log.info("eval %s skills: %s", name, ", ".join(f"{k} {100 * skills[k]:.0f}%" for k in probe.KINDS if k in skills))

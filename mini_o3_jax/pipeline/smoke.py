@@ -17,7 +17,7 @@ from flax import nnx
 
 from mini_o3_jax import agent
 from mini_o3_jax.data import synthetic
-from mini_o3_jax.model import Qwen25VL, config as config_lib
+from mini_o3_jax.model import VLM, config as config_lib
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained
 from mini_o3_jax.processing import chat, image as image_lib, tokenizer as tok_lib
 from mini_o3_jax.sampler import generate
@@ -33,7 +33,7 @@ def run_smoke(config, workdir: str) -> dict:
   model_cfg = config_lib.tiny(vocab_size=len(tokenizer), image_token_id=ids["image_token_id"],
                               vision_start_token_id=ids["vision_start_token_id"],
                               vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
-  model = Qwen25VL(model_cfg, rngs=nnx.Rngs(config.seed))
+  model = VLM(model_cfg, rngs=nnx.Rngs(config.seed))
   pixel_values, grid = image_lib.preprocess_image(task.image, min_pixels=config.min_pixels,
                                                   max_pixels=config.max_pixels)
   messages = [agent.user_message(task.question)]

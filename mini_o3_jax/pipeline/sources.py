@@ -41,7 +41,10 @@ import mini_o3_jax.sampler.rollout as rollout_lib
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
-PRESETS = {"qwen25vl_7b": config_lib.qwen25vl_7b, "qwen25vl_3b": config_lib.qwen25vl_3b, "tiny": config_lib.tiny}
+PRESETS = {"qwen25vl_7b": config_lib.qwen25vl_7b, "qwen25vl_3b": config_lib.qwen25vl_3b,
+           "qwen3vl_8b": config_lib.qwen3vl_8b}
+# Tiny presets take the tokenizer's vocabulary size and special-token ids.
+TINY_PRESETS = {"tiny": config_lib.tiny, "tiny_qwen3": config_lib.tiny_qwen3}
 # benchmark name -> the `config.datasets` entry naming its download folder
 DATASET_OF = {"visualprobe": "visualprobe", "vstar": "vstar", "hrbench_4k": "hrbench", "hrbench_8k": "hrbench"}
 
@@ -89,7 +92,7 @@ def is_hf_dir(path: str) -> bool:
   return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def model_config(config, vocab_size: int, ids: dict[str, int]) -> config_lib.Qwen25VLConfig:
+def model_config(config, vocab_size: int, ids: dict[str, int]) -> config_lib.VLMConfig:
   """The model of a config with `model.preset` or `model.init_from`.
 
   The architecture comes from `init_from`'s config.json when it has one, else from the preset; the
@@ -100,16 +103,16 @@ def model_config(config, vocab_size: int, ids: dict[str, int]) -> config_lib.Qwe
              remat=m.get("remat", "none"))
   hf_file = _hf_config_file(m.get("init_from") or "")
   if hf_file is not None:
-    mcfg = config_lib.Qwen25VLConfig.from_pretrained(hf_file, **run)
-  elif m.get("preset") == "tiny":
-    mcfg = config_lib.tiny(vocab_size, **{k: ids[k] for k in ("image_token_id", "video_token_id",
+    mcfg = config_lib.VLMConfig.from_pretrained(hf_file, **run)
+  elif m.get("preset") in TINY_PRESETS:
+    mcfg = TINY_PRESETS[m.preset](vocab_size, **{k: ids[k] for k in ("image_token_id", "video_token_id",
                                                              "vision_start_token_id", "vision_end_token_id")}, **run)
     mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, eos_token_id=ids["eos_token_id"],
                                                  pad_token_id=ids["pad_token_id"]))
   elif m.get("preset") in PRESETS:
     mcfg = PRESETS[m.preset](**run)
   else:
-    raise ValueError(f"model.preset={m.get('preset')!r}: expected one of {sorted(PRESETS)}, or an init_from "
+    raise ValueError(f"model.preset={m.get('preset')!r}: expected one of {sorted([*PRESETS, *TINY_PRESETS])}, or an init_from "
                      "directory with a config.json")
   if vocab_size > mcfg.text.vocab_size:
     raise ValueError(f"the tokenizer has {vocab_size} tokens, more than the model's vocabulary {mcfg.text.vocab_size}")
@@ -125,7 +128,7 @@ def has_checkpoint(workdir: str, stage: str) -> bool:
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
-def init_params(config, mcfg: config_lib.Qwen25VLConfig, mesh) -> Any | None:
+def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
   """Parameters from `config.model.init_from` (sharded for `mesh`), or None when it is empty."""
   path = config.model.get("init_from") or ""
   if not path:

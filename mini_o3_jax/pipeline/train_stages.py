@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mini_o3_jax.data import coldstart, pipeline, synthetic
 from mini_o3_jax.eval import report
 from mini_o3_jax.pipeline import common, sources
+from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
@@ -104,7 +105,8 @@ def run_sft(config, workdir: str) -> dict:
 
   trajs = coldstart_trajectories(config)
   min_pixels, max_pixels = sources.pixel_budget(config)
-  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens)
+  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens,
+                                       **image_lib.settings_for(mcfg))
   lengths = None
   if c.get("group_by_length", False):
     # Batches of similar lengths pad to small buckets: attention and logits cost follow the padding.

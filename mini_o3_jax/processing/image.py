@@ -32,6 +32,21 @@ import PIL.ImageOps
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Qwen3-VL's processor settings (its preprocessor_config.json): 16-pixel patches, mean = std = 0.5.
+QWEN3_VL_MEAN = QWEN3_VL_STD = (0.5, 0.5, 0.5)
+
+
+def normalization(model_type: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) the image processor of a model family normalises with."""
+  return (QWEN3_VL_MEAN, QWEN3_VL_STD) if model_type == "qwen3_vl" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def settings_for(model_config) -> dict:
+  """`preprocess_image` keyword arguments for a model config (its vision geometry and family)."""
+  v = model_config.vision
+  mean, std = normalization(model_config.model_type)
+  return dict(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+              mean=mean, std=std)
 
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
@@ -167,10 +182,13 @@ def preprocess_image(
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
   """PIL image -> (pixel_values float32 [N, 3*tps*ps*ps], grid_thw int64 [3]).
 
-  Same numbers as `Qwen2VLImageProcessorPil(min_pixels=..., max_pixels=...)`.
+  Same numbers as `Qwen2VLImageProcessorPil(min_pixels=..., max_pixels=...)` with these patch sizes and
+  normalisation (Qwen2.5-VL's by default; Qwen3-VL: patch_size=16, `normalization("qwen3_vl")`).
 
   Raises:
     TypeError: not a PIL image.
@@ -184,7 +202,7 @@ def preprocess_image(
   rgb = to_rgb(image)
   # Resizing the uint8 image (not floats) is what the reference does, rounding and all.
   rgb = rgb.resize((width, height), resample=PIL.Image.Resampling.BICUBIC)
-  pixel_values = patchify(normalize(np.asarray(rgb)), patch_size, temporal_patch_size,
+  pixel_values = patchify(normalize(np.asarray(rgb), mean, std), patch_size, temporal_patch_size,
                           merge_size)
   grid_thw = np.array([1, height // patch_size, width // patch_size], dtype=np.int64)
   return pixel_values, grid_thw

@@ -1,6 +1,6 @@
 """The sampler's decoder pass over its own KV cache: head-major layout, updated in place.
 
-Why not `Qwen25VL.forward_cached` (model/text.py)? Two measured costs on CPU (tiny model, 16 slots):
+Why not `VLM.forward_cached` (model/text.py)? Two measured costs on CPU (tiny model, 16 slots):
   * it scans the layers with the cache as the scan's input *and output*, so every call writes a
     whole new cache: a full cache copy per generated token;
   * its cache is token-major ([layers, batch, max_len, kv_heads, head_dim]); for one query per row XLA
@@ -9,9 +9,9 @@ Why not `Qwen25VL.forward_cached` (model/text.py)? Two measured costs on CPU (ti
     [.., kv_heads, cache_len, head_dim], the operand orders the two attention contractions want, so
     nothing is transposed per step.
 Here the cache is the scan's *carry*, each layer scatters only the chunk's new keys/values into its
-slice (in place), and attention reads a window of it. The layer maths is the model's own:
-its projection, norm and MLP modules and `layers.apply_rotary`; equality with the model's forward
-and with `transformers` is tested.
+slice (in place), and attention reads a window of it. The layer maths is the model's own
+(`DecoderLayer.qkv` / `finish`, `text.scan_with_deepstack` for Qwen3-VL's DeepStack); equality with
+the model's forward and with `transformers` is tested for both families.
 
 Writes use scatter with mode="drop": an index past `cache_len` is dropped instead of clamped, so a
 padded chunk can never overwrite real entries (dynamic_update_slice would clamp the start).
@@ -23,9 +23,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model import rope
+from mini_o3_jax.model import text as text_lib
 from mini_o3_jax.model.config import TextConfig
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -92,36 +92,33 @@ def cached_forward(model, embeds: jax.Array, positions: jax.Array, mask: jax.Arr
   """
   text = model.model
   cfg = text.cfg
+  embeds, deepstack = text_lib.split_deepstack(embeds, cfg.hidden_size)
   slots, c, _ = embeds.shape
   cap = cache.cache_len
   window = cap if window is None else min(window, cap)
-  cos, sin = rope.mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+  cos, sin = rope.text_cos_sin(cfg, positions)
   real = mask.astype(bool)
   cols = cache.length[:, None] + jnp.arange(c)[None]                                   # [slots, C]
   rows = jnp.broadcast_to(jnp.arange(slots)[:, None], cols.shape)
   valid = cache.valid.at[rows, cols].set(real, mode="drop")                           # [slots, cap]
   attn_mask = valid[:, None, :window] & (jnp.arange(window)[None, None, :] <= cols[:, :, None])  # [slots, C, W]
-  graphdef, stacked = nnx.split(text.layers)
 
-  def body(carry, layer_state):
+  def body(layer, carry, added):
     x, k_all, v_all, i = carry
-    layer = nnx.merge(graphdef, layer_state)
-    h = layer.input_layernorm(x)
-    q = layer.q_proj(h).reshape(slots, c, layer.num_heads, layer.head_dim)
-    k = layer.k_proj(h).reshape(slots, c, layer.num_kv_heads, layer.head_dim)
-    v = layer.v_proj(h).reshape(slots, c, layer.num_kv_heads, layer.head_dim)
-    q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+    q, k, v = layer.qkv(x, cos, sin)
     # Advanced indices (layer, rows, cols) split by slices: the update is indexed [slots, C, kv_heads, hd].
     k_all = k_all.at[i, rows, :, :, cols].set(k.astype(k_all.dtype), mode="drop")
     v_all = v_all.at[i, rows, :, cols].set(v.astype(v_all.dtype), mode="drop")
     kvh, hd = v_all.shape[2], v_all.shape[4]
     k_i = jax.lax.dynamic_slice(k_all, (i, 0, 0, 0, 0), (1, slots, kvh, hd, window))[0]  # [slots, kvh, hd, W]
     v_i = jax.lax.dynamic_slice(v_all, (i, 0, 0, 0, 0), (1, slots, kvh, window, hd))[0]  # [slots, kvh, W, hd]
-    attn = attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), attn_mask)
-    x = x + layer.o_proj(attn.reshape(slots, c, -1))
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = layer.finish(x, attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), attn_mask))
+    if added is not None:  # DeepStack (Qwen3-VL): this layer's image features join the stream
+      x = x + added.astype(x.dtype)
     return (x, k_all, v_all, i + 1), None
 
-  (x, k, v, _), _ = jax.lax.scan(body, (embeds, cache.k, cache.v, jnp.int32(0)), stacked)
+  (x, k, v, _), _ = text_lib.scan_with_deepstack(
+      text.layers, lambda layer, carry, inputs: body(layer, carry, inputs[1]),
+      (embeds, cache.k, cache.v, jnp.int32(0)), None, deepstack)
   new_cache = SlotCache(k=k, v=v, valid=valid, length=cache.length + mask.sum(axis=1).astype(jnp.int32))
   return text.norm(x), new_cache

@@ -445,7 +445,7 @@ class Engine:
 
   def _zeros_embeds(self, width: int):
     if width not in self._no_images:
-      hidden = self.model_config.text.hidden_size
+      hidden = self.model_config.text.hidden_size * self.model_config.embed_levels
       self._no_images[width] = self._put_slots(np.zeros((self.config.num_slots, width, hidden),
                                                         jnp.dtype(self.model_config.dtype)))
     return self._no_images[width]

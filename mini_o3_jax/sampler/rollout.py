@@ -207,9 +207,8 @@ class Sampler:
   # ---------------------------------------------------------------- helpers
 
   def _preprocess(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    v = self.model_config.vision
-    return image_lib.preprocess_image(image, self.config.min_pixels, self.config.max_pixels, patch_size=v.patch_size,
-                                      temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size)
+    return image_lib.preprocess_image(image, self.config.min_pixels, self.config.max_pixels,
+                                      **image_lib.settings_for(self.model_config))
 
   def _tokenize(self, message: Mapping[str, Any], grids: Sequence[np.ndarray], first: bool,
                 context: Sequence[Mapping[str, Any]] = ()) -> list[int]:

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model import rope
-from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.model.vlm import ModelInputs, check_token_ids
 from mini_o3_jax.train import distributed
@@ -108,7 +108,7 @@ def _needs(examples: Sequence[Example]) -> tuple[int, int]:
   return seq, patches
 
 
-def build_model_inputs(config: Qwen25VLConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
+def build_model_inputs(config: VLMConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
                        row_grids: Sequence[np.ndarray], row_pixels: Sequence[np.ndarray | None],
                        num_patches: int | None) -> ModelInputs:
   """Numpy ModelInputs for right-padded rows with per-row images (no device transfer).
@@ -146,7 +146,7 @@ def build_model_inputs(config: Qwen25VLConfig, input_ids: np.ndarray, attention_
   return ModelInputs(input_ids.astype(np.int32), attention_mask.astype(np.int32), positions, pixels, vision)
 
 
-def _collate_common(examples: Sequence[Example], model_config: Qwen25VLConfig, batch_config: BatchConfig,
+def _collate_common(examples: Sequence[Example], model_config: VLMConfig, batch_config: BatchConfig,
                     seq_len: int | None, num_patches: int | None):
   """Pads ids / masks to [batch_size, seq] and builds the model inputs. Returns (inputs, fields)."""
   b = batch_config.batch_size
@@ -198,7 +198,7 @@ def _collate_common(examples: Sequence[Example], model_config: Qwen25VLConfig, b
   return inputs, per_token
 
 
-def collate_sft(examples: Sequence[Example], model_config: Qwen25VLConfig, batch_config: BatchConfig, *,
+def collate_sft(examples: Sequence[Example], model_config: VLMConfig, batch_config: BatchConfig, *,
                 seq_len: int | None = None, num_patches: int | None = None) -> SFTBatch:
   """Host-local numpy SFTBatch of `batch_config.batch_size` rows (padding rows carry no loss).
 
@@ -209,7 +209,7 @@ def collate_sft(examples: Sequence[Example], model_config: Qwen25VLConfig, batch
   return SFTBatch(inputs=inputs, loss_mask=loss_mask)
 
 
-def collate_rl(examples: Sequence[Example], model_config: Qwen25VLConfig, batch_config: BatchConfig, *,
+def collate_rl(examples: Sequence[Example], model_config: VLMConfig, batch_config: BatchConfig, *,
                seq_len: int | None = None, num_patches: int | None = None) -> RLBatch:
   """Host-local numpy RLBatch. Group ids are renumbered 0.. in order of first appearance.
 
@@ -308,7 +308,7 @@ def constrain_batch(batch: Any, mesh: Mesh) -> Any:
 
 # ------------------------------------------------------------------------- synthetic examples
 
-def random_examples(config: Qwen25VLConfig, n: int, *, seq_len: int, images_per_row: int = 1,
+def random_examples(config: VLMConfig, n: int, *, seq_len: int, images_per_row: int = 1,
                     grid: tuple[int, int, int] = (1, 4, 4), rl: bool = False, group_size: int = 4,
                     seed: int = 0, vary_length: bool = True) -> list[dict[str, Any]]:
   """Random but well-formed multi-turn rows (for tests and benchmarks).

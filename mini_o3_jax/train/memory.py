@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.train import optimizer as optimizer_lib
 from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
@@ -159,7 +159,7 @@ class MeshShape:
 
 # ----------------------------------------------------------------------------- exact: the state
 
-def param_count(config: Qwen25VLConfig) -> int:
+def param_count(config: VLMConfig) -> int:
   """Number of parameters, from the model's abstract state (nothing allocated)."""
   _, abstract = state_lib.abstract_model(config)
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.to_pure_dict(abstract))))
@@ -170,7 +170,7 @@ def _shard_bytes(leaf: Any, sharding: jax.sharding.NamedSharding) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def state_bytes(config: Qwen25VLConfig, mesh: MeshShape,
+def state_bytes(config: VLMConfig, mesh: MeshShape,
                 optimizer: optimizer_lib.OptimizerConfig | None = None,
                 rules=sharding_lib.DEFAULT_RULES) -> dict[str, int]:
   """Per-device bytes of the parameters, the optimizer state and one gradient tree.
@@ -228,7 +228,7 @@ class _Block:
     return self.heads * keys * (4 + a)
 
 
-def _text_block(config: Qwen25VLConfig, tensor: int) -> _Block:
+def _text_block(config: VLMConfig, tensor: int) -> _Block:
   t = config.text
   hd = t.head_dim
   return _Block(d=t.hidden_size, f=_split(t.intermediate_size, tensor),
@@ -236,7 +236,7 @@ def _text_block(config: Qwen25VLConfig, tensor: int) -> _Block:
                 heads=_split(t.num_attention_heads, tensor))
 
 
-def _vision_block(config: Qwen25VLConfig, tensor: int) -> _Block:
+def _vision_block(config: VLMConfig, tensor: int) -> _Block:
   v = config.vision
   heads = _split(v.num_heads, tensor)
   return _Block(d=v.hidden_size, f=_split(v.intermediate_size, tensor), q=heads * v.head_dim,
@@ -276,7 +276,7 @@ def _dtype_bytes(name: str) -> int:
   return jnp.dtype(name).itemsize
 
 
-def activation_bytes(config: Qwen25VLConfig, phase: Phase, mesh: MeshShape) -> dict[str, int]:
+def activation_bytes(config: VLMConfig, phase: Phase, mesh: MeshShape) -> dict[str, int]:
   """Per-device transient bytes of one train micro-batch (empty for an evaluation phase)."""
   if not phase.train:
     return {}
@@ -288,7 +288,9 @@ def activation_bytes(config: Qwen25VLConfig, phase: Phase, mesh: MeshShape) -> d
   t = phase.seq_len
   out = {
       # the residual stream kept per layer (and more, by policy), plus embeddings / final hidden
-      "text_saved": tokens * (layers * _saved(text, config.remat, causal_keys(t), a) + 3 * text.d * a),
+      # (Qwen3-VL: the decoder's input also carries the DeepStack features, `embed_levels` vectors a token)
+      "text_saved": tokens * (layers * _saved(text, config.remat, causal_keys(t), a)
+                              + (2 + config.embed_levels) * text.d * a),
       "text_layer": tokens * (text.intermediates(a) * (1 if config.remat == "none" else 2)),
       "attn_scores": int(tokens * text.scores(causal_keys(t), a)) * (1 if config.remat == "none" else 2),
   }
@@ -305,7 +307,7 @@ def activation_bytes(config: Qwen25VLConfig, phase: Phase, mesh: MeshShape) -> d
   return out
 
 
-def gathered_weight_bytes(config: Qwen25VLConfig, mesh: MeshShape, *, backward: bool = True) -> int:
+def gathered_weight_bytes(config: VLMConfig, mesh: MeshShape, *, backward: bool = True) -> int:
   """Weights in use at once, whole over fsdp (split over tensor only), in the compute dtype.
 
   The largest of one decoder layer and one vision block, plus the embedding table and the output head:
@@ -325,16 +327,17 @@ def gathered_weight_bytes(config: Qwen25VLConfig, mesh: MeshShape, *, backward: 
   return n * per
 
 
-def vision_bytes(config: Qwen25VLConfig, rows: int, patches: int, tensor: int, *, backward: bool) -> int:
+def vision_bytes(config: VLMConfig, rows: int, patches: int, tensor: int, *, backward: bool) -> int:
   """The vision tower over `rows` rows of `patches` padded patches each (per device)."""
   if rows <= 0 or patches <= 0:
     return 0
   v = config.vision
   a = _dtype_bytes(config.dtype)
   block = _vision_block(config, tensor)
-  window_keys = 3 * v.window_merged**2 * v.merge_unit
-  n_full = len(set(v.fullatt_block_indexes))
+  windowed = hasattr(v, "fullatt_block_indexes")  # Qwen2.5-VL; Qwen3-VL's blocks are all full attention
+  n_full = len(set(v.fullatt_block_indexes)) if windowed else v.depth
   n_window = v.depth - n_full
+  window_keys = 3 * v.window_merged**2 * v.merge_unit if windowed else 0
   tokens = rows * patches
   work = max(_working(block, config.remat, patches, a, backward) if n_full else 0,
              _working(block, config.remat, window_keys, a, backward) if n_window else 0)
@@ -345,7 +348,7 @@ def vision_bytes(config: Qwen25VLConfig, rows: int, patches: int, tensor: int, *
   return tokens * (saved + work + 2 * v.patch_dim * 4)
 
 
-def rollout_bytes(config: Qwen25VLConfig, phase: Phase, mesh: MeshShape) -> dict[str, int]:
+def rollout_bytes(config: VLMConfig, phase: Phase, mesh: MeshShape) -> dict[str, int]:
   """The sampler's KV cache and the larger of its encode / append transients (per device)."""
   if phase.rollout_slots <= 0:
     return {}
@@ -389,7 +392,7 @@ ITEMS = ("params", "reference", "opt_state", "grads", "gathered", "batch", "text
          "vision", "kv_cache", "rollout_work")
 
 
-def plan(config: Qwen25VLConfig, phase: Phase, mesh: MeshShape, rules=sharding_lib.DEFAULT_RULES) -> Plan:
+def plan(config: VLMConfig, phase: Phase, mesh: MeshShape, rules=sharding_lib.DEFAULT_RULES) -> Plan:
   """Every item of `phase` on `mesh`, per device."""
   state = state_bytes(config, mesh, phase.optimizer if phase.train else None, rules)
   items = {"params": state["params"]}
@@ -421,7 +424,7 @@ class Budget:
     return "no"
 
 
-def candidate_meshes(devices: int, config: Qwen25VLConfig, max_tensor: int = 8) -> list[MeshShape]:
+def candidate_meshes(devices: int, config: VLMConfig, max_tensor: int = 8) -> list[MeshShape]:
   """(1, devices/t, t) for t = 1, 2, 4, 8 dividing the devices and the query heads; then data x fsdp.
 
   Preference order: FSDP alone (least communication per byte saved), then tensor parallelism (it
@@ -438,7 +441,7 @@ def candidate_meshes(devices: int, config: Qwen25VLConfig, max_tensor: int = 8) 
   return out
 
 
-def recommend(config: Qwen25VLConfig, phase: Phase, devices: int, budget: Budget,
+def recommend(config: VLMConfig, phase: Phase, devices: int, budget: Budget,
               rows_per_device: Sequence[int] = (8, 4, 2, 1)) -> tuple[Plan, int] | None:
   """The first mesh (in `candidate_meshes` order) where some micro-batch fits, with its largest one.
 

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mini_o3_jax.model.vlm import Qwen25VL
+from mini_o3_jax.model.vlm import VLM
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
 from mini_o3_jax.train import state as state_lib
@@ -58,8 +58,8 @@ def constrain_activation(x: jax.Array, mesh: Mesh | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(batch_axes, *([None] * (x.ndim - 1)))))
 
 
-def hidden_states(model: Qwen25VL, inputs, *, train_vision: bool = True, mesh: Mesh | None = None) -> jax.Array:
-  """Final hidden states [batch, seq, hidden] (as `Qwen25VL.hidden_states`, optionally frozen vision)."""
+def hidden_states(model: VLM, inputs, *, train_vision: bool = True, mesh: Mesh | None = None) -> jax.Array:
+  """Final hidden states [batch, seq, hidden] (as `VLM.hidden_states`, optionally frozen vision)."""
   image_embeds = None
   if inputs.pixel_values is not None:
     image_embeds = model.encode_images(inputs.pixel_values, inputs.vision)  # [batch, patches / 4, hidden]
@@ -72,7 +72,7 @@ def hidden_states(model: Qwen25VL, inputs, *, train_vision: bool = True, mesh: M
   return constrain_activation(h, mesh)
 
 
-def head_token_stats(model: Qwen25VL, hidden: jax.Array, targets: jax.Array, *, chunk: int | None = None,
+def head_token_stats(model: VLM, hidden: jax.Array, targets: jax.Array, *, chunk: int | None = None,
                      entropy: bool = False, correct: bool = False,
                      temperature: float = 1.0) -> dict[str, jax.Array]:
   """Per-token statistics of the output head.

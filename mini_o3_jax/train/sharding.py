@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("merger", "fsdp"),
     ("patch", None),
     ("norm", None),
+    ("table", None),  # Qwen3-VL vision position table rows
 )
 
 

@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mini_o3_jax.model.config import Qwen25VLConfig
-from mini_o3_jax.model.vlm import Qwen25VL
+from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.model.vlm import VLM
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import optimizer as optimizer_lib
 from mini_o3_jax.train import sharding as sharding_lib
@@ -50,7 +50,7 @@ class TrainState:
   rng: jax.Array
   ref_params: Params | None = None
 
-  def model(self) -> Qwen25VL:
+  def model(self) -> VLM:
     """The NNX module over the current params (works inside and outside jit)."""
     return nnx.merge(self.graphdef, self.params)
 
@@ -62,14 +62,14 @@ def _is_sharding(x: Any) -> bool:
   return isinstance(x, jax.sharding.Sharding)
 
 
-def abstract_model(config: Qwen25VLConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(config: VLMConfig) -> tuple[nnx.GraphDef, nnx.State]:
   """graphdef and the abstract (ShapeDtypeStruct) Param state, without allocating anything."""
-  model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
   graphdef, params, _ = nnx.split(model, nnx.Param, ...)
   return graphdef, params
 
 
-def param_shardings(config: Qwen25VLConfig, mesh: Mesh, rules: Rules = sharding_lib.DEFAULT_RULES) -> Params:
+def param_shardings(config: VLMConfig, mesh: Mesh, rules: Rules = sharding_lib.DEFAULT_RULES) -> Params:
   """NamedSharding per parameter (nested dict like `params`), from the logical-axis rules."""
   _, abstract = abstract_model(config)
   return nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh, rules))
@@ -122,7 +122,7 @@ def make_tx(optimizer_config: optimizer_lib.OptimizerConfig, params_like: Params
 
 
 def create_train_state(
-    config: Qwen25VLConfig,
+    config: VLMConfig,
     tx: optax.GradientTransformation | Callable[[Params], optax.GradientTransformation],
     mesh: Mesh,
     *,
@@ -160,7 +160,7 @@ def create_train_state(
 
   def build(params_in: Params | None) -> TrainState:
     if params_in is None:
-      model = Qwen25VL(config, rngs=nnx.Rngs(seed))
+      model = VLM(config, rngs=nnx.Rngs(seed))
       params_in = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return TrainState(
         graphdef=graphdef,
@@ -188,7 +188,7 @@ def _put_sharded(x: Any, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def abstract_train_state(shardings: TrainState, state_or_config: TrainState | Qwen25VLConfig,
+def abstract_train_state(shardings: TrainState, state_or_config: TrainState | VLMConfig,
                          tx: optax.GradientTransformation | None = None) -> TrainState:
   """ShapeDtypeStructs with concrete NamedShardings: the restore target for a checkpoint.
 

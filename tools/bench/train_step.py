@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mini_o3_jax.model import config as config_lib
-from mini_o3_jax.model.config import Qwen25VLConfig
+from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import distributed
 from mini_o3_jax.train import optimizer as optimizer_lib
@@ -38,7 +38,7 @@ from mini_o3_jax.train import sharding
 from mini_o3_jax.train import state as state_lib
 
 
-def model_config(name: str, dtype: str, remat: str) -> Qwen25VLConfig:
+def model_config(name: str, dtype: str, remat: str) -> VLMConfig:
   if name == "small":
     # config.tiny with a realistic vocabulary share: ~1.2M params, 4 text layers of width 128.
     cfg = config_lib.tiny(vocab_size=2048, image_token_id=2044, video_token_id=2045,
@@ -64,7 +64,7 @@ def _linear_params(tree: Any, skip: tuple[str, ...] = ()) -> int:
   return total
 
 
-def model_flops(cfg: Qwen25VLConfig, params: Any, batch_rows: int, seq_len: int, patches_per_row: int,
+def model_flops(cfg: VLMConfig, params: Any, batch_rows: int, seq_len: int, patches_per_row: int,
                 *, backward: bool = True, vision_backward: bool = True) -> float:
   """Analytic FLOPs of one forward (+ backward) over [batch_rows, seq_len] tokens and their images."""
   t, v = cfg.text, cfg.vision
