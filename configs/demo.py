@@ -43,6 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
       steps=4, prompts_per_step=4, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,
       max_turn_tokens=96, temperature=1.0, lr=2e-4, warmup_steps=1, clip_low=0.2, clip_high=0.3,
       exclude_masked_from_stats=False, checkpoint_every=2, log_every=1,
+      # The original's choices where they cost nothing here (docs/rl_recipe.md); dynamic sampling, old
+      # log-probs recomputed and several updates per batch are switches (fp32 on a CPU: the sampler's
+      # log-probs already equal the training forward's).
+      length_stop="wrong", loss_aggregation="seq_mean_token_mean", dynamic_sampling=False,
+      dynamic_sampling_max_rounds=4, recompute_old_logprobs=False, ppo_epochs=1, mini_batches=1,
       length_buckets=(512, 1024), patch_buckets=(448,)))  # 7 images x 64 patches: one vision shape
 
   # Model-driven cold start (not in the default stages): after `sft`, `--config.stages=coldstart`

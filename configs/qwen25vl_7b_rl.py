@@ -7,11 +7,11 @@
 `Mini-o3/VisualProbe_train` under `data_dir/datasets.visualprobe` (the parent of `VisualProbe_train/`).
 
 The paper's recipe: training turn limit 6, at most 12 images, correctness reward only, no KL, no entropy
-bonus, asymmetric clipping 0.2 / 0.3, lr 1e-6, 16 rollouts per prompt, updates of 32 prompts (its PPO
-mini-batch), 8,192 prompt + 8,192 response tokens (a 16,384-token context), temperature 1.0, over-turn
-trajectories masked with the group statistics over all rollouts. One step here = 32 prompts x 16
-rollouts, then one update (the original takes 8 such updates per 256-prompt rollout batch); 300 steps
-and the 2,048-token cap on one assistant turn are our choices.
+bonus, asymmetric clipping 0.2 / 0.3, lr 1e-6, 16 rollouts per prompt, a rollout batch of 256 prompts
+updated in PPO mini-batches of 32, 8,192 prompt + 8,192 response tokens (a 16,384-token context),
+temperature 1.0, over-turn trajectories masked with the group statistics over all rollouts, dynamic
+sampling. One step here = 256 prompts x 16 rollouts, then 8 updates of 32 prompts (about 300 updates
+in 38 steps); the step count and the 2,048-token cap on one assistant turn are our choices.
 Deviation: images within 0.5M pixels (the paper's pixel-cap ablation: 44.4% on VisualProbe-Hard vs
 48.0% at its 2M cap). The vision tower's full-attention blocks attend over every patch of a training
 row at once (memory quadratic in the row's patches): 7 images of 2M pixels (71k patches) do not fit any
@@ -40,7 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.rl = ml_collections.ConfigDict(dict(
       source="visualprobe", split="train",  # "synthetic": the demo's generated tasks
-      steps=300, prompts_per_step=32, group_size=16, max_turns=6,
+      steps=38, prompts_per_step=256, group_size=16, max_turns=6,
+      # The original's RL recipe (docs/rl_recipe.md): a rollout batch of 256 prompts in 8 PPO mini-batches of
+      # 32 (one epoch), a turn cut by its token cap a reward-0 trajectory (not masked), each trajectory's
+      # token mean averaged over trajectories, groups of equal rewards dropped and re-drawn, behaviour
+      # log-probs recomputed by the training forward (bf16 sampler vs training rounding).
+      mini_batches=8, ppo_epochs=1, length_stop="wrong", loss_aggregation="seq_mean_token_mean",
+      dynamic_sampling=True, dynamic_sampling_max_rounds=4, recompute_old_logprobs=True,
       max_images=7,  # the question's image + 6 crops: the turn limit binds before the paper's 12
       max_context=16384, max_turn_tokens=2048, temperature=1.0,
       lr=1e-6, warmup_steps=0, clip_low=0.2, clip_high=0.3, exclude_masked_from_stats=False,

@@ -25,7 +25,7 @@ from mini_o3_jax.model.hf import load_pretrained, save_pretrained
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.sampler import SamplingParams, generate
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import rl, sft, sharding
@@ -188,6 +188,7 @@ def test_multi_turn_rollout_equals_a_full_forward(tiny, tokenizer):
   inputs, _ = prepare_inputs(tiny.config, res.token_ids[None], np.ones((1, n), np.int32),
                              np.concatenate(res.pixel_values), res.image_grid_thw)
   logits = np.asarray(nnx.jit(lambda m, x: m.forward(x))(tiny, inputs), np.float64)[0]
+  logits[:, list(vision_token_ids(tiny.config))] = -1e9  # never sampled (RolloutConfig.suppress_vision_tokens)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   pos = np.flatnonzero(res.response_mask)

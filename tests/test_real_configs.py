@@ -176,11 +176,15 @@ def test_rl_config_runs_on_visualprobe_train(data_dir, tiny_hf, tmp_path):
               "--config.rl.max_turn_tokens=8", "--config.rl.length_buckets=(512,)",
               "--config.rl.patch_buckets=(448,)", "--config.rl.chunk_buckets=(64,256)",
               "--config.rl.patch_buckets_per_image=(64,)", "--config.rl.decode_steps=4",
-              "--config.rl.logits_chunk=64", "--config.rl.checkpoint_every=1")
+              "--config.rl.logits_chunk=64", "--config.rl.checkpoint_every=1",
+              # The recipe's switches at toy sizes: 2 mini-batches of one group, one extra dynamic draw.
+              "--config.rl.mini_batches=2", "--config.rl.dynamic_sampling_max_rounds=1")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert f"init from the HF checkpoint {tiny_hf}" in proc.stderr
   (row,) = [json.loads(line) for line in open(tmp_path / "metrics" / "rl.jsonl")]
   assert row["step"] == 1 and 0.0 <= row["rollout_accuracy"] <= 1.0 and np.isfinite(row["loss"])
+  assert row["updates"] == 2.0 and "first_approx_kl" in row and "sampler_logprob_gap" in row
+  assert row["dynamic_rounds"] <= 1 and "dynamic_groups_kept" in row
   assert os.listdir(tmp_path / "ckpt" / "rl") == ["1"]
 
 

@@ -23,7 +23,7 @@ from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.sampler import SamplingParams
 from mini_o3_jax.sampler import engine as engine_lib
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids
 
 CONFIG = RolloutConfig(num_slots=4, max_turns=6, max_context=1024, max_turn_tokens=48, max_images=4,
                        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, sampling=SamplingParams(temperature=1.0),
@@ -100,7 +100,10 @@ def _full_logits(model, results, length):
   pv = np.concatenate([p for res in results for p in res.pixel_values])
   grids = np.concatenate([res.image_grid_thw for res in results])
   inputs, _ = prepare_inputs(model.config, ids, mask, pv, grids)
-  return np.asarray(nnx.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
+  logits = np.asarray(nnx.jit(lambda m, x: m.forward(x))(model, inputs), np.float64)
+  # The sampler never samples the vision placeholders: its policy is the one with those logits masked.
+  logits[..., list(vision_token_ids(model.config))] = -1e9
+  return logits
 
 
 def test_multi_turn_cache_equals_full_forward(sampler, model, tokenizer):
@@ -145,6 +148,8 @@ def test_multi_turn_cache_equals_full_forward(sampler, model, tokenizer):
     np.testing.assert_allclose(np.asarray(got)[1], logits[0, end - 1], atol=2e-4)
     start, offset, used = end, next_pos, used + n_img
   assert used == 3  # the chunks held the original, observation 1 and observation 2
+  assert not np.isin(np.concatenate([r.token_ids[r.response_mask > 0] for r in results]),
+                     vision_token_ids(cfg)).any()
 
 
 # ----------------------------------------------------------------------------- the crop tool loop

@@ -38,6 +38,7 @@ from mini_o3_jax.train import optimizer as optimizer_lib  # noqa: E402
 
 DEFAULT_TPUS = ("v4-8", "v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-32", "v5p-64")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = {**sources.PRESETS, **sources.TINY_PRESETS}  # tiny presets at their default vocabulary
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -103,13 +104,13 @@ def phases(config, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
         optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=c.weight_decay)))
   if "rl" in stages or "rl_no_mask" in stages:
     c = config.rl
-    batch = c.prompts_per_step * c.group_size
+    batch = c.prompts_per_step * c.group_size // c.get("mini_batches", 1)  # rows of one update
     out.append(memory.Phase(
         "rl", batch=batch, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
         patches_per_row=max(c.get("patch_buckets", (64 * (c.max_turns + 1),))), logits_chunk=c.get("logits_chunk"),
         train_vision=c.get("train_vision", True),
         optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=0.0),
-        rollout_slots=c.get("num_slots") or batch, rollout_context=c.max_context,
+        rollout_slots=c.get("num_slots") or c.prompts_per_step * c.group_size, rollout_context=c.max_context,
         rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c, patch_pixels)))
   if "eval" in stages:
     c = config.eval
@@ -188,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--config", action="append", default=[], help="a configs/*.py file (repeatable)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. rl.num_slots=16 (repeatable)")
-  parser.add_argument("--preset", choices=sorted(sources.PRESETS), help="a model preset instead of a config")
+  parser.add_argument("--preset", choices=sorted(PRESETS), help="a model preset instead of a config")
   parser.add_argument("--tpu", action="append", default=[], help=f"TPU type(s); default {', '.join(DEFAULT_TPUS)}")
   parser.add_argument("--mesh", type=_parse_mesh, help="data,fsdp,tensor: evaluate this mesh only")
   parser.add_argument("--headroom", type=float, default=0.9, help="fraction of HBM a plan may use")
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mcfg = model_config(config)
     runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config, mcfg.vision.patch_size**2)]
   if args.preset:
-    mcfg = sources.PRESETS[args.preset](dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    mcfg = PRESETS[args.preset](dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
     train = args.phase != "eval"
     slots = args.slots or (0 if args.phase == "sft" else 64)
     phase = memory.Phase(args.phase, train=train, batch=args.batch, grad_accum=args.grad_accum,

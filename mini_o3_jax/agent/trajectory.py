@@ -36,10 +36,22 @@ STOP_REASONS = ("answer", "no_action", "max_turns", "max_context", "max_response
 OVERTURN_STOP_REASONS = frozenset({"max_turns", "max_context", "max_response", "image_limit"})
 
 
-def overturn_from_stop_reason(stop_reason: str) -> bool:
-  """Whether an episode that ended for `stop_reason` is an over-turn (masked in RL)."""
+LENGTH_STOPS = ("wrong", "overturn")
+
+
+def overturn_from_stop_reason(stop_reason: str, length_stop: str = "overturn") -> bool:
+  """Whether an episode that ended for `stop_reason` is an over-turn (masked in RL).
+
+  length_stop: how a turn that runs out of tokens (`max_response`) counts. "overturn" masks it like the
+  turn and context limits; "wrong" (the original's "void" generation with `ignore_void` off) keeps it
+  in the loss as an unanswered, reward-0 trajectory, so a policy that rambles past the cap is pushed back.
+  """
   if stop_reason not in STOP_REASONS:
     raise ValueError(f"unknown stop_reason {stop_reason!r}; expected one of {STOP_REASONS}")
+  if length_stop not in LENGTH_STOPS:
+    raise ValueError(f"length_stop={length_stop!r}; expected one of {LENGTH_STOPS}")
+  if stop_reason == "max_response" and length_stop == "wrong":
+    return False
   return stop_reason in OVERTURN_STOP_REASONS
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from flax import nnx
@@ -208,10 +208,11 @@ def benchmark(config, entry: str, option_seed: int = 0) -> benchmarks.Benchmark:
   return _benchmark(name, split or "test", dataset_dir(config, DATASET_OF[name]), option_seed)
 
 
-def rl_tasks(config, step: int) -> list[rollout_lib.Task]:
-  """The prompts of RL step `step` from the configured benchmark split, each repeated group_size times.
+def rl_tasks(config, indices: Sequence[int]) -> list[rollout_lib.Task]:
+  """The prompts at `indices` of the RL prompt stream over the configured benchmark split, each
+  repeated group_size times.
 
-  Prompts run through a seeded permutation of the split, re-drawn every epoch.
+  The stream runs through a seeded permutation of the split, re-drawn every epoch.
   """
   c = config.rl
   bench = benchmark(config, f"{c.source}/{c.get('split', 'train')}")
@@ -219,8 +220,8 @@ def rl_tasks(config, step: int) -> list[rollout_lib.Task]:
   if n == 0:
     raise ValueError(f"{c.source}/{c.get('split', 'train')} has no usable rows")
   tasks = []
-  for j in range(c.prompts_per_step):
-    epoch, i = divmod(step * c.prompts_per_step + j, n)
+  for k in indices:
+    epoch, i = divmod(k, n)
     order = np.random.default_rng([config.seed, epoch]).permutation(n)
     tasks += [rollout_lib.Task.from_record(bench[int(order[i])])] * c.group_size
   return tasks

@@ -216,8 +216,8 @@ def _slice_embeds(embeds, offset, *, width, out_sharding):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "window", "match_state", "state_sharding"),
                    donate_argnames=("state",))
-def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, table, stop_ids, *, sampling,
-            window, match_state, state_sharding):
+def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, table, stop_ids, logit_bias, *,
+            sampling, window, match_state, state_sharding):
   """Writes one piece into every slot's cache and samples for the slots whose chunk ends here.
 
   piece_embeds [slots, C, hidden]: the image embeddings of the piece's image tokens, in order.
@@ -231,7 +231,7 @@ def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, tabl
   x = model.embed(piece.ids, piece_embeds)
   h, new_cache = decoder.cached_forward(model, x, piece.positions, piece.mask, cache, window)
   h_last = jnp.take_along_axis(h, piece.last[:, None, None], axis=1)[:, 0]               # [slots, hidden]
-  logits = model.logits(h_last).astype(jnp.float32)                                     # [slots, vocab]
+  logits = model.logits(h_last).astype(jnp.float32) + logit_bias                        # [slots, vocab]
   rows = piece.sample
   state = dataclasses.replace(
       state, cache=new_cache,
@@ -249,8 +249,8 @@ def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, tabl
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps", "window", "match_state",
                                              "state_sharding"), donate_argnames=("state",))
-def _decode(graphdef, params, state: SlotState, table, stop_ids, *, sampling, steps, window, match_state,
-            state_sharding):
+def _decode(graphdef, params, state: SlotState, table, stop_ids, logit_bias, *, sampling, steps, window,
+            match_state, state_sharding):
   """Up to `steps` decode steps for the active slots; stops early when none is active.
 
   window: attend over the first `window` cache entries (every active slot's length + steps fits).
@@ -272,7 +272,7 @@ def _decode(graphdef, params, state: SlotState, table, stop_ids, *, sampling, st
     x = model.embed(st.token[:, None])
     # Idle slots write one invalid entry at their length and do not advance.
     h, cache = decoder.cached_forward(model, x, positions, rows[:, None].astype(jnp.int32), st.cache, window)
-    logits = model.logits(h[:, 0]).astype(jnp.float32)
+    logits = model.logits(h[:, 0]).astype(jnp.float32) + logit_bias
     st = dataclasses.replace(st, cache=cache, pos=st.pos + rows.astype(jnp.int32))
     st, tok, lp, slp, reason = _sample_step(st, logits, rows, table, stop_ids, sampling, match_state)
     col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(rows, v, 0)[:, None].astype(buf.dtype),
@@ -345,7 +345,10 @@ class Engine:
   """Host wrapper: owns the device slot state and turns per-slot requests into bucketed calls."""
 
   def __init__(self, model, config: EngineConfig, *, stop_token_ids: Sequence[int] = (),
-               matcher: StopMatcher | None = None, mesh: Mesh | None = None):
+               matcher: StopMatcher | None = None, mesh: Mesh | None = None,
+               suppressed_token_ids: Sequence[int] = ()):
+    """suppressed_token_ids: tokens never sampled (their logits are -inf; the recorded log-probs are
+    those of this masked policy, which `losses.suppression_bias` reproduces in training)."""
     self.config = config
     self.model_config = model.config
     self.mesh = mesh
@@ -369,6 +372,7 @@ class Engine:
     # Padded with -1 (never sampled) to a multiple of 4, so the count rarely changes the program.
     stop_ids += [-1] * (-len(stop_ids) % 4 or (4 if not stop_ids else 0))
     self.stop_ids = self._replicated(np.asarray(stop_ids, np.int32))
+    self.logit_bias = self._replicated(np.asarray(sampling_lib.suppression_bias(vocab, suppressed_token_ids)))
     self.state = self._init_state()
     self.lengths = np.zeros((config.num_slots,), np.int64)   # host mirror of state.cache.length
     self._active = np.zeros((config.num_slots,), bool)       # host mirror of state.active
@@ -555,7 +559,7 @@ class Engine:
       window = self._window(max(starts[slot] + lo + n_real[slot] for slot in chunks))
       self.programs.add(("append", width_c, window))
       state, out, piece_logits = _append(self.graphdef, self.params, state, piece, piece_embeds, self.table,
-                                         self.stop_ids, sampling=cfg.sampling, window=window,
+                                         self.stop_ids, self.logit_bias, sampling=cfg.sampling, window=window,
                                          match_state=self.matcher.match_state, state_sharding=self.state_sharding)
       outs.append((sample, out, piece_logits))
     self.state = state
@@ -580,7 +584,7 @@ class Engine:
     cfg = self.config
     window = self._window(int(self.lengths[self._active].max(initial=0)) + cfg.decode_steps)
     self.programs.add(("decode", cfg.decode_steps, window))
-    self.state, out = _decode(self.graphdef, self.params, self.state, self.table, self.stop_ids,
+    self.state, out = _decode(self.graphdef, self.params, self.state, self.table, self.stop_ids, self.logit_bias,
                               sampling=cfg.sampling, steps=cfg.decode_steps, window=window,
                               match_state=self.matcher.match_state, state_sharding=self.state_sharding)
     out = jax.tree.map(np.asarray, out)

@@ -59,6 +59,13 @@ _log = logging.getLogger(__name__)
 Policy = Callable[[int, Trajectory], "str | Sequence[int] | None"]
 
 
+def vision_token_ids(model_config) -> tuple[int, ...]:
+  """The vision placeholder ids of a model (image / video pads, vision start / end) in its vocabulary."""
+  ids = {model_config.image_token_id, model_config.video_token_id, model_config.vision_start_token_id,
+         model_config.vision_end_token_id}
+  return tuple(sorted(i for i in ids if 0 <= i < model_config.text.vocab_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """Protocol limits, image budget and engine shapes of a rollout.
@@ -89,6 +96,10 @@ class RolloutConfig:
   crop_min_side: int = tools.MIN_SIDE
   crop_max_aspect: float = tools.MAX_ASPECT
   max_forced_tokens: int = 0
+  # Never sample the vision placeholders (<|image_pad|>, <|vision_start|>, ...): a sampled one would be
+  # taken for an image slot when the trajectory is trained on. The RL step masks the same logits
+  # (`rl.RLConfig.suppressed_token_ids`), so behaviour and training policy stay equal.
+  suppress_vision_tokens: bool = True
 
   def __post_init__(self):
     if self.max_turns < 1 or self.max_images < 1 or self.max_turn_tokens < 1:
@@ -193,8 +204,9 @@ class Sampler:
     stop_ids = {ids["im_end_token_id"], ids["eos_token_id"], ids["endoftext_token_id"]}
     vocab = model.config.text.vocab_size
     self.matcher = StopMatcher.build(tokenizer, config.stop_strings, vocab)
+    suppressed = vision_token_ids(model.config) if config.suppress_vision_tokens else ()
     self.engine = engine_lib.Engine(model, config.engine_config(), stop_token_ids=sorted(stop_ids),
-                                    matcher=self.matcher, mesh=mesh)
+                                    matcher=self.matcher, mesh=mesh, suppressed_token_ids=suppressed)
     # What closes an assistant turn that ended on a stop string, before the next user turn.
     self._turn_close = list(tokenizer.encode(tokenizer_lib.IM_END + "\n", add_special_tokens=False))
     # id(context) -> (context, its preprocessed images): the K samples of a question, and every question

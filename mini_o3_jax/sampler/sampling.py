@@ -17,8 +17,21 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _NEG_INF = -jnp.inf
+
+
+def suppression_bias(vocab_size: int, token_ids) -> np.ndarray:
+  """float32 [vocab]: 0, and -1e9 at `token_ids` (added to the logits: those tokens are never sampled).
+
+  Finite, so softmax entropies stay finite (0 * -1e9 = 0 where -inf would give NaN)."""
+  bias = np.zeros((vocab_size,), np.float32)
+  ids = np.asarray(list(token_ids), np.int64)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    raise ValueError(f"suppressed token ids {sorted(ids.tolist())} outside the vocabulary [0, {vocab_size})")
+  bias[ids] = -1e9
+  return bias
 
 
 @dataclasses.dataclass(frozen=True)

@@ -284,6 +284,7 @@ def grpo_loss(
     entropy_coef: float = 0.0,
     overturn_masking: bool = True,
     normalizer: Array | float | None = None,
+    aggregation: str = 'token_mean',
 ) -> tuple[Array, Metrics]:
   """PPO clipped surrogate with asymmetric clipping and over-turn masking.
 
@@ -291,9 +292,15 @@ def grpo_loss(
     pg = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)).
   If `clip_ratio_c` is set, tokens with A < 0 are additionally capped at
   -A * clip_ratio_c (verl's dual clip; verl's default is 3.0, off here).
-  Aggregation is token-mean: sum over loss tokens / `normalizer`, default the
-  number of loss tokens in the (global) batch; zero loss tokens give loss 0
-  and an exactly zero gradient.
+  Aggregation (`aggregation`):
+    'token_mean': sum over loss tokens / `normalizer`, default the number of
+      loss tokens in the (global) batch;
+    'seq_mean_token_mean' (the original's, a micro-batch of one trajectory):
+      each trajectory's token mean over its loss tokens, summed and divided by
+      `normalizer`, default the number of trajectories (rows with response
+      tokens) in the batch — over-turn rows stay in that count with a zero
+      term, so a mostly-masked batch takes a proportionally smaller step.
+  Zero loss tokens give loss 0 and an exactly zero gradient.
 
     loss = pg + kl_coef * k3(ref || pi) - entropy_coef * entropy
   with the same aggregation for every term; k3 = exp(ref - logp) -
@@ -314,8 +321,10 @@ def grpo_loss(
       bonus and the metric.
     entropy_coef: weight of the entropy bonus.
     overturn_masking: drop over-turn trajectories (see `overturn_loss_mask`).
-    normalizer: optional token count, e.g. over all micro-batches of a
+    normalizer: optional token count ('token_mean') or trajectory count
+      ('seq_mean_token_mean'), e.g. over all micro-batches of a
       gradient-accumulated mini-batch.
+    aggregation: 'token_mean' | 'seq_mean_token_mean'.
 
   Returns:
     `(loss, metrics)`. Metrics (float32 scalars, token means over the loss
@@ -334,11 +343,21 @@ def grpo_loss(
   adv = jnp.asarray(advantages, jnp.float32)[:, None]  # [B, 1]
 
   num_tokens = jnp.sum(mask)
-  den = (num_tokens if normalizer is None
+  if aggregation == 'token_mean':
+    weights = mask  # [B, T]
+    default_den = num_tokens
+  elif aggregation == 'seq_mean_token_mean':
+    row_tokens = jnp.sum(mask, axis=-1, keepdims=True)  # [B, 1]
+    weights = mask * _safe_div(jnp.ones_like(row_tokens), row_tokens)
+    default_den = jnp.sum(jnp.sum(response_mask.astype(jnp.float32), -1) > 0)
+  else:
+    raise ValueError(f'aggregation={aggregation!r}; expected token_mean | '
+                     'seq_mean_token_mean')
+  den = (default_den if normalizer is None
          else jnp.asarray(normalizer, jnp.float32))
 
   def agg(x: Array) -> Array:
-    return _safe_div(jnp.sum(jnp.where(on, x, 0.0) * mask), den)
+    return _safe_div(jnp.sum(jnp.where(on, x, 0.0) * weights), den)
 
   def token_mean(x: Array) -> Array:
     return jax.lax.stop_gradient(

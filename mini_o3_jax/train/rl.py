@@ -8,7 +8,8 @@ One call = one optimizer update on a batch of whole GRPO groups:
      `exclude_masked_from_stats` is set;
   3. the policy's log-probs are recomputed, and the PPO clipped surrogate against the behaviour
      log-probs (asymmetric clip), optional k3 KL to the frozen reference and optional entropy bonus
-     are aggregated per token over the global batch (`losses.grpo_loss`);
+     are aggregated over the global batch (`losses.grpo_loss`): a token mean, or the original's mean
+     over trajectories of each trajectory's token mean (`loss_aggregation`);
   4. over-turn masking happens here, inside the jitted loss: the per-trajectory `overturn` flag that
      travels with the batch zeroes that trajectory's response mask, so its tokens carry no loss AND
      leave the token normaliser (computed once over the whole global batch, before the micro-batch
@@ -54,6 +55,11 @@ class RLConfig:
     train_vision: see `sft.SFTConfig.train_vision`.
     temperature: the rollout's sampling temperature; the policy's (and reference's) log-probs are
       computed from logits / temperature so they match the behaviour log-probs.
+    loss_aggregation: "token_mean" (every loss token of the batch weighs the same) or
+      "seq_mean_token_mean" (the original's: each trajectory's token mean, averaged over the batch's
+      trajectories, over-turn ones included with a zero term).
+    suppressed_token_ids: tokens the sampler never samples (`rollout.vision_token_ids`); their logits
+      are masked here too, so the policy's log-probs are those of the behaviour policy.
   """
   clip_low: float = 0.2
   clip_high: float = 0.3
@@ -69,6 +75,14 @@ class RLConfig:
   entropy_metric: bool = True
   train_vision: bool = True
   temperature: float = 1.0
+  loss_aggregation: str = "token_mean"
+  suppressed_token_ids: tuple[int, ...] = ()
+
+  def logit_bias(self, vocab_size: int) -> jax.Array | None:
+    if not self.suppressed_token_ids:
+      return None
+    bias = jnp.zeros((vocab_size,), jnp.float32)
+    return bias.at[jnp.asarray(self.suppressed_token_ids)].set(-1e9)
 
 
 def rl_advantages(config: RLConfig, rewards: jax.Array, group_ids: jax.Array,
@@ -92,9 +106,13 @@ def rl_loss_and_grads(config: RLConfig, graphdef, params: Params, batch: batch_l
                       grad_shardings: Params | None = None) -> tuple[jax.Array, Metrics, Params]:
   """Loss, metrics and gradients of one GRPO batch (pure, jit-able)."""
   rewards, adv, adv_metrics = rl_advantages(config, batch.rewards, batch.group_ids, batch.overturn)
-  # The normaliser: loss tokens of the whole global batch after over-turn masking.
+  # The normaliser over the whole global batch (before the micro-batch split): its loss tokens after
+  # over-turn masking, or its trajectories (rows with response tokens, over-turn ones included).
   _, resp_all = losses.next_token_targets(batch.inputs.input_ids, batch.response_mask)
-  normalizer = jnp.sum(losses.overturn_loss_mask(resp_all, batch.overturn, config.overturn_masking))
+  if config.loss_aggregation == "seq_mean_token_mean":
+    normalizer = jnp.sum((jnp.sum(resp_all, axis=-1) > 0).astype(jnp.float32))
+  else:
+    normalizer = jnp.sum(losses.overturn_loss_mask(resp_all, batch.overturn, config.overturn_masking))
   use_ref = batch.ref_logprobs is not None or (ref_params is not None and config.kl_coef > 0)
   want_entropy = config.entropy_metric or config.entropy_coef > 0
 
@@ -104,8 +122,9 @@ def rl_loss_and_grads(config: RLConfig, graphdef, params: Params, batch: batch_l
     hidden = sft.hidden_states(model, micro.inputs, train_vision=config.train_vision, mesh=mesh)[:, :-1]
     targets, resp = losses.next_token_targets(micro.inputs.input_ids, micro.response_mask)
     old = micro.old_logprobs[:, 1:]
+    bias = config.logit_bias(model.config.text.vocab_size)
     st = sft.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, entropy=want_entropy,
-                              temperature=config.temperature)
+                              temperature=config.temperature, logit_bias=bias)
     ref = None
     if micro.ref_logprobs is not None:
       ref = micro.ref_logprobs[:, 1:]
@@ -114,7 +133,7 @@ def rl_loss_and_grads(config: RLConfig, graphdef, params: Params, batch: batch_l
       ref_hidden = sft.hidden_states(ref_model, micro.inputs, train_vision=False, mesh=mesh)[:, :-1]
       ref = jax.lax.stop_gradient(
           sft.head_token_stats(ref_model, ref_hidden, targets, chunk=config.logits_chunk,
-                               temperature=config.temperature)["logprobs"])
+                               temperature=config.temperature, logit_bias=bias)["logprobs"])
     entropy = st.get("entropy")
     if entropy is not None and not config.entropy_coef:
       entropy = jax.lax.stop_gradient(entropy)
@@ -122,7 +141,7 @@ def rl_loss_and_grads(config: RLConfig, graphdef, params: Params, batch: batch_l
         st["logprobs"], old, micro_adv, resp, micro.overturn, clip_low=config.clip_low,
         clip_high=config.clip_high, clip_ratio_c=config.clip_ratio_c, ref_logprobs=ref,
         kl_coef=config.kl_coef, entropy=entropy, entropy_coef=config.entropy_coef,
-        overturn_masking=config.overturn_masking, normalizer=normalizer)
+        overturn_masking=config.overturn_masking, normalizer=normalizer, aggregation=config.loss_aggregation)
     n = m["num_loss_tokens"]
     # Token means of this micro-batch -> sums, so micro-batches combine into global token means.
     aux = {"pg_loss": m["pg_loss"], "num_loss_tokens": n,
@@ -175,3 +194,22 @@ def make_rl_step(config: RLConfig, tx: optax.GradientTransformation, mesh: Mesh,
     return state_lib.apply_gradients(state, grads, tx), metrics
 
   return state_lib.ShardedStep(step, mesh, state_shardings, donate=donate)
+
+
+def make_logprob_fn(config: RLConfig, graphdef: nnx.GraphDef, mesh: Mesh | None = None):
+  """The jitted `(params, RLBatch) -> log-probs float32 [batch, seq]` of the training forward.
+
+  Aligned as `RLBatch.old_logprobs` (entry t scores token t given tokens < t; 0 at t = 0 and off the
+  response), at the step's temperature. `rl.recompute_old_logprobs` uses it as the behaviour log-probs,
+  as verl does, so the first update's ratio is exactly 1 whatever the sampler's rounding.
+  """
+
+  def logprobs(params: Params, batch: batch_lib.RLBatch) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    hidden = sft.hidden_states(model, batch.inputs, train_vision=False, mesh=mesh)[:, :-1]
+    targets, resp = losses.next_token_targets(batch.inputs.input_ids, batch.response_mask)
+    lp = sft.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, temperature=config.temperature,
+                              logit_bias=config.logit_bias(model.config.text.vocab_size))["logprobs"]
+    return jax.lax.stop_gradient(jnp.pad(jnp.where(resp > 0, lp, 0.0), ((0, 0), (1, 0))))
+
+  return jax.jit(logprobs)

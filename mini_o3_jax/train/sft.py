@@ -74,7 +74,7 @@ def hidden_states(model: VLM, inputs, *, train_vision: bool = True, mesh: Mesh |
 
 def head_token_stats(model: VLM, hidden: jax.Array, targets: jax.Array, *, chunk: int | None = None,
                      entropy: bool = False, correct: bool = False,
-                     temperature: float = 1.0) -> dict[str, jax.Array]:
+                     temperature: float = 1.0, logit_bias: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-token statistics of the output head.
 
   Args:
@@ -87,6 +87,7 @@ def head_token_stats(model: VLM, hidden: jax.Array, targets: jax.Array, *, chunk
     correct: also return float [batch, seq] 1 where argmax == target.
     temperature: logits are divided by it (the sampling temperature, so log-probs match the
       behaviour policy's).
+    logit_bias: optional float32 [vocab] added to the logits first (the sampler's suppressed tokens).
 
   Returns:
     {"logprobs": float32 [batch, seq], and "entropy" / "correct" when asked}.
@@ -94,6 +95,8 @@ def head_token_stats(model: VLM, hidden: jax.Array, targets: jax.Array, *, chunk
 
   def stats(h: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
     logits = model.logits(h)  # [batch, c, vocab]
+    if logit_bias is not None:
+      logits = logits.astype(jnp.float32) + logit_bias
     if temperature != 1.0:
       logits = logits.astype(jnp.float32) / temperature
     out = {"logprobs": losses.token_logprobs(logits, t)}

@@ -1,6 +1,7 @@
 """Sampler benchmark: our JAX sampler vs `transformers` generate, prefix reuse vs recompute, compiles.
 
-One run, one tiny Qwen2.5-VL (the `tiny` preset: D=128, 4 layers, a 2-block vision tower) with the
+One run, one tiny model (`--family qwen2_5_vl`: the `tiny` preset, D=128, 4 layers, a 2-block vision
+tower; `--family qwen3_vl`: `tiny_qwen3`, the same sizes with Qwen3-VL's structure and DeepStack) with the
 same random weights in both frameworks (saved by us, loaded by transformers), the same prompts:
 
   1. single turn, batch B, greedy, every row has one image: prefill tokens/s and decode tokens/s of
@@ -10,8 +11,8 @@ same random weights in both frameworks (saved by us, loaded by transformers), th
   3. compiled programs of a 32-turn crop rollout batch (continuous batching, scripted tool calls).
 
 Usage:
-  python tools/bench/sampler.py [--batch 16] [--new_tokens 128] [--turns 16] [--threads 1]
-      [--write docs/benchmarks.md]
+  python tools/bench/sampler.py [--family qwen2_5_vl|qwen3_vl] [--batch 16] [--new_tokens 128] [--turns 16]
+      [--threads 1] [--write docs/benchmarks.md]
 
 --threads sets torch's thread count and, when 1, single-threaded XLA CPU. The default is 1: on a
 shared 2-core machine torch's 2-thread pool spin-waits badly under load (measured: 1.0 s vs 7-15 s
@@ -61,29 +62,30 @@ from mini_o3_jax.model.hf import load_pretrained, save_pretrained  # noqa: E402
 from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
 from mini_o3_jax.sampler import SamplingParams, generate  # noqa: E402
 from mini_o3_jax.sampler import engine as engine_lib  # noqa: E402
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task  # noqa: E402
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids  # noqa: E402
 
 GRID = np.array([1, 8, 8])   # 64 patches -> 16 image tokens per image
 IMAGE_TOKENS = 16
 
 
-def build(tmp: str):
+def build(tmp: str, family: str = "qwen2_5_vl"):
   """(tokenizer, our model, transformers model) with identical random weights."""
   corpus = [prompts.question_prompt("What colour is the cup?"), prompts.observation_turn(0, 1),
             prompts.error_turn("bad box"), '<grounding>{"bbox_2d": [0.1, 0.2, 0.5, 0.6], "source": '
             '"original_image"}</grounding>', "<answer>red</answer>"] * 4
   tok = tok_lib.build_small_tokenizer(corpus, vocab_size=512)
   ids = tok_lib.special_token_ids(tok)
-  cfg = config_lib.tiny(vocab_size=512, image_token_id=ids["image_token_id"],
-                        vision_start_token_id=ids["vision_start_token_id"],
-                        vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
+  preset = config_lib.tiny_qwen3 if family == "qwen3_vl" else config_lib.tiny
+  cfg = preset(vocab_size=512, image_token_id=ids["image_token_id"],
+               vision_start_token_id=ids["vision_start_token_id"],
+               vision_end_token_id=ids["vision_end_token_id"], video_token_id=ids["video_token_id"])
   model = vlm.random_model(cfg, seed=0)
   save_pretrained(model, cfg, tmp)
   ours, _ = load_pretrained(tmp)
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import Qwen2_5_VLForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForImageTextToText  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(THREADS)
-  hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp).eval()
+  hf = AutoModelForImageTextToText.from_pretrained(tmp).eval()
   return tok, ours, hf
 
 
@@ -220,7 +222,9 @@ def bench_multi_turn(ours, turns: int, batch: int, turn_tokens: int, obs_text: i
   def engine(window_min):
     return engine_lib.Engine(ours, engine_lib.EngineConfig(
         num_slots=batch, max_context=max_context, chunk_buckets=(64, 128, 256, 512), patch_buckets=None,
-        decode_steps=32, window_min=window_min, sampling=SamplingParams()))
+        decode_steps=32, window_min=window_min, sampling=SamplingParams()),
+        # As the rollout sampler: a random model must not emit image placeholders into the conversation.
+        suppressed_token_ids=vision_token_ids(cfg))
 
   def finish_turn(eng, last, pos):
     while eng.active().any():
@@ -401,6 +405,7 @@ def report(single, multi, comps) -> str:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--family", choices=("qwen2_5_vl", "qwen3_vl"), default="qwen2_5_vl")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--prompt_text", type=int, default=48)
@@ -412,7 +417,7 @@ def main():
   parser.add_argument("--write", default=None, help="append the results to this markdown file")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    tok, ours, hf = build(tmp)
+    tok, ours, hf = build(tmp, args.family)
   single = bench_single_turn(ours, hf, args.batch, args.new_tokens, args.prompt_text)
   print(json.dumps(single, indent=1), flush=True)
   multi = bench_multi_turn(ours, args.turns, args.multi_batch, args.turn_tokens, obs_text=64,
@@ -434,7 +439,7 @@ def main():
                f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
     header = "" if _has_section(args.write) else "\n## Sampler\n"
     with open(args.write, "a", encoding="utf-8") as f:
-      f.write(f"{header}\n### `python tools/bench/sampler.py` on {machine}\n\n{text}\n")
+      f.write(f"{header}\n### `python tools/bench/sampler.py --family {args.family}` on {machine}\n\n{text}\n")
 
 
 def _has_section(path: str) -> bool:
