@@ -41,15 +41,17 @@ def test_quick_demo_writes_every_artifact(tmp_path):
   assert "## Skills" in report and "first_zoom_on_target" in report
   skills = json.load(open(tmp_path / "eval" / "sft" / "skills.json"))
   assert set(skills) >= {"goal", "box_xy", "box_rest", "read", "other"}
-  # RL moved the SFT weights, and the masked and unmasked runs moved them differently.
+  # An RL stage moves the SFT weights exactly when one of its updates had a signal (a group with unequal
+  # rewards, at a non-zero learning rate): at toy sizes the SFT model may answer nothing right, and then
+  # the update must be a no-op. The masked and unmasked runs share seeds, so they differ only then too.
   mcfg = VLMConfig.from_pretrained(str(tmp_path / "hf_export"))
   params = {stage: jax.tree.leaves(export.restore_params(str(tmp_path / "ckpt" / stage), mcfg)[0])
             for stage in ("sft", "rl", "rl_no_mask")}
   gap = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(params[a], params[b]))
-  assert gap("sft", "rl") > 0 and gap("sft", "rl_no_mask") > 0
-  rows = [json.loads(line) for line in open(tmp_path / "metrics" / "rl.jsonl")]
-  if any(r["masked_fraction"] > 0 for r in rows):  # same seeds: the runs differ exactly where the mask acted
-    assert gap("rl", "rl_no_mask") > 0
+  for stage in ("rl", "rl_no_mask"):
+    rows = [json.loads(line) for line in open(tmp_path / "metrics" / f"{stage}.jsonl")]
+    signal = any(r["zero_adv_group_fraction"] < 1 and r["learning_rate"] > 0 for r in rows)
+    assert (gap("sft", stage) > 0) == signal, (stage, rows)
   # A re-run resumes: every training stage finds its final checkpoint and does no new step.
   again = _run(tmp_path, "--config.stages=('sft', 'rl')")
   assert again.returncode == 0, again.stderr[-4000:]
