@@ -44,6 +44,10 @@ def test_rows_answer_from_the_scene(tokenizer):
       assert answer == names[i]
     else:
       assert answer == f"<answer>{obj.digit}</answer>"
+  # No answer can be copied from another question: a located shape is never also named by its box.
+  located = {i for kind, _, _, i in questions if kind == "locate"}
+  named = {i for kind, _, _, i in questions if kind == "name"}
+  assert located and named and not located & named
   ex = grounding.scene_example(task, tokenizer, grounding.GroundingConfig(), tcfg, np.random.default_rng(0))
   n_images = 1 + sum(q[0] == "read" for q in questions)
   assert ex["image_grid_thw"].shape == (n_images, 3)

@@ -141,16 +141,20 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
 
   A locate question names a shape only when its name is unique in the scene (a look-alike shares the
   colour or the shape, never both), so every answer is determined by the image. The target comes
-  first in line: the agent will be asked about it, and the scene's look-alikes surround it.
+  first in line: the agent will be asked about it, and the scene's look-alikes surround it. Name
+  questions ask about shapes no locate question names, so no answer can be copied from another
+  question's text.
   """
   objects = task.objects
   names = [object_name(o) for o in objects]
   target = next(i for i, o in enumerate(objects) if o.is_target)
   order = [target] + [int(i) for i in rng.permutation(len(objects)) if i != target]
-  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals), i)
-         for i in [i for i in order if names.count(names[i]) == 1][:config.locate]]
+  located = [i for i in order if names.count(names[i]) == 1][:config.locate]
+  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals), i) for i in located]
+  # Never both questions about one object: "What is at [its box]?" would hand the locate answer over in
+  # the text (and "Where is the <name>?" the name answer), whichever comes first.
   out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
-          for i in order[:config.name]]
+          for i in [i for i in order if i not in located][:config.name]]
   out += [("read", _READ, f"<answer>{objects[i].digit}</answer>", i) for i in order[:config.read]]
   return [out[j] for j in rng.permutation(len(out))]
 
