@@ -1,0 +1,355 @@
+"""Issue-13 experiment driver: monkeypatches mini_o3_jax at run time, then runs mini_o3_jax.main.
+
+  PYTHONPATH=. EX_...=... python tools/experiments/issue13/drive.py --config configs/pretrain_tiny.py \
+      --workdir RUNS/NAME --config.stages=pretrain ...
+
+Env switches (all optional):
+  EX_LEVELS=1        register extra levels: single_flat (flat canvas), single_a25/_a50 (blotch+grain scaled),
+                     few_flat, few_a50 (same TierSpecs as single / few)
+  EX_ORACLE=1        replace the vision tower output by oracle features: fixed 2-D sin-cos position code per
+                     merged token + a fixed "object" vector scaled by the token's colourfulness (one image/row)
+  EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
+  EX_RMS=x           RMS-normalise each merger output token to RMS x (no parameter)
+  EX_SCALE=x         multiply the merger output by x
+  EX_PEN=lam         + lam * ||mean over tokens and rows of merger output||^2 in the loss
+  EX_VISLR=f         vision-tower updates scaled by f (optax.multi_transform)
+  EX_SINCOS=a        add a fixed 2-D sin-cos table (amplitude a) to the patch embeddings
+  EX_WHERE_W=w       loss weight w on the where tokens (tenths digit of x0/y0), renormalised
+  EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
+"""
+import functools
+import json
+import math
+import os
+import sys
+import threading
+
+import numpy as np
+
+E = os.environ.get
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.model import vision as vision_lib
+from mini_o3_jax.model import vlm as vlm_lib
+from mini_o3_jax.model import layers, rope
+from mini_o3_jax.pipeline import grounding_probe
+from mini_o3_jax.train import optimizer as opt_lib
+from mini_o3_jax.train import sft as sft_lib
+from mini_o3_jax.train import losses
+from mini_o3_jax.train import state as state_lib
+from mini_o3_jax.train import batch as batch_lib
+
+print("EX env:", {k: v for k, v in os.environ.items() if k.startswith("EX_")}, flush=True)
+
+# ------------------------------------------------------------------ H1: canvas amplitude per level
+_tls = threading.local()
+LEVEL_AMP = {}
+if E("EX_LEVELS"):
+  for base in ("single", "few"):
+    for name, amp in (("flat", 0.0), ("a25", 0.25), ("a50", 0.5)):
+      grounding.LEVELS[f"{base}_{name}"] = grounding.LEVELS[base]
+      LEVEL_AMP[f"{base}_{name}"] = amp
+
+  _orig_make_scene = grounding.make_scene
+
+  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+    _tls.amp = LEVEL_AMP.get(level, 1.0)
+    try:
+      return _orig_make_scene(level, index, task_config, split)
+    finally:
+      _tls.amp = 1.0
+
+  grounding.make_scene = make_scene
+  _Image = synthetic.Image
+
+  def _background(rng, size):
+    amp = getattr(_tls, "amp", 1.0)
+    w, h = size
+    hw, hh = (w + 1) // 2, (h + 1) // 2
+    coarse = np.frombuffer(rng.bytes(max(2, h // 64) * max(2, w // 64)), np.uint8)
+    coarse = (coarse % 28).reshape(max(2, h // 64), max(2, w // 64))
+    blotch = np.asarray(_Image.fromarray(coarse).resize((hw, hh), _Image.Resampling.BILINEAR))
+    grain = np.frombuffer(rng.bytes(hw * hh), np.uint8).reshape(hh, hw) & np.uint8(15)
+    tex = (blotch.astype(np.float32) + grain).astype(np.float32)
+    tex = np.round(amp * tex + (1 - amp) * 21.0).astype(np.uint8)  # same mean level, scaled texture
+    half = _Image.fromarray(tex, mode="L").resize((w, h), _Image.Resampling.NEAREST)
+    base = int(rng.integers(80, 125))
+    tint = rng.integers(-8, 9, size=3)
+    levels = np.arange(256)[:, None] + base + tint[None, :]
+    canvas = _Image.frombytes("P", size, half.tobytes())
+    canvas.putpalette(np.clip(levels, 0, 255).astype(np.uint8).ravel().tobytes())
+    return canvas.convert("RGB")
+
+  synthetic._background = _background
+
+
+# ------------------------------------------------------------------ question order: locate questions first
+# (a name question "What is at [box]?" about the same shape, asked earlier in the row, gives the locate answer away)
+if E("EX_LOCATE_FIRST"):
+  _orig_sq = grounding.scene_questions
+
+  def scene_questions(task, config, rng):
+    qs = _orig_sq(task, config, rng)
+    rank = {"locate": 0, "name": 1, "read": 2}
+    return sorted(qs, key=lambda q: rank[q[0]])  # stable: the random order survives within a kind
+
+  grounding.scene_questions = scene_questions
+
+
+# ------------------------------------------------------------------ sin-cos helper
+def sincos_2d(rows, cols, dim, max_period=10.0):
+  """[n, dim] 2-D sin-cos code: first half encodes rows, second half cols (positions in units)."""
+  q = dim // 4
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(q) / max(q - 1, 1)) * math.pi  # pi .. pi/10 per unit
+  r = rows[:, None].astype(jnp.float32) * freqs[None]
+  c = cols[:, None].astype(jnp.float32) * freqs[None]
+  out = jnp.concatenate([jnp.sin(r), jnp.cos(r), jnp.sin(c), jnp.cos(c)], -1)
+  if out.shape[-1] < dim:
+    out = jnp.pad(out, ((0, 0), (0, dim - out.shape[-1])))
+  return out
+
+
+# ------------------------------------------------------------------ vision tower: sincos + output transforms
+SINCOS = float(E("EX_SINCOS", "0"))
+CENTER = bool(E("EX_CENTER"))
+RMS = float(E("EX_RMS", "0"))
+SCALE = float(E("EX_SCALE", "0"))
+IMGNORM = float(E("EX_IMGNORM", "0"))   # after centring: per-image RMS (over tokens and dims) set to this
+POSTPOS = float(E("EX_POSTPOS", "0"))   # fixed 2-D sin-cos of the merged-token cell, norm POSTPOS, added last
+
+if SINCOS or CENTER or RMS or SCALE or IMGNORM or POSTPOS:
+  _orig_tower_call = vision_lib.VisionTower.__call__
+
+  def tower_call(self, pixel_values, inputs):
+    cfg = self.cfg
+    n, unit = pixel_values.shape[0], cfg.merge_unit
+    x = self.patch_embed(pixel_values)
+    x = x.reshape(n // unit, unit, -1)[inputs.window_index].reshape(n, -1)
+    if cfg.position_table:
+      rows, cols = inputs.patch_positions[:, 0], inputs.patch_positions[:, 1]
+      x = x + (self.row_embed[...][rows] + self.col_embed[...][cols]).astype(x.dtype)
+    if SINCOS:
+      x = x + SINCOS * sincos_2d(inputs.patch_positions[:, 0], inputs.patch_positions[:, 1],
+                                 cfg.hidden_size).astype(x.dtype)
+    cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
+    window_block = cfg.window_merged**2 * unit
+    for start, stop, full in vision_lib._attention_runs(cfg.depth, cfg.fullatt_block_indexes):
+      def body(block, x, _, full=full):
+        return block(x, cos, sin, full, inputs.image_segments, inputs.window_segments, window_block), None
+      x, _ = layers.scan_layers(self.blocks, body, x, None, remat=self.remat, layer_slice=slice(start, stop))
+    merged = self.merger(x)[inputs.reverse_index]  # [tokens, out] processor order
+    if CENTER:
+      # per image frame: segment id of each merged token (processor order)
+      seg = inputs.image_segments[::unit][inputs.reverse_index]
+      nseg = seg.shape[0]
+      same = (seg[:, None] == seg[None, :]).astype(merged.dtype)
+      mean = same @ merged / jnp.maximum(same.sum(-1, keepdims=True), 1.0)
+      merged = merged - mean
+    if RMS:
+      merged = merged * (RMS * jax.lax.rsqrt(jnp.mean(merged.astype(jnp.float32)**2, -1, keepdims=True) + 1e-6)
+                         ).astype(merged.dtype)
+    if IMGNORM:
+      seg = inputs.image_segments[::unit][inputs.reverse_index]
+      same = (seg[:, None] == seg[None, :]).astype(jnp.float32)
+      ms = same @ jnp.mean(merged.astype(jnp.float32)**2, -1, keepdims=True) / jnp.maximum(same.sum(-1, keepdims=True), 1.0)
+      merged = merged * (IMGNORM * jax.lax.rsqrt(ms + 1e-8)).astype(merged.dtype)
+    if SCALE:
+      merged = merged * SCALE
+    if POSTPOS:
+      cell = inputs.patch_positions[::unit][inputs.reverse_index] // cfg.spatial_merge_size   # [tokens, 2]
+      code = sincos_2d(cell[:, 0], cell[:, 1], merged.shape[-1], max_period=4.0)
+      merged = merged + (POSTPOS * code / jnp.sqrt(merged.shape[-1] / 1.0)).astype(merged.dtype)
+    return merged
+
+  vision_lib.VisionTower.__call__ = tower_call
+
+
+# ------------------------------------------------------------------ H2: oracle image features
+if E("EX_ORACLE"):
+  MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
+  STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+  OBJ_W = float(E("EX_ORACLE_OBJ", "1.0"))
+  POS_W = float(E("EX_ORACLE_POS", "1.0"))
+
+  def oracle_encode(self, pixel_values, vision):
+    d = self.config.text.hidden_size
+    pv = pixel_values if pixel_values.ndim == 3 else pixel_values[None]
+    b, p, _ = pv.shape
+    x = pv.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * STD[None, None, :, None, None] + MEAN[None, None, :, None, None]
+    chroma = (x.max(2) - x.min(2)).mean((-1, -2))           # [b, p]
+    tok = chroma.reshape(b, p // 4, 4).mean(-1)             # [b, tokens]
+    s = tok / (tok.max(-1, keepdims=True) + 1e-6)
+    s = s**4
+    t = p // 4
+    j = jnp.arange(t) % 16
+    pos = sincos_2d(j // 4, j % 4, d, max_period=4.0)        # [t, d]; entries +-1
+    pos = POS_W * pos / jnp.sqrt(d / 1.0)                   # norm ~1 per token
+    obj = jax.random.normal(jax.random.PRNGKey(123), (d,)) / jnp.sqrt(d) * OBJ_W   # norm ~1
+    out = pos[None] + s[..., None] * obj[None, None]
+    out = jax.lax.stop_gradient(out)
+    return out if pixel_values.ndim == 3 else out[0]
+
+  vlm_lib.Qwen25VL.encode_images = oracle_encode
+
+
+# ------------------------------------------------------------------ H3: vision lr
+VISLR = E("EX_VISLR")
+if VISLR:
+  _orig_make_opt = opt_lib.make_optimizer
+
+  def make_optimizer(config, params_tree, **kw):
+    tx = _orig_make_opt(config, params_tree, **kw)
+    f = float(VISLR)
+
+    def labels(tree):
+      return jax.tree_util.tree_map_with_path(
+          lambda p, _: "v" if opt_lib.path_names(p) and opt_lib.path_names(p)[0] == config.vision_prefix else "t", tree)
+    return optax.chain(tx, optax.multi_transform({"v": optax.scale(f), "t": optax.identity()}, labels))
+
+  opt_lib.make_optimizer = make_optimizer
+
+
+# ------------------------------------------------------------------ H3 penalty / where-token weight: custom loss
+PEN = float(E("EX_PEN", "0"))
+WHERE_W = float(E("EX_WHERE_W", "0"))
+OBJAUX = float(E("EX_OBJAUX", "0"))  # aux loss: projection of each image token on a fixed direction = its chroma saliency
+
+
+def chroma_saliency(pixel_values):
+  """[b, p, 1176] normalised patches -> [b, p/4] (token chroma / image max)**4, as the oracle uses."""
+  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  b, p, _ = pixel_values.shape
+  x = pixel_values.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * std[None, None, :, None, None] + mean[None, None, :, None, None]
+  tok = (x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1)
+  return jax.lax.stop_gradient((tok / (tok.max(-1, keepdims=True) + 1e-6)) ** 4)
+_where_ids = None
+
+if PEN or WHERE_W or OBJAUX:
+  def sft_loss_and_grads(config, graphdef, params, batch, mesh=None, grad_shardings=None):
+    _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
+    normalizer = sft_lib.sft_normalizer(global_mask, config.sequence_mean)
+
+    def micro_loss(p, micro):
+      model = nnx.merge(graphdef, p)
+      inputs = micro.inputs
+      emb = model.encode_images(inputs.pixel_values, inputs.vision)
+      x = model.embed(inputs.input_ids, emb)
+      h, _ = model.model(x, inputs.positions, inputs.attention_mask)
+      hidden = h[:, :-1]
+      targets, mask = losses.next_token_targets(inputs.input_ids, micro.loss_mask)
+      st = sft_lib.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
+      maskf = mask.astype(jnp.float32)
+      w = maskf
+      if WHERE_W:
+        # where token: a digit right after a "0."-ending piece within the first two coords of an answer
+        prev = inputs.input_ids[:, :-1]
+        is_where = jnp.isin(prev, jnp.asarray(_where_ids["prefix"])) & jnp.isin(targets, jnp.asarray(_where_ids["digits"]))
+        # (all four tenths digits: x1/y1 tenths follow x0/y0 closely)
+        is_where = is_where & (maskf > 0)
+        w = maskf * jnp.where(is_where, WHERE_W, 1.0)
+      nll = jnp.where(maskf > 0, -st["logprobs"], 0.0)
+      loss = jnp.sum(nll * w) / jnp.maximum(normalizer, 1.0)
+      if PEN:
+        m = jnp.mean(emb.reshape(-1, emb.shape[-1]), 0)
+        loss = loss + PEN * jnp.sum(m**2) / config.grad_accum_steps
+      if OBJAUX:
+        d = emb.shape[-1]
+        u = jax.random.normal(jax.random.PRNGKey(7), (d,)) / jnp.sqrt(d)
+        sal = chroma_saliency(inputs.pixel_values)                      # [b, tokens]
+        proj = jnp.einsum("btd,d->bt", emb, u) / (jnp.sqrt(jnp.mean(emb**2, -1)) * jnp.sqrt(d) + 1e-6)  # cosine with u
+        real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        aux_l = jnp.sum(real * (proj - 0.5 * sal) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
+        loss = loss + OBJAUX * aux_l / config.grad_accum_steps
+      aux = {
+          "nll_sum": jax.lax.stop_gradient(jnp.sum(nll)),
+          "correct_sum": jnp.sum(st["correct"] * maskf),
+          "num_loss_tokens": jnp.sum(maskf),
+          "num_tokens": jnp.sum(inputs.attention_mask.astype(jnp.float32)),
+      }
+      return loss, aux
+
+    k = config.grad_accum_steps
+    micro = batch_lib.split_microbatches(batch, k)
+    constrain = (lambda x: batch_lib.constrain_batch(x, mesh)) if mesh is not None else (lambda x: x)
+    loss, aux, grads = state_lib.accumulate_gradients(micro_loss, params, micro, k, constrain, grad_shardings)
+    n = aux["num_loss_tokens"]
+    safe = jnp.maximum(n, 1.0)
+    metrics = {"loss": loss, "nll": aux["nll_sum"] / safe, "accuracy": aux["correct_sum"] / safe,
+               "num_loss_tokens": n, "num_tokens": aux["num_tokens"]}
+    return loss, metrics, grads
+
+  sft_lib.sft_loss_and_grads = sft_loss_and_grads
+
+
+# ------------------------------------------------------------------ stats at every probe
+if E("EX_STATS"):
+  _orig_run = grounding_probe.GroundingProbe.run
+
+  def run(self, model, greedy=True):
+    out = _orig_run(self, model, greedy)
+    try:
+      level = self.config.levels[0]
+      rows = self.rows[level]
+      cfg = batch_lib.BatchConfig(batch_size=len(rows), pad_token_id=self.model_config.text.pad_token_id)
+      batch = batch_lib.collate_sft(rows, self.model_config, cfg, seq_len=self.config.seq_len,
+                                    num_patches=self.config.num_patches)
+      emb = np.asarray(model.encode_images(batch.inputs.pixel_values, batch.inputs.vision))  # [b, t, d]
+      n_img = 16
+      emb = emb[:, :n_img]
+      norms = np.linalg.norm(emb, axis=-1)
+      u = emb / (norms[..., None] + 1e-9)
+      cross = np.mean(np.sum(u * np.roll(u, 1, axis=0), -1))      # same token, two images
+      within = np.einsum("btd,bsd->bts", u, u)
+      within = (within.sum((1, 2)) - n_img) / (n_img * (n_img - 1))
+      # centred cosine: remove the dataset mean token first
+      c = emb - emb.reshape(-1, emb.shape[-1]).mean(0)
+      cu = c / (np.linalg.norm(c, axis=-1, keepdims=True) + 1e-9)
+      cross_c = np.mean(np.sum(cu * np.roll(cu, 1, axis=0), -1))
+      temb = np.asarray(model.model.embed_tokens.embedding[...]) if hasattr(model.model, "embed_tokens") else None
+      out[f"{level}/img_norm"] = float(norms.mean())
+      if temb is not None:
+        out[f"{level}/text_norm"] = float(np.linalg.norm(temb, axis=-1).mean())
+      out[f"{level}/cos_cross"] = float(cross)
+      out[f"{level}/cos_within"] = float(within.mean())
+      out[f"{level}/cos_cross_centred"] = float(cross_c)
+      # teacher-forced where with images rolled by one row (does the text use the image?)
+      swapped = []
+      for i, r in enumerate(rows):
+        o = rows[(i + 1) % len(rows)]
+        swapped.append(dict(r, pixel_values=o["pixel_values"], image_grid_thw=o["image_grid_thw"]))
+      sw = self.teacher_forced(model, swapped)
+      out[f"{level}/swap_where"] = sw.get("tf_where", float("nan"))
+      out[f"{level}/swap_box"] = sw.get("tf_box", float("nan"))
+    except Exception as e:  # never kill a run for a stat
+      print("stats failed:", repr(e), flush=True)
+    print("PROBE", json.dumps({k: round(v, 4) for k, v in out.items()}), flush=True)
+    return out
+
+  grounding_probe.GroundingProbe.run = run
+
+
+if __name__ == "__main__":
+  from absl import app
+  from mini_o3_jax import main as main_lib
+  from mini_o3_jax.processing import tokenizer as tok_lib
+  if WHERE_W:
+    # token ids: pieces ending in "0." / "1." (coordinate prefixes) and single digits
+    _orig_setup = main_lib.common.setup
+
+    def setup(config, workdir):
+      global _where_ids
+      out = _orig_setup(config, workdir)
+      tok = out[1]
+      vocab = [tok.decode([i]) for i in range(config.tokenizer.vocab_size)]
+      prefix = [i for i, p in enumerate(vocab) if p.endswith("0.") or p.endswith("1.")]
+      digits = [i for i, p in enumerate(vocab) if p.isdigit() and len(p) == 1]
+      _where_ids = {"prefix": prefix, "digits": digits}
+      print("where ids", [vocab[i] for i in prefix], [vocab[i] for i in digits], flush=True)
+      return out
+
+    main_lib.common.setup = setup
+  app.run(main_lib.main)
