@@ -25,7 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
       vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_heads=4,
-      vision_position_table=0))  # experimental absolute position table (model/config.py); 0 = Qwen2.5-VL
+      # Experimental, not Qwen2.5-VL (model/config.py; docs/miniature.md): a position table on the patch
+      # embeddings, and the merger output centred / rescaled per image with a post-merger cell code.
+      vision_position_table=0, vision_output_centre=False, vision_output_rms=0.0,
+      vision_output_position_code=0.0))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # or "collected": the `coldstart` stage's output in collected_dir

@@ -1,5 +1,6 @@
 """Grounding pretraining rows (data/grounding.py) and the pretrain stage end to end at toy size."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,10 @@ import pytest
 from configs import demo
 from mini_o3_jax.agent import tools
 from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.model import vision as vision_lib
+from mini_o3_jax.model import vlm
+from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.pipeline import common, grounding_probe
 
 
@@ -69,11 +74,37 @@ def test_stream_is_fresh_and_reproducible(tokenizer):
   assert all(f"-{grounding.PRETRAIN_SPLIT}-" in r["id"] for r in a)
 
 
-def test_position_table_is_not_exported_as_qwen25vl():
-  from mini_o3_jax.model import config as config_lib
-  cfg = config_lib.Qwen25VLConfig(vision=config_lib.VisionConfig(position_table=8))
-  with pytest.raises(ValueError, match="position_table"):
-    cfg.to_hf_dict()
+def test_experimental_tower_options_are_not_exported_as_qwen25vl():
+  for option in (dict(position_table=8), dict(output_centre=True), dict(output_rms=0.05),
+                 dict(output_position_code=0.5)):
+    cfg = config_lib.VLMConfig(vision=config_lib.VisionConfig(**option))
+    with pytest.raises(ValueError, match=next(iter(option))):
+      cfg.to_hf_dict()
+
+
+def test_tower_output_centred_rescaled_and_coded_per_image():
+  """output_centre / output_rms / output_position_code act within each image of a call: its tokens' mean
+  is the position code's mean, its RMS before the code is output_rms, and another image never changes it."""
+  base = config_lib.tiny(300, image_token_id=290, vision_start_token_id=291, vision_end_token_id=292,
+                         video_token_id=293)
+  vision = dataclasses.replace(base.vision, output_centre=True, output_rms=0.05, output_position_code=0.5)
+  model = vlm.random_model(base.replace(vision=vision), seed=1)
+  plain = vlm.random_model(base.replace(vision=dataclasses.replace(vision, output_position_code=0.0)), seed=1)
+  rng = np.random.default_rng(0)
+  grids = np.array([[1, 4, 6], [1, 6, 4]])
+  pv = rng.normal(size=(48, base.vision.patch_dim)).astype(np.float32)
+  inputs = VisionInputs.build(grids, vision)
+  tokens = np.asarray(plain.encode_images(pv, inputs))                                  # [12, hidden]
+  for img in (tokens[:6], tokens[6:]):
+    np.testing.assert_allclose(img.mean(0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.sqrt(np.mean(img**2)), 0.05, rtol=1e-4)
+  coded = np.asarray(model.encode_images(pv, inputs))
+  cells = np.array([(r, c) for r in range(2) for c in range(3)] + [(r, c) for r in range(3) for c in range(2)])
+  code = 0.5 * np.asarray(vision_lib.position_code(cells[:, 0], cells[:, 1], tokens.shape[1])) / np.sqrt(tokens.shape[1])
+  np.testing.assert_allclose(coded, tokens + code, atol=1e-6)
+  other = pv.copy()
+  other[24:] = rng.normal(size=(24, base.vision.patch_dim))
+  np.testing.assert_allclose(np.asarray(model.encode_images(other, inputs))[:6], coded[:6], atol=1e-6)
 
 
 def test_pretrain_stage_runs_and_exports(tmp_path):

@@ -62,9 +62,21 @@ class VisionConfig(_PatchGeometry):
   tokens_per_second: int = 2
   rms_norm_eps: float = 1e-6  # fixed in the reference implementation
   initializer_range: float = 0.02
-  # Experimental, not in Qwen2.5-VL (HF export refuses it): learned row / column embeddings of this
-  # many patch positions added to the patch embeddings (absolute position in the value stream).
+  # Experimental, not in Qwen2.5-VL (HF export refuses them; docs/miniature.md measures them):
+  # learned row / column embeddings of this many patch positions added to the patch embeddings;
   position_table: int = 0
+  # the merger output centred per image (its mean token subtracted), rescaled so each image's token RMS
+  # is `output_rms` (0 = not rescaled), plus a fixed 2-D sin-cos code of each token's cell of norm
+  # ~`output_position_code` / sqrt(2) (0 = none): what made the tiny model ground (issue 13, H5S / H7S).
+  output_centre: bool = False
+  output_rms: float = 0.0
+  output_position_code: float = 0.0
+
+  @property
+  def experimental(self) -> tuple[str, ...]:
+    """The experimental (non-Qwen2.5-VL) options in use."""
+    names = ("position_table", "output_centre", "output_rms", "output_position_code")
+    return tuple(n for n in names if getattr(self, n))
 
   @property
   def deepstack_levels(self) -> int:
@@ -255,9 +267,9 @@ class VLMConfig:
   def to_hf_dict(self) -> dict[str, Any]:
     """The transformers-5 nested layout (Qwen2.5-VL: readable by transformers 4.5x too, flat `rope_scaling` kept)."""
     t, v = self.text, self.vision
-    if getattr(v, "position_table", 0):
-      raise ValueError("vision.position_table is an experimental extension with no Qwen2.5-VL equivalent: "
-                       "a model with it cannot be saved as an HF Qwen2.5-VL checkpoint")
+    if getattr(v, "experimental", ()):
+      raise ValueError(f"vision.{', '.join(v.experimental)}: experimental extensions with no Qwen2.5-VL "
+                       "equivalent; a model with them cannot be saved as an HF Qwen2.5-VL checkpoint")
     text = {
         "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,

@@ -239,8 +239,40 @@ class VisionTower(nnx.Module):
         return block(x, cos, sin, full, inputs.image_segments, inputs.window_segments, window_block), None
 
       x, _ = layers.scan_layers(self.blocks, body, x, None, remat=self.remat, layer_slice=slice(start, stop))
-    merged = self.merger(x)                                                             # [patches/4, out]
-    return merged[inputs.reverse_index]
+    merged = self.merger(x)[inputs.reverse_index]                                       # [patches/4, out]
+    if cfg.output_centre or cfg.output_rms or cfg.output_position_code:
+      merged = _normalise_output(merged, inputs, cfg)
+    return merged
+
+
+def position_code(rows: jax.Array, cols: jax.Array, dim: int, max_period: float = 4.0) -> jax.Array:
+  """A fixed 2-D sin-cos code [n, dim] of integer cells: sin / cos of rows, then of cols, at dim / 4
+  frequencies from pi to pi / max_period per cell (zero-padded to `dim`)."""
+  q = dim // 4
+  freqs = jnp.pi * jnp.exp(-jnp.log(max_period) * jnp.arange(q) / max(q - 1, 1))
+  r = rows[:, None].astype(jnp.float32) * freqs
+  c = cols[:, None].astype(jnp.float32) * freqs
+  code = jnp.concatenate([jnp.sin(r), jnp.cos(r), jnp.sin(c), jnp.cos(c)], -1)
+  return jnp.pad(code, ((0, 0), (0, dim - code.shape[-1])))
+
+
+def _normalise_output(merged: jax.Array, inputs: VisionInputs, cfg: VisionConfig) -> jax.Array:
+  """The experimental output options (`VisionConfig.output_*`) on image tokens [tokens, out] in
+  processor order: statistics per image frame, so images in one call never mix."""
+  unit = cfg.merge_unit
+  frame = inputs.image_segments[::unit][inputs.reverse_index]                        # [tokens]
+  same = (frame[:, None] == frame[None, :]).astype(jnp.float32)                     # [tokens, tokens]
+  count = jnp.maximum(same.sum(-1, keepdims=True), 1.0)
+  x = merged.astype(jnp.float32)
+  if cfg.output_centre:
+    x = x - same @ x / count
+  if cfg.output_rms:
+    ms = same @ jnp.mean(jnp.square(x), -1, keepdims=True) / count
+    x = x * (cfg.output_rms * jax.lax.rsqrt(ms + 1e-8))
+  if cfg.output_position_code:
+    cell = inputs.patch_positions[::unit][inputs.reverse_index] // cfg.spatial_merge_size  # [tokens, 2]
+    x = x + cfg.output_position_code * position_code(cell[:, 0], cell[:, 1], x.shape[-1]) / np.sqrt(x.shape[-1])
+  return x.astype(merged.dtype)
 
 
 # ------------------------------------------------------------------------------------ Qwen3-VL

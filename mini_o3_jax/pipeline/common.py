@@ -151,7 +151,9 @@ def model_config(config, tokenizer) -> config_lib.VLMConfig:
   vision = config_lib.VisionConfig(
       depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
       num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
-      window_size=56, position_table=m.get("vision_position_table", 0))
+      window_size=56, position_table=m.get("vision_position_table", 0),
+      output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
+      output_position_code=m.get("vision_output_position_code", 0.0))
   return config_lib.VLMConfig(
       text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
       vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
