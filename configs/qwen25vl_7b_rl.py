@@ -12,10 +12,10 @@ updated in PPO mini-batches of 32, 8,192 prompt + 8,192 response tokens (a 16,38
 temperature 1.0, over-turn trajectories masked with the group statistics over all rollouts, dynamic
 sampling. One step here = 256 prompts x 16 rollouts, then 8 updates of 32 prompts (about 300 updates
 in 38 steps); the step count and the 2,048-token cap on one assistant turn are our choices.
-Deviation: images within 0.5M pixels (the paper's pixel-cap ablation: 44.4% on VisualProbe-Hard vs
-48.0% at its 2M cap). The vision tower's full-attention blocks attend over every patch of a training
-row at once (memory quadratic in the row's patches): 7 images of 2M pixels (71k patches) do not fit any
-TPU here, 7 of 0.5M (<= 17,857 patches) do. See docs/scaling.md (`tools/memory_plan.py`).
+Every image within the paper's 40K / 2M pixels. A training row holds at most 65,536 patches (its
+16,384-token context at 4 patches per image token), which fits because attention is splash on TPU
+(linear memory in the row's patches and tokens; `model.attention`): see docs/scaling.md
+(`tools/memory_plan.py`).
 Mesh: v5p-32 (16 chips) as (1, 4, 4), one row per chip: 512 rows in 128 micro-batches of 4; on v5p-64
 use --config.mesh="(1,-1,2)" --config.rl.grad_accum_steps=32.
 """
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = (1, -1, 4)  # (data, fsdp, tensor); -1 = the remaining chips
   c.min_pixels = 40_000
-  c.max_pixels = 500_000
+  c.max_pixels = 2_000_000
 
   c.data_dir = "/mnt/data"
   c.datasets = ml_collections.ConfigDict(dict(visualprobe="VisualProbe"))
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
       max_context=16384, max_turn_tokens=2048, temperature=1.0,
       lr=1e-6, warmup_steps=0, clip_low=0.2, clip_high=0.3, exclude_masked_from_stats=False,
       grad_accum_steps=128, logits_chunk=2048, train_vision=True,
-      length_buckets=(4096, 8192, 16384), patch_buckets=(4096, 8192, 18432),  # per row: 7 x 2,551 fit
-      num_slots=64, chunk_buckets=(256, 1024), patch_buckets_per_image=(1024, 2560), decode_steps=16,
+      length_buckets=(4096, 8192, 16384), patch_buckets=(4096, 16384, 65536),  # 65,536 = 4 x the context
+      num_slots=64, chunk_buckets=(256, 1024), patch_buckets_per_image=(1024, 4096, 10240), decode_steps=16,
       checkpoint_every=10, log_every=1))
   return c

@@ -63,6 +63,7 @@ def test_state_bytes_scale_with_fsdp_and_tensor(cfg7b):
 
 
 def test_estimates_scale_with_the_mesh_and_the_workload(cfg7b):
+  cfg7b = cfg7b.replace(attention="dense")  # the quadratic reference; memory-efficient ones below
   phase = memory.Phase("rl", batch=64, grad_accum=8, seq_len=8192, patches_per_row=4096, logits_chunk=None,
                        optimizer=OPT, rollout_slots=64, rollout_context=16384, rollout_chunk=512,
                        rollout_patches=2560)
@@ -84,6 +85,30 @@ def test_estimates_scale_with_the_mesh_and_the_workload(cfg7b):
   assert saved["none"] > saved["dots"] > saved["full"]
   # KV cache: 2 (k, v) x 28 layers x 4 kv heads x 128 x bf16 per token, slots over the batch ways.
   assert base["kv_cache"] == 2 * 28 * 8 * 4 * 128 * 2 * phase.cache_len
+
+
+def test_memory_efficient_attention_plans_linear_scores(cfg7b):
+  phase = memory.Phase("sft", batch=8, grad_accum=1, seq_len=4096, patches_per_row=4096, logits_chunk=1024,
+                       optimizer=OPT)
+  mesh = M(1, 8, 1)
+
+  def items(attention, seq_len, patches):
+    config = cfg7b.replace(attention=attention)
+    return memory.plan(config, dataclasses.replace(phase, seq_len=seq_len, patches_per_row=patches), mesh).items
+
+  # On a TPU slice `auto` at these lengths is splash: no scores in HBM, text or vision.
+  assert items("auto", 4096, 4096)["attn_scores"] == 0
+  assert memory.score_keys(cfg7b, 16384, causal=True) == 0 and memory.score_keys(cfg7b, 1024, causal=True) > 0
+  # Blockwise: one [512, 512] tile per layer, so 4x the length leaves the scores' bytes unchanged ...
+  blockwise = [items("blockwise", n, 4096)["attn_scores"] for n in (4096, 16384)]
+  assert blockwise[0] == blockwise[1] > 0
+  # ... where dense grows ~4x per token (16x in all); the vision tower's full blocks likewise.
+  dense = [items("dense", n, 4096)["attn_scores"] for n in (4096, 16384)]
+  assert dense[1] > 15 * dense[0]
+  vision = {a: [items(a, 4096, p)["vision"] for p in (4096, 16384)] for a in ("dense", "blockwise")}
+  assert vision["blockwise"][1] <= 4.5 * vision["blockwise"][0] and vision["dense"][1] > 8 * vision["dense"][0]
+  # The sampler's appended chunk reads the cache in tiles of `attention_block` slots.
+  assert memory.cache_score_keys(cfg7b, 512, 32768) == 512 and memory.cache_score_keys(cfg7b, 1, 1024) == 1024
 
 
 def test_tpu_slices():

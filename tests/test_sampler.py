@@ -12,6 +12,7 @@ from mini_o3_jax.agent import prompts
 from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.sampler import SamplingParams, StopMatcher, generate
+from mini_o3_jax.sampler import engine as engine_lib
 from mini_o3_jax.sampler import sampling as sampling_lib
 
 # ----------------------------------------------------------------------------- greedy == transformers
@@ -231,3 +232,26 @@ def test_stop_matcher_qwen_tokenizer():
   rng = np.random.default_rng(1)
   tok = tok_lib.build_qwen_tokenizer()
   _check_matcher(tok, TEXTS, rng, vocab=152064)
+
+
+def test_oversized_images_are_reported_once_per_size(pair, caplog):
+  # Images past patch_buckets each get a program of their own; the log names each size once (then at
+  # 10, 100, ... occurrences), not once per image.
+  _, ours = pair
+  cfg = engine_lib.EngineConfig(num_slots=2, max_context=128, chunk_buckets=(32,), patch_buckets=(16,),
+                                cache_len=192)
+  eng = engine_lib.Engine(ours, cfg)
+  rng = np.random.default_rng(0)
+  grids = [[1, 4, 6]]  # 24 patches > 16
+  ids, _ = ref.build_batch([[3, ("img", 0), 4]], grids, rng)
+  chunk_ids = ids[0]
+  pos, next_pos = engine_lib.chunk_positions(chunk_ids, np.array(grids), 0, image_token_id=ours.config.image_token_id,
+                                             merge=ours.config.vision.spatial_merge_size)
+  with caplog.at_level("WARNING", logger=engine_lib.__name__):
+    for _ in range(3):
+      chunk = engine_lib.Chunk(ids=chunk_ids, positions=pos, next_pos=next_pos, turn_limit=1,
+                               pixel_values=ref.pixel_values(grids, rng), grids=np.array(grids), reset=True,
+                               key=np.zeros((2,), np.uint32))
+      eng.append({0: chunk})
+  reports = [r.getMessage() for r in caplog.records if "exceeds patch_buckets" in r.getMessage()]
+  assert reports == ["an image of 24 patches exceeds patch_buckets (16,) (1 time so far)"]

@@ -165,6 +165,8 @@ class VLMConfig:
   dtype: str = "float32"        # activation / matmul dtype
   param_dtype: str = "float32"  # stored parameter dtype (fp32 master weights for training)
   remat: str = "none"           # none | full | dots (see model.layers.remat_policy)
+  attention: str = "auto"       # auto | dense | blockwise | splash | cudnn (see model.attention)
+  attention_block: int = 512    # tile of the blockwise implementation (queries and keys)
 
   @property
   def model_type(self) -> str:
@@ -205,6 +207,10 @@ class VLMConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
+    if self.attention not in ("auto", "dense", "blockwise", "splash", "cudnn"):
+      raise ValueError(f"attention={self.attention!r}; expected auto | dense | blockwise | splash | cudnn")
+    if self.attention_block <= 0 or self.attention_block % 8:
+      raise ValueError(f"attention_block={self.attention_block}; expected a positive multiple of 8")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}; expected none | full | dots")
 

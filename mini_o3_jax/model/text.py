@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model import attention, layers, rope
 from mini_o3_jax.model.config import TextConfig
 
 
@@ -51,7 +51,8 @@ class KVCache:
 class DecoderLayer(nnx.Module):
   """One Qwen2 block; built with `stack=L` it holds all L blocks' parameters."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None,
+               attention_impl: str = "auto", attention_block: int = 512):
     d, h, kvh, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
     self.input_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
@@ -67,6 +68,8 @@ class DecoderLayer(nnx.Module):
       self.q_norm = self.k_norm = None
     self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, bias=False, **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, hd
+    self.attention_impl = attention.check_impl(attention_impl)
+    self.attention_block = attention_block
 
   def qkv(self, x, cos, sin):
     """The attention inputs of x [batch, chunk, dim]: rotated q [batch, chunk, heads, head_dim], k and v
@@ -88,8 +91,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
     """x [batch, chunk, dim]; cos/sin [batch, chunk, head_dim].
 
-    mask: bool [batch, chunk, keys] with a cache; without one, the keys' validity bool [batch, chunk]
-    (attention is causal within the chunk).
+    mask: bool [batch, chunk, keys] with a cache; without one, segment ids int [batch, chunk]
+    (`attention.text_segments`; attention is causal within the chunk).
 
     kv: this layer's (k, v) cache [batch, max_len, kv_heads, head_dim] or None; write_index int [batch].
     Returns the new x and the updated (k, v) (or None).
@@ -101,9 +104,10 @@ class DecoderLayer(nnx.Module):
       v = write(kv[1], v.astype(kv[1].dtype), write_index)
       kv = (k, v)
     if kv is None:
-      attn = layers.causal_attention(q, k, v, mask)
+      attn = attention.self_attention(q, k, v, mask, causal=True, impl=self.attention_impl,
+                                      block=self.attention_block)
     else:
-      attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+      attn = attention.dense(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     return self.finish(x, attn), kv
 
 
@@ -111,11 +115,12 @@ class TextModel(nnx.Module):
   """Token embeddings, the decoder stack and the final norm (the output head lives in the VLM)."""
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none"):
+               remat: str = "none", attention_impl: str = "auto", attention_block: int = 512):
     self.cfg = cfg
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype,
                                      param_dtype=param_dtype, std=cfg.initializer_range)
-    self.layers = DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.num_hidden_layers)
+    self.layers = DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.num_hidden_layers,
+                               attention_impl=attention_impl, attention_block=attention_block)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.remat = remat
 
@@ -135,7 +140,7 @@ class TextModel(nnx.Module):
     cos, sin = rope.text_cos_sin(cfg, positions)
     token_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if cache is None:
-      mask = token_valid  # causal within the chunk: `layers.causal_attention`
+      mask = attention.text_segments(token_valid, (b, t))  # causal within the chunk
       xs, write_index = None, None
     else:
       write_index = cache.length

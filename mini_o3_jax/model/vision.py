@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mini_o3_jax.model import layers, rope
+from mini_o3_jax.model import attention, layers, rope
 from mini_o3_jax.model.config import Qwen3VisionConfig, VisionConfig
 
 
@@ -157,7 +157,8 @@ def rotary_qkv(qkv: jax.Array, num_heads: int, cos: jax.Array, sin: jax.Array):
 class VisionBlock(nnx.Module):
   """Pre-norm ViT block; built with `stack=depth` it holds every block's parameters."""
 
-  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None):
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None,
+               attention_impl: str = "auto", attention_block: int = 512):
     d = cfg.hidden_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
     self.norm1 = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack)
@@ -166,23 +167,25 @@ class VisionBlock(nnx.Module):
     self.proj = layers.Linear(d, d, axes=("qkv", "embed"), bias=True, **kw)
     self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, bias=True, **kw)
     self.num_heads = cfg.num_heads
+    self.attention_impl = attention.check_impl(attention_impl)
+    self.attention_block = attention_block
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, full: bool, image_segments: jax.Array,
                window_segments: jax.Array, window_block: int) -> jax.Array:
     """x [patches, dim]; cos/sin [patches, head_dim]; full: static bool, full (per image) or window attention.
 
-    Window attention is blocked (`layers.local_segment_attention`, linear in the patch count); full
-    attention is dense within each image frame.
+    Window attention is blocked (`attention.local_segment_attention`, linear in the patch count); full
+    attention is within each image frame (`attention.self_attention`, `attention_impl`).
     """
     n, d = x.shape
     q, k, v = rotary_qkv(self.qkv(self.norm1(x)), self.num_heads, cos, sin)
 
     def full_attention(q, k, v):
-      mask = image_segments[:, None] == image_segments[None, :]
-      return layers.attention(q[None], k[None], v[None], mask[None])[0]
+      return attention.self_attention(q[None], k[None], v[None], image_segments[None], causal=False,
+                                      impl=self.attention_impl, block=self.attention_block)[0]
 
     def window_attention(q, k, v):
-      return layers.local_segment_attention(q, k, v, window_segments, window_block)
+      return attention.local_segment_attention(q, k, v, window_segments, window_block)
 
     attn = full_attention(q, k, v) if full else window_attention(q, k, v)
     x = x + self.proj(attn.reshape(n, d))
@@ -209,11 +212,12 @@ class VisionTower(nnx.Module):
   """pixel_values [patches, patch_dim] -> image token embeddings [patches / 4, out_hidden_size]."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none"):
+               remat: str = "none", attention_impl: str = "auto", attention_block: int = 512):
     self.cfg = cfg
     self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), bias=False,
                                      rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=cfg.initializer_range)
-    self.blocks = VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.depth)
+    self.blocks = VisionBlock(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=cfg.depth,
+                              attention_impl=attention_impl, attention_block=attention_block)
     self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if cfg.position_table:
       init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -280,7 +284,8 @@ def _normalise_output(merged: jax.Array, inputs: VisionInputs, cfg: VisionConfig
 class Qwen3VisionBlock(nnx.Module):
   """Pre-LayerNorm ViT block with full attention within each image; `stack=depth` holds every block."""
 
-  def __init__(self, cfg: Qwen3VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None):
+  def __init__(self, cfg: Qwen3VisionConfig, *, rngs: nnx.Rngs, dtype, param_dtype, stack: int | None = None,
+               attention_impl: str = "auto", attention_block: int = 512):
     d = cfg.hidden_size
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, stack=stack, std=cfg.initializer_range)
     self.norm1 = layers.LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, stack=stack)
@@ -289,13 +294,15 @@ class Qwen3VisionBlock(nnx.Module):
     self.proj = layers.Linear(d, d, axes=("qkv", "embed"), bias=True, **kw)
     self.mlp = layers.MLP(d, cfg.intermediate_size, act=cfg.hidden_act, **kw)
     self.num_heads = cfg.num_heads
+    self.attention_impl = attention.check_impl(attention_impl)
+    self.attention_block = attention_block
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image_segments: jax.Array) -> jax.Array:
     """x [patches, dim]; cos/sin [patches, head_dim]; image_segments int [patches]."""
     n, d = x.shape
     q, k, v = rotary_qkv(self.qkv(self.norm1(x)), self.num_heads, cos, sin)
-    mask = image_segments[:, None] == image_segments[None, :]
-    attn = layers.attention(q[None], k[None], v[None], mask[None])[0]
+    attn = attention.self_attention(q[None], k[None], v[None], image_segments[None], causal=False,
+                                    impl=self.attention_impl, block=self.attention_block)[0]
     x = x + self.proj(attn.reshape(n, d))
     return x + self.mlp(self.norm2(x))
 
@@ -328,14 +335,15 @@ class Qwen3VisionTower(nnx.Module):
   """
 
   def __init__(self, cfg: Qwen3VisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: str = "none"):
+               remat: str = "none", attention_impl: str = "auto", attention_block: int = 512):
     self.cfg = cfg
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.patch_embed = layers.Linear(cfg.patch_dim, cfg.hidden_size, axes=("patch", "embed"), bias=True,
                                      std=cfg.initializer_range, **kw)
     self.pos_embed = layers.param(rngs, (cfg.num_position_embeddings, cfg.hidden_size), ("table", "embed"),
                                   param_dtype, std=cfg.initializer_range)
-    self.blocks = Qwen3VisionBlock(cfg, stack=cfg.depth, **kw)
+    self.blocks = Qwen3VisionBlock(cfg, stack=cfg.depth, attention_impl=attention_impl,
+                                   attention_block=attention_block, **kw)
     self.merger = Qwen3PatchMerger(cfg, postshuffle_norm=False, **kw)
     self.deepstack_merger_list = (Qwen3PatchMerger(cfg, postshuffle_norm=True, stack=cfg.deepstack_levels, **kw)
                                   if cfg.deepstack_levels else None)

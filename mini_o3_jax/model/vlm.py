@@ -163,8 +163,10 @@ class VLM(nnx.Module):
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     tower = Qwen3VisionTower if isinstance(config.vision, Qwen3VisionConfig) else VisionTower
-    self.visual = tower(config.vision, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
-    self.model = TextModel(config.text, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat)
+    run = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=config.remat, attention_impl=config.attention,
+               attention_block=config.attention_block)
+    self.visual = tower(config.vision, **run)
+    self.model = TextModel(config.text, **run)
     if config.tie_word_embeddings:
       self.lm_head = None
     else:

@@ -100,7 +100,8 @@ def model_config(config, vocab_size: int, ids: dict[str, int]) -> config_lib.VLM
   """
   m = config.model
   run = dict(dtype=m.get("dtype", "float32"), param_dtype=m.get("param_dtype", "float32"),
-             remat=m.get("remat", "none"))
+             remat=m.get("remat", "none"), attention=m.get("attention", "auto"),
+             attention_block=m.get("attention_block", 512))
   hf_file = _hf_config_file(m.get("init_from") or "")
   if hf_file is not None:
     mcfg = config_lib.VLMConfig.from_pretrained(hf_file, **run)
@@ -136,7 +137,8 @@ def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
   if is_hf_dir(path):
     from mini_o3_jax.model.hf import load_pretrained  # pylint: disable=g-import-not-at-top
     log.info("init from the HF checkpoint %s", path)
-    model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat)
+    model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat,
+                               attention=mcfg.attention, attention_block=mcfg.attention_block)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
   from mini_o3_jax import export as export_lib  # pylint: disable=g-import-not-at-top
   params, step = export_lib.restore_params(path, mcfg, mesh=mesh)

@@ -24,11 +24,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mini_o3_jax.model import rope
+from mini_o3_jax.model import attention, rope
 from mini_o3_jax.model import text as text_lib
 from mini_o3_jax.model.config import TextConfig
-
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @jax.tree_util.register_dataclass
@@ -57,27 +55,6 @@ class SlotCache:
     return self.v.shape[3]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention against head-major keys/values (fp32 logits and softmax).
-
-  q [b, t, heads, hd]; k [b, kv_heads, hd, keys]; v [b, kv_heads, keys, hd]; mask bool [b, t, keys]
-  (True = may attend).
-  Same maths as `model.layers.attention`; a query with no visible key gets a uniform average.
-  """
-  b, t, h, d = q.shape
-  kvh = k.shape[1]
-  qg = q.reshape(b, t, kvh, h // kvh, d)
-  if t == 1:  # decode: one query per row; no query axis in the contractions
-    logits = jnp.einsum("bkgd,bkds->bkgs", qg[:, 0], k, preferred_element_type=jnp.float32) * (d**-0.5)
-    logits = jnp.where(mask[:, :, None, :], logits, _MASK_VALUE)           # mask [b, 1, s] -> [b, 1, 1, s]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, 1, h, d)
-  logits = jnp.einsum("btkgd,bkds->bkgts", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
-  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
-
-
 def cached_forward(model, embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache: SlotCache,
                    window: int | None = None) -> tuple[jax.Array, SlotCache]:
   """Runs a chunk against the cache; returns final-norm hidden states [slots, C, hidden] and the cache.
@@ -101,7 +78,7 @@ def cached_forward(model, embeds: jax.Array, positions: jax.Array, mask: jax.Arr
   cols = cache.length[:, None] + jnp.arange(c)[None]                                   # [slots, C]
   rows = jnp.broadcast_to(jnp.arange(slots)[:, None], cols.shape)
   valid = cache.valid.at[rows, cols].set(real, mode="drop")                           # [slots, cap]
-  attn_mask = valid[:, None, :window] & (jnp.arange(window)[None, None, :] <= cols[:, :, None])  # [slots, C, W]
+  key_valid = valid[:, :window]                                                       # [slots, W]
 
   def body(layer, carry, added):
     x, k_all, v_all, i = carry
@@ -112,7 +89,9 @@ def cached_forward(model, embeds: jax.Array, positions: jax.Array, mask: jax.Arr
     kvh, hd = v_all.shape[2], v_all.shape[4]
     k_i = jax.lax.dynamic_slice(k_all, (i, 0, 0, 0, 0), (1, slots, kvh, hd, window))[0]  # [slots, kvh, hd, W]
     v_i = jax.lax.dynamic_slice(v_all, (i, 0, 0, 0, 0), (1, slots, kvh, window, hd))[0]  # [slots, kvh, W, hd]
-    x = layer.finish(x, attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), attn_mask))
+    attn = attention.cache_attention(q, k_i.astype(q.dtype), v_i.astype(q.dtype), key_valid, cols,
+                                     impl=layer.attention_impl, block=layer.attention_block)
+    x = layer.finish(x, attn)
     if added is not None:  # DeepStack (Qwen3-VL): this layer's image features join the stream
       x = x + added.astype(x.dtype)
     return (x, k_all, v_all, i + 1), None

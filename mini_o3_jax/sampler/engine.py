@@ -30,6 +30,7 @@ compiled programs is bounded by the bucket lists (see `Engine.programs`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -379,6 +380,7 @@ class Engine:
     self.state_sharding = None if mesh is None else slot_state_shardings(mesh, self.state)
     self.state = jax.device_put(self.state, self._device if mesh is None else self.state_sharding)
     self._no_images: dict[int, jax.Array] = {}   # chunk bucket -> zeros [slots, C, hidden]
+    self._oversized: collections.Counter[int] = collections.Counter()  # patches past patch_buckets -> images
     # Distinct (program, bucketed shape) pairs this engine has run: each is one compile in a fresh
     # process. ("slice", N, C) programs are tiny gathers; the others hold the model.
     self.programs: set[tuple] = set()
@@ -465,7 +467,12 @@ class Engine:
     buckets = self.config.patch_buckets
     if buckets and most > max(buckets):
       # Rare shapes (e.g. a thin crop upscaled past max_pixels) get a power-of-two program of their own.
-      _log.warning("an image of %d patches exceeds patch_buckets %s", most, buckets)
+      # Reported once per size, then at 10, 100, ... occurrences, so a log stays readable.
+      self._oversized[most] += 1
+      seen = self._oversized[most]
+      if seen == 10 ** round(np.log10(seen)):
+        _log.warning("an image of %d patches exceeds patch_buckets %s (%d time%s so far)", most, buckets, seen,
+                     "" if seen == 1 else "s")
       buckets = None
     p = bucket(most, buckets, minimum=16)
     r = min(bucket(len(rows), self.config.image_row_buckets), self.config.num_slots)

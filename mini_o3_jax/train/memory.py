@@ -14,11 +14,13 @@ rules shard them and the size divides):
   `full` keeps each layer's input (`T·D·a`), `dots` also the outputs of the weight matmuls
   (q, k, v, o, gate, up, down), `none` every intermediate including the attention scores;
 * the working set of one layer in the backward pass: its intermediates recomputed (full / dots)
-  plus their gradients; this holds the attention scores (fp32 logits and the probabilities), the term
-  that grows with T²: there is no flash / splash attention kernel here, only causal query blocks that
-  skip the keys above the diagonal (about half of [heads, T, T], see `causal_keys`);
+  plus their gradients, and the attention scores (fp32 logits and the probabilities) that exist at
+  once, by the implementation `config.attention` resolves to on a TPU (`score_keys`): dense keeps
+  [heads, T, T] (causal query blocks skip the keys above the diagonal, about half of it, see
+  `causal_keys`), blockwise one [block, block] tile per layer, splash none in HBM (its tiles live in
+  VMEM);
 * the vision tower, per row of `P` padded patches: window blocks attend to 3 windows of 64 patches,
-  but its full-attention blocks build [heads, P, P] scores over every patch of the row;
+  its full-attention blocks to every patch of their image, with the same implementations;
 * the output head: [b, T, vocab/tensor] logits and their gradient, or one chunk of them with
   `logits_chunk`;
 * weights in use at once, whole over fsdp: one layer's (FSDP all-gathers them), the embedding and the
@@ -48,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from mini_o3_jax.model import attention as attention_lib
 from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.train import optimizer as optimizer_lib
 from mini_o3_jax.train import sharding as sharding_lib
@@ -225,7 +228,7 @@ class _Block:
 
   def scores(self, keys: int, a: int) -> int:
     """Attention logits (fp32) and probabilities (compute dtype) of one query token."""
-    return self.heads * keys * (4 + a)
+    return int(self.heads * keys * (4 + a))
 
 
 def _text_block(config: VLMConfig, tensor: int) -> _Block:
@@ -259,8 +262,30 @@ def _working(block: _Block, remat: str, keys: int, a: int, backward: bool = True
   return one if remat == "none" else 2 * one
 
 
+PLAN_BACKEND = "tpu"  # plans are for TPU slices: `auto` attention resolves as it would there
+
+
+def score_keys(config: VLMConfig, seq_len: int, *, causal: bool) -> float:
+  """Keys per query whose attention scores exist at once in self-attention over `seq_len` tokens."""
+  impl = attention_lib.resolve(config.attention, seq_len, seq_len, backend=PLAN_BACKEND)
+  if impl == "dense":
+    return causal_keys(seq_len) if causal else float(seq_len)
+  if impl == "blockwise":  # one [block, block] tile of every row at a time
+    block = min(config.attention_block, seq_len)
+    return block * block / seq_len
+  return 0.0  # splash / cudnn: the tiles live in on-chip memory
+
+
+def cache_score_keys(config: VLMConfig, chunk: int, cache_len: int) -> float:
+  """Keys per query whose scores exist at once when a chunk attends to the sampler's cache."""
+  impl = attention_lib.resolve(config.attention, chunk, cache_len, backend=PLAN_BACKEND)
+  if impl == "dense" or cache_len <= config.attention_block:
+    return float(cache_len)
+  return float(config.attention_block)  # the cache read in tiles (splash / cudnn use it too)
+
+
 def causal_keys(seq_len: int) -> float:
-  """Mean keys whose scores exist per query in training's causal attention (`layers.causal_attention`).
+  """Mean keys whose scores exist per query in dense causal attention (`attention.dense_causal`).
 
   Query blocks of 128 (or 64, 32) tokens attend only to the keys up to their block's end, so with n
   blocks (n + 1) / 2n of the dense [T, T] scores exist.
@@ -286,13 +311,14 @@ def activation_bytes(config: VLMConfig, phase: Phase, mesh: MeshShape) -> dict[s
   text = _text_block(config, mesh.tensor)
   layers = config.text.num_hidden_layers
   t = phase.seq_len
+  keys = score_keys(config, t, causal=True)
   out = {
       # the residual stream kept per layer (and more, by policy), plus embeddings / final hidden
       # (Qwen3-VL: the decoder's input also carries the DeepStack features, `embed_levels` vectors a token)
-      "text_saved": tokens * (layers * _saved(text, config.remat, causal_keys(t), a)
+      "text_saved": tokens * (layers * _saved(text, config.remat, keys, a)
                               + (2 + config.embed_levels) * text.d * a),
       "text_layer": tokens * (text.intermediates(a) * (1 if config.remat == "none" else 2)),
-      "attn_scores": int(tokens * text.scores(causal_keys(t), a)) * (1 if config.remat == "none" else 2),
+      "attn_scores": int(tokens * text.scores(keys, a)) * (1 if config.remat == "none" else 2),
   }
   vocab = _split(config.text.vocab_size, mesh.tensor)
   positions = t if phase.logits_chunk is None else min(phase.logits_chunk, t)
@@ -339,12 +365,13 @@ def vision_bytes(config: VLMConfig, rows: int, patches: int, tensor: int, *, bac
   n_window = v.depth - n_full
   window_keys = 3 * v.window_merged**2 * v.merge_unit if windowed else 0
   tokens = rows * patches
-  work = max(_working(block, config.remat, patches, a, backward) if n_full else 0,
+  full_keys = score_keys(config, patches, causal=False)
+  work = max(_working(block, config.remat, full_keys, a, backward) if n_full else 0,
              _working(block, config.remat, window_keys, a, backward) if n_window else 0)
   saved = 0
   if backward:
     saved = (n_window * _saved(block, config.remat, window_keys, a)
-             + n_full * _saved(block, config.remat, patches, a))
+             + n_full * _saved(block, config.remat, full_keys, a))
   return tokens * (saved + work + 2 * v.patch_dim * 4)
 
 
@@ -359,7 +386,8 @@ def rollout_bytes(config: VLMConfig, phase: Phase, mesh: MeshShape) -> dict[str,
   cache = 2 * t.num_hidden_layers * slots * kvh * t.head_dim * phase.cache_len * a
   text = _text_block(config, mesh.tensor)
   chunk = slots * phase.rollout_chunk
-  append = chunk * (_working(text, "none", phase.cache_len, a, backward=False) + 2 * text.d * a)
+  keys = cache_score_keys(config, phase.rollout_chunk, phase.cache_len)
+  append = chunk * (_working(text, "none", keys, a, backward=False) + 2 * text.d * a)
   append += slots * _split(t.vocab_size, mesh.tensor) * 4
   encode = vision_bytes(config, slots, phase.rollout_patches, mesh.tensor, backward=False)
   return {"kv_cache": cache, "rollout_work": max(append, encode)}

@@ -278,11 +278,14 @@ class ShardedStep:
           donate_argnums=(0,) if self.donate else ())
     return self._cache[key]
 
+  # Traced under the mesh so that kernels XLA cannot partition (splash attention) run per shard.
   def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
-    return self.jitted(batch)(state, batch)
+    with jax.set_mesh(self.mesh):
+      return self.jitted(batch)(state, batch)
 
   def lower(self, state: TrainState, batch: Any):
-    return self.jitted(batch).lower(state, batch)
+    with jax.set_mesh(self.mesh):
+      return self.jitted(batch).lower(state, batch)
 
 
 def timed_step(step: Callable[[TrainState, Any], tuple[TrainState, Metrics]], state: TrainState,
