@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from mini_o3_jax import agent
 from mini_o3_jax.data import coldstart
-from mini_o3_jax.eval import report, turn_scaling
+from mini_o3_jax.eval import report, statistics, turn_scaling
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,13 @@ def test_report_files(tmp_path, trajectories):
                                                               agent.RuleJudge())]
   report.write_metrics(str(tmp_path / "metrics.json"), rows, note="x")
   assert json.load(open(tmp_path / "metrics.json"))["eval"][0]["max_turns"] == 1
-  report.plot_turn_scaling(str(tmp_path / "plot.png"), rows)
-  assert (tmp_path / "plot.png").stat().st_size > 10_000
+  written = report.plot_turn_scaling(str(tmp_path / "plot.png"), rows, train_turn_limit=6)
+  assert written == [str(tmp_path / "plot.png"), str(tmp_path / "plot.pdf")]
+  assert (tmp_path / "plot.png").stat().st_size > 10_000 and (tmp_path / "plot.pdf").stat().st_size > 1_000
+  for r in rows:  # the band is the Wilson interval of the row's own count
+    assert (r["accuracy_low"], r["accuracy_high"]) == pytest.approx(
+        statistics.wilson_interval(round(r["accuracy"] * r["n"]), r["n"]))
+    assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
   grid = report.accuracy_grid(rows)
   assert "| scripted | hard | 12 |" in grid
   img = report.render_trajectory(max(trajectories, key=lambda t: t.num_turns))
@@ -110,9 +116,30 @@ def test_claims_are_checked_with_their_thresholds_and_noise():
   # 60% vs 10% of 20: beyond noise; 45% vs 25% of 20 passes the +5 threshold but is within noise.
   assert "within noise" not in claims[0][2] and "difference +50.0" in claims[0][2]
   assert "difference +20.0" in claims[1][2] and "within noise" in claims[1][2]
-  # The half-width matches the Agresti-Caffo formula recomputed by hand.
+  # The interval is Agresti-Caffo's: add one success and one failure to each sample, then Wald.
   p1, p2 = (0.45 * 20 + 1) / 22, (0.25 * 20 + 1) / 22
-  want = 196 * ((p1 * (1 - p1) + p2 * (1 - p2)) / 22) ** 0.5
-  assert eval_stages.difference_noise(rows[-2], rows[-3]) == pytest.approx(want)
+  half = 100 * scipy.stats.norm.ppf(0.975) * ((p1 * (1 - p1) + p2 * (1 - p2)) / 22) ** 0.5
+  got = eval_stages.difference(rows[-2], rows[-3])
+  assert (got.low, got.high) == pytest.approx((100 * (p1 - p2) - half, 100 * (p1 - p2) + half))
+  # Turn scaling (30% -> 45% of 20 = 3 more tasks, paired): exact McNemar p = 2 / 2**3 = 0.25, within noise.
+  assert "+3 of 20 tasks, exact McNemar p=0.25, within noise" in claims[2][2]
+  # The mask claim carries its own noise test (45% vs 32% at 32 turns).
+  assert "difference +15.0" in claims[3][2] and "within noise" in claims[3][2]
   no_rl = [r for r in rows if not r["model"].startswith("rl")]
   assert [holds for _, holds, _ in eval_stages.check_claims(no_rl)] == [True, None, None, None]
+
+
+@pytest.mark.parametrize("correct,n", [(0, 20), (5, 20), (17, 20), (120, 200)])
+def test_wilson_interval_matches_its_formula(correct, n):
+  z = scipy.stats.norm.ppf(0.975)
+  p = correct / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  assert statistics.wilson_interval(correct, n) == pytest.approx((max(centre - half, 0.0), centre + half))
+
+
+def test_paired_gain_pvalue_is_the_exact_binomial_on_flips():
+  for gained, lost in ((6, 0), (5, 0), (9, 3), (0, 0)):
+    flips = gained + lost
+    want = 1.0 if flips == 0 else min(1.0, 2 * scipy.stats.binom.cdf(min(gained, lost), flips, 0.5))
+    assert statistics.paired_gain_pvalue(gained, lost) == pytest.approx(want)

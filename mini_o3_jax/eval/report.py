@@ -34,7 +34,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def accuracy_grid(rows: Sequence[dict]) -> str:
-  """One line per (model, tier), one column per turn budget: accuracy ± standard error."""
+  """One line per (model, tier), one column per turn budget: accuracy and its 95% Wilson interval."""
   budgets = sorted({r["max_turns"] for r in rows})
   cells = collections.defaultdict(dict)
   for r in rows:
@@ -43,42 +43,76 @@ def accuracy_grid(rows: Sequence[dict]) -> str:
            "|---|---|---|" + "---|" * len(budgets)]
   for (model, tier), by_budget in cells.items():
     n = next(iter(by_budget.values()))["n"]
-    vals = [f"{100 * by_budget[b]['accuracy']:.1f} ± {100 * by_budget[b]['accuracy_se']:.1f}" if b in by_budget
-            else "" for b in budgets]
+    vals = [_accuracy_cell(by_budget[b]) if b in by_budget else "" for b in budgets]
     lines.append(f"| {model} | {tier} | {n} | " + " | ".join(vals) + " |")
   return "\n".join(lines)
 
 
-def plot_turn_scaling(path: str, rows: Sequence[dict], title: str = "Accuracy vs test-time turn budget") -> None:
-  """One panel per tier, one line per model; x = max turns (log2), y = accuracy with ±1 SE band."""
+def _accuracy_cell(row: dict) -> str:
+  return f"{100 * row['accuracy']:.1f} [{100 * row['accuracy_low']:.0f}, {100 * row['accuracy_high']:.0f}]"
+
+
+# How each model is drawn: masked and unmasked RL share a colour (solid vs dashed) so they read as a pair.
+_STYLES = {"sft": dict(color="#1f77b4", linestyle="-", marker="s"),
+           "rl": dict(color="#d62728", linestyle="-", marker="o"),
+           "rl_no_overturn_mask": dict(color="#d62728", linestyle="--", marker="o", markerfacecolor="white"),
+           "no_tools": dict(color="#555555", linestyle=":", marker=None)}
+
+
+def plot_turn_scaling(path: str, rows: Sequence[dict], *, train_turn_limit: int | None = None,
+                      title: str = "Accuracy vs test-time turn budget") -> list[str]:
+  """The paper's turn-scaling figure: one panel per tier, accuracy against the test-time turn budget.
+
+  Bands are 95% Wilson intervals; a model evaluated at a single budget (no_tools) is a horizontal
+  baseline; a vertical line marks the turn limit used in training. Writes `path` (PNG) and the same
+  figure as PDF beside it; returns both paths.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   tiers = sorted({r["tier"] for r in rows}, key=["easy", "medium", "hard"].index
                  if all(r["tier"] in ("easy", "medium", "hard") for r in rows) else None)
   models = list(dict.fromkeys(r["model"] for r in rows))
-  fig, axes = plt.subplots(1, len(tiers), figsize=(4.2 * len(tiers), 3.6), squeeze=False, sharey=True)
+  budgets = sorted({r["max_turns"] for r in rows if r["model"] != "no_tools"}) or [1]
+  fig, axes = plt.subplots(1, len(tiers), figsize=(4.4 * len(tiers), 3.9), squeeze=False, sharey=True)
   for ax, tier in zip(axes[0], tiers):
     for i, model in enumerate(models):
-      pts = sorted((r["max_turns"], r["accuracy"], r["accuracy_se"]) for r in rows
+      pts = sorted((r["max_turns"], r["accuracy"], r["accuracy_low"], r["accuracy_high"], r["n"]) for r in rows
                    if r["tier"] == tier and r["model"] == model)
       if not pts:
         continue
-      x, y, se = map(np.asarray, zip(*pts))
-      c = _COLOURS[i % len(_COLOURS)]
-      ax.plot(x, 100 * y, marker="o", color=c, label=model)
-      ax.fill_between(x, 100 * (y - se), 100 * (y + se), color=c, alpha=0.15)
+      x, y, low, high, n = map(np.asarray, zip(*pts))
+      style = _STYLES.get(model, dict(color=_COLOURS[i % len(_COLOURS)], linestyle="-", marker="^"))
+      label = f"{model} (n={int(n[0])})"
+      if len(x) == 1 and len(budgets) > 1:  # one budget only: a baseline across the axis
+        ax.axhline(100 * y[0], color=style["color"], linestyle="--", linewidth=1.2, label=label)
+        ax.axhspan(100 * low[0], 100 * high[0], color=style["color"], alpha=0.08)
+        continue
+      ax.plot(x, 100 * y, label=label, **style)
+      ax.fill_between(x, 100 * low, 100 * high, color=style["color"], alpha=0.12)
+    if train_turn_limit:
+      ax.axvline(train_turn_limit, color="black", linewidth=0.8, alpha=0.6)
+      ax.annotate(f"training limit ({train_turn_limit})", (train_turn_limit, 0.98), xycoords=("data", "axes fraction"),
+                  rotation=90, va="top", ha="right", fontsize=7, alpha=0.7)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(budgets))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(b) for b in budgets]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlim(budgets[0] / 1.25, budgets[-1] * 1.25)
     ax.set_xlabel("max turns at test time")
     ax.set_title(tier)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("accuracy (%)")
-  axes[0][-1].legend(fontsize=8)
-  fig.suptitle(title)
+  axes[0][-1].legend(fontsize=7, loc="best")
+  fig.suptitle(f"{title}  (shaded: 95% Wilson interval)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  pdf = os.path.splitext(path)[0] + ".pdf"
+  fig.savefig(path, dpi=150)
+  fig.savefig(pdf)
   plt.close(fig)
+  return [path, pdf]
 
 
 def render_trajectory(traj: Trajectory, *, thumb: int = 224, width: int = 1200) -> Image.Image:

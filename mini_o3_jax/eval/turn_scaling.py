@@ -18,6 +18,7 @@ import numpy as np
 from mini_o3_jax import agent
 from mini_o3_jax.agent import tools
 from mini_o3_jax.agent.trajectory import Trajectory
+from mini_o3_jax.eval import statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,8 @@ class Row:
   max_turns: int
   n: int
   accuracy: float
-  accuracy_se: float
+  accuracy_low: float   # 95% Wilson interval (`eval.statistics`)
+  accuracy_high: float
   mean_turns: float
   mean_turns_correct: float
   overturn_rate: float
@@ -83,8 +85,8 @@ def aggregate(model: str, tier: str, max_turns: int, outcomes: Sequence[Outcome]
   acc = np.mean([o.correct for o in outcomes])
   correct_turns = [o.num_turns for o in outcomes if o.correct]
   calls = sum(o.tool_calls for o in outcomes)
-  return Row(model=model, tier=tier, max_turns=max_turns, n=n, accuracy=float(acc),
-             accuracy_se=float(np.sqrt(acc * (1 - acc) / n)),
+  low, high = statistics.wilson_interval(sum(o.correct for o in outcomes), n)
+  return Row(model=model, tier=tier, max_turns=max_turns, n=n, accuracy=float(acc), accuracy_low=low, accuracy_high=high,
              mean_turns=float(np.mean([o.num_turns for o in outcomes])),
              mean_turns_correct=float(np.mean(correct_turns)) if correct_turns else 0.0,
              overturn_rate=float(np.mean([o.overturn for o in outcomes])),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 
@@ -24,7 +23,7 @@ from flax import nnx
 from mini_o3_jax import agent
 from mini_o3_jax import export as export_lib
 from mini_o3_jax.data import coldstart, pipeline, synthetic
-from mini_o3_jax.eval import report, turn_scaling
+from mini_o3_jax.eval import report, statistics, turn_scaling
 from mini_o3_jax.pipeline import common, probe, rl_stages, sources, train_stages
 from mini_o3_jax.processing import image as image_lib
 import mini_o3_jax.sampler.rollout as rollout_lib
@@ -167,21 +166,26 @@ def _cell(rows, model, tier, budget):
   return None
 
 
-def difference_noise(a: dict, b: dict) -> float:
-  """95% half-width, in points, of accuracy(a) - accuracy(b) for independent samples (Agresti-Caffo)."""
-  var = 0.0
-  for r in (a, b):
-    p = (r["accuracy"] * r["n"] + 1) / (r["n"] + 2)
-    var += p * (1 - p) / (r["n"] + 2)
-  return 100 * 1.96 * math.sqrt(var)
+def difference(a: dict, b: dict) -> statistics.Difference:
+  """accuracy(a) - accuracy(b) of two eval rows (independent task samples) with its 95% interval."""
+  return statistics.independent_difference(statistics.correct_count(a["accuracy"], a["n"]), a["n"],
+                                           statistics.correct_count(b["accuracy"], b["n"]), b["n"])
 
 
 def _noise(a: dict | None, b: dict | None) -> str:
   if a is None or b is None:
     return ""
-  d, h = 100 * (a["accuracy"] - b["accuracy"]), difference_noise(a, b)
-  return f"; difference {d:+.1f} ± {h:.1f} points (95%, n={a['n']}/{b['n']})" + (
-      ", within noise" if abs(d) <= h else "")
+  return "; " + difference(a, b).describe(a["n"], b["n"])
+
+
+def _turn_gain_noise(low: dict | None, high: dict | None) -> str:
+  """A gain between two budgets of one model: the same trajectories, so the exact McNemar test. A
+  trajectory right within the smaller budget is right within the larger, so every flip is a gain."""
+  if low is None or high is None:
+    return ""
+  gained = statistics.correct_count(high["accuracy"], high["n"]) - statistics.correct_count(low["accuracy"], low["n"])
+  p = statistics.paired_gain_pvalue(max(gained, 0), max(-gained, 0))
+  return f"; {gained:+d} of {high['n']} tasks, exact McNemar p={p:.3g}" + ("" if p < 0.05 else ", within noise")
 
 
 def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
@@ -207,9 +211,11 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
                                                                   _cell(rows, "sft", "hard", top))))
   hi = [acc("rl", "hard", b) for b in (16, 32) if b in budgets]
   at_low = acc("rl", "hard", low)
+  best = max((b for b in (16, 32) if b in budgets), key=lambda b: acc("rl", "hard", b) or 0.0, default=None)
   out.append((f"Test-time turn scaling: RL hard accuracy at 16/32 turns > at {low} turns",
               None if not hi or at_low is None or None in hi else max(hi) > at_low,
-              f"{low} turns {at_low}, 16/32 turns {hi}"))
+              f"{low} turns {at_low}, 16/32 turns {hi}"
+              + ("" if best is None else _turn_gain_noise(_cell(rows, "rl", "hard", low), _cell(rows, "rl", "hard", best)))))
   m, nm = _cell(rows, "rl", "hard", top), _cell(rows, "rl_no_overturn_mask", "hard", top)
   if m is None or nm is None:
     out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", None,
@@ -220,7 +226,8 @@ def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     holds = nm["mean_turns"] < m["mean_turns"] and gain_nm < gain_m
     out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", holds,
                 f"mean turns {m['mean_turns']:.2f} (mask) vs {nm['mean_turns']:.2f} (no mask); "
-                f"gain {low}->{top} turns {gain_m:.1f} vs {gain_nm:.1f} points"))
+                f"gain {low}->{top} turns {gain_m:.1f} vs {gain_nm:.1f} points; at {top} turns mask vs no mask"
+                + _noise(m, nm)))
   return out
 
 
@@ -316,7 +323,8 @@ def run_report(config, workdir: str) -> dict:
   with open(metrics_file) as f:
     metrics = json.load(f)
   rows = metrics["eval"]
-  report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows)
+  report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows,
+                           train_turn_limit=config.rl.get("max_turns") if "rl" in config else None)
   claims = check_claims(rows)
   lines = ["# mini_o3_jax demo report", "",
            "Synthetic visual search (digits legible only after zooming), a ~1M-parameter Qwen2.5-VL trained "
@@ -352,7 +360,7 @@ def run_report(config, workdir: str) -> dict:
       lines += ["", f"### Example trajectories: {name}", ""] + [f"![{p}](eval/{name}/{p})" for p in pics]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  return {claim[:40]: holds for claim, holds, _ in claims}
+  return {claim.split(":")[0]: holds for claim, holds, _ in claims}  # "Tools matter", "RL helps", ...
 
 
 def run_export(config, workdir: str) -> dict:
