@@ -33,9 +33,12 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     assert set(r) >= {"model", "tier", "max_turns", "n", "accuracy", "mean_turns", "overturn_rate"}
     assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] > 0
   assert {r["max_turns"] for r in metrics["eval"] if r["model"] == "rl"} == {1, 2, 4}
-  for f in ("report.md", "turn_scaling.png", "hf_export/model.safetensors", "hf_export/tokenizer.json",
-            "metrics/sft.jsonl", "metrics/rl.jsonl", "metrics/rl_no_mask.jsonl"):
+  for f in ("report.md", "turn_scaling.png", "turn_scaling.pdf", "hf_export/model.safetensors",
+            "hf_export/tokenizer.json", "metrics/sft.jsonl", "metrics/rl.jsonl", "metrics/rl_no_mask.jsonl"):
     assert (tmp_path / f).exists(), f
+  # TensorBoard: one run per training stage and per evaluated model (`tensorboard --logdir WORKDIR`)
+  for run in ("sft", "rl", "rl_no_mask", "eval_sft", "eval_rl", "eval_no_tools"):
+    assert list((tmp_path / "tensorboard" / run).glob("events.out.tfevents.*")), run
   report = (tmp_path / "report.md").read_text()
   assert "The paper's claims in miniature" in report
   assert "## Skills" in report and "first_zoom_on_target" in report

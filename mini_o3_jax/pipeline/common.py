@@ -7,8 +7,10 @@ import os
 import time
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 import numpy as np
+import tensorboardX
 
 from mini_o3_jax import agent
 from mini_o3_jax.agent import prompts
@@ -160,17 +162,36 @@ def model_config(config, tokenizer) -> config_lib.VLMConfig:
       tie_word_embeddings=True)
 
 
+def tensorboard_writer(directory: str, purge_step: int | None = None) -> tensorboardX.SummaryWriter | None:
+  """A TensorBoard event writer in `directory` on process 0 (None elsewhere: one writer per run).
+
+  purge_step: a resumed stage re-runs the steps after its checkpoint; TensorBoard drops the earlier
+  run's events from this step on, so each step is shown once.
+  """
+  if jax.process_index() != 0:
+    return None
+  # The suffix keeps a file of its own per writer: the default name has 1-second resolution, and a run
+  # resumed within that second would truncate its predecessor's events.
+  return tensorboardX.SummaryWriter(directory, purge_step=purge_step, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns()}")
+
+
 class MetricLog:
-  """Appends one JSON line per logged step (a person can `tail -f` it; plots read it)."""
+  """Appends one JSON line per logged step (a person can `tail -f` it; plots read it), and writes the
+  numeric metrics as TensorBoard scalars in `WORKDIR/tensorboard/<stage>` (`tensorboard --logdir WORKDIR`)."""
 
   def __init__(self, file: str, start_step: int):
-    """Appends to `file`; rows past `start_step` (the step a stage resumes from) are dropped first.
+    """Appends to `file` (`WORKDIR/metrics/<stage>.jsonl`); rows past `start_step` (the step a stage
+    resumes from) are dropped first.
 
     Those rows were logged by a run that died before its next checkpoint: the steps run again, and
     without the cut the log would hold them twice.
     """
     self.file = file
     self.start = time.time()
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(file)))
+    stage = os.path.splitext(os.path.basename(file))[0]
+    self.events = tensorboard_writer(os.path.join(workdir, "tensorboard", stage), purge_step=start_step + 1)
     rows = read_jsonl(file) if os.path.exists(file) else []
     kept = [row for row in rows if row.get("step", 0) <= start_step]
     if len(kept) < len(rows):
@@ -185,6 +206,15 @@ class MetricLog:
                 for k, v in metrics.items()})
     with open(self.file, "a") as f:
       f.write(json.dumps(row) + "\n")
+    if self.events is not None:
+      for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self.events.add_scalar(key, value, global_step=step)
+      self.events.flush()
+
+  def close(self) -> None:
+    if self.events is not None:
+      self.events.close()
 
 
 def read_jsonl(file: str) -> list[dict[str, Any]]:

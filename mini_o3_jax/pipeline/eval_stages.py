@@ -110,6 +110,8 @@ def run_eval(config, workdir: str) -> dict:
     budgets = (1,) if at_once else tuple(c.budgets)
     sampler = rollout_lib.Sampler(model, tokenizer, rl_stages.rollout_config(
         config, c, num_slots=c.num_slots, max_turns=max(budgets)), mesh=common.sampler_mesh(config, mesh))
+    # TensorBoard: one run per model, x = the test-time turn budget
+    events = common.tensorboard_writer(os.path.join(workdir, "tensorboard", f"eval_{name}"))
     for tier, chunks in _eval_sets(config, tcfg):
       file = tier.replace("/", "_")
       trajs = []
@@ -125,6 +127,9 @@ def run_eval(config, workdir: str) -> dict:
       top = tier_rows[-1]
       summary[f"{name}/{tier}"] = round(top.accuracy, 3)
       log.info("eval %s/%s: %s", name, tier, ", ".join(f"{r.max_turns}t {100 * r.accuracy:.1f}%" for r in tier_rows))
+      for r in tier_rows if events is not None else ():
+        events.add_scalar(f"accuracy/{file}", 100 * r.accuracy, global_step=r.max_turns)
+        events.add_scalar(f"mean_turns/{file}", r.mean_turns, global_step=r.max_turns)
       with open(common.path(workdir, "eval", name, f"{file}.jsonl"), "w") as f:
         for t in trajs:
           f.write(json.dumps(_record(t, turn_scaling.outcome(t, judge))) + "\n")
@@ -133,6 +138,8 @@ def run_eval(config, workdir: str) -> dict:
         skill_trajs = [t for tier in c.tiers
                        for t in train_stages.scripted_views(tier, c.skills_per_tier, "test", tcfg)]
       _write_skills(config, workdir, name, model, tokenizer, mcfg, skill_trajs)
+    if events is not None:
+      events.close()
   if c.get("benchmarks"):
     min_pixels, max_pixels = sources.pixel_budget(config)
     settings = {"temperature": c.temperature, "samples_per_task": dict(c.get("samples_per_task") or {}),
@@ -324,7 +331,7 @@ def run_report(config, workdir: str) -> dict:
     metrics = json.load(f)
   rows = metrics["eval"]
   report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows,
-                           train_turn_limit=config.rl.get("max_turns") if "rl" in config else None)
+                           train_turn_limit=metrics.get("settings", {}).get("train_turn_limit"))
   claims = check_claims(rows)
   lines = ["# mini_o3_jax demo report", "",
            "Synthetic visual search (digits legible only after zooming), a ~1M-parameter Qwen2.5-VL trained "

@@ -275,6 +275,7 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   if ckpt.latest_step() != c.steps:
     ckpt.save(state, {"step": c.steps}, step=c.steps)
   ckpt.close()
+  metrics_log.close()
   metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": c.steps, "overturn_masking": overturn_masking,
           "final_rollout_accuracy": metrics.get("rollout_accuracy")}

@@ -149,5 +149,6 @@ def run_sft(config, workdir: str) -> dict:
   if ckpt.latest_step() != c.steps:
     ckpt.save(state, batches.get_state())
   ckpt.close()
+  metrics_log.close()
   metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": c.steps, "final_loss": metrics.get("loss"), "final_accuracy": metrics.get("accuracy")}
