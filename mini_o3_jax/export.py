@@ -37,6 +37,7 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import optax
+import transformers
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -60,8 +61,6 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "preprocessor_config.j
                  "video_preprocessor_config.json", "processor_config.json", "chat_template.json",
                  "chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                  "special_tokens_map.json", "added_tokens.json")
-_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
-_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what preprocess_image resizes with
 
 
 # ------------------------------------------------------------------------------ side files
@@ -80,27 +79,6 @@ def generation_config_dict(config: VLMConfig, tokenizer) -> dict[str, Any]:
   if config.text.bos_token_id is not None:
     out["bos_token_id"] = config.text.bos_token_id
   return out
-
-
-def preprocessor_config_dict(config: VLMConfig, min_pixels: int, max_pixels: int) -> dict[str, Any]:
-  """preprocessor_config.json for `Qwen2VLImageProcessor`, equal to `preprocess_image(min, max)`.
-
-  The pixel budget is written both as the hub's `min_pixels` / `max_pixels` (transformers 4.x, vLLM)
-  and as transformers 5's `size` {shortest_edge, longest_edge}.
-  """
-  if not 0 < min_pixels <= max_pixels:
-    raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-  v = config.vision
-  mean, std = image_lib.normalization(config.model_type)
-  return {
-      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": _PROCESSOR_CLASS[config.model_type],
-      "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
-      "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
-      "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
-      "image_mean": list(mean), "image_std": list(std),
-      "do_convert_rgb": True, "do_resize": True, "resample": _BICUBIC, "do_rescale": True,
-      "rescale_factor": 1 / 255, "do_normalize": True,
-  }
 
 
 def _pixels_from_preprocessor(d: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -133,7 +111,7 @@ def save_tokenizer(tokenizer, path: str, model_type: str = "qwen2_5_vl") -> None
     tok_config.pop("extra_special_tokens")
     tok_config["additional_special_tokens"] = extra
   tok_config["chat_template"] = template
-  tok_config["processor_class"] = _PROCESSOR_CLASS[model_type]
+  tok_config["processor_class"] = image_lib.PROCESSOR_CLASS[model_type]
   _write_json(config_file, tok_config)
   with open(os.path.join(path, "chat_template.jinja"), "w") as f:
     f.write(template)
@@ -152,9 +130,10 @@ def write_hf_assets(path: str, config: VLMConfig, tokenizer, *, min_pixels: int,
     generation: generation_config.json contents to write instead of `generation_config_dict`'s.
   """
   check_tokenizer(tokenizer, config)
-  _write_json(os.path.join(path, "generation_config.json"),
-              generation if generation is not None else generation_config_dict(config, tokenizer))
-  _write_json(os.path.join(path, "preprocessor_config.json"), preprocessor_config_dict(config, min_pixels, max_pixels))
+  transformers.GenerationConfig(**(generation if generation is not None
+                                   else generation_config_dict(config, tokenizer))).save_pretrained(path)
+  _write_json(os.path.join(path, "preprocessor_config.json"),
+              image_lib.hf_preprocessor_config(config, min_pixels, max_pixels))
   save_tokenizer(tokenizer, path, config.model_type)
 
 

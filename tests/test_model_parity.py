@@ -6,15 +6,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from flax import nnx
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoImageProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_window_index
 
 import hf_reference as ref
 from mini_o3_jax.model import Qwen25VL, Qwen25VLConfig, VisionInputs, config as config_lib, rope
-from mini_o3_jax.model.hf import load_pretrained, save_pretrained
+from mini_o3_jax.model.hf import load_pretrained, resolve_checkpoint, save_pretrained
+from mini_o3_jax.processing import image as image_lib
 
 TOL = 1e-4
 
@@ -85,6 +87,33 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
   np.testing.assert_array_equal(ref.hf_logits(back, ids, mask, pv, grids), ref.hf_logits(hf, ids, mask, pv, grids))
   cfg = json.load(open(os.path.join(out, "config.json")))
   assert cfg["model_type"] == "qwen2_5_vl" and cfg["text_config"]["rope_parameters"]["mrope_section"]
+  # Every field transformers writes for this config, and the generation / image-processor files its
+  # classes read (save_pretrained alone gives a directory `generate` can use).
+  want = hf.config.to_dict()
+  for key in ("layer_types", "max_window_layers", "use_cache"):
+    assert cfg["text_config"][key] == want["text_config"][key], key
+  generation = GenerationConfig.from_pretrained(out)
+  assert generation.eos_token_id == ours.config.text.eos_token_id and generation.do_sample is False
+  processor = AutoImageProcessor.from_pretrained(out)
+  img = PIL.Image.fromarray(rng.integers(0, 255, (90, 130, 3), np.uint8))
+  got = processor(images=[img], return_tensors="np")
+  mine, grid = image_lib.preprocess_image(img)
+  np.testing.assert_allclose(got["pixel_values"], mine, atol=1e-5)
+  np.testing.assert_array_equal(got["image_grid_thw"][0], grid)
+
+
+def test_load_pretrained_finds_a_hub_id_in_the_local_cache(pair, tmp_path):
+  _, ours, path = pair
+  # The hub cache layout: models--org--name/{refs/main, snapshots/<revision>/files}; nothing is downloaded.
+  snapshot = tmp_path / "models--acme--tiny-vl" / "snapshots" / "0123abc"
+  snapshot.mkdir(parents=True)
+  for name in os.listdir(path):
+    os.symlink(os.path.join(path, name), snapshot / name)
+  (tmp_path / "models--acme--tiny-vl" / "refs").mkdir()
+  (tmp_path / "models--acme--tiny-vl" / "refs" / "main").write_text("0123abc")
+  assert resolve_checkpoint("acme/tiny-vl", cache_dir=str(tmp_path)) == str(snapshot)
+  with pytest.raises(FileNotFoundError, match="never downloads"):
+    resolve_checkpoint("acme/absent", cache_dir=str(tmp_path))
 
 
 def test_sharded_checkpoint_round_trip(pair, tmp_path):

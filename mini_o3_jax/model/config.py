@@ -17,6 +17,8 @@ import json
 import os
 from typing import Any
 
+import transformers
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -349,10 +351,30 @@ class VLMConfig:
     except (ValueError, TypeError) as e:
       raise ValueError(f"{file}: {e}") from e
 
+  def to_hf_config(self) -> transformers.PretrainedConfig:
+    """The config as transformers' own class (`Qwen2_5_VLConfig` / `Qwen3VLConfig`), with every field
+    transformers itself fills in (layer_types, max_window_layers, use_cache, ...)."""
+    hf_class = transformers.Qwen3VLConfig if self.model_type == "qwen3_vl" else transformers.Qwen2_5_VLConfig
+    d = self.to_hf_dict()
+    return hf_class(**{k: v for k, v in d.items() if k not in ("model_type", "torch_dtype")})
+
   def save_pretrained(self, path: str) -> None:
+    """config.json as transformers writes it, plus the legacy keys of `to_hf_dict` (flat `rope_theta`,
+    `torch_dtype`) that older readers (transformers 4.5x, vLLM) look for."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(self.to_hf_dict(), f, indent=2, sort_keys=True)
+      json.dump(_merged(self.to_hf_dict(), self.to_hf_config().to_dict()), f, indent=2, sort_keys=True)
+
+
+def _merged(base: dict, over: dict) -> dict:
+  """`over` with `base`'s keys it lacks added (recursively into nested dicts)."""
+  out = dict(over)
+  for k, v in base.items():
+    if k not in out:
+      out[k] = v
+    elif isinstance(v, dict) and isinstance(out[k], dict):
+      out[k] = _merged(v, out[k])
+  return out
 
 
 # The name the rest of the code base and users knew first; the class describes both families.

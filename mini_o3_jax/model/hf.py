@@ -16,15 +16,20 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
 from safetensors import safe_open
 from safetensors.numpy import save_file
+import transformers
 
 from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.model.vlm import VLM
+from mini_o3_jax.processing import image as image_lib
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -151,17 +156,33 @@ def _normalize_index(index, shape) -> tuple[slice, ...]:
   return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
+def resolve_checkpoint(path: str, cache_dir: str | None = None) -> str:
+  """A local directory as is; a hub id ("org/name") as its snapshot in the local Hugging Face cache
+  (`cache_dir`, default the hub's)."""
+  if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
+    return path
+  try:
+    return huggingface_hub.snapshot_download(path, cache_dir=cache_dir, local_files_only=True)
+  except hf_errors.LocalEntryNotFoundError as e:
+    raise FileNotFoundError(f"{path!r} is neither a local directory nor a model in the local Hugging Face cache "
+                            f"({cache_dir or hf_constants.HF_HUB_CACHE}); this code never downloads: fetch it "
+                            f"first with `huggingface-cli download {path}`") from e
+
+
 def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None, rules=None,
                     **config_overrides) -> tuple[VLM, VLMConfig]:
   """HF safetensors directory -> (VLM, config); the family comes from config.json's `model_type`.
 
   Args:
-    path: a directory with `config.json` and `model.safetensors` or `model.safetensors.index.json`.
+    path: a directory with `config.json` and `model.safetensors` or `model.safetensors.index.json`, or a
+      hub id ("Qwen/Qwen2.5-VL-7B-Instruct") already in the local Hugging Face cache (never downloaded).
     dtype: compute dtype (and parameter dtype unless `param_dtype` is given).
     mesh: optional `jax.sharding.Mesh`; parameters are then created sharded by the logical rules.
     rules: logical-axis rules (default `mini_o3_jax.train.sharding.DEFAULT_RULES`).
   """
   from mini_o3_jax.train import sharding as shard_lib  # local: keeps model/ free of train/ at import
+
+  path = resolve_checkpoint(path)
 
   dtype_name = jnp.dtype(dtype).name
   config = VLMConfig.from_pretrained(path, dtype=dtype_name,
@@ -305,8 +326,14 @@ def replace_dir(staged: str, path: str) -> None:
 
 
 def save_pretrained(model: VLM, config: VLMConfig | None, path: str, *, dtype=None,
-                    max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False) -> None:
-  """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`) atomically.
+                    max_shard_bytes: int = 5 * 1024**3, overwrite: bool = False,
+                    min_pixels: int = image_lib.DEFAULT_MIN_PIXELS,
+                    max_pixels: int = image_lib.DEFAULT_MAX_PIXELS) -> None:
+  """Writes a directory transformers' `from_pretrained` / `generate` and `vllm serve` can use, atomically:
+  `config.json` (transformers' config class), `generation_config.json` (`GenerationConfig` from the
+  config's token ids), `preprocessor_config.json` (the image processor at `min_pixels` / `max_pixels`)
+  and safetensors (sharded with an index above `max_shard_bytes`). The tokenizer is not the model's to
+  write: `export.export_model` adds it and the chat template.
 
   The directory is written under a temporary name beside `path` and renamed into place, so a crash
   never leaves a half-written checkpoint at `path`. `path` must be new, empty or a previous export
@@ -322,6 +349,11 @@ def save_pretrained(model: VLM, config: VLMConfig | None, path: str, *, dtype=No
   tmp = tempfile.mkdtemp(prefix=".tmp_save_", dir=parent)
   try:
     config.save_pretrained(tmp)
+    t = config.text
+    transformers.GenerationConfig(bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
+                                  pad_token_id=t.pad_token_id, do_sample=False).save_pretrained(tmp)
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+      json.dump(image_lib.hf_preprocessor_config(config, min_pixels, max_pixels), f, indent=2, sort_keys=True)
     thunks = hf_tensors(model, np_dtype)
     # Plan shards from sizes alone, then materialise one shard at a time.
     plan: list[list[str]] = [[]]

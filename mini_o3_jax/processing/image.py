@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import transformers
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,6 +52,28 @@ def settings_for(model_config) -> dict:
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200
+PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+
+
+def hf_preprocessor_config(model_config, min_pixels: int = DEFAULT_MIN_PIXELS,
+                           max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+  """preprocessor_config.json for transformers' `Qwen2VLImageProcessor`, equal to `preprocess_image(min, max)`.
+
+  Built by the image processor class itself (`to_dict`: transformers 5's `size` {shortest_edge,
+  longest_edge}), plus the hub's `min_pixels` / `max_pixels` / `processor_class`, which transformers 4.x
+  and vLLM read.
+  """
+  if not 0 < min_pixels <= max_pixels:
+    raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+  v = model_config.vision
+  mean, std = normalization(model_config.model_type)
+  processor = transformers.Qwen2VLImageProcessorPil(
+      size={"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}, patch_size=v.patch_size,
+      temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size, image_mean=list(mean),
+      image_std=list(std), resample=PIL.Image.Resampling.BICUBIC, do_convert_rgb=True)
+  return {**processor.to_dict(), "image_processor_type": "Qwen2VLImageProcessor",
+          "processor_class": PROCESSOR_CLASS[model_config.model_type],
+          "min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
 
 
 def smart_resize(
