@@ -213,8 +213,22 @@ def _online_softmax_init(shape, d):
           jnp.zeros(shape + (d,), jnp.float32))
 
 
+def _key_range(i, n: int, causal: bool):
+  """Key tiles [0, stop) that query tile i can see: causal tiles stop at the diagonal."""
+  return i + 1 if causal else n
+
+
+def _query_range(j, n: int, causal: bool):
+  """Query tiles [start, n) that can see key tile j."""
+  return j if causal else 0
+
+
+# The tile loops are `fori_loop`s over index ranges (tiles past the diagonal never run) rather than a scan
+# with a `lax.cond` skip per tile: inside a scanned layer stack, reverse-mode AD of the model made XLA keep
+# every tile's scores around a `cond` (measured: [tiles, tiles, ..., block, block] buffers, memory back to
+# quadratic), while these loops live only inside the custom VJP and are never differentiated.
 def _forward_tiles(qg, k, v, segments, causal: bool, block: int):
-  """Online softmax over key tiles for every query tile.
+  """Online softmax over the visible key tiles of every query tile.
 
   qg [b, T, kvh, g, d]; k/v [b, T, kvh, d]; segments [b, T]; T a multiple of block.
   Returns out [b, T, kvh, g, d] (qg's dtype) and the log-sum-exp [b, kvh, g, T] (fp32).
@@ -225,28 +239,23 @@ def _forward_tiles(qg, k, v, segments, causal: bool, block: int):
   b, _, kvh, g, d = qg.shape
   positions = jnp.arange(n * block).reshape(n, block)
 
-  def query_tile(args):
-    q_t, seg_q, pos_q = args
+  def query_tile(i):
+    q_t, seg_q, pos_q = q_tiles[i], seg_tiles[i], positions[i]
 
-    def key_tile(carry, kargs):
-      k_t, v_t, seg_k, pos_k = kargs
-      mask = _tile_mask(seg_q, seg_k, pos_q, pos_k, causal)
+    def key_tile(j, carry):
+      k_t, v_t = k_tiles[j], v_tiles[j]
+      mask = _tile_mask(seg_q, seg_tiles[j], pos_q, positions[j], causal)
+      s = _scores(q_t, k_t, mask)                                          # [b, kvh, g, bq, bk]
+      return _online_softmax_step(carry, s, mask[:, None, None], lambda p: jnp.einsum(
+          "bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32))
 
-      def update(carry):
-        s = _scores(q_t, k_t, mask)                                        # [b, kvh, g, bq, bk]
-        return _online_softmax_step(carry, s, mask[:, None, None], lambda p: jnp.einsum(
-            "bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32))
-
-      return jax.lax.cond(mask.any(), update, lambda c: c, carry), None
-
-    init = _online_softmax_init((b, kvh, g, block), d)
-    (m, l, acc), _ = jax.lax.scan(key_tile, init, (k_tiles, v_tiles, seg_tiles, positions))
+    m, l, acc = jax.lax.fori_loop(0, _key_range(i, n, causal), key_tile, _online_softmax_init((b, kvh, g, block), d))
     safe = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)
     out = acc / safe[..., None]                                            # [b, kvh, g, bq, d]
     lse = jnp.where(l > 0, m + jnp.log(safe), jnp.inf)                     # empty row: no gradient
     return jnp.moveaxis(out, 3, 1).astype(qg.dtype), lse
 
-  out, lse = jax.lax.map(query_tile, (q_tiles, seg_tiles, positions))      # [n, b, bq, ...], [n, b, kvh, g, bq]
+  out, lse = jax.lax.map(query_tile, jnp.arange(n))                        # [n, b, bq, ...], [n, b, kvh, g, bq]
   return _untile(out), jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, n * block)
 
 
@@ -262,52 +271,36 @@ def _backward_tiles(qg, k, v, segments, out, lse, d_out, causal: bool, block: in
   delta_tiles = jnp.moveaxis(delta.reshape(b, kvh, g, n, block), 3, 0)
   positions = jnp.arange(T).reshape(n, block)
 
-  def probs_and_dscores(q_t, k_t, v_t, do_t, lse_t, delta_t, mask):
-    s = _scores(q_t, k_t, mask)
-    p = jnp.where(mask[:, None, None], jnp.exp(s - lse_t[..., None]), 0.0)       # [b, kvh, g, bq, bk]
-    dp = jnp.einsum("bqkgd,bskd->bkgqs", do_t, v_t, preferred_element_type=jnp.float32)
-    return p, p * (dp - delta_t[..., None])
+  def probs_and_dscores(i, j):
+    """Probabilities and score gradients [b, kvh, g, bq, bk] of query tile i against key tile j."""
+    mask = _tile_mask(seg_tiles[i], seg_tiles[j], positions[i], positions[j], causal)
+    s = _scores(q_tiles[i], k_tiles[j], mask)
+    p = jnp.where(mask[:, None, None], jnp.exp(s - lse_tiles[i][..., None]), 0.0)
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", do_tiles[i], v_tiles[j], preferred_element_type=jnp.float32)
+    return p, p * (dp - delta_tiles[i][..., None])
 
-  def dq_tile(args):
-    q_t, do_t, lse_t, delta_t, seg_q, pos_q = args
+  def dq_tile(i):
+    def key_tile(j, dq):
+      _, ds = probs_and_dscores(i, j)
+      return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_tiles[j], preferred_element_type=jnp.float32) * scale
 
-    def key_tile(dq, kargs):
-      k_t, v_t, seg_k, pos_k = kargs
-      mask = _tile_mask(seg_q, seg_k, pos_q, pos_k, causal)
-
-      def update(dq):
-        _, ds = probs_and_dscores(q_t, k_t, v_t, do_t, lse_t, delta_t, mask)
-        return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_t, preferred_element_type=jnp.float32) * scale
-
-      return jax.lax.cond(mask.any(), update, lambda x: x, dq), None
-
-    dq, _ = jax.lax.scan(key_tile, jnp.zeros(q_t.shape, jnp.float32), (k_tiles, v_tiles, seg_tiles, positions))
+    dq = jax.lax.fori_loop(0, _key_range(i, n, causal), key_tile, jnp.zeros(q_tiles.shape[1:], jnp.float32))
     return dq.astype(qg.dtype)
 
-  def dkv_tile(args):
-    k_t, v_t, seg_k, pos_k = args
-
-    def query_tile(carry, qargs):
+  def dkv_tile(j):
+    def query_tile(i, carry):
       dk, dv = carry
-      q_t, do_t, lse_t, delta_t, seg_q, pos_q = qargs
-      mask = _tile_mask(seg_q, seg_k, pos_q, pos_k, causal)
+      p, ds = probs_and_dscores(i, j)
+      dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, do_tiles[i], preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_tiles[i], preferred_element_type=jnp.float32) * scale
+      return dk, dv
 
-      def update(carry):
-        dk, dv = carry
-        p, ds = probs_and_dscores(q_t, k_t, v_t, do_t, lse_t, delta_t, mask)
-        dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, do_t, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, q_t, preferred_element_type=jnp.float32) * scale
-        return dk, dv
-
-      return jax.lax.cond(mask.any(), update, lambda c: c, (dk, dv)), None
-
-    zeros = jnp.zeros(k_t.shape, jnp.float32)
-    (dk, dv), _ = jax.lax.scan(query_tile, (zeros, zeros),
-                               (q_tiles, do_tiles, lse_tiles, delta_tiles, seg_tiles, positions))
+    zeros = jnp.zeros(k_tiles.shape[1:], jnp.float32)
+    dk, dv = jax.lax.fori_loop(_query_range(j, n, causal), n, query_tile, (zeros, zeros))
     return dk.astype(k.dtype), dv.astype(v.dtype)
 
-  dq = jax.lax.map(dq_tile, (q_tiles, do_tiles, lse_tiles, delta_tiles, seg_tiles, positions))
-  dk, dv = jax.lax.map(dkv_tile, (k_tiles, v_tiles, seg_tiles, positions))
+  dq = jax.lax.map(dq_tile, jnp.arange(n))
+  dk, dv = jax.lax.map(dkv_tile, jnp.arange(n))
   return _untile(dq), _untile(dk), _untile(dv)
 
 
@@ -332,7 +325,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, causal: bool,
               block: int = 512) -> jax.Array:
-  """Self-attention in [block, block] tiles; tiles with no visible pair are skipped (`lax.cond`).
+  """Self-attention in [block, block] tiles; causal attention runs only the tiles at or below the diagonal.
 
   Shapes as `self_attention`. Memory: O(seq * heads * head_dim) residuals plus one tile of scores,
   forward and backward. Sequences are padded to a multiple of `block` (the padding is a segment of its

@@ -17,7 +17,8 @@ depend on the machine's load); times are the median of `--repeats` runs after on
 the dense score matrix would not fit this machine (`--time_limit_gib`).
 
 Usage:
-  python tools/bench/attention.py [--lengths 1024,4096,16384] [--block 512] [--repeats 3] [--write docs/benchmarks.md]
+  python tools/bench/attention.py [--lengths 1024,4096,16384] [--block 512] [--repeats 3] [--time_max_length 4096]
+      [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def _program(workload: str, impl: str, backward: bool, block: int):
 
 
 def measure(workload: str, impl: str, backward: bool, length: int, block: int, repeats: int,
-            time_limit_bytes: float) -> dict:
+            time_limit_bytes: float, time_max_length: int) -> dict:
   args = _inputs(workload, length)
   compiled = _program(workload, impl, backward, block).lower(*args).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   seconds = None
-  if temp <= time_limit_bytes:
+  if temp <= time_limit_bytes and length <= time_max_length:
     jax.block_until_ready(compiled(*args))
     runs = []
     for _ in range(repeats):
@@ -136,7 +137,7 @@ def _fmt_time(s) -> str:
   return "-" if s is None else (f"{s * 1e3:,.0f} ms" if s < 10 else f"{s:,.1f} s")
 
 
-def table(lengths, block: int, repeats: int, time_limit_bytes: float) -> str:
+def table(lengths, block: int, repeats: int, time_limit_bytes: float, time_max_length: int) -> str:
   lines = []
   for workload in WORKLOADS:
     for backward in (False, True):
@@ -147,7 +148,8 @@ def table(lengths, block: int, repeats: int, time_limit_bytes: float) -> str:
                 "|---|---|---|---|---|---|"]
       rows = {}
       for length in lengths:
-        rows[length] = {impl: measure(workload, impl, backward, length, block, repeats, time_limit_bytes)
+        rows[length] = {impl: measure(workload, impl, backward, length, block, repeats, time_limit_bytes,
+                                      time_max_length)
                         for impl in ("dense", "blockwise")}
         d, b = rows[length]["dense"], rows[length]["blockwise"]
         ratio = "-" if d["seconds"] is None or b["seconds"] is None else f"{b['seconds'] / d['seconds']:.2f}x"
@@ -169,13 +171,16 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--time_limit_gib", type=float, default=6.0,
                       help="time only programs whose XLA temporaries are below this")
+  parser.add_argument("--time_max_length", type=int, default=4096,
+                      help="time only lengths up to this (a 16k blockwise step is minutes on one CPU core)")
   parser.add_argument("--write", help="append the tables to this markdown file")
   args = parser.parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
   load = os.getloadavg()[0]
   header = (f"### `python tools/bench/attention.py` on {os.cpu_count()}-core CPU ({platform.machine()}), jax "
             f"{jax.__version__}, block {args.block}, {datetime.date.today()} (1-min load average {load:.1f} at start)")
-  body = table(lengths, args.block, args.repeats, args.time_limit_gib * 2**30) + "\n" + model_table(lengths, args.block)
+  body = (table(lengths, args.block, args.repeats, args.time_limit_gib * 2**30, args.time_max_length) + "\n"
+          + model_table(lengths, args.block))
   out = header + "\n" + body + "\n"
   print(out)
   if args.write:
