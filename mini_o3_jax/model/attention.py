@@ -215,18 +215,27 @@ def _online_softmax_init(shape, d):
 
 def _key_range(i, n: int, causal: bool):
   """Key tiles [0, stop) that query tile i can see: causal tiles stop at the diagonal."""
-  return i + 1 if causal else n
+  return i + 1 if causal else jnp.full_like(i, n)
 
 
 def _query_range(j, n: int, causal: bool):
   """Query tiles [start, n) that can see key tile j."""
-  return j if causal else 0
+  return j if causal else jnp.zeros_like(j)
 
 
-# The tile loops are `fori_loop`s over index ranges (tiles past the diagonal never run) rather than a scan
-# with a `lax.cond` skip per tile: inside a scanned layer stack, reverse-mode AD of the model made XLA keep
-# every tile's scores around a `cond` (measured: [tiles, tiles, ..., block, block] buffers, memory back to
-# quadratic), while these loops live only inside the custom VJP and are never differentiated.
+def _tile_loop(start, stop, body, init):
+  """`body(index, carry)` for index in [start, stop): a `while_loop` even when the bounds are static.
+
+  The tile loops run only inside the custom VJP. Written as a scan (a static `fori_loop`) or a scan with a
+  per-tile `lax.cond`, the model's reverse-mode AD through its scanned layer stack kept tile-sized
+  intermediates of every tile pair ([tiles, tiles, ..., block, block] buffers, measured: memory quadratic
+  again); a while loop with traced bounds keeps one tile at a time.
+  """
+  def step(state):
+    index, carry = state
+    return index + 1, body(index, carry)
+
+  return jax.lax.while_loop(lambda state: state[0] < stop, step, (start, init))[1]
 def _forward_tiles(qg, k, v, segments, causal: bool, block: int):
   """Online softmax over the visible key tiles of every query tile.
 
@@ -249,7 +258,8 @@ def _forward_tiles(qg, k, v, segments, causal: bool, block: int):
       return _online_softmax_step(carry, s, mask[:, None, None], lambda p: jnp.einsum(
           "bkgqs,bskd->bkgqd", p.astype(v_t.dtype), v_t, preferred_element_type=jnp.float32))
 
-    m, l, acc = jax.lax.fori_loop(0, _key_range(i, n, causal), key_tile, _online_softmax_init((b, kvh, g, block), d))
+    m, l, acc = _tile_loop(jnp.zeros_like(i), _key_range(i, n, causal), key_tile,
+                           _online_softmax_init((b, kvh, g, block), d))
     safe = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)
     out = acc / safe[..., None]                                            # [b, kvh, g, bq, d]
     lse = jnp.where(l > 0, m + jnp.log(safe), jnp.inf)                     # empty row: no gradient
@@ -284,7 +294,7 @@ def _backward_tiles(qg, k, v, segments, out, lse, d_out, causal: bool, block: in
       _, ds = probs_and_dscores(i, j)
       return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_tiles[j], preferred_element_type=jnp.float32) * scale
 
-    dq = jax.lax.fori_loop(0, _key_range(i, n, causal), key_tile, jnp.zeros(q_tiles.shape[1:], jnp.float32))
+    dq = _tile_loop(jnp.zeros_like(i), _key_range(i, n, causal), key_tile, jnp.zeros(q_tiles.shape[1:], jnp.float32))
     return dq.astype(qg.dtype)
 
   def dkv_tile(j):
@@ -296,7 +306,7 @@ def _backward_tiles(qg, k, v, segments, out, lse, d_out, causal: bool, block: in
       return dk, dv
 
     zeros = jnp.zeros(k_tiles.shape[1:], jnp.float32)
-    dk, dv = jax.lax.fori_loop(_query_range(j, n, causal), n, query_tile, (zeros, zeros))
+    dk, dv = _tile_loop(_query_range(j, n, causal), jnp.full_like(j, n), query_tile, (zeros, zeros))
     return dk.astype(k.dtype), dv.astype(v.dtype)
 
   dq = jax.lax.map(dq_tile, jnp.arange(n))
