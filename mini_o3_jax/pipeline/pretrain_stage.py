@@ -71,7 +71,9 @@ def run_pretrain(config, workdir: str) -> dict:
   init = None if sources.has_checkpoint(workdir, "pretrain") else sources.init_params(config, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=init)
   objectness = c.get("objectness_weight", 0.0)
-  step_fn = sft_lib.make_sft_step(sft_lib.SFTConfig(objectness_weight=objectness), tx, mesh, shardings,
+  sft_cfg = sft_lib.SFTConfig(objectness_weight=objectness,
+                              objectness_scale=c.get("objectness_scale", sft_lib.SFTConfig.objectness_scale))
+  step_fn = sft_lib.make_sft_step(sft_cfg, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(ocfg))
   log.info("pretrain: %d parameters, %d steps of %d fresh scenes", state_lib.count_params(state.params),
            c.steps, c.batch_size)
