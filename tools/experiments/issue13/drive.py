@@ -8,6 +8,7 @@ Env switches (all optional):
                      few_flat, few_a50 (same TierSpecs as single / few)
   EX_ORACLE=1        replace the vision tower output by oracle features: fixed 2-D sin-cos position code per
                      merged token + a fixed "object" vector scaled by the token's colourfulness (one image/row)
+  EX_ORACLE_COL=1    (with EX_ORACLE) the object vector plus a fixed unit direction of the token's palette colour
   EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
   EX_RMS=x           RMS-normalise each merger output token to RMS x (no parameter)
   EX_SCALE=x         multiply the merger output by x
@@ -195,7 +196,15 @@ if E("EX_ORACLE"):
     pos = sincos_2d(j // 4, j % 4, d, max_period=4.0)        # [t, d]; entries +-1
     pos = POS_W * pos / jnp.sqrt(d / 1.0)                   # norm ~1 per token
     obj = jax.random.normal(jax.random.PRNGKey(123), (d,)) / jnp.sqrt(d) * OBJ_W   # norm ~1
-    out = pos[None] + s[..., None] * obj[None, None]
+    if E("EX_ORACLE_COL"):
+      # + a fixed unit direction per palette colour on each shape's tokens; s per colour when EX_SALCOL is set
+      s = chroma_saliency(pv)
+      vcol = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
+      vcol = vcol / jnp.linalg.norm(vcol, axis=-1, keepdims=True)
+      obj = obj[None, None] + jnp.einsum("btk,kd->btd", colour_onehot(pv), vcol)
+      out = pos[None] + s[..., None] * obj
+    else:
+      out = pos[None] + s[..., None] * obj[None, None]
     out = jax.lax.stop_gradient(out)
     return out if pixel_values.ndim == 3 else out[0]
 
@@ -222,8 +231,8 @@ if VISLR:
 # ------------------------------------------------------------------ H3 penalty / where-token weight: custom loss
 PEN = float(E("EX_PEN", "0"))
 WHERE_W = float(E("EX_WHERE_W", "0"))
-OBJAUX = float(E("EX_OBJAUX", "0"))
-SALCOL = float(E("EX_SALCOL", "0"))  # aux loss: projection of each image token on a fixed direction = its chroma saliency
+OBJAUX = float(E("EX_OBJAUX", "0"))  # aux loss: projection of each image token on a fixed direction = its chroma saliency
+SALCOL = float(E("EX_SALCOL", "0"))  # saliency per palette colour (each shape its own maximum), 0 below this chroma
 
 
 def chroma_saliency(pixel_values):
