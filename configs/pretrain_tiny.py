@@ -26,6 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint_every=250, log_every=25,
       # Experimental (issue 13): train the text side on the random vision tower's features, which
       # keep position; trained end to end they collapse to one shared direction (docs/miniature.md).
-      freeze_vision=False))
+      freeze_vision=False,
+      # Experimental (issue 13), training-only: weight of the objectness auxiliary loss (train/sft.py;
+      # 10 made single shapes ground in half the steps, docs/miniature.md H7S); 0 = off. Its target is
+      # each image token's colourfulness relative to the image's most colourful token, to this power,
+      # times objectness_scale (the target cosine with the fixed direction of the most colourful token).
+      objectness_weight=0.0, objectness_power=4.0, objectness_scale=0.5))
   c.base_export = ml_collections.ConfigDict(dict(out=""))  # "" = WORKDIR/base
   return c

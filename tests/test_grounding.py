@@ -16,7 +16,8 @@ from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.pipeline import common, grounding_probe
+from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage
+from mini_o3_jax.train import batch as batch_lib
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,35 @@ def test_rows_answer_from_the_scene(tokenizer):
   assert ex["pixel_values"].shape[0] == int(np.prod(ex["image_grid_thw"], -1).sum())
   # Every answer span is labelled with its kind; nothing outside the loss mask is.
   assert np.all((ex["kinds"] >= 0) == (ex["loss_mask"] == 1))
+
+
+def test_pretrain_saliency_finds_the_shape(tokenizer):
+  """The objectness target of a `single` scene's batch: 1 on a token that overlaps the shape, in [0, 1] on
+  every real token, -1 on padding tokens and rows."""
+  tcfg = synthetic.SyntheticConfig()
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
+  tasks = [grounding.make_scene("single", i, tcfg) for i in range(8)]
+  rows = [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i)) for i, t in enumerate(tasks)]
+  mcfg = common.model_config(demo.get_config(), tokenizer)
+  patches = int(np.prod(rows[0]["image_grid_thw"], -1).sum())
+  bcfg = batch_lib.BatchConfig(batch_size=9, length_buckets=(128,), patch_buckets=(patches + 4,),
+                               pad_token_id=mcfg.text.pad_token_id)
+  batch = pretrain_stage.with_saliency(batch_lib.collate_sft(rows, mcfg, bcfg), rows, mcfg, power=4.0)
+  sal = batch.image_saliency                                          # [9, tokens + 1]
+  tokens = patches // 4
+  assert sal.shape == (9, tokens + 1)
+  assert np.all(sal[:8, tokens:] == -1) and np.all(sal[8] == -1)
+  assert np.all((sal[:8, :tokens] >= 0) & (sal[:8, :tokens] <= 1))
+  _, gh, gw = rows[0]["image_grid_thw"][0]
+  th, tw = gh // 2, gw // 2                                           # merged-token grid, row-major
+  hits = 0
+  for r, task in enumerate(tasks):
+    j = int(np.argmax(sal[r, :tokens]))
+    assert abs(sal[r, j] - 1) < 1e-4
+    y, x = j // tw, j % tw
+    x0, y0, x1, y1 = task.objects[0].box
+    hits += x0 < (x + 1) / tw and x1 > x / tw and y0 < (y + 1) / th and y1 > y / th
+  assert hits >= 7, hits
 
 
 def test_stream_is_fresh_and_reproducible(tokenizer):

@@ -9,6 +9,7 @@ every `eval_every` steps and at the end, and its table lands in WORKDIR/pretrain
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 
 import jax
 from flax import nnx
+import numpy as np
 from tqdm import tqdm
 
 from mini_o3_jax import export as export_lib
@@ -23,6 +25,7 @@ from mini_o3_jax import export as export_lib
 from mini_o3_jax.data import grounding
 from mini_o3_jax.pipeline import common, grounding_probe, sources
 from mini_o3_jax.pipeline.train_stages import make_state, restore_params
+from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
@@ -41,6 +44,23 @@ def grounding_config(config) -> grounding.GroundingConfig:
   return grounding.GroundingConfig(locate=q.locate, name=q.name, read=q.read, decimals=q.decimals)
 
 
+def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: float) -> batch_lib.SFTBatch:
+  """`batch` with `image_saliency` float32 [batch, patches / merge_unit]: each row's merged image tokens'
+  saliency (`processing.image.token_saliency` of its pixels), -1 on padding tokens and padding rows."""
+  v = model_config.vision
+  b, num_patches = batch.inputs.pixel_values.shape[:2]
+  out = np.full((b, num_patches // v.merge_unit), -1.0, np.float32)
+  mean, std = image_lib.normalization(model_config.model_type)
+  for r, e in enumerate(examples):
+    if e.get("pixel_values") is None:
+      continue
+    s = image_lib.token_saliency(e["pixel_values"], e["image_grid_thw"], patch_size=v.patch_size,
+                                 temporal_patch_size=v.temporal_patch_size, merge_size=v.spatial_merge_size,
+                                 mean=mean, std=std, power=power)
+    out[r, :len(s)] = s
+  return dataclasses.replace(batch, image_saliency=out)
+
+
 def run_pretrain(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.pretrain
@@ -50,7 +70,10 @@ def run_pretrain(config, workdir: str) -> dict:
                                  freeze_vision=c.get("freeze_vision", False))
   init = None if sources.has_checkpoint(workdir, "pretrain") else sources.init_params(config, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=init)
-  step_fn = sft_lib.make_sft_step(sft_lib.SFTConfig(), tx, mesh, shardings,
+  objectness = c.get("objectness_weight", 0.0)
+  sft_cfg = sft_lib.SFTConfig(objectness_weight=objectness,
+                              objectness_scale=c.get("objectness_scale", sft_lib.SFTConfig.objectness_scale))
+  step_fn = sft_lib.make_sft_step(sft_cfg, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(ocfg))
   log.info("pretrain: %d parameters, %d steps of %d fresh scenes", state_lib.count_params(state.params),
            c.steps, c.batch_size)
@@ -58,7 +81,12 @@ def run_pretrain(config, workdir: str) -> dict:
                                  rows=c.batch_size, seed=config.seed)
   batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
                                     patch_buckets=tuple(c.patch_buckets), pad_token_id=mcfg.text.pad_token_id)
-  collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
+  collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
+  power = c.get("objectness_power", 4.0)
+
+  def collate(rows):
+    batch = collate_rows(rows)
+    return with_saliency(batch, rows, mcfg, power) if objectness else batch
   probe_cfg = grounding_probe.ProbeConfig(levels=tuple(c.probe_levels), scenes=c.probe_scenes,
                                           seq_len=max(c.length_buckets), num_patches=max(c.patch_buckets))
   probe = grounding_probe.GroundingProbe(probe_cfg, grounding_config(config), tcfg, tokenizer, mcfg,

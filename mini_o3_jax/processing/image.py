@@ -231,6 +231,37 @@ def preprocess_image(
   return pixel_values, grid_thw
 
 
+def token_saliency(pixel_values: np.ndarray, grid_thw: np.ndarray, *, patch_size: int = 14,
+                   temporal_patch_size: int = 2, merge_size: int = 2,
+                   mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
+                   power: float = 4.0) -> np.ndarray:
+  """Each merged token's colourfulness relative to its image's most colourful token, to `power`.
+
+  pixel_values: float [P, C * temporal_patch_size * patch_size**2], one row's images in processor order
+  (`patchify`: merge block by merge block); grid_thw: int [images, 3]. Returns float32 [P / merge_size**2]
+  in [0, 1]: per pixel of the first frame the chroma max(RGB) - min(RGB) of the de-normalised image, its
+  mean over a token's pixels, divided by the image's largest token mean (+1e-6), raised to `power`. The
+  target of the objectness loss (`train.sft`): on the synthetic scenes only the shapes are colourful.
+  """
+  unit = merge_size * merge_size
+  grids = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  pv = np.asarray(pixel_values, np.float32)
+  n_channels = pv.shape[-1] // (temporal_patch_size * patch_size * patch_size)
+  x = pv.reshape(pv.shape[0], n_channels, temporal_patch_size, patch_size * patch_size)[:, :, 0]  # [P, C, pixels]
+  x = x * np.asarray(std, np.float32)[None, :, None] + np.asarray(mean, np.float32)[None, :, None]
+  chroma = (x.max(1) - x.min(1)).mean(-1)                                        # [P]
+  token = chroma.reshape(-1, unit).mean(-1)                                      # [P / unit]
+  out = np.zeros_like(token)
+  start = 0
+  for n in (np.prod(grids, -1) // unit).tolist():
+    t = token[start:start + n]
+    out[start:start + n] = (t / (t.max(initial=0.0) + 1e-6)) ** power
+    start += n
+  if start != len(token):
+    raise ValueError(f"grids give {start} tokens, pixel_values {len(token)}")
+  return out.astype(np.float32)
+
+
 def num_image_tokens(grid_thw: Sequence[int] | np.ndarray, merge_size: int = 2) -> int:
   """Number of `<|image_pad|>` tokens (merged vision tokens) for one image."""
   n = int(np.prod(np.asarray(grid_thw, dtype=np.int64)))

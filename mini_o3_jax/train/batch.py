@@ -45,9 +45,12 @@ Example = Mapping[str, Any]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SFTBatch:
-  """inputs: ModelInputs (per-row images); loss_mask int32 [batch, seq] (1 = assistant token)."""
+  """inputs: ModelInputs (per-row images); loss_mask int32 [batch, seq] (1 = assistant token);
+  image_saliency: optional float32 [batch, patches / merge_unit], each merged image token's saliency in
+  [0, 1] and -1 on padding tokens (the target of `sft.SFTConfig.objectness_weight`; None = absent)."""
   inputs: ModelInputs
   loss_mask: Any
+  image_saliency: Any = None
 
 
 @jax.tree_util.register_dataclass

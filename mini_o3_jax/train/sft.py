@@ -7,6 +7,14 @@ would upweight short trajectories. The alternative, `sequence_mean=True`, averag
 and then divides by the global number of sequences that have loss tokens (each trajectory weighs the
 same, as some SFT recipes do).
 
+Objectness (training-only, issue 13; `SFTConfig.objectness_weight`, 0 = off): the loss gains
+`weight * mean over real image tokens of (cos(token, u) - scale * s)^2`, with u a fixed random unit
+direction (from `objectness_seed`) and s in [0, 1] each merged token's saliency, computed on the host
+from the pixels (`processing.image.token_saliency`) and carried in `SFTBatch.image_saliency`. It teaches
+the vision tower one fixed, colour-independent "object" direction, which halved the steps the tiny
+model needed to ground single shapes (docs/miniature.md, H7S). The mean is over the global batch's
+real image tokens, so accumulated micro-batches sum to the whole batch's value.
+
 Gradient accumulation runs inside the step: the batch splits into `grad_accum_steps` strided
 micro-batches, scanned with `jax.lax.scan`; each micro-batch's loss is already divided by the global
 count, so the summed gradient equals the gradient of the whole batch at once.
@@ -43,11 +51,18 @@ class SFTConfig:
     train_vision: backpropagate into the vision tower. False stops the gradient at the image
       embeddings (no backward pass through the tower at all); pair it with
       `OptimizerConfig.freeze_vision` so the frozen weights also get no updates.
+    objectness_weight: weight of the objectness auxiliary loss (module docstring); 0 = off, and
+      the step is then exactly the plain SFT step. Needs `SFTBatch.image_saliency`.
+    objectness_seed: the seed of the fixed direction u (`objectness_direction`).
+    objectness_scale: the target cosine of the most salient token (s = 1).
   """
   grad_accum_steps: int = 1
   sequence_mean: bool = False
   logits_chunk: int | None = None
   train_vision: bool = True
+  objectness_weight: float = 0.0
+  objectness_seed: int = 7
+  objectness_scale: float = 0.5
 
 
 def constrain_activation(x: jax.Array, mesh: Mesh | None) -> jax.Array:
@@ -60,6 +75,12 @@ def constrain_activation(x: jax.Array, mesh: Mesh | None) -> jax.Array:
 
 def hidden_states(model: VLM, inputs, *, train_vision: bool = True, mesh: Mesh | None = None) -> jax.Array:
   """Final hidden states [batch, seq, hidden] (as `VLM.hidden_states`, optionally frozen vision)."""
+  return forward(model, inputs, train_vision=train_vision, mesh=mesh)[0]
+
+
+def forward(model: VLM, inputs, *, train_vision: bool = True,
+            mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """(final hidden states [batch, seq, hidden], image embeddings [batch, patches / 4, hidden] or None)."""
   image_embeds = None
   if inputs.pixel_values is not None:
     image_embeds = model.encode_images(inputs.pixel_values, inputs.vision)  # [batch, patches / 4, hidden]
@@ -69,7 +90,28 @@ def hidden_states(model: VLM, inputs, *, train_vision: bool = True, mesh: Mesh |
       image_embeds = constrain_activation(image_embeds, mesh)
   x = constrain_activation(model.embed(inputs.input_ids, image_embeds), mesh)
   h, _ = model.model(x, inputs.positions, inputs.attention_mask)
-  return constrain_activation(h, mesh)
+  return constrain_activation(h, mesh), image_embeds
+
+
+def objectness_direction(dim: int, seed: int) -> jax.Array:
+  """The fixed "object" direction u: float32 [dim], unit norm, a pure function of `seed`."""
+  u = jax.random.normal(jax.random.key(seed), (dim,), jnp.float32)
+  return u / jnp.linalg.norm(u)
+
+
+def objectness_sums(image_embeds: jax.Array, saliency: jax.Array, direction: jax.Array,
+                    scale: float) -> tuple[jax.Array, jax.Array]:
+  """(sum of (cos(token, u) - scale * s)^2 over real tokens, number of real tokens), pure.
+
+  image_embeds: [batch, tokens, hidden] the vision tower's output per merged token.
+  saliency: float32 [batch, tokens], s in [0, 1] per real token and negative on padding tokens.
+  direction: float32 [hidden] the unit direction u.
+  """
+  emb = image_embeds.astype(jnp.float32)
+  cos = jnp.einsum("btd,d->bt", emb, direction) / (jnp.linalg.norm(emb, axis=-1) + 1e-6)  # [batch, tokens]
+  real = (saliency >= 0).astype(jnp.float32)                                              # [batch, tokens]
+  err = jnp.where(real > 0, cos - scale * saliency, 0.0)
+  return jnp.sum(real * err**2), jnp.sum(real)
 
 
 def head_token_stats(model: VLM, hidden: jax.Array, targets: jax.Array, *, chunk: int | None = None,
@@ -149,10 +191,16 @@ def sft_loss_and_grads(config: SFTConfig, graphdef, params: Params, batch: batch
   """Loss, metric sums and gradients of one SFT batch (pure, jit-able)."""
   _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
   normalizer = sft_normalizer(global_mask, config.sequence_mean)
+  objectness = config.objectness_weight != 0
+  if objectness and (batch.image_saliency is None or batch.inputs.pixel_values is None):
+    raise ValueError("objectness_weight > 0 needs images and SFTBatch.image_saliency")
+  if objectness:
+    real_tokens = jnp.maximum(jnp.sum((batch.image_saliency >= 0).astype(jnp.float32)), 1.0)
 
   def micro_loss(p: Params, micro: batch_lib.SFTBatch) -> tuple[jax.Array, Metrics]:
     model = nnx.merge(graphdef, p)
-    hidden = hidden_states(model, micro.inputs, train_vision=config.train_vision, mesh=mesh)[:, :-1]
+    hidden, image_embeds = forward(model, micro.inputs, train_vision=config.train_vision, mesh=mesh)
+    hidden = hidden[:, :-1]
     targets, mask = losses.next_token_targets(micro.inputs.input_ids, micro.loss_mask)
     st = head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
     loss = sft_objective(st["logprobs"], mask, normalizer, sequence_mean=config.sequence_mean)
@@ -163,6 +211,11 @@ def sft_loss_and_grads(config: SFTConfig, graphdef, params: Params, batch: batch
         "num_loss_tokens": jnp.sum(maskf),
         "num_tokens": jnp.sum(micro.inputs.attention_mask.astype(jnp.float32)),
     }
+    if objectness:
+      direction = objectness_direction(image_embeds.shape[-1], config.objectness_seed)
+      err_sum, _ = objectness_sums(image_embeds, micro.image_saliency, direction, config.objectness_scale)
+      loss = loss + config.objectness_weight * err_sum / real_tokens
+      aux["objectness_sum"] = jax.lax.stop_gradient(err_sum)
     return loss, aux
 
   k = config.grad_accum_steps
@@ -178,6 +231,8 @@ def sft_loss_and_grads(config: SFTConfig, graphdef, params: Params, batch: batch
       "num_loss_tokens": n,
       "num_tokens": aux["num_tokens"],
   }
+  if objectness:
+    metrics["objectness"] = aux["objectness_sum"] / real_tokens
   return loss, metrics, grads
 
 

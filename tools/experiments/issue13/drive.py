@@ -8,6 +8,7 @@ Env switches (all optional):
                      few_flat, few_a50 (same TierSpecs as single / few)
   EX_ORACLE=1        replace the vision tower output by oracle features: fixed 2-D sin-cos position code per
                      merged token + a fixed "object" vector scaled by the token's colourfulness (one image/row)
+  EX_ORACLE_COL=1    (with EX_ORACLE) the object vector plus a fixed unit direction of the token's palette colour
   EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
   EX_RMS=x           RMS-normalise each merger output token to RMS x (no parameter)
   EX_SCALE=x         multiply the merger output by x
@@ -15,6 +16,12 @@ Env switches (all optional):
   EX_VISLR=f         vision-tower updates scaled by f (optax.multi_transform)
   EX_SINCOS=a        add a fixed 2-D sin-cos table (amplitude a) to the patch embeddings
   EX_WHERE_W=w       loss weight w on the where tokens (tenths digit of x0/y0), renormalised
+  EX_OBJAUX=w        aux loss w * mean over image tokens of (cos(token, u) - 0.5 s)^2 (u fixed, s = chroma saliency)
+  EX_COLAUX=w        aux loss w * mean over image tokens of sum_k (cos(token, v_k) - 0.5 s [k = token colour])^2:
+                     v_k a fixed random direction per palette colour, the token's colour the palette colour
+                     nearest its chroma^2-weighted mean RGB (the shape's fill, where the token holds a shape)
+  EX_SALCOL=thr      the saliency s of EX_OBJAUX / EX_COLAUX relative to the most colourful token of the same
+                     palette colour (each shape its own maximum) instead of the image's, 0 below chroma thr
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import functools
@@ -189,7 +196,15 @@ if E("EX_ORACLE"):
     pos = sincos_2d(j // 4, j % 4, d, max_period=4.0)        # [t, d]; entries +-1
     pos = POS_W * pos / jnp.sqrt(d / 1.0)                   # norm ~1 per token
     obj = jax.random.normal(jax.random.PRNGKey(123), (d,)) / jnp.sqrt(d) * OBJ_W   # norm ~1
-    out = pos[None] + s[..., None] * obj[None, None]
+    if E("EX_ORACLE_COL"):
+      # + a fixed unit direction per palette colour on each shape's tokens; s per colour when EX_SALCOL is set
+      s = chroma_saliency(pv)
+      vcol = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
+      vcol = vcol / jnp.linalg.norm(vcol, axis=-1, keepdims=True)
+      obj = obj[None, None] + jnp.einsum("btk,kd->btd", colour_onehot(pv), vcol)
+      out = pos[None] + s[..., None] * obj
+    else:
+      out = pos[None] + s[..., None] * obj[None, None]
     out = jax.lax.stop_gradient(out)
     return out if pixel_values.ndim == 3 else out[0]
 
@@ -217,6 +232,7 @@ if VISLR:
 PEN = float(E("EX_PEN", "0"))
 WHERE_W = float(E("EX_WHERE_W", "0"))
 OBJAUX = float(E("EX_OBJAUX", "0"))  # aux loss: projection of each image token on a fixed direction = its chroma saliency
+SALCOL = float(E("EX_SALCOL", "0"))  # saliency per palette colour (each shape its own maximum), 0 below this chroma
 
 
 def chroma_saliency(pixel_values):
@@ -225,10 +241,30 @@ def chroma_saliency(pixel_values):
   b, p, _ = pixel_values.shape
   x = pixel_values.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * std[None, None, :, None, None] + mean[None, None, :, None, None]
   tok = (x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1)
+  if SALCOL:
+    oh = colour_onehot(pixel_values)                                          # [b, t, K]
+    cmax = jnp.max(tok[..., None] * oh, axis=1)                               # [b, K] each colour's max
+    ref = jnp.einsum("btk,bk->bt", oh, cmax)                                  # [b, t]
+    return jax.lax.stop_gradient(jnp.where(tok > SALCOL, (tok / (ref + 1e-6)) ** 4, 0.0))
   return jax.lax.stop_gradient((tok / (tok.max(-1, keepdims=True) + 1e-6)) ** 4)
 _where_ids = None
+COLAUX = float(E("EX_COLAUX", "0"))
+PALETTE = np.asarray([rgb for _, rgb in synthetic.DEFAULT_PALETTE], np.float32) / 255.0   # [K, 3]
 
-if PEN or WHERE_W or OBJAUX:
+
+def colour_onehot(pixel_values):
+  """[b, p, 1176] normalised patches -> [b, p/4, K] one-hot of the palette colour nearest each token's
+  chroma^2-weighted mean RGB (for background tokens this is an arbitrary colour, weighted by s ~ 0 below)."""
+  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  b, p, _ = pixel_values.shape
+  x = pixel_values.reshape(b, p, 3, 2, 196)[:, :, :, 0] * std[None, None, :, None] + mean[None, None, :, None]
+  x = x.reshape(b, p // 4, 4, 3, 196).transpose(0, 1, 3, 2, 4).reshape(b, p // 4, 3, 4 * 196)   # [b, t, 3, px]
+  w = (x.max(2) - x.min(2)) ** 2                                                              # [b, t, px]
+  rgb = jnp.sum(x * w[:, :, None], -1) / (jnp.sum(w, -1)[..., None] + 1e-6)                  # [b, t, 3]
+  d = jnp.sum((rgb[:, :, None, :] - jnp.asarray(PALETTE)[None, None]) ** 2, -1)              # [b, t, K]
+  return jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmin(d, -1), PALETTE.shape[0]))
+
+if PEN or WHERE_W or OBJAUX or COLAUX:
   def sft_loss_and_grads(config, graphdef, params, batch, mesh=None, grad_shardings=None):
     _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
     normalizer = sft_lib.sft_normalizer(global_mask, config.sequence_mean)
@@ -264,6 +300,16 @@ if PEN or WHERE_W or OBJAUX:
         real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
         aux_l = jnp.sum(real * (proj - 0.5 * sal) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
         loss = loss + OBJAUX * aux_l / config.grad_accum_steps
+      if COLAUX:
+        d = emb.shape[-1]
+        v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)                                   # [K, d] unit
+        sal = chroma_saliency(inputs.pixel_values)                                            # [b, t]
+        cosv = jnp.einsum("btd,kd->btk", emb, v) / (jnp.linalg.norm(emb, axis=-1)[..., None] + 1e-6)
+        target = 0.5 * sal[..., None] * colour_onehot(inputs.pixel_values)                    # [b, t, K]
+        real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        col_l = jnp.sum(real[..., None] * (cosv - target) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
+        loss = loss + COLAUX * col_l / config.grad_accum_steps
       aux = {
           "nll_sum": jax.lax.stop_gradient(jnp.sum(nll)),
           "correct_sum": jnp.sum(st["correct"] * maskf),
