@@ -61,8 +61,9 @@ def test_dense_matches_numpy_with_grouped_heads():
 
 
 # 192: a multiple of the blocks (dense skips key blocks above the diagonal); 233: ragged last block.
-@pytest.mark.parametrize("impl", ["dense", "blockwise", "splash"])
-@pytest.mark.parametrize("case,t", [("text", 192), ("text", 233), ("images", 233)])
+@pytest.mark.parametrize("impl,case,t", [(impl, case, t) for impl in ("dense", "blockwise", "splash")
+                                         for case, t in (("text", 192), ("text", 233), ("images", 233))
+                                         if not (impl == "splash" and t == 192)])  # splash pads to 128 anyway
 def test_implementations_equal_numpy(impl, case, t):
   rng = np.random.default_rng(t)
   seg, causal = _segments(case, t)
@@ -160,14 +161,14 @@ def test_splash_sharded_under_a_mesh_equals_one_device():
 
 def _step_temp_bytes(impl: str, t: int, causal: bool) -> int:
   """XLA's temporary memory of a compiled forward + backward of attention at length t in a scanned stack
-  of 3 layers (as the model runs it: a scan is where a per-tile `lax.cond` once made the memory quadratic)."""
+  of 2 layers (as the model runs it: a scan is where a per-tile `lax.cond` once made the memory quadratic)."""
   q, k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, t, 2, 16), (1, t, 1, 16), (1, t, 1, 16)))
   seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  w = jax.ShapeDtypeStruct((3, 16, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((2, 16, 16), jnp.float32)
 
   def loss(w, q, k, v, seg):
     def layer(x, w_i):
-      return attention.self_attention(x @ w_i, k, v, seg, causal=causal, impl=impl, block=128), None
+      return attention.self_attention(x @ w_i, k, v, seg, causal=causal, impl=impl, block=64), None
 
     return jax.lax.scan(layer, q, w)[0].sum()
 
@@ -177,8 +178,8 @@ def _step_temp_bytes(impl: str, t: int, causal: bool) -> int:
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_blockwise_memory_grows_linearly_where_dense_grows_quadratically(causal):
-  blockwise = _step_temp_bytes("blockwise", 2048, causal) / _step_temp_bytes("blockwise", 512, causal)
-  dense = _step_temp_bytes("dense", 2048, causal) / _step_temp_bytes("dense", 512, causal)
+  blockwise = _step_temp_bytes("blockwise", 1024, causal) / _step_temp_bytes("blockwise", 256, causal)
+  dense = _step_temp_bytes("dense", 1024, causal) / _step_temp_bytes("dense", 256, causal)
   assert blockwise <= 6, blockwise
   assert dense >= 10, dense  # the reference really is quadratic at these sizes
 
@@ -203,6 +204,8 @@ def test_blockwise_model_matches_transformers_and_dense_greedy(family):
   got = np.asarray(blockwise(ids, pv, np.array(grids), mask))
   want = ref.hf_logits(hf, ids, mask, pv, grids)
   assert np.abs(got - want)[mask.astype(bool)].max() < 1e-4
+  if patch == 14:
+    return  # the sampler's tiled cache path is the same for both families: Qwen3-VL (DeepStack) checks it
   # The sampler reads its cache in 16-slot tiles (prefill and decode): each greedy token is the argmax of
   # transformers' logits over the conversation so far (rows are left-padded, so they stay contiguous).
   tokens = generate(blockwise, ids, mask, pv, np.array(grids), max_new_tokens=8, temperature=0.0).tokens

@@ -133,7 +133,9 @@ def test_config_loads_and_validates(name):
         "visualprobe", "train", 6, 16, 1e-6, 0.2, 0.3, 1.0)
     assert c.max_context == 16384 and max(c.length_buckets) >= c.max_context
     assert not c.exclude_masked_from_stats and (c.prompts_per_step * c.group_size) % c.grad_accum_steps == 0
-    assert max(c.patch_buckets) >= c.max_images * (config.max_pixels // 196)  # every image of a row fits
+    # Every image of a row fits: at most max_images of max_pixels each, and never more patches than 4 per
+    # token of the row's context (7 x 10,204 patches of 2M-pixel images exceed 4 x 16,384).
+    assert max(c.patch_buckets) >= min(c.max_images * (config.max_pixels // 196), 4 * c.max_context)
   else:
     c = config.eval
     assert set(c.benchmarks) == {"visualprobe/easy", "visualprobe/medium", "visualprobe/hard", "vstar/test",
