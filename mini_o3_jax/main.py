@@ -37,6 +37,12 @@ def _setup_logging(workdir: str, process_index: int = 0) -> None:
   root = logging.getLogger()
   root.setLevel(logging.INFO)
   root.addHandler(handler)
+  _quiet_library_loggers()
+
+
+def _quiet_library_loggers() -> None:
+  """Library chatter to warnings: Orbax's per-save INFO lines (through absl), and JAX's backend probing
+  ("Unable to initialize backend 'tpu'" on a CPU machine), which runs when a backend is first touched."""
   for name in ("absl", "jax", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -96,6 +102,7 @@ def main(argv) -> None:
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   _apply_xla_flags(config)
+  _quiet_library_loggers()
   # Before anything touches a backend: joins the other workers on a multi-host TPU slice (or the
   # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID env settings); a no-op on one host.
   distributed.maybe_initialize()
