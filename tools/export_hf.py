@@ -46,7 +46,8 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="Checkpointer directory or one of its step directories")
   p.add_argument("--out", required=True, help="output directory (local or gs://)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")

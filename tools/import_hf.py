@@ -43,7 +43,8 @@ DTYPES = export.CLI_DTYPES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--hf", required=True, help="a local HF Qwen2.5-VL model directory")
   p.add_argument("--out", required=True, help="new checkpoint directory (local or gs://)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored params")

@@ -185,7 +185,8 @@ def render(name: str, mcfg, phase: memory.Phase, rows, *, markdown: bool) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--config", action="append", default=[], help="a configs/*.py file (repeatable)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. rl.num_slots=16 (repeatable)")

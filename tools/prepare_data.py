@@ -48,7 +48,8 @@ def scan(dataset: str, download_dir: str) -> dict[str, benchmarks.Benchmark]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--dataset", required=True, choices=sorted(benchmarks.BENCHMARK_SPLITS))
   parser.add_argument("--download_dir", required=True, help="the local download (manual dir)")
   parser.add_argument("--out_dir", required=True, help="TFDS data_dir to write into")
