@@ -19,6 +19,8 @@ from typing import Any
 
 import transformers
 
+from mini_o3_jax.model import attention
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -209,8 +211,7 @@ class VLMConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {_DTYPES}")
-    if self.attention not in ("auto", "dense", "blockwise", "splash", "cudnn"):
-      raise ValueError(f"attention={self.attention!r}; expected auto | dense | blockwise | splash | cudnn")
+    attention.check_impl(self.attention)
     if self.attention_block <= 0 or self.attention_block % 8:
       raise ValueError(f"attention_block={self.attention_block}; expected a positive multiple of 8")
     if self.remat not in ("none", "full", "dots"):
