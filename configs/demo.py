@@ -5,7 +5,7 @@
 Synthetic visual-search tasks -> scripted cold-start trajectories -> SFT of a ~1M-parameter
 Qwen2.5-VL -> GRPO with over-turn masking (training turn limit 6), and the same RL without the mask ->
 evaluation at 1..32 max turns -> report.md, turn_scaling.png, metrics.json, an HF export.
-`--config.quick=True` runs every stage at toy sizes (for tests).
+`--config.quick=True` runs every stage at toy sizes (for tests): `quick_preset` below.
 """
 
 import ml_collections
@@ -13,10 +13,31 @@ import ml_collections
 from mini_o3_jax.pipeline import coldstart_stage
 
 
+def quick_preset() -> ml_collections.ConfigDict:
+  """Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline).
+
+  Applied over the config when `quick` is set, and flags typed on the command line win over it
+  (`pipeline.common.resolve`). Compiles are most of such a run, and XLA's -O0 halves them; the few
+  steps run slower, which costs less.
+  """
+  return ml_collections.ConfigDict(dict(
+      xla_flags="--xla_backend_optimization_level=0",
+      data=dict(sft_tasks=dict(easy=6, medium=6, hard=8)),
+      # One length bucket: one shape per step function, since compiles, not steps, dominate here.
+      sft=dict(steps=6, batch_size=4, checkpoint_every=3, log_every=2, length_buckets=(768,)),
+      rl=dict(steps=2, prompts_per_step=2, group_size=2, checkpoint_every=1, log_every=1, max_turn_tokens=48,
+              max_context=768, length_buckets=(768,)),
+      eval=dict(n_per_tier=2, budgets=(1, 2, 4), num_slots=4, max_turn_tokens=48, max_context=1024,
+                viewer_examples=1, skills_per_tier=2),
+      coldstart=dict(n_per_tier=2, samples_per_question=2, num_exemplars=1, max_turn_tokens=48, num_slots=4,
+                     questions_per_batch=2)))
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stages = ("data", "sft", "rl", "rl_no_mask", "eval", "report", "export")
-  c.quick = False  # toy sizes for every stage (see mini_o3_jax/pipeline/common.py: QUICK)
+  c.quick = False  # apply quick_preset: toy sizes for every stage
+  c.quick_preset = quick_preset()
   c.seed = 0
   c.xla_flags = ""  # added to XLA_FLAGS before the backend starts (the quick preset compiles at -O0)
   c.view_pixels = 112 * 112  # every image (scene and crop) is shown at this budget: 8x8 patches
@@ -51,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
       # log-probs already equal the training forward's).
       length_stop="wrong", loss_aggregation="seq_mean_token_mean", dynamic_sampling=False,
       dynamic_sampling_max_rounds=4, recompute_old_logprobs=False, ppo_epochs=1, mini_batches=1,
-      length_buckets=(512, 1024), patch_buckets=(448,)))  # 7 images x 64 patches: one vision shape
+      length_buckets=(512, 1024), patch_buckets=(448,),  # 7 images x 64 patches: one vision shape
+      # The sampler (`run_config.rollout_config`; unset keys keep `sampler.RolloutConfig`'s defaults).
+      chunk_buckets=(32, 64, 128), patch_buckets_per_image=(64,), decode_steps=8))
 
   # Model-driven cold start (not in the default stages): after `sft`, `--config.stages=coldstart`
   # collects few-shot trajectories with the SFT model into WORKDIR/coldstart (correct ones kept); then
@@ -63,5 +86,6 @@ def get_config() -> ml_collections.ConfigDict:
       # The claims need medium and hard; add "easy" with --config.eval.tiers (about 30 s per model).
       tiers=("medium", "hard"), n_per_tier=20, budgets=(1, 2, 4, 8, 16, 32), max_context=3072,
       max_turn_tokens=96, temperature=0.0, num_slots=20, viewer_examples=3,
+      chunk_buckets=(32, 64, 128), patch_buckets_per_image=(64,), decode_steps=8,
       skills_per_tier=16))  # scripted test trajectories per tier for the skills table (pipeline/probe.py)
   return c

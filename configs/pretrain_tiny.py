@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
       steps=3000, batch_size=16, lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.
       curriculum="0:single=0.5,few=0.5; 300:few=0.2,easy=0.4,medium=0.4; 1000:easy=0.3,medium=0.4,hard=0.3",
-      questions=dict(locate=6, name=2, read=1, decimals=2),
+      questions=dict(locate=6, name=2, read=1, decimals=2, question_first=False),
       length_buckets=(256, 384, 512), patch_buckets=(128,),
       eval_every=250, greedy_every_eval=False, probe_levels=("easy", "medium", "hard"), probe_scenes=48,
       checkpoint_every=250, log_every=25,

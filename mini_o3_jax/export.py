@@ -35,6 +35,7 @@ import tempfile
 from typing import Any, Iterable
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import optax
 import transformers
@@ -43,14 +44,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax import run_config as run_config_lib
 from mini_o3_jax.model.hf import (check_export_target, is_previous_export, load_pretrained, replace_dir,
                                   save_pretrained)
 from mini_o3_jax.model.vlm import VLM
-from mini_o3_jax.processing import chat as chat_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax import sharding as sharding_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def save_tokenizer(tokenizer, path: str, model_type: str = "qwen2_5_vl") -> None
   `additional_special_tokens` key, which 5.x reads the same way. The caller's tokenizer is untouched.
   """
   tokenizer.save_pretrained(path)
-  template = chat_lib.QWEN25VL_CHAT_TEMPLATE
+  template = tok_lib.QWEN25VL_CHAT_TEMPLATE
   config_file = os.path.join(path, "tokenizer_config.json")
   with open(config_file) as f:
     tok_config = json.load(f)
@@ -324,15 +325,6 @@ def _demo_workdir(directory: str) -> epath.Path | None:
   return workdir if isinstance(doc.get("model"), dict) and "tokenizer" in doc else None
 
 
-def _run_pixel_budget(run_config) -> tuple[int | None, int | None]:
-  """The pixel budget a run trained with (`pipeline.sources.pixel_budget`), or Nones if it sets none."""
-  from mini_o3_jax.pipeline import sources  # pylint: disable=g-import-not-at-top  (pipeline imports this module)
-  try:
-    return sources.pixel_budget(run_config)
-  except (AttributeError, KeyError):
-    return None, None
-
-
 def _tokenizer_dir(tokenizer_path: str | None, assets: epath.Path | None,
                    workdir: epath.Path | None) -> str | None:
   """The tokenizer directory to use: the argument, hf_assets/, the work dir's tokenizer/, or None (Qwen's)."""
@@ -350,8 +342,8 @@ def _saved_pixel_budget(assets: epath.Path | None, run_config) -> tuple[int | No
     file = assets / "preprocessor_config.json"
     return (*_pixels_from_preprocessor(_read_json(file)), os.fspath(file))
   if run_config is not None:
-    lo, hi = _run_pixel_budget(run_config)
-    return lo, hi, None if lo is None else "run config"
+    if run_config_lib.sets_pixel_budget(run_config):
+      return (*run_config_lib.pixel_budget(run_config), "run config")
   return None, None, None
 
 
@@ -371,7 +363,6 @@ def find_sources(checkpoint: str, *, config_path: str | None = None, tokenizer_p
   workdir = _demo_workdir(directory)
   run_config = None
   if workdir is not None:
-    import ml_collections  # pylint: disable=g-import-not-at-top
     run_config = ml_collections.ConfigDict(_read_json(workdir / "config.json"))
 
   # Where the model config comes from, decided (and a missing one reported) before any slow loading.
@@ -393,8 +384,7 @@ def find_sources(checkpoint: str, *, config_path: str | None = None, tokenizer_p
     config = VLMConfig.from_hf_dict(_read_json(config_file))
     origin["config"] = os.fspath(config_file)
   else:
-    from mini_o3_jax.pipeline import common  # pylint: disable=g-import-not-at-top  (pipeline imports this module)
-    config = common.model_config(run_config, tokenizer)
+    config = run_config_lib.model_config(run_config, tokenizer)
     origin["config"] = os.fspath(workdir / "config.json")
 
   generation = None
@@ -469,9 +459,6 @@ def import_pretrained(hf_dir: str, out: str, *, dtype=jnp.float32, mesh=None) ->
 
 
 # ------------------------------------------------------------------------------ command lines
-
-CLI_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
 
 def run_cli(tool: str, action) -> int:
   """What tools/export_hf.py and tools/import_hf.py share: quiet library logs, `action()`'s summary as

@@ -9,12 +9,12 @@ import pytest
 
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.agent import tools
-from mini_o3_jax.agent import trajectory as traj_lib
 from mini_o3_jax.agent.tools import CropError
 from mini_o3_jax.agent.tools import FinalAnswer
 from mini_o3_jax.agent.tools import NoAction
 from mini_o3_jax.agent.tools import ToolCall
 from mini_o3_jax.agent.tools import ToolCallError
+from mini_o3_jax.agent import trajectory as traj_lib
 
 
 def coord_image(width=200, height=120, blue=7):

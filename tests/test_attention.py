@@ -10,7 +10,7 @@ import hf_reference as ref
 from mini_o3_jax.model import attention
 from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.sampler import generate
-from mini_o3_jax.train import sharding as shard_lib
+from mini_o3_jax import sharding as shard_lib
 
 
 def _np_attention(q, k, v, mask):

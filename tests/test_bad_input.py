@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mini_o3_jax.model import Qwen25VL, config as config_lib, hf
 from mini_o3_jax.model.hf import is_previous_export, load_pretrained, save_pretrained
+from mini_o3_jax.model import Qwen25VL, config as config_lib, hf
+from mini_o3_jax import sharding
 from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import sharding
 from mini_o3_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from mini_o3_jax.data import benchmarks
-from mini_o3_jax.data import load_benchmark
 from mini_o3_jax.data.benchmarks import BenchmarkDataError
+from mini_o3_jax.data import load_benchmark
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

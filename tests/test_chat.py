@@ -114,7 +114,7 @@ class _ProcessorWithoutVideo:
       return Processor(
           image_processor=pil.Qwen2VLImageProcessorPil(min_pixels=min_pixels,
                                                        max_pixels=max_pixels),
-          tokenizer=tokenizer, chat_template=chat.QWEN25VL_CHAT_TEMPLATE)
+          tokenizer=tokenizer, chat_template=tok_lib.QWEN25VL_CHAT_TEMPLATE)
 
 
 def _images(n, seed=0):

@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import demo
 from mini_o3_jax.agent import RuleJudge, prompts
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent.trajectory import Trajectory, Turn
-from mini_o3_jax.data import coldstart, coldstart_gen, pipeline
+from mini_o3_jax.data import coldstart, coldstart_gen, loader
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import sources
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler
 from mini_o3_jax.sampler import SamplingParams
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task
 
 CONFIG = RolloutConfig(num_slots=8, max_turns=4, max_context=1024, max_turn_tokens=48, max_images=5,
                        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, sampling=SamplingParams(temperature=1.0),
@@ -104,7 +106,7 @@ def scripted(script, tokenizer):
 
 
 def example_config():
-  return pipeline.ExampleConfig(min_pixels=CONFIG.min_pixels, max_pixels=CONFIG.max_pixels)
+  return loader.ExampleConfig(min_pixels=CONFIG.min_pixels, max_pixels=CONFIG.max_pixels)
 
 
 # ----------------------------------------------------------------------------- (1) the filter, exactly
@@ -165,8 +167,8 @@ def test_filter_dedupe_cap_and_summary_counts(sampler, tokenizer, tmp_path):
     assert all(os.path.isfile(p) for p in b.images)
     for p, im in zip(b.images, t.images):
       np.testing.assert_array_equal(np.asarray(Image.open(p).convert("RGB")), np.asarray(im))
-    ex = pipeline.trajectory_example(b, tokenizer, example_config())
-    want = pipeline.trajectory_example(t, tokenizer, example_config())
+    ex = loader.trajectory_example(b, tokenizer, example_config())
+    want = loader.trajectory_example(t, tokenizer, example_config())
     np.testing.assert_array_equal(ex["input_ids"], want["input_ids"])
     np.testing.assert_array_equal(ex["loss_mask"], want["loss_mask"])
     np.testing.assert_array_equal(ex["pixel_values"], want["pixel_values"])
@@ -364,7 +366,8 @@ def test_stage_config_errors():
   c = coldstart_stage.section(base)
   assert c.model == "stage:sft" and c.samples_per_question == 4
   from mini_o3_jax.pipeline import common
-  cfg = ml_collections.ConfigDict({"quick": True, "coldstart": {"samples_per_question": 9, "num_slots": 8}})
+  cfg = ml_collections.ConfigDict({"quick": True, "coldstart": {"samples_per_question": 9, "num_slots": 8},
+                                   "quick_preset": demo.quick_preset()})
   quick = coldstart_stage.section(common.resolve(cfg, {"coldstart.num_slots": 8}))
   assert quick.samples_per_question == 2  # the quick preset replaces the config file's value...
   assert quick.num_slots == 8  # ...but not a value given on the command line

@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 
 from mini_o3_jax import agent
-from mini_o3_jax.data import coldstart
-from mini_o3_jax.eval import report, statistics, turn_scaling
+from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.eval import claims, diagnostics, report, statistics, turn_scaling
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,27 @@ def test_report_files(tmp_path, trajectories):
     assert r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
   grid = report.accuracy_grid(rows)
   assert "| scripted | hard | 12 |" in grid
-  img = report.render_trajectory(max(trajectories, key=lambda t: t.num_turns))
-  assert img.size[0] >= 1200
+  longest = max(trajectories, key=lambda t: t.num_turns)
+  assert report.render_trajectory(longest).size[0] >= 900
+
+
+def test_trajectory_picture_frames_each_crop_and_marks_the_outcome():
+  cfg = synthetic.SyntheticConfig(view_min_pixels=112 * 112, view_max_pixels=112 * 112)
+  traj = max(coldstart.scripted_coldstart("hard", 6, split="train", task_config=cfg), key=lambda t: t.num_turns)
+  task = synthetic.task_from_id(traj.id, cfg)
+  crops = report._crop_regions(traj)
+  assert len(crops) == traj.num_turns - 1 >= 2  # every turn but the answer crops
+  img = np.asarray(report.render_trajectory(traj, target_box=task.target_box, correct=True, thumb=224))
+  badge = img[4:38, 8:42].reshape(-1, 3)
+  assert ((badge == (0x2c, 0xa0, 0x2c)).all(-1)).mean() > 0.4  # the green tick badge
+  wrong = np.asarray(report.render_trajectory(traj, correct=False))[4:38, 8:42].reshape(-1, 3)
+  assert ((wrong == (0xd6, 0x27, 0x28)).all(-1)).mean() > 0.4
+  # The crop grid beside the original is as tall as it: no half-blank canvas on the right.
+  right = img[60:60 + 448, 460:]
+  assert (right != 255).any(-1).mean() > 0.5
 
 
 def test_search_diagnostics_reads_the_first_turn_and_the_answer():
-  from mini_o3_jax.pipeline import eval_stages
-
   def rec(question, first_text, first_error, action_type, answer):
     return {"question": question, "final_answer": answer,
             "turns": [{"text": first_text, "error": first_error, "action": {"type": action_type}}]}
@@ -84,9 +98,9 @@ def test_search_diagnostics_reads_the_first_turn_and_the_answer():
       rec("What number is shown on the red cross?", "<grounding>{bad", "not valid JSON", "tool_call_error", None),
       rec("What number is shown on the red cross?", "<answer>4</answer>", None, "answer", " 4 "),
   ]
-  d = eval_stages.search_diagnostics(records)
+  d = diagnostics.search_diagnostics(records)
   assert d == {"names_target": 0.25, "digit_answer": 0.5, "first_call_valid": 0.5}
-  assert eval_stages.search_diagnostics([]) == {}
+  assert diagnostics.search_diagnostics([]) == {}
 
 
 def test_no_tools_policy_opens_with_the_trained_final_turn():
@@ -106,27 +120,26 @@ def _row(model, tier, max_turns, accuracy, n=20, mean_turns=2.0):
 
 
 def test_claims_are_checked_with_their_thresholds_and_noise():
-  from mini_o3_jax.pipeline import eval_stages
   rows = [_row("no_tools", "medium", 1, 0.10)]
   for b, sft, rl, nm in ((4, (0.5, 0.2), 0.30, 0.30), (32, (0.6, 0.25), 0.45, 0.32)):
     rows += [_row("sft", "medium", b, sft[0]), _row("sft", "hard", b, sft[1]), _row("rl", "hard", b, rl, mean_turns=5.0),
              _row("rl_no_overturn_mask", "hard", b, nm, mean_turns=3.0)]
-  claims = eval_stages.check_claims(rows)
-  assert [holds for _, holds, _ in claims] == [True, True, True, True]
+  checked = claims.check_claims(rows)
+  assert [holds for _, holds, _ in checked] == [True, True, True, True]
   # 60% vs 10% of 20: beyond noise; 45% vs 25% of 20 passes the +5 threshold but is within noise.
-  assert "within noise" not in claims[0][2] and "difference +50.0" in claims[0][2]
-  assert "difference +20.0" in claims[1][2] and "within noise" in claims[1][2]
+  assert "within noise" not in checked[0][2] and "difference +50.0" in checked[0][2]
+  assert "difference +20.0" in checked[1][2] and "within noise" in checked[1][2]
   # The interval is Agresti-Caffo's: add one success and one failure to each sample, then Wald.
   p1, p2 = (0.45 * 20 + 1) / 22, (0.25 * 20 + 1) / 22
   half = 100 * scipy.stats.norm.ppf(0.975) * ((p1 * (1 - p1) + p2 * (1 - p2)) / 22) ** 0.5
-  got = eval_stages.difference(rows[-2], rows[-3])
+  got = claims.difference(rows[-2], rows[-3])
   assert (got.low, got.high) == pytest.approx((100 * (p1 - p2) - half, 100 * (p1 - p2) + half))
   # Turn scaling (30% -> 45% of 20 = 3 more tasks, paired): exact McNemar p = 2 / 2**3 = 0.25, within noise.
-  assert "+3 of 20 tasks, exact McNemar p=0.25, within noise" in claims[2][2]
+  assert "+3 of 20 tasks, exact McNemar p=0.25, within noise" in checked[2][2]
   # The mask claim carries its own noise test (45% vs 32% at 32 turns).
-  assert "difference +15.0" in claims[3][2] and "within noise" in claims[3][2]
+  assert "difference +15.0" in checked[3][2] and "within noise" in checked[3][2]
   no_rl = [r for r in rows if not r["model"].startswith("rl")]
-  assert [holds for _, holds, _ in eval_stages.check_claims(no_rl)] == [True, None, None, None]
+  assert [holds for _, holds, _ in claims.check_claims(no_rl)] == [True, None, None, None]
 
 
 @pytest.mark.parametrize("correct,n", [(0, 20), (5, 20), (17, 20), (120, 200)])

@@ -23,15 +23,18 @@ from transformers import (AutoImageProcessor, AutoTokenizer, GenerationConfig, Q
 
 import hf_reference as ref
 import train_worker as W
+from mini_o3_jax import agent as agent_lib
 from mini_o3_jax import export
-from mini_o3_jax.model import Qwen25VLConfig
 from mini_o3_jax.model.hf import load_pretrained
+from mini_o3_jax.model import Qwen25VLConfig
 from mini_o3_jax.pipeline import common, eval_stages
 from mini_o3_jax.processing import chat, image as image_lib, tokenizer as tok_lib
+from mini_o3_jax import run_config as run_config_lib
 from mini_o3_jax.sampler import generate
+from mini_o3_jax import sharding
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import sft, sharding
+from mini_o3_jax.train import sft
 from mini_o3_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +63,7 @@ def _json(path):
 
 
 def _load(*parts):
-  """A script of the repository (tools/, configs/) as a module: neither folder is a package."""
+  """A script of the repository (tools/, configs/, examples/) as a module: no such folder is a package."""
   spec = importlib.util.spec_from_file_location(os.path.splitext(parts[-1])[0], os.path.join(REPO, *parts))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -104,7 +107,7 @@ def trained(tmp_path_factory):
   tokenizer = tok_lib.build_small_tokenizer(CORPUS, vocab_size=run_config.tokenizer.vocab_size)
   tokenizer.save_pretrained(str(workdir / "tokenizer"))
   tokenizer = tok_lib.load_tokenizer(str(workdir / "tokenizer"))
-  mcfg = common.model_config(run_config, tokenizer)
+  mcfg = run_config_lib.model_config(run_config, tokenizer)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   # Text-only SFT (the vision tower frozen): the cheapest real step to compile; which weights moved
   # does not matter to an export, only that the checkpoint holds trained ones.
@@ -187,10 +190,10 @@ def test_cli_export_of_demo_workdir_writes_a_complete_directory(trained, exporte
   # transformers 4.x (vLLM) reads the added special tokens from the old key, not v5's list.
   tok_config = _json(os.path.join(out, "tokenizer_config.json"))
   assert "extra_special_tokens" not in tok_config and tok_config["additional_special_tokens"]
-  assert tok_config["chat_template"] == chat.QWEN25VL_CHAT_TEMPLATE
+  assert tok_config["chat_template"] == tok_lib.QWEN25VL_CHAT_TEMPLATE
   tok = AutoTokenizer.from_pretrained(out)
   assert tok.all_special_tokens == trained["tokenizer"].all_special_tokens
-  assert tok.chat_template == chat.QWEN25VL_CHAT_TEMPLATE
+  assert tok.chat_template == tok_lib.QWEN25VL_CHAT_TEMPLATE
   # The weights are the trained ones, unchanged.
   again, cfg = load_pretrained(out)
   assert cfg.text == trained["config"].text and cfg.vision == trained["config"].vision
@@ -540,3 +543,25 @@ def test_import_errors(hf_source, tmp_path):
   (tmp_path / "taken" / "0").mkdir(parents=True)
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
     export.import_pretrained(str(hf_source["path"]), str(tmp_path / "taken"))
+
+
+@pytest.mark.slow
+def test_transformers_agent_example_builds_our_prompts_and_runs_the_loop(trained, exported):
+  """examples/transformers_agent.py: its inputs for a conversation with a crop are the ids and pixels of
+  our chat template and image processing, and its loop ends an episode in transformers."""
+  agent = _load("examples", "transformers_agent.py").Agent.load(exported["out"])
+  scene = _image(5, (300, 180))
+  traj = agent_lib.Trajectory(question="What is the digit on the red key?", images=[scene])
+  turn, crop = agent_lib.execute_turn('<think>look</think><grounding>{"bbox_2d": [0.1, 0.2, 0.6, 0.9], '
+                                      '"source": "original_image"}</grounding>', traj.images)
+  traj.turns.append(turn)
+  traj.images.append(crop)
+  got = agent.inputs(traj)
+  processed = [image_lib.preprocess_image(im, VIEW_PIXELS, VIEW_PIXELS) for im in traj.images]
+  want = chat.tokenize_conversation(trained["tokenizer"], traj.to_messages(), [g for _, g in processed],
+                                    add_generation_prompt=True)
+  np.testing.assert_array_equal(got["input_ids"][0].numpy(), want["input_ids"])
+  np.testing.assert_array_equal(got["pixel_values"].numpy(), np.concatenate([p for p, _ in processed]))
+  np.testing.assert_array_equal(got["image_grid_thw"].numpy(), np.stack([g for _, g in processed]))
+  done = agent.solve(scene, "What is the digit on the red key?", max_turns=1, max_new_tokens=4)
+  assert done.num_turns == 1 and done.stop_reason in ("answer", "no_action", "max_turns")

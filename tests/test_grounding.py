@@ -14,9 +14,10 @@ from mini_o3_jax.agent import tools
 from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
-from mini_o3_jax.model import vlm
 from mini_o3_jax.model.vision import VisionInputs
+from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage
+from mini_o3_jax import run_config
 from mini_o3_jax.train import batch as batch_lib
 
 
@@ -69,7 +70,7 @@ def test_pretrain_saliency_finds_the_shape(tokenizer):
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
   tasks = [grounding.make_scene("single", i, tcfg) for i in range(8)]
   rows = [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i)) for i, t in enumerate(tasks)]
-  mcfg = common.model_config(demo.get_config(), tokenizer)
+  mcfg = run_config.model_config(demo.get_config(), tokenizer)
   patches = int(np.prod(rows[0]["image_grid_thw"], -1).sum())
   bcfg = batch_lib.BatchConfig(batch_size=9, length_buckets=(128,), patch_buckets=(patches + 4,),
                                pad_token_id=mcfg.text.pad_token_id)

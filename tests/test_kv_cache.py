@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import hf_reference as ref
-from mini_o3_jax.model import KVCache, Qwen25VL, prepare_inputs
 from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.model import KVCache, Qwen25VL, prepare_inputs
 from mini_o3_jax.model.text import advance
 from flax import nnx
 

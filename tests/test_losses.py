@@ -1,11 +1,15 @@
-"""Tests for mini_o3_jax.train.losses against plain numpy oracles."""
+"""Tests of the loss math (train.losses, train.sft's objective, rl.advantages, rl.objective) against
+plain numpy oracles."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mini_o3_jax.rl import advantages as _advantages
+from mini_o3_jax.rl import objective as _objective
 from mini_o3_jax.train import losses as _losses
+from mini_o3_jax.train import sft
 
 B, T, V = 4, 7, 11
 
@@ -17,11 +21,12 @@ class _Jitted:
   (function, static arguments) is several times faster on CPU.
   """
 
-  def __init__(self):
+  def __init__(self, module):
+    self._module = module
     self._cache = {}
 
   def __getattr__(self, name):
-    fn = getattr(_losses, name)
+    fn = getattr(self._module, name)
     is_static = lambda v: isinstance(v, (bool, int, float, type(None)))
 
     def call(*args, **kwargs):
@@ -44,7 +49,9 @@ class _Jitted:
     return call
 
 
-losses = _Jitted()
+losses = _Jitted(_losses)
+advantages = _Jitted(_advantages)
+objective = _Jitted(_objective)
 
 
 # ----------------------------------------------------------------------------
@@ -160,37 +167,41 @@ def _sft_inputs(seed=1):
   return logits, targets, mask
 
 
-def test_sft_loss_token_mean_and_normalizer():
+def test_sft_objective_token_mean_and_normalizer():
   logits, targets, mask = _sft_inputs()
   nll = -np.take_along_axis(np_log_softmax(logits), targets[..., None],
                             -1)[..., 0]
   n = mask.sum()
-  acc = ((logits.argmax(-1) == targets) * mask).sum() / n
-  loss, aux = jax.jit(losses.sft_loss)(logits, targets, mask)
+  logprobs = losses.token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
+  normalizer = sft.sft_normalizer(jnp.asarray(mask), sequence_mean=False)
+  np.testing.assert_allclose(normalizer, n)
+  loss = jax.jit(sft.sft_objective)(logprobs, mask, normalizer)
   np.testing.assert_allclose(loss, (nll * mask).sum() / n, rtol=1e-5)
-  np.testing.assert_allclose(aux['num_tokens'], n)
-  np.testing.assert_allclose(aux['accuracy'], acc, rtol=1e-6)
-  np.testing.assert_allclose(aux['nll'], (nll * mask).sum() / n, rtol=1e-5)
-  loss2, aux2 = losses.sft_loss(logits, targets, mask, normalizer=100.0)
+  loss2 = sft.sft_objective(logprobs, mask, jnp.float32(100.0))
   np.testing.assert_allclose(loss2, (nll * mask).sum() / 100.0, rtol=1e-5)
-  np.testing.assert_allclose(aux2['nll'], aux['nll'], rtol=1e-6)
 
 
-def test_sft_loss_sequence_mean():
+def test_sft_objective_sequence_mean():
   logits, targets, mask = _sft_inputs(2)
   nll = -np.take_along_axis(np_log_softmax(logits), targets[..., None],
                             -1)[..., 0]
   per_seq = [(nll[b] * mask[b]).sum() / mask[b].sum()
              for b in range(B) if mask[b].sum() > 0]
-  loss, _ = losses.sft_loss(logits, targets, mask, sequence_mean=True)
+  logprobs = losses.token_logprobs(jnp.asarray(logits), jnp.asarray(targets))
+  normalizer = sft.sft_normalizer(jnp.asarray(mask), sequence_mean=True)
+  np.testing.assert_allclose(normalizer, len(per_seq))
+  loss = sft.sft_objective(logprobs, mask, normalizer, sequence_mean=True)
   np.testing.assert_allclose(loss, np.mean(per_seq), rtol=1e-5)
 
 
-def test_sft_loss_empty_mask_zero():
+def test_sft_objective_empty_mask_zero():
   logits, targets, _ = _sft_inputs()
   mask = np.zeros((B, T), np.float32)
   for seq_mean in (False, True):
-    f = lambda lg: losses.sft_loss(lg, targets, mask, sequence_mean=seq_mean)[0]
+    def f(lg):
+      logprobs = losses.token_logprobs(lg, jnp.asarray(targets))
+      return sft.sft_objective(logprobs, mask, sft.sft_normalizer(jnp.asarray(mask), seq_mean),
+                               sequence_mean=seq_mean)
     loss, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(logits))
     assert float(loss) == 0.0
     assert np.all(np.asarray(grad) == 0.0)
@@ -218,7 +229,7 @@ def test_group_advantages(normalize_std, exclude):
   want, want_frac = np_group_adv(rewards, gids, valid, normalize_std, 1e-6,
                                  exclude)
   kw = dict(normalize_std=normalize_std, exclude_masked_from_stats=exclude)
-  adv, m = jax.jit(lambda r, v: losses.group_advantages(r, size, v, **kw))(
+  adv, m = jax.jit(lambda r, v: advantages.group_advantages(r, size, v, **kw))(
       rewards, valid)
   np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m['degenerate_group_fraction'], want_frac)
@@ -228,28 +239,28 @@ def test_group_advantages(normalize_std, exclude):
     return  # The id layout shares the code path; test it once (compile time).
   # Same with explicit (shuffled) group ids.
   perm = rng.permutation(len(rewards))
-  adv2, m2 = losses.group_advantages(rewards[perm], jnp.asarray(gids[perm]),
+  adv2, m2 = advantages.group_advantages(rewards[perm], jnp.asarray(gids[perm]),
                                      valid[perm], num_groups=num_groups, **kw)
   np.testing.assert_allclose(adv2, want[perm], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m2['degenerate_group_fraction'], want_frac)
 
 
 def test_group_advantages_unbiased_std_value():
-  adv, _ = losses.group_advantages(np.array([1.0, 0.0, 0.0, 0.0]), 4, eps=0.0)
+  adv, _ = advantages.group_advantages(np.array([1.0, 0.0, 0.0, 0.0]), 4, eps=0.0)
   # mean .25, unbiased std = sqrt(.75 / 3) = .5
   np.testing.assert_allclose(adv, [1.5, -0.5, -0.5, -0.5], rtol=1e-6)
 
 
 def test_group_advantages_all_equal_and_size_one():
   # Non-representable mean (0.1) must still give exact zeros.
-  adv, m = losses.group_advantages(np.full((6,), 0.1, np.float32), 3)
+  adv, m = advantages.group_advantages(np.full((6,), 0.1, np.float32), 3)
   assert np.all(np.asarray(adv) == 0.0)
   assert float(m['degenerate_group_fraction']) == 1.0
-  adv, m = losses.group_advantages(np.array([1.0, 0.0, 0.5]), 1)
+  adv, m = advantages.group_advantages(np.array([1.0, 0.0, 0.5]), 1)
   assert np.all(np.asarray(adv) == 0.0)
   assert float(m['degenerate_group_fraction']) == 1.0
   # Empty ids (num_groups larger than used) do not count as groups.
-  adv, m = losses.group_advantages(np.array([1.0, 0.0, 1.0, 1.0]),
+  adv, m = advantages.group_advantages(np.array([1.0, 0.0, 1.0, 1.0]),
                                    jnp.array([0, 0, 2, 2]), num_groups=4)
   np.testing.assert_allclose(adv, [.5 / np.sqrt(.5), -.5 / np.sqrt(.5), 0, 0],
                              rtol=1e-5)
@@ -297,7 +308,7 @@ def test_grpo_loss_value_and_metrics(masking):
   _assert_both_clips_active(logp, old, adv, mask, lo, hi)
   want_loss, want, _ = np_grpo(logp, old, adv, resp, overturn, masking, lo, hi,
                                ref=ref, kl_coef=0.05, ent=ent, ent_coef=0.01)
-  f = jax.jit(lambda *a: losses.grpo_loss(
+  f = jax.jit(lambda *a: objective.grpo_loss(
       *a, clip_low=lo, clip_high=hi, ref_logprobs=ref, kl_coef=0.05,
       entropy=ent, entropy_coef=0.01, overturn_masking=masking))
   loss, m = f(logp, old, adv, resp, overturn)
@@ -310,8 +321,8 @@ def test_grpo_loss_value_and_metrics(masking):
 
 def test_grpo_masking_changes_normaliser():
   logp, old, adv, resp, overturn, _, _ = _grpo_inputs()
-  _, m_on = losses.grpo_loss(logp, old, adv, resp, overturn)
-  _, m_off = losses.grpo_loss(logp, old, adv, resp, overturn,
+  _, m_on = objective.grpo_loss(logp, old, adv, resp, overturn)
+  _, m_off = objective.grpo_loss(logp, old, adv, resp, overturn,
                               overturn_masking=False)
   np.testing.assert_allclose(m_on['num_loss_tokens'], resp[~overturn].sum())
   np.testing.assert_allclose(m_off['num_loss_tokens'], resp.sum())
@@ -321,9 +332,9 @@ def test_overturn_loss_mask():
   resp = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]], np.int32)
   ot = np.array([False, True, False])
   np.testing.assert_array_equal(
-      losses.overturn_loss_mask(resp, ot, True), [[1, 1, 0], [0, 0, 0],
+      objective.overturn_loss_mask(resp, ot, True), [[1, 1, 0], [0, 0, 0],
                                                   [1, 0, 1]])
-  np.testing.assert_array_equal(losses.overturn_loss_mask(resp, ot, False),
+  np.testing.assert_array_equal(objective.overturn_loss_mask(resp, ot, False),
                                 resp)
 
 
@@ -333,7 +344,7 @@ def test_grpo_all_overturn_zero_loss_and_grad():
   logp[0, 0] = -np.inf  # Garbage in masked positions must not leak NaNs.
 
   def f(lp, e):
-    return losses.grpo_loss(lp, old, adv, resp, overturn, ref_logprobs=ref,
+    return objective.grpo_loss(lp, old, adv, resp, overturn, ref_logprobs=ref,
                             kl_coef=0.1, entropy=e, entropy_coef=0.1)
 
   (loss, m), (g_lp, g_e) = jax.jit(
@@ -347,18 +358,18 @@ def test_grpo_all_overturn_zero_loss_and_grad():
 def test_grpo_masked_trajectory_tokens_do_not_matter():
   logp, old, adv, resp, overturn, ref, ent = _grpo_inputs()
   kw = dict(ref_logprobs=ref, kl_coef=0.1)
-  loss, _ = losses.grpo_loss(logp, old, adv, resp, overturn, **kw)
+  loss, _ = objective.grpo_loss(logp, old, adv, resp, overturn, **kw)
   logp2 = logp.copy()
   logp2[1] += np.random.default_rng(9).normal(0, 2.0, size=T)  # row 1: over-turn
-  loss2, _ = losses.grpo_loss(logp2, old, adv, resp, overturn, **kw)
+  loss2, _ = objective.grpo_loss(logp2, old, adv, resp, overturn, **kw)
   assert float(loss) == float(loss2)
-  g = jax.jit(jax.grad(lambda lp: losses.grpo_loss(
+  g = jax.jit(jax.grad(lambda lp: objective.grpo_loss(
       lp, old, adv, resp, overturn, **kw)[0]))(logp)
   assert np.all(np.asarray(g)[1] == 0.0)
   # Without masking the same perturbation changes the loss.
-  loss3, _ = losses.grpo_loss(logp, old, adv, resp, overturn,
+  loss3, _ = objective.grpo_loss(logp, old, adv, resp, overturn,
                               overturn_masking=False)
-  loss4, _ = losses.grpo_loss(logp2, old, adv, resp, overturn,
+  loss4, _ = objective.grpo_loss(logp2, old, adv, resp, overturn,
                               overturn_masking=False)
   assert float(loss3) != float(loss4)
 
@@ -368,7 +379,7 @@ def test_grpo_gradient_matches_numpy():
   logp[0, 0] = old[0, 0] + np.log(1.5)
   logp[3, 0] = old[3, 0] + np.log(0.6)
   g = jax.jit(jax.grad(
-      lambda lp: losses.grpo_loss(lp, old, adv, resp, overturn)[0]))(logp)
+      lambda lp: objective.grpo_loss(lp, old, adv, resp, overturn)[0]))(logp)
   _, _, want = np_grpo(logp, old, adv, resp, overturn, True, 0.2, 0.3)
   np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
   assert np.asarray(g)[0, 0] == 0.0 and np.asarray(g)[3, 0] == 0.0
@@ -376,8 +387,8 @@ def test_grpo_gradient_matches_numpy():
 
 def test_grpo_normalizer_and_dual_clip():
   logp, old, adv, resp, overturn, _, _ = _grpo_inputs()
-  loss, m = losses.grpo_loss(logp, old, adv, resp, overturn)
-  loss_n, _ = losses.grpo_loss(logp, old, adv, resp, overturn,
+  loss, m = objective.grpo_loss(logp, old, adv, resp, overturn)
+  loss_n, _ = objective.grpo_loss(logp, old, adv, resp, overturn,
                                normalizer=2 * m['num_loss_tokens'])
   np.testing.assert_allclose(loss_n, loss / 2, rtol=1e-6)
   # Dual clip: A < 0 and a huge ratio -> the token loss is capped at -A * c.
@@ -385,9 +396,9 @@ def test_grpo_normalizer_and_dual_clip():
   lp[3, 0] = old[3, 0] + np.log(10.0)
   one = np.zeros((B, T), np.float32)
   one[3, 0] = 1.0
-  loss_c, m_c = losses.grpo_loss(lp, old, adv, one, np.zeros(B, bool),
+  loss_c, m_c = objective.grpo_loss(lp, old, adv, one, np.zeros(B, bool),
                                  clip_ratio_c=3.0)
   np.testing.assert_allclose(loss_c, -adv[3] * 3.0, rtol=1e-6)
   np.testing.assert_allclose(m_c['dual_clip_fraction'], 1.0)
-  loss_nc, _ = losses.grpo_loss(lp, old, adv, one, np.zeros(B, bool))
+  loss_nc, _ = objective.grpo_loss(lp, old, adv, one, np.zeros(B, bool))
   np.testing.assert_allclose(loss_nc, -adv[3] * 10.0, rtol=1e-5)

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from configs import demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,9 +45,11 @@ def test_quick_preset_adds_its_xla_flags_before_the_backend_starts(monkeypatch):
 
   from mini_o3_jax import main as main_lib
   from mini_o3_jax.pipeline import common
-  config = ml_collections.ConfigDict({"quick": True, "xla_flags": "", "data": {}, "sft": {}, "rl": {}, "eval": {}})
+  preset = demo.quick_preset()
+  config = ml_collections.ConfigDict({"quick": True, "xla_flags": "", "data": {}, "sft": {}, "rl": {}, "eval": {},
+                                      "quick_preset": preset})
   resolved = common.resolve(config)
-  assert resolved.xla_flags == common.QUICK["xla_flags"] and resolved.sft.steps == common.QUICK["sft.steps"]
+  assert resolved.xla_flags == preset.xla_flags and resolved.sft.steps == preset.sft.steps
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   main_lib._apply_xla_flags(config)
   assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
@@ -60,10 +64,34 @@ def test_quick_preset_yields_to_flags_the_user_typed():
   import ml_collections
 
   from mini_o3_jax.pipeline import common
-  config = ml_collections.ConfigDict({"quick": True, "sft": {"steps": 2000, "batch_size": 32}, "rl": {"steps": 80}})
+  preset = demo.quick_preset()
+  config = ml_collections.ConfigDict({"quick": True, "sft": {"steps": 2000, "batch_size": 32}, "rl": {"steps": 80},
+                                      "quick_preset": preset})
   resolved = common.resolve(config, {"sft.steps": 50, "quick": True})
-  assert resolved.sft.steps == 50 and resolved.sft.batch_size == common.QUICK["sft.batch_size"]
-  assert resolved.rl.steps == common.QUICK["rl.steps"]
-  assert resolved.coldstart.num_slots == common.QUICK["coldstart.num_slots"]
+  assert resolved.sft.steps == 50 and resolved.sft.batch_size == preset.sft.batch_size
+  assert resolved.rl.steps == preset.rl.steps
+  assert resolved.coldstart.num_slots == preset.coldstart.num_slots
   assert common.resolve(resolved) is resolved  # stages may resolve again: nothing changes
   assert common.resolve(ml_collections.ConfigDict({"quick": False, "sft": {"steps": 9}})).sft.steps == 9
+  with pytest.raises(ValueError, match="no quick_preset"):
+    common.resolve(ml_collections.ConfigDict({"quick": True, "sft": {"steps": 9}}))
+
+
+@pytest.mark.parametrize("tool", ["export_hf.py", "import_hf.py", "prepare_data.py"])
+def test_tool_help_shows_defaults_without_loading_jax(tool):
+  """`--help` answers before the package's heavy modules (JAX) load."""
+  probe = ("import contextlib, io, runpy, sys\n"
+           f"sys.argv = [{tool!r}, '--help']\n"
+           "out = io.StringIO()\n"
+           "with contextlib.redirect_stdout(out):\n"
+           "  try:\n"
+           f"    runpy.run_path({os.path.join(ROOT, 'tools', tool)!r}, run_name='__main__')\n"
+           "  except SystemExit:\n"
+           "    pass\n"
+           "print('JAX LOADED' if 'jax' in sys.modules else 'NO JAX')\n"
+           "print(out.getvalue())\n")
+  proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("NO JAX") and "usage:" in proc.stdout
+  if tool != "prepare_data.py":
+    assert "(default: fp32)" in proc.stdout

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from mini_o3_jax.model import Qwen25VL, config as config_lib
-from mini_o3_jax.train import memory
+from mini_o3_jax import sharding
+from mini_o3_jax.train import attention_memory, memory
 from mini_o3_jax.train import optimizer as optimizer_lib
-from mini_o3_jax.train import sharding
 from mini_o3_jax.train import state as state_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
@@ -76,7 +76,7 @@ def test_estimates_scale_with_the_mesh_and_the_workload(cfg7b):
   assert tensor["text_saved"] == 4 * base["text_saved"]  # the residual stream is not split over tensor
   longer = memory.plan(cfg7b, dataclasses.replace(phase, seq_len=16384), M(1, 8, 1)).items
   # Causal query blocks of 128 keep (n + 1) / 2n of the [T, T] scores: 65/128 at 8k, 129/256 at 16k.
-  assert memory.causal_keys(8192) == 8192 * 65 / 128 and memory.causal_keys(100) == 100
+  assert attention_memory.causal_keys(8192) == 8192 * 65 / 128 and attention_memory.causal_keys(100) == 100
   assert longer["attn_scores"] == pytest.approx(4 * base["attn_scores"] * (129 / 256) / (65 / 128))
   chunked = memory.plan(cfg7b, dataclasses.replace(phase, logits_chunk=1024), M(1, 8, 1)).items
   assert chunked["logits"] * 8 == base["logits"]

@@ -14,8 +14,8 @@ from transformers import AutoImageProcessor, GenerationConfig, Qwen2_5_VLForCond
 from transformers.vision_utils import get_vision_window_index
 
 import hf_reference as ref
-from mini_o3_jax.model import Qwen25VL, Qwen25VLConfig, VisionInputs, config as config_lib, rope
 from mini_o3_jax.model.hf import load_pretrained, resolve_checkpoint, save_pretrained
+from mini_o3_jax.model import Qwen25VL, Qwen25VLConfig, VisionInputs, config as config_lib, rope
 from mini_o3_jax.processing import image as image_lib
 
 TOL = 1e-4

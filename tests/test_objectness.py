@@ -4,6 +4,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -90,7 +91,7 @@ def test_objectness_loss_in_the_sft_step_and_weight_zero_is_plain_sft():
     """(plain SFT loss: CE over the answer tokens / their count, image tokens [batch, tokens, hidden])."""
     model = nnx.merge(graphdef, p)
     targets, mask = losses.next_token_targets(b.inputs.input_ids, b.loss_mask)
-    ce, _ = losses.sft_loss(model.forward(b.inputs)[:, :-1], targets, mask)
+    ce = -jnp.sum(losses.token_logprobs(model.forward(b.inputs)[:, :-1], targets) * mask) / jnp.sum(mask)
     return ce, model.encode_images(b.inputs.pixel_values, b.inputs.vision)
 
   plain_loss, emb = reference(params, batch)

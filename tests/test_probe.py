@@ -7,9 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from mini_o3_jax.data import coldstart, pipeline, synthetic
+from mini_o3_jax.data import coldstart, loader, synthetic
+from mini_o3_jax.eval import diagnostics
 from mini_o3_jax.model import vlm
-from mini_o3_jax.pipeline import common, eval_stages, probe, train_stages
+from mini_o3_jax.pipeline import common, probe, train_stages
+from mini_o3_jax import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +47,8 @@ def demo_parts(tmp_path_factory):
   spec.loader.exec_module(demo)
   config = common.resolve(demo.get_config())
   tokenizer = common.build_tokenizer(config, str(tmp_path_factory.mktemp("tok")))
-  mcfg = common.model_config(config, tokenizer)
-  tcfg = common.task_config(config)
+  mcfg = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
   trajs = [t for tier in ("medium", "hard") for t in train_stages.scripted_views(tier, 2, "test", tcfg)]
   return config, tokenizer, mcfg, trajs
 
@@ -55,13 +57,13 @@ def test_kind_accuracy_matches_a_per_example_forward(demo_parts):
   """Batched, padded teacher forcing agrees with the HF-style forward of each example alone."""
   config, tokenizer, mcfg, trajs = demo_parts
   model = vlm.random_model(mcfg, seed=3, std=0.3)
-  example_cfg = pipeline.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels)
+  example_cfg = loader.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels)
   got = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg, probe.ProbeConfig(seq_len=768, batch_size=3))
   import collections
   hits = {k: 0 for k in probe.KINDS}
   seen = {k: collections.Counter() for k in probe.KINDS}
   counts = {k: 0 for k in probe.KINDS}
-  for ex in pipeline.examples_dataset(trajs, tokenizer, example_cfg):
+  for ex in loader.examples_dataset(trajs, tokenizer, example_cfg):
     logits = np.asarray(model(ex["input_ids"][None], ex["pixel_values"], ex["image_grid_thw"]))[0]
     ids = list(ex["input_ids"])
     kinds = probe.token_kinds([tokenizer.decode([i]) for i in ids], ex["loss_mask"])
@@ -87,21 +89,21 @@ def test_search_diagnostics_localises_the_first_crop():
   for text in (on_target, empty, from_observation):
     records.append({"id": task.id, "question": task.question, "final_answer": None,
                     "turns": [{"text": "<think>x</think>\n" + text, "error": None, "action": {"type": "tool_call"}}]})
-  d = eval_stages.search_diagnostics(records, tcfg)
+  d = diagnostics.search_diagnostics(records, tcfg)
   assert d["first_zoom_on_target"] == pytest.approx(1 / 3)
   assert d["first_zoom_on_object"] == pytest.approx(1 / 3)
   # A random crop the size of the empty one almost never holds the target; one the size of the region
   # zoom sometimes does, and a crop that covers the image always does.
   def chance(box):
     cx, cy = (task.target_box[0] + task.target_box[2]) / 2, (task.target_box[1] + task.target_box[3]) / 2
-    return np.mean([b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in eval_stages._shifted_boxes(box)])
+    return np.mean([b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in diagnostics._shifted_boxes(box)])
 
   want = (chance(coldstart.quantize_box(task.zoom_path[0], 2)) + chance((0.0, 0.0, 0.01, 0.01)) + 0.0) / 3
   assert d["first_zoom_on_target_chance"] == pytest.approx(want)
   assert 0 < d["first_zoom_on_target_chance"] < 1 / 3
   whole = dict(records[1], turns=[{"text": "<think>x</think>\n" + coldstart.grounding((0, 0, 1, 1), 0, 2),
                                     "error": None, "action": {"type": "tool_call"}}])
-  full = eval_stages.search_diagnostics([whole], tcfg)
+  full = diagnostics.search_diagnostics([whole], tcfg)
   assert full["first_zoom_on_target"] == full["first_zoom_on_target_chance"] == 1.0
-  assert "first_zoom_on_target" not in eval_stages.search_diagnostics(records)
+  assert "first_zoom_on_target" not in diagnostics.search_diagnostics(records)
   json.dumps(d)

@@ -17,18 +17,21 @@ from flax import nnx
 from PIL import Image
 
 import hf_reference as ref
-from mini_o3_jax import export as export_lib
 from mini_o3_jax.agent import prompts
+from mini_o3_jax.agent.task import Task
+from mini_o3_jax import export as export_lib
 from mini_o3_jax.model import config as config_lib
-from mini_o3_jax.model import prepare_inputs, rope, vlm
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained
+from mini_o3_jax.model import prepare_inputs, rope, vlm
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax.rl import step as rl
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids
 from mini_o3_jax.sampler import SamplingParams, generate
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids
+from mini_o3_jax import sharding
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import rl, sft, sharding
+from mini_o3_jax.train import sft
 from mini_o3_jax.train import state as state_lib
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import memory_plan  # noqa: E402
 
 from mini_o3_jax.pipeline import sources  # noqa: E402
+from mini_o3_jax import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join("configs", f"qwen25vl_7b_{name}.py") for name in ("sft", "rl", "eval")}
@@ -102,7 +103,7 @@ def tiny_hf(tmp_path_factory):
   from mini_o3_jax.model import Qwen25VL, config as config_lib  # pylint: disable=g-import-not-at-top
   from mini_o3_jax.model.hf import save_pretrained  # pylint: disable=g-import-not-at-top
   from mini_o3_jax.processing import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-  ids = sources.special_ids("qwen")
+  ids = run_config.special_ids("qwen")
   cfg = config_lib.tiny(len(tok_lib.build_qwen_tokenizer()),
                         **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                "vision_end_token_id")})

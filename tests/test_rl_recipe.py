@@ -16,15 +16,18 @@ from flax import nnx
 from PIL import Image
 
 from mini_o3_jax.agent import prompts
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent import trajectory as trajectory_lib
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import rl_stages
 from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax.rl import objective, rollouts
+from mini_o3_jax.rl import step as rl
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids
 from mini_o3_jax.sampler import SamplingParams
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids
+from mini_o3_jax import sharding
 from mini_o3_jax.train import batch as batch_lib
-from mini_o3_jax.train import losses, rl, sharding
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import state as state_lib
 
@@ -85,8 +88,8 @@ def test_length_stop_wrong_keeps_capped_turns_in_the_loss(sampler):
   results = sampler.rollout(tasks(0), seed=1)
   capped = [r.stop_reason == "max_response" for r in results]
   assert sum(capped) > len(results) // 2 and set(r.stop_reason for r in results) <= {"max_response", "no_action"}
-  wrong, stats = rl_stages.rl_examples(results, even_first_token, "wrong")
-  masked, _ = rl_stages.rl_examples(results, even_first_token, "overturn")
+  wrong, stats = rollouts.rl_examples(results, even_first_token, "wrong")
+  masked, _ = rollouts.rl_examples(results, even_first_token, "overturn")
   assert not any(e["overturn"] for e in wrong) and [e["overturn"] for e in masked] == capped
   assert stats["rollout_length_stop"] == np.mean(capped)
   np.testing.assert_array_equal([e["reward"] for e in wrong], [even_first_token(r) for r in results])
@@ -118,14 +121,14 @@ def test_loss_aggregation_seq_mean_token_mean_matches_numpy():
   per_row = (pg * mask).sum(1) / np.maximum(mask.sum(1), 1)  # each trajectory's token mean (0 when masked)
   n_traj = (resp.sum(1) > 0).sum()  # masked trajectories stay in the count, the empty row does not
   want = per_row.sum() / n_traj
-  got, _ = losses.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
+  got, _ = objective.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
                             jnp.asarray(overturn), aggregation="seq_mean_token_mean")
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  token, _ = losses.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
+  token, _ = objective.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
                               jnp.asarray(overturn), aggregation="token_mean")
   np.testing.assert_allclose(float(token), (pg * mask).sum() / mask.sum(), rtol=1e-5)
   with pytest.raises(ValueError, match="aggregation"):
-    losses.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
+    objective.grpo_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp),
                      jnp.asarray(overturn), aggregation="sum")
 
 
@@ -137,11 +140,11 @@ def test_loss_aggregation_a_mostly_masked_batch_takes_a_smaller_step():
   half = np.array([1, 1, 1, 0, 0, 0], bool)
   adv[:3] = 0.0  # the masked rows would contribute nothing anyway: isolate the normaliser
   args = lambda ot: (jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(resp), jnp.asarray(ot))
-  seq_all, _ = losses.grpo_loss(*args(none), aggregation="seq_mean_token_mean")
-  seq_half, _ = losses.grpo_loss(*args(half), aggregation="seq_mean_token_mean")
+  seq_all, _ = objective.grpo_loss(*args(none), aggregation="seq_mean_token_mean")
+  seq_half, _ = objective.grpo_loss(*args(half), aggregation="seq_mean_token_mean")
   np.testing.assert_allclose(float(seq_half), float(seq_all), rtol=1e-5)  # same sum over the same 6 rows
-  tok_all, _ = losses.grpo_loss(*args(none))
-  tok_half, _ = losses.grpo_loss(*args(half))
+  tok_all, _ = objective.grpo_loss(*args(none))
+  tok_half, _ = objective.grpo_loss(*args(half))
   kept = resp[3:].sum() / resp.sum()
   np.testing.assert_allclose(float(tok_half) * kept, float(tok_all), rtol=1e-5)  # renormalised over fewer tokens
 
@@ -207,7 +210,7 @@ def test_old_logprobs_from_the_sampler_give_ratio_one(env, sampler):
   """The sampler's recorded log-probs, through example_from_rollout and collate_rl, equal the training
   forward's (fp32): the first update's ratio is 1 and nothing is clipped."""
   results = sampler.rollout(tasks(1), seed=2)
-  examples, _ = rl_stages.rl_examples(results, even_first_token, "wrong")
+  examples, _ = rollouts.rl_examples(results, even_first_token, "wrong")
   batch = env.batch(examples)
   state = env.fresh_state()
   recomputed = np.asarray(env.logprobs(state.params, batch))
@@ -241,12 +244,12 @@ def test_old_logprobs_recomputed_in_the_update_loop_and_ppo_epochs(env, sampler)
   one's ratio is 1; the last one (mini-batch 1, from the params after three updates) has the approx_kl
   numpy computes from the log-probs before and after those updates."""
   results = sampler.rollout(tasks(2), seed=3)
-  examples, _ = rl_stages.rl_examples(results, even_first_token, "wrong")
+  examples, _ = rollouts.rl_examples(results, even_first_token, "wrong")
   half = dataclasses.replace(BATCH, batch_size=PROMPTS * GROUP // 2)
-  minis = rl_stages.mini_batches(examples, 2)
+  minis = rollouts.mini_batches(examples, 2)
   assert [len({e["group_id"] for e in mb}) for mb in minis] == [2, 2]
   batches = [env.batch(mb, half) for mb in minis]
-  _, metrics = rl_stages.run_updates(env.fresh_state(), env.step, batches, epochs=2, logprob_fn=env.logprobs)
+  _, metrics = rl.run_updates(env.fresh_state(), env.step, batches, epochs=2, logprob_fn=env.logprobs)
   assert metrics["updates"] == 4.0
   assert abs(metrics["first_approx_kl"]) < 1e-6 and metrics["first_clip_fraction"] == 0.0
   assert abs(metrics["sampler_logprob_gap"]) < 1e-5
@@ -268,20 +271,20 @@ def test_dynamic_sampling_keeps_only_informative_groups(sampler):
   config = ml_collections.ConfigDict(dict(seed=0, view_pixels=112 * 112, rl=dict(
       prompts_per_step=PROMPTS, group_size=GROUP, tiers=("easy",), length_stop="wrong", dynamic_sampling=True,
       dynamic_sampling_max_rounds=3)))
-  plain = rl_stages.RolloutBatch(*rl_stages.rl_examples(sampler.rollout(tasks(0), seed=0), even_first_token,
+  plain = rollouts.RolloutBatch(*rollouts.rl_examples(sampler.rollout(tasks(0), seed=0), even_first_token,
                                                         "wrong"))
-  groups = rl_stages.groups_of(plain.examples)
+  groups = rollouts.groups_of(plain.examples)
   rewards = np.array([[e["reward"] for e in g] for g in groups])                  # [prompts, group]
-  np.testing.assert_array_equal([rl_stages.informative(g) for g in groups], rewards.min(1) < rewards.max(1))
+  np.testing.assert_array_equal([rollouts.informative(g) for g in groups], rewards.min(1) < rewards.max(1))
   overturned = [dict(e, overturn=True) for e in groups[0]]
-  assert not rl_stages.informative(overturned)  # over-turns count as reward 0 whatever their reward
+  assert not rollouts.informative(overturned)  # over-turns count as reward 0 whatever their reward
 
   # The demo's synthetic prompt stream through the real sampler, scored by the toy reward.
   drawn = rl_stages.draw_batch(config, sampler, even_first_token, step=0)
-  kept = rl_stages.groups_of(drawn.examples)
+  kept = rollouts.groups_of(drawn.examples)
   n_informative = int(drawn.stats["dynamic_groups_kept"])
-  assert len(kept) == PROMPTS and all(rl_stages.informative(g) for g in kept[:n_informative])
-  assert not any(rl_stages.informative(g) for g in kept[n_informative:])  # the fill, only when short
+  assert len(kept) == PROMPTS and all(rollouts.informative(g) for g in kept[:n_informative])
+  assert not any(rollouts.informative(g) for g in kept[n_informative:])  # the fill, only when short
   assert n_informative == PROMPTS or drawn.stats["dynamic_rounds"] == 3
   assert drawn.stats["dynamic_groups_drawn"] == PROMPTS * (1 + drawn.stats["dynamic_rounds"])
   assert rl_stages.prompt_indices(config, 0, 1).start >= rl_stages.DYNAMIC_INDEX_OFFSET
@@ -301,7 +304,7 @@ def test_rl_learns_a_toy_reward(env, sampler, model, length_stop, masking):
   first = None
   for i in range(5):
     results = sampler.rollout(tasks(10 + i), seed=100 + i)
-    examples, stats = rl_stages.rl_examples(results, even_first_token, length_stop)
+    examples, stats = rollouts.rl_examples(results, even_first_token, length_stop)
     if not masking:
       examples = [dict(e, overturn=False) for e in examples]
     first = stats["rollout_accuracy"] if first is None else first

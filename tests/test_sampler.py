@@ -11,9 +11,9 @@ import hf_reference as ref
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.processing import tokenizer as tok_lib
-from mini_o3_jax.sampler import SamplingParams, StopMatcher, generate
 from mini_o3_jax.sampler import engine as engine_lib
 from mini_o3_jax.sampler import sampling as sampling_lib
+from mini_o3_jax.sampler import SamplingParams, StopMatcher, generate
 
 # ----------------------------------------------------------------------------- greedy == transformers
 

@@ -15,15 +15,16 @@ from flax import nnx
 from PIL import Image
 
 from mini_o3_jax.agent import prompts
-from mini_o3_jax.model import prepare_inputs
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.model import prepare_inputs
 from mini_o3_jax.model import vlm
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
-from mini_o3_jax.sampler import SamplingParams
 from mini_o3_jax.sampler import engine as engine_lib
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids
+from mini_o3_jax.sampler import SamplingParams
 
 CONFIG = RolloutConfig(num_slots=4, max_turns=6, max_context=1024, max_turn_tokens=48, max_images=4,
                        min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, sampling=SamplingParams(temperature=1.0),
@@ -311,7 +312,7 @@ def test_compiled_programs_are_bounded(sampler):
 
 @pytest.mark.slow  # ~20 s: four more programs, partitioned over 8 fake devices
 def test_sharded_rollouts_equal_unsharded(model, tokenizer, sampler):
-  from mini_o3_jax.train import sharding as shard_lib
+  from mini_o3_jax import sharding as shard_lib
   mesh = shard_lib.make_mesh((2, 2, 2))
   image = coord_image()
   tasks = [Task(image, f"q{i}") for i in range(5)]

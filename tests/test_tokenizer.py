@@ -6,7 +6,6 @@ import unicodedata
 
 import pytest
 
-from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import tokenizer as tok_lib
 
 CORPUS = [
@@ -68,7 +67,7 @@ def test_special_tokens_at_real_ids(qwen):
   }
   assert qwen.eos_token == "<|im_end|>" and qwen.pad_token == "<|endoftext|>"
   assert qwen.bos_token is None and qwen.unk_token is None
-  assert qwen.chat_template == chat.QWEN25VL_CHAT_TEMPLATE
+  assert qwen.chat_template == tok_lib.QWEN25VL_CHAT_TEMPLATE
 
 
 def test_matches_tiktoken(qwen, tiktoken_enc):
@@ -146,7 +145,7 @@ def test_qwen_save_load_round_trip(qwen, tmp_path):
   assert tok_lib.special_token_ids(loaded) == tok_lib.special_token_ids(qwen)
   texts = CORPUS + _random_texts(50, seed=2)
   assert loaded(texts)["input_ids"] == qwen(texts)["input_ids"]
-  assert loaded.chat_template == chat.QWEN25VL_CHAT_TEMPLATE
+  assert loaded.chat_template == tok_lib.QWEN25VL_CHAT_TEMPLATE
 
 
 def test_load_tokenizer_fallbacks(qwen, tmp_path):
@@ -210,7 +209,7 @@ def test_small_save_load_round_trip(small, tmp_path):
   assert loaded(texts)["input_ids"] == small(texts)["input_ids"]
   assert tok_lib.special_token_ids(loaded) == tok_lib.special_token_ids(small)
   assert len(loaded) == len(small)
-  assert loaded.chat_template == chat.QWEN25VL_CHAT_TEMPLATE
+  assert loaded.chat_template == tok_lib.QWEN25VL_CHAT_TEMPLATE
 
 
 def test_small_without_protocol_tokens():

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(__file__))
 import train_worker as W  # noqa: E402
 
+from mini_o3_jax import sharding  # noqa: E402
 from mini_o3_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from mini_o3_jax.train import sharding  # noqa: E402
 from mini_o3_jax.train import state as state_lib  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")

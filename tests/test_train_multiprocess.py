@@ -13,8 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import train_worker as W  # noqa: E402
 
+from mini_o3_jax import sharding  # noqa: E402
 from mini_o3_jax.train import distributed  # noqa: E402
-from mini_o3_jax.train import sharding  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_worker.py")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

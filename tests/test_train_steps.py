@@ -14,12 +14,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 import train_worker as W  # noqa: E402
 
 from mini_o3_jax.model import vlm  # noqa: E402
+from mini_o3_jax.rl import advantages as advantages_lib  # noqa: E402
+from mini_o3_jax.rl import step as rl  # noqa: E402
+from mini_o3_jax import sharding  # noqa: E402
 from mini_o3_jax.train import batch as batch_lib  # noqa: E402
 from mini_o3_jax.train import distributed  # noqa: E402
+from mini_o3_jax.train import forward as forward_lib  # noqa: E402
 from mini_o3_jax.train import losses  # noqa: E402
-from mini_o3_jax.train import rl  # noqa: E402
 from mini_o3_jax.train import sft  # noqa: E402
-from mini_o3_jax.train import sharding  # noqa: E402
 from mini_o3_jax.train import state as state_lib  # noqa: E402
 
 SFT_CONFIG = sft.SFTConfig(grad_accum_steps=2)
@@ -153,12 +155,15 @@ def test_sft_loss_is_global_token_mean(env):
   def reference(params, b):
     logits = nnx.merge(graphdef, params).forward(b.inputs)
     targets, mask = losses.next_token_targets(b.inputs.input_ids, b.loss_mask)
-    return losses.sft_loss(logits[:, :-1], targets, mask)
+    logits = logits[:, :-1]
+    n = jnp.sum(mask)
+    correct = (jnp.argmax(logits, axis=-1) == targets) * mask
+    return -jnp.sum(losses.token_logprobs(logits, targets) * mask) / n, n, jnp.sum(correct) / n
 
-  want, aux = reference(env.params, batch)
+  want, num_tokens, accuracy = reference(env.params, batch)
   np.testing.assert_allclose(metrics[0]["loss"], want, rtol=1e-5)
-  np.testing.assert_allclose(metrics[0]["num_loss_tokens"], aux["num_tokens"])
-  np.testing.assert_allclose(metrics[0]["accuracy"], aux["accuracy"], atol=1e-6)
+  np.testing.assert_allclose(metrics[0]["num_loss_tokens"], num_tokens)
+  np.testing.assert_allclose(metrics[0]["accuracy"], accuracy, atol=1e-6)
   assert metrics[0]["num_tokens"] == batch.inputs.attention_mask.sum()
 
 
@@ -250,7 +255,7 @@ def test_rl_advantages_follow_the_config():
   rewards = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
   groups = jnp.array([0, 0, 0, 0, 1, 1, 1, -1])  # last row: padding
   overturn = jnp.array([True, False, False, False, False, False, False, False])
-  advantages = jax.jit(rl.rl_advantages, static_argnums=0)
+  advantages = jax.jit(advantages_lib.trajectory_advantages, static_argnums=0)
   r, adv, m = advantages(rl.RLConfig(), rewards, groups, overturn)
   assert r[0] == 0.0  # forced to 0
   g0 = np.array([0.0, 1.0, 0.0, 0.0])
@@ -270,7 +275,7 @@ def test_chunked_head_matches_full(env):
   targets = jnp.asarray(rng.integers(0, W.MICRO_VOCAB, size=(2, 13)))
 
   def total(h, chunk):
-    st = sft.head_token_stats(model, h, targets, chunk=chunk, entropy=True, correct=True)
+    st = forward_lib.head_token_stats(model, h, targets, chunk=chunk, entropy=True, correct=True)
     return jnp.sum(st["logprobs"]) + jnp.sum(st["entropy"]), st
 
   @jax.jit

@@ -83,7 +83,7 @@ def run_resume(args) -> None:
   from mini_o3_jax.train import batch as batch_lib
   from mini_o3_jax.train import checkpoint as ckpt_lib
   from mini_o3_jax.train import sft
-  from mini_o3_jax.train import sharding
+  from mini_o3_jax import sharding
   from mini_o3_jax.train import state as state_lib
 
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -189,7 +189,7 @@ def param_checksums(params) -> dict[str, float]:
 def run_multiprocess(args) -> None:
   import jax
   from mini_o3_jax.train import distributed
-  from mini_o3_jax.train import sharding
+  from mini_o3_jax import sharding
 
   distributed.maybe_initialize(distributed.DistributedConfig(
       coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,

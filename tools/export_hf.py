@@ -28,12 +28,12 @@ import sys
 from typing import Sequence
 
 try:
-  from mini_o3_jax import export
+  from mini_o3_jax import cli
 except ImportError:  # run from a checkout without installing the package
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from mini_o3_jax import export
+  from mini_o3_jax import cli
 
-DTYPES = export.CLI_DTYPES
+DTYPES = cli.DTYPES
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -46,8 +46,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--checkpoint", required=True, help="Checkpointer directory or one of its step directories")
   p.add_argument("--out", required=True, help="output directory (local or gs://)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
@@ -63,6 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  from mini_o3_jax import export  # pylint: disable=g-import-not-at-top  (JAX loads after the flags parse)
   return export.run_cli("export_hf", lambda: export.export_checkpoint(
       args.checkpoint, args.out, config_path=args.config, tokenizer_path=args.tokenizer,
       dtype=DTYPES[args.dtype], max_shard_bytes=args.max_shard_size, min_pixels=args.min_pixels,

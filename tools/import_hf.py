@@ -34,17 +34,16 @@ import sys
 from typing import Sequence
 
 try:
-  from mini_o3_jax import export
+  from mini_o3_jax import cli
 except ImportError:  # run from a checkout without installing the package
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from mini_o3_jax import export
+  from mini_o3_jax import cli
 
-DTYPES = export.CLI_DTYPES
+DTYPES = cli.DTYPES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = cli.parser(__doc__)
   p.add_argument("--hf", required=True, help="a local HF Qwen2.5-VL model directory")
   p.add_argument("--out", required=True, help="new checkpoint directory (local or gs://)")
   p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored params")
@@ -53,6 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  from mini_o3_jax import export  # pylint: disable=g-import-not-at-top  (JAX loads after the flags parse)
   return export.run_cli("import_hf", lambda: export.import_pretrained(args.hf, args.out, dtype=DTYPES[args.dtype]))
 
 

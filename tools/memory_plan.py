@@ -31,14 +31,16 @@ except ImportError:  # run from a checkout without installing the package
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mini_o3_jax.model import config as config_lib  # noqa: E402
-from mini_o3_jax.pipeline import sources  # noqa: E402
+from mini_o3_jax.pipeline import common  # noqa: E402
 from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
+from mini_o3_jax import run_config  # noqa: E402
+from mini_o3_jax.sampler.rollout import RolloutConfig  # noqa: E402
 from mini_o3_jax.train import memory  # noqa: E402
 from mini_o3_jax.train import optimizer as optimizer_lib  # noqa: E402
 
 DEFAULT_TPUS = ("v4-8", "v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-32", "v5p-64")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESETS = {**sources.PRESETS, **sources.TINY_PRESETS}  # tiny presets at their default vocabulary
+PRESETS = {**run_config.PRESETS, **run_config.TINY_PRESETS}  # tiny presets at their default vocabulary
 
 
 def load_config(path: str, overrides: Sequence[str] = ()):
@@ -69,10 +71,9 @@ def model_config(config) -> config_lib.VLMConfig:
   if config.model.get("preset") or config.model.get("init_from"):
     vocab = (tok_lib.QWEN_NUM_BPE_TOKENS + len(tok_lib.QWEN_ADDED_TOKENS) if kind == "qwen"
              else config.tokenizer.vocab_size)
-    return sources.model_config(config, vocab, sources.special_ids(kind))
-  from mini_o3_jax.pipeline import common  # pylint: disable=g-import-not-at-top
+    return run_config.model_config_for_vocabulary(config, vocab, run_config.special_ids(kind))
   with tempfile.TemporaryDirectory() as tmp:  # the demo's sizes depend on its trained tokenizer
-    return common.model_config(config, common.build_tokenizer(common.resolve(config), tmp))
+    return run_config.model_config(config, common.build_tokenizer(common.resolve(config), tmp))
 
 
 def _power_of_two(n: int, minimum: int = 16) -> int:
@@ -82,12 +83,10 @@ def _power_of_two(n: int, minimum: int = 16) -> int:
   return b
 
 
-def _image_patches(config, section, patch_pixels: int) -> int:
+def _image_patches(rollout: RolloutConfig, patch_pixels: int) -> int:
   """Padded patches of one image in the sampler: the per-image bucket holding an image at max_pixels."""
-  _, max_pixels = sources.pixel_budget(config)
-  need = max_pixels // patch_pixels
-  buckets = tuple(section.get("patch_buckets_per_image", (64,)))
-  fitting = [b for b in sorted(buckets) if b >= need]
+  need = rollout.max_pixels // patch_pixels
+  fitting = [b for b in sorted(rollout.patch_buckets or ()) if b >= need]
   return fitting[0] if fitting else _power_of_two(need)
 
 
@@ -104,6 +103,7 @@ def phases(config, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
         optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=c.weight_decay)))
   if "rl" in stages or "rl_no_mask" in stages:
     c = config.rl
+    rollout = run_config.rollout_config(config, c)
     batch = c.prompts_per_step * c.group_size // c.get("mini_batches", 1)  # rows of one update
     out.append(memory.Phase(
         "rl", batch=batch, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
@@ -111,12 +111,13 @@ def phases(config, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
         train_vision=c.get("train_vision", True),
         optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=0.0),
         rollout_slots=c.get("num_slots") or c.prompts_per_step * c.group_size, rollout_context=c.max_context,
-        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c, patch_pixels)))
+        rollout_chunk=max(rollout.chunk_buckets), rollout_patches=_image_patches(rollout, patch_pixels)))
   if "eval" in stages:
     c = config.eval
+    rollout = run_config.rollout_config(config, c)
     out.append(memory.Phase(
         "eval", train=False, rollout_slots=c.num_slots, rollout_context=c.max_context,
-        rollout_chunk=max(c.get("chunk_buckets", (32, 64, 128))), rollout_patches=_image_patches(config, c, patch_pixels)))
+        rollout_chunk=max(rollout.chunk_buckets), rollout_patches=_image_patches(rollout, patch_pixels)))
   return out
 
 

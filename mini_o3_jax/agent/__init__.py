@@ -1,4 +1,4 @@
-"""The visual-search protocol: prompts, tool-call parsing, crop tool, trajectories, judging."""
+"""The visual-search protocol: the task, prompts, tool-call parsing, crop tool, trajectories, judging."""
 
 from mini_o3_jax.agent.judge import extract_answer
 from mini_o3_jax.agent.judge import Judge
@@ -15,6 +15,7 @@ from mini_o3_jax.agent.prompts import observation_turn
 from mini_o3_jax.agent.prompts import question_prompt
 from mini_o3_jax.agent.prompts import STOP_STRINGS
 from mini_o3_jax.agent.prompts import user_message
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent.tools import Action
 from mini_o3_jax.agent.tools import apply_tool_call
 from mini_o3_jax.agent.tools import crop

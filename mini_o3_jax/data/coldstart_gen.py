@@ -38,11 +38,10 @@ import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from tqdm import tqdm
-
+from mini_o3_jax import progress as progress_lib
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.data import synthetic
-from mini_o3_jax.sampler.rollout import Task
 
 log = logging.getLogger(__name__)
 
@@ -503,8 +502,8 @@ def collect(sampler, questions: Sequence[Question], out_dir: str, *, judge: Judg
   meta = {"collector": "few_shot", "num_exemplars": len(exemplars), "seed": config.seed}
   start = time.time()
   n_kept = n_correct = n_samples = 0  # this run's, for the progress bar
-  with tqdm(total=len(questions), initial=len(questions) - len(pending), desc="cold-start", unit="q",
-            disable=not progress) as bar:
+  with progress_lib.bar(total=len(questions), initial=len(questions) - len(pending), desc="cold-start", unit="q",
+                        disable=not progress) as bar:
     for batch in _batches(pending, config.questions_per_batch):
       tasks, key_ids = [], []
       for q in batch:

@@ -93,11 +93,14 @@ class GroundingConfig:
 
   locate / name / read: questions of each kind per scene (fewer when the scene has fewer shapes).
   decimals: digits of every box coordinate, as the scripted cold start writes them.
+  question_first: the first question's text before the scene's image (the Qwen convention is image
+    first); causal attention then lets every image token see what is asked (issue 13's binding rung).
   """
   locate: int = 6
   name: int = 2
   read: int = 1
   decimals: int = 2
+  question_first: bool = False
 
 
 def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
@@ -159,15 +162,19 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   return [out[j] for j in rng.permutation(len(out))]
 
 
-def scene_messages(questions) -> list[dict[str, Any]]:
+def first_turn(question: str, question_first: bool) -> list[dict[str, Any]]:
+  """The first user turn's content: the scene's image and the question, in the configured order."""
+  return scene_messages([("locate", question, "", -1)], question_first)[0]["content"]
+
+
+def scene_messages(questions, question_first: bool = False) -> list[dict[str, Any]]:
   """The chat: the scene in the first user turn, then one user / assistant pair per question; a read
   question brings its crop as an image of its own."""
   messages = []
   for n, (kind, question, answer, _) in enumerate(questions):
-    content = [{"type": "image"}] if n == 0 else []
-    if kind == "read":
-      content.append({"type": "image"})
-    content.append({"type": "text", "text": question})
+    images = [{"type": "image"}] * ((n == 0) + (kind == "read"))  # the scene first, then the crop
+    text = [{"type": "text", "text": question}]
+    content = text + images if question_first and n == 0 else images + text
     messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
   return messages
 
@@ -192,7 +199,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels)
                for v in scene_views(task, questions, task_config)]
   grids = [g for _, g in processed]
-  enc = chat.tokenize_conversation(tokenizer, scene_messages(questions), grids)
+  enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
   return {
       "id": task.id,
       "input_ids": enc["input_ids"],

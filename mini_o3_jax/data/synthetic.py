@@ -325,6 +325,16 @@ def parse_task_id(item_id: str) -> tuple[str, str, int]:
   return tier, split, int(index)
 
 
+def is_task_id(item_id: str | None) -> bool:
+  return bool(item_id) and item_id.startswith("synthetic-") and item_id.count("-") == 3
+
+
+def task_from_id(item_id: str, config: SyntheticConfig) -> SyntheticTask:
+  """The task a `task_id` names, regenerated (a task is a pure function of its id and the config)."""
+  tier, split, index = parse_task_id(item_id)
+  return make_task(tier, index, config, split)
+
+
 def _scene_size(rng: np.random.Generator, config: SyntheticConfig) -> tuple[int, int]:
   """(width, height) with a full-budget view (avoids sizes Qwen's rounding maps to 84x84)."""
   lo, hi = config.scene_size_range

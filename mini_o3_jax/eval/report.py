@@ -5,11 +5,10 @@ from __future__ import annotations
 import collections
 import json
 import os
-import textwrap
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from mini_o3_jax.agent import tools
 from mini_o3_jax.agent.trajectory import Trajectory
@@ -115,12 +114,11 @@ def plot_turn_scaling(path: str, rows: Sequence[dict], *, train_turn_limit: int 
   return [path, pdf]
 
 
-def render_trajectory(traj: Trajectory, *, thumb: int = 224, width: int = 1200) -> Image.Image:
-  """A picture of one trajectory: the original with every crop's box drawn, the crops, the turns' text."""
-  images = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in traj.images]
-  # Where each image lies in the original, following the crop chain.
+def _crop_regions(traj: Trajectory) -> list[tuple[int, int, str, tuple[float, float, float, float]]]:
+  """(turn, observation index, source name, region in the original's relative coordinates) per crop,
+  following the chain of crops of crops."""
   regions = {0: (0.0, 0.0, 1.0, 1.0)}
-  boxes = []
+  out = []
   for k, turn in enumerate(traj.turns):
     a = turn.action
     if isinstance(a, tools.ToolCall) and turn.observation_index is not None:
@@ -128,35 +126,113 @@ def render_trajectory(traj: Trajectory, *, thumb: int = 224, width: int = 1200) 
       x0, y0, x1, y1 = (min(max(c, 0.0), 1.0) for c in a.bbox)
       w, h = px1 - px0, py1 - py0
       regions[turn.observation_index] = (px0 + x0 * w, py0 + y0 * h, px0 + x1 * w, py0 + y1 * h)
-      boxes.append((k, regions[turn.observation_index]))
-  original = images[0].copy()
-  draw = ImageDraw.Draw(original)
+      out.append((k, turn.observation_index, tools.canonical_source(a.source_index),
+                  regions[turn.observation_index]))
+  return out
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+  """`text` wrapped to lines at most `width` pixels wide in `font`."""
+  lines = []
+  for paragraph in text.split("\n"):
+    line = ""
+    for word in paragraph.split(" "):
+      trial = f"{line} {word}" if line else word
+      if line and draw.textlength(trial, font=font) > width:
+        lines.append(line)
+        line = word
+      else:
+        line = trial
+    lines.append(line)
+  return lines
+
+
+def _badge(draw: ImageDraw.ImageDraw, x: int, y: int, size: int, correct: bool) -> None:
+  """A green disc with a tick, or a red one with a cross (drawn, so no font needs the glyphs)."""
+  draw.ellipse((x, y, x + size, y + size), fill="#2ca02c" if correct else "#d62728")
+  w = max(2, size // 8)
+  if correct:
+    draw.line([(x + size * 0.25, y + size * 0.52), (x + size * 0.43, y + size * 0.7),
+               (x + size * 0.76, y + size * 0.32)], fill="white", width=w)
+  else:
+    for (a, b) in (((0.3, 0.3), (0.7, 0.7)), ((0.7, 0.3), (0.3, 0.7))):
+      draw.line([(x + size * a[0], y + size * a[1]), (x + size * b[0], y + size * b[1])], fill="white", width=w)
+
+
+def render_trajectory(traj: Trajectory, *, target_box: Sequence[float] | None = None, correct: bool | None = None,
+                      thumb: int = 224, font_size: int = 15) -> Image.Image:
+  """A picture of one trajectory a person can read.
+
+  Left: the original with each crop's region drawn in its colour (and the target, when `target_box`
+  (relative coordinates) is given, as a dashed white box). Right: the crops, each framed in the colour
+  of its region and labelled with its turn, the image it was cut from and its box. Above: the question,
+  the gold and final answers, the stop reason and, with `correct`, a tick or cross badge. Below: every
+  turn's text, the turn numbers keyed to the colours.
+  """
+  font = ImageFont.load_default(size=font_size)
+  small = ImageFont.load_default(size=max(10, font_size - 3))
+  line_h = font_size + 5
+  images = [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in traj.images]
+  crops = _crop_regions(traj)
+  colour = {k: _COLOURS[n % len(_COLOURS)] for n, (k, _, _, _) in enumerate(crops)}
+
+  original = images[0].convert("RGB")
   ow, oh = original.size
-  for k, (x0, y0, x1, y1) in boxes:
-    c = _COLOURS[k % len(_COLOURS)]
-    draw.rectangle((x0 * ow, y0 * oh, x1 * ow, y1 * oh), outline=c, width=max(2, ow // 300))
   scale = 2 * thumb / max(ow, oh)
-  panels = [original.resize((max(1, int(ow * scale)), max(1, int(oh * scale))))]
-  panels += [im.resize((thumb, max(1, int(thumb * im.size[1] / im.size[0])))) for im in images[1:]]
-  lines = [f"Q: {traj.question}   gold: {traj.gold}   stop: {traj.stop_reason}"]
+  left = original.resize((max(1, round(ow * scale)), max(1, round(oh * scale))))
+  lw, lh = left.size
+  draw = ImageDraw.Draw(left)
+  for k, _, _, (x0, y0, x1, y1) in crops:
+    draw.rectangle((x0 * lw, y0 * lh, x1 * lw, y1 * lh), outline=colour[k], width=3)
+  if target_box is not None:
+    x0, y0, x1, y1 = (target_box[0] * lw, target_box[1] * lh, target_box[2] * lw, target_box[3] * lh)
+    for t in np.arange(0.0, 1.0, 0.1):  # dashed: every other tenth of each side
+      for (ax, ay, bx, by) in ((x0, y0, x1, y0), (x1, y0, x1, y1), (x1, y1, x0, y1), (x0, y1, x0, y0)):
+        draw.line([(ax + (bx - ax) * t, ay + (by - ay) * t), (ax + (bx - ax) * (t + 0.05), ay + (by - ay) * (t + 0.05))],
+                  fill="white", width=2)
+
+  # The crops in a grid of one or two rows as tall as the original, so no side is left half blank.
+  label_h = 2 * (font_size + 2)
+  rows = 2 if len(crops) > 1 else 1
+  cell_h = lh // rows
+  side = cell_h - label_h - 10
+  cols = max(1, -(-len(crops) // rows))
+  grid_w = cols * (side + 10) if crops else 0
+  header = [f"Q: {traj.question}", f"gold: {traj.gold}   answer: {traj.final_answer}   stop: {traj.stop_reason}"]
+  canvas_w = max(lw + 12 + grid_w, 900)
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  body = []
   for k, turn in enumerate(traj.turns):
-    extra = f"  -> observation {turn.observation_index}" if turn.observation_index else (
-        f"  -> ERROR {turn.error}" if turn.error else "")
-    lines += textwrap.wrap(f"[{k}] {turn.text.strip()}{extra}", width=width // 7)
-  text_h = 14 * len(lines) + 10
-  canvas_w = max(width, panels[0].size[0] + thumb + 6)
-  placements, x, y, row_h = [], 0, 0, 0  # panels left to right, wrapping to new rows
-  for p in panels:
-    if x and x + p.size[0] > canvas_w:
-      x, y, row_h = 0, y + row_h + 6, 0
-    placements.append((x, y))
-    x += p.size[0] + 6
-    row_h = max(row_h, p.size[1])
-  y += row_h
-  canvas = Image.new("RGB", (canvas_w, y + 6 + text_h), "white")
-  for p, (px, py) in zip(panels, placements):
-    canvas.paste(p, (px, py))
+    extra = (f"  -> observation {turn.observation_index}" if turn.observation_index is not None
+             else f"  -> ERROR {turn.error}" if turn.error else "")
+    body.append((k, _wrap(probe, f"[{k}] {turn.text.strip()}{extra}", font, canvas_w - 20)))
+  header_h = line_h * len(header) + 10
+  top_h = lh
+  body_h = line_h * sum(len(lines) for _, lines in body) + 10
+  canvas = Image.new("RGB", (canvas_w, header_h + top_h + body_h + 10), "white")
   draw = ImageDraw.Draw(canvas)
-  for i, line in enumerate(lines):
-    draw.text((6, y + 10 + 14 * i), line, fill="black")
+  badge = 2 * line_h - 4
+  text_x = 8 + (badge + 8 if correct is not None else 0)
+  if correct is not None:
+    _badge(draw, 8, 4, badge, correct)
+  for i, line in enumerate(header):
+    draw.text((text_x, 4 + line_h * i), line, fill="black", font=font)
+  canvas.paste(left, (0, header_h))
+  for n, (k, obs, source, _) in enumerate(crops):
+    x = lw + 12 + (n % cols) * (side + 10)
+    y = header_h + (n // cols) * cell_h
+    im = images[obs].convert("RGB") if obs < len(images) else Image.new("RGB", (side, side), "lightgrey")
+    fit = side / max(im.size)  # small crops are enlarged: each fills its cell
+    im = im.resize((max(1, round(im.size[0] * fit)), max(1, round(im.size[1] * fit))))
+    box = ", ".join(f"{c:.2f}" for c in traj.turns[k].action.bbox)
+    draw.text((x, y), f"turn {k}, from {source}", fill=colour[k], font=small)
+    draw.text((x, y + font_size + 2), f"[{box}]", fill=colour[k], font=small)
+    canvas.paste(im, (x, y + label_h))
+    draw.rectangle((x - 2, y + label_h - 2, x + im.size[0] + 1, y + label_h + im.size[1] + 1), outline=colour[k],
+                   width=3)
+  y = header_h + top_h + 8
+  for k, lines in body:
+    for line in lines:
+      draw.text((8, y), line, fill=colour.get(k, "black"), font=font)
+      y += line_h
   return canvas

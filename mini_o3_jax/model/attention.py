@@ -32,6 +32,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import PartitionSpec as P
 
+from mini_o3_jax import sharding as shard_lib
+
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "cudnn")
 PAD_SEGMENT = -1                        # segment id of padding tokens (they attend among themselves)
 _BLOCK_PAD_SEGMENT = np.iinfo(np.int32).min  # tokens added to fill the last block
@@ -389,11 +391,10 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, cau
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
     return rows(q, k, v, segments)
-  batch_axes = tuple(a for a in ("data", "fsdp") if q.shape[0] % mesh.shape[a] == 0 and mesh.shape[a] > 1)
-  heads = "tensor" if k.shape[2] % mesh.shape["tensor"] == 0 and mesh.shape["tensor"] > 1 else None
-  batch = batch_axes or None
-  qkv_spec = P(batch, None, heads, None)
-  return jax.shard_map(rows, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch, None)), out_specs=qkv_spec,
+  # [batch, length, heads, head_dim]; the heads split must divide the kv heads, which q's groups follow.
+  qkv_spec = shard_lib.divisible_spec(mesh, ("batch", "length", "activation_heads", None), k.shape)
+  segment_spec = P(qkv_spec[0], None)
+  return jax.shard_map(rows, in_specs=(qkv_spec, qkv_spec, qkv_spec, segment_spec), out_specs=qkv_spec,
                        check_vma=False)(q, k, v, segments)
 
 

@@ -30,6 +30,7 @@ import transformers
 from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.model.vlm import VLM
 from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax import sharding as shard_lib
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -178,10 +179,8 @@ def load_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, mesh=None
       hub id ("Qwen/Qwen2.5-VL-7B-Instruct") already in the local Hugging Face cache (never downloaded).
     dtype: compute dtype (and parameter dtype unless `param_dtype` is given).
     mesh: optional `jax.sharding.Mesh`; parameters are then created sharded by the logical rules.
-    rules: logical-axis rules (default `mini_o3_jax.train.sharding.DEFAULT_RULES`).
+    rules: logical-axis rules (default `mini_o3_jax.sharding.DEFAULT_RULES`).
   """
-  from mini_o3_jax.train import sharding as shard_lib  # local: keeps model/ free of train/ at import
-
   path = resolve_checkpoint(path)
 
   dtype_name = jnp.dtype(dtype).name

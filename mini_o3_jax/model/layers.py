@@ -1,7 +1,7 @@
 """Building blocks shared by the vision tower and the decoder.
 
 Every parameter carries `logical_axes` metadata (MaxText-style logical names such as `embed`, `mlp`,
-`q_heads`); `mini_o3_jax.train.sharding` maps those names to mesh axes with one table of rules. Modules
+`q_heads`); `mini_o3_jax.sharding` maps those names to mesh axes with one table of rules. Modules
 built with `stack=L` hold L layers' parameters with a leading `layers` axis so the layer loop is a
 `jax.lax.scan` (one compiled layer body, whatever the depth).
 """

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model.config import Qwen3VisionConfig, VLMConfig
+from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model.text import KVCache, TextModel
 from mini_o3_jax.model.vision import Qwen3VisionTower, VisionInputs, VisionTower
 

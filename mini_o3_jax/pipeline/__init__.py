@@ -1,8 +1,8 @@
 """The stages `main` can run, by name."""
 
 from mini_o3_jax.pipeline.coldstart_stage import run_coldstart
-from mini_o3_jax.pipeline.pretrain_stage import run_export_base, run_pretrain
 from mini_o3_jax.pipeline.eval_stages import run_eval, run_export, run_report
+from mini_o3_jax.pipeline.pretrain_stage import run_export_base, run_pretrain
 from mini_o3_jax.pipeline.rl_stages import run_rl, run_rl_no_mask
 from mini_o3_jax.pipeline.smoke import run_smoke
 from mini_o3_jax.pipeline.train_stages import run_data, run_sft

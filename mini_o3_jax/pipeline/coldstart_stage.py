@@ -30,10 +30,13 @@ import ml_collections
 from flax import nnx
 
 from mini_o3_jax.agent import RuleJudge
-from mini_o3_jax.data import coldstart, coldstart_gen, synthetic
-from mini_o3_jax.processing import image as image_lib
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler
-from mini_o3_jax.sampler.sampling import SamplingParams
+from mini_o3_jax.data import coldstart, coldstart_gen, load_benchmark
+from mini_o3_jax.model.hf import load_pretrained
+from mini_o3_jax.pipeline import common, train_stages
+from mini_o3_jax.processing import tokenizer as tok_lib
+from mini_o3_jax import run_config
+from mini_o3_jax.sampler.rollout import Sampler
+from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,9 @@ DEFAULTS: dict[str, Any] = dict(
     samples_per_question=4, max_kept_per_question=2, drop_tool_errors=True, min_crops=1,
     temperature=1.0, max_turns=6, max_context=2048, max_turn_tokens=96, num_slots=16, questions_per_batch=4,
     min_pixels=0, max_pixels=0, seed=0, out_dir="",
+    # The prompt chunk carries the exemplars' images too, so its patch count varies: no patch buckets.
+    chunk_buckets=(32, 64, 128, 256), decode_steps=8, patch_buckets_per_image=(),
 )
-# `--config.quick=True`: toy sizes, applied with the other stages' preset by `common.resolve`.
-QUICK: dict[str, Any] = dict(n_per_tier=2, samples_per_question=2, num_exemplars=1, max_turn_tokens=48,
-                             num_slots=4, questions_per_batch=2)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,54 +88,24 @@ def parse_model(spec: str) -> tuple[str, str]:
   return kind, value
 
 
-def _task_config(config) -> synthetic.SyntheticConfig:
-  if "view_pixels" in config:
-    from mini_o3_jax.pipeline import common  # pylint: disable=g-import-not-at-top
-    return common.task_config(config)
-  return synthetic.SyntheticConfig(seed=config.get("seed", 0))
-
-
 def load_model(config, workdir: str, spec: str):
   """(model, tokenizer) for a model spec (see `parse_model`)."""
   kind, value = parse_model(spec)
   if kind == "hf":
-    from mini_o3_jax.model.hf import load_pretrained  # pylint: disable=g-import-not-at-top
-    from mini_o3_jax.processing import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(os.path.join(value, "config.json")):
       raise FileNotFoundError(f"coldstart.model {spec!r}: no config.json in {value}")
     model, _ = load_pretrained(value)
     return model, tok_lib.load_tokenizer(value)
-  from mini_o3_jax.pipeline import common, train_stages  # pylint: disable=g-import-not-at-top
-  from mini_o3_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
-  params = train_stages.restore_params(workdir, value, config, mcfg, mesh)
+  params = train_stages.restore_params(workdir, value, mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   return nnx.merge(graphdef, params), tokenizer
 
 
-def pixel_budget(config, c) -> tuple[int, int]:
-  """(min, max) pixels: the section's, else the config's (the demo's one view_pixels, or min / max_pixels),
-  else the processor's defaults."""
-  view = config.get("view_pixels")
-  lo = c.min_pixels or view or config.get("min_pixels") or image_lib.DEFAULT_MIN_PIXELS
-  hi = c.max_pixels or view or config.get("max_pixels") or image_lib.DEFAULT_MAX_PIXELS
-  return int(lo), int(hi)
-
-
-def rollout_config(config, c) -> RolloutConfig:
-  lo, hi = pixel_budget(config, c)
-  # patch_buckets None: the prompt chunk carries the exemplars' images too, so its patch count varies.
-  return RolloutConfig(num_slots=c.num_slots, max_turns=c.max_turns, max_context=c.max_context,
-                       max_turn_tokens=c.max_turn_tokens, max_images=c.max_turns + 1, min_pixels=lo, max_pixels=hi,
-                       sampling=SamplingParams(temperature=c.temperature), chunk_buckets=(32, 64, 128, 256),
-                       decode_steps=8)
-
-
 def questions(config, c) -> list[coldstart_gen.Question]:
   if c.source == "synthetic":
-    return coldstart_gen.synthetic_questions(tuple(c.tiers), c.split, c.n_per_tier, _task_config(config),
+    return coldstart_gen.synthetic_questions(tuple(c.tiers), c.split, c.n_per_tier, run_config.task_config(config),
                                              start=c.start)
-  from mini_o3_jax.data import load_benchmark  # pylint: disable=g-import-not-at-top
   ds = load_benchmark(c.benchmark, c.benchmark_split, c.data_dir, skip_bad=True)
   qs = coldstart_gen.benchmark_questions(ds)
   return qs[:c.limit] if c.limit else qs
@@ -148,7 +120,7 @@ def exemplars(config, c, out_dir: str) -> list:
     path = os.path.join(out_dir, "exemplars.jsonl")
     if not os.path.exists(path):
       trajs = list(coldstart.scripted_coldstart(c.exemplar_tier, c.num_exemplars, split="train",
-                                                task_config=_task_config(config), start=EXEMPLAR_START))
+                                                task_config=run_config.task_config(config), start=EXEMPLAR_START))
       coldstart.write_jsonl_with_images(path, os.path.join(out_dir, "exemplar_images"), trajs)
   return coldstart_gen.load_exemplars(path, limit=c.num_exemplars)
 
@@ -160,7 +132,7 @@ def run_coldstart(config, workdir: str) -> dict:
   qs = questions(config, c)
   shots = exemplars(config, c, out_dir)
   model, tokenizer = load_model(config, workdir, c.model)
-  sampler = Sampler(model, tokenizer, rollout_config(config, c))
+  sampler = Sampler(model, tokenizer, run_config.rollout_config(config, c))
   collect_cfg = coldstart_gen.CollectConfig(
       samples_per_question=c.samples_per_question, max_kept_per_question=c.max_kept_per_question,
       drop_tool_errors=c.drop_tool_errors, min_crops=c.min_crops, questions_per_batch=c.questions_per_batch,

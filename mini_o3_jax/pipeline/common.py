@@ -1,4 +1,4 @@
-"""What the demo stages share: the quick preset, paths, the tokenizer, the model config, metric logs."""
+"""What the demo stages share: resolving the config (quick preset, flags), the mesh, paths, tokenizer, metric logs."""
 
 from __future__ import annotations
 
@@ -12,29 +12,12 @@ import ml_collections
 import numpy as np
 import tensorboardX
 
-from mini_o3_jax import agent
+from mini_o3_jax import agent, run_config
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.data import coldstart, synthetic
-from mini_o3_jax.model import config as config_lib
-from mini_o3_jax.pipeline import coldstart_stage, sources
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
-from mini_o3_jax.train import sharding as sharding_lib
-
-# Toy sizes: every stage runs in seconds (tests, smoke checks of the whole pipeline). Compiles are
-# most of such a run, and XLA's -O0 halves them; the few steps run slower, which costs less.
-QUICK = {
-    "xla_flags": "--xla_backend_optimization_level=0",
-    "data.sft_tasks": dict(easy=6, medium=6, hard=8),
-    "sft.steps": 6, "sft.batch_size": 4, "sft.checkpoint_every": 3, "sft.log_every": 2,
-    "sft.length_buckets": (768,),  # one shape per step function: compiles, not steps, dominate here
-    "rl.steps": 2, "rl.prompts_per_step": 2, "rl.group_size": 2, "rl.checkpoint_every": 1, "rl.log_every": 1,
-    "rl.max_turn_tokens": 48, "rl.max_context": 768, "rl.length_buckets": (768,),
-    "eval.n_per_tier": 2, "eval.budgets": (1, 2, 4), "eval.num_slots": 4, "eval.max_turn_tokens": 48,
-    "eval.max_context": 1024, "eval.viewer_examples": 1, "eval.skills_per_tier": 2,
-    **{f"coldstart.{k}": v for k, v in coldstart_stage.QUICK.items()},
-}
-
+from mini_o3_jax import sharding as sharding_lib
 
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   *parents, key = dotted.split(".")
@@ -46,9 +29,20 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   node[key] = value
 
 
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{dotted name: value} of a nested mapping's leaves."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def resolve(config: ml_collections.ConfigDict, explicit: Mapping[str, Any] | None = None
             ) -> ml_collections.ConfigDict:
-  """The config that runs: the quick preset applied when `config.quick` is set, `explicit` over it.
+  """The config that runs: its `quick_preset` applied when `config.quick` is set, `explicit` over it.
 
   `explicit` maps dotted names to the values given on the command line (`config_flags`'
   `get_override_values`): a flag the user typed wins over the preset. Idempotent (the result is
@@ -56,8 +50,11 @@ def resolve(config: ml_collections.ConfigDict, explicit: Mapping[str, Any] | Non
   """
   if not config.get("quick", False) or config.get("quick_applied", False):
     return config
+  preset = config.get("quick_preset")
+  if not preset:
+    raise ValueError("config.quick=True, but this config has no quick_preset (configs/demo.py has one)")
   c = ml_collections.ConfigDict(config.to_dict())
-  for dotted, value in {**QUICK, **(explicit or {})}.items():
+  for dotted, value in {**_leaves(preset.to_dict()), **(explicit or {})}.items():
     _set(c, dotted, value)
   c.quick_applied = True
   return c
@@ -68,7 +65,7 @@ def setup(config, workdir: str):
   config = resolve(config)
   tokenizer = build_tokenizer(config, workdir)
   mesh = sharding_lib.make_mesh(tuple(config.get("mesh") or (1, -1, 1)))
-  return config, tokenizer, model_config(config, tokenizer), mesh
+  return config, tokenizer, run_config.model_config(config, tokenizer), mesh
 
 
 def sampler_mesh(config, mesh):
@@ -80,11 +77,6 @@ def path(workdir: str, *parts: str) -> str:
   p = os.path.join(workdir, *parts)
   os.makedirs(os.path.dirname(p), exist_ok=True)
   return p
-
-
-def task_config(config) -> synthetic.SyntheticConfig:
-  return synthetic.SyntheticConfig(view_max_pixels=config.view_pixels, view_min_pixels=config.view_pixels,
-                                   seed=config.seed)
 
 
 # Fixed protocol text becomes single tokens of the small tokenizer: a tiny model gains nothing from
@@ -126,40 +118,13 @@ def build_tokenizer(config, workdir: str):
     return tok_lib.load_tokenizer(out)
   corpus = []
   for tier in synthetic.TIERS:
-    for traj in coldstart.scripted_coldstart(tier, 40, split="train", task_config=task_config(config)):
+    for traj in coldstart.scripted_coldstart(tier, 40, split="train", task_config=run_config.task_config(config)):
       corpus += [_message_text(m) for m in traj.to_messages()]
   corpus += [f"<answer>{d}</answer>" for d in "0123456789"] * 20
   tokenizer = tok_lib.build_small_tokenizer(corpus, vocab_size=config.tokenizer.vocab_size,
                                             protocol_tokens=tok_lib.PROTOCOL_TOKENS + PHRASES)
   tokenizer.save_pretrained(out)
   return tok_lib.load_tokenizer(out)
-
-
-def model_config(config, tokenizer) -> config_lib.VLMConfig:
-  ids = tok_lib.special_token_ids(tokenizer)
-  if config.model.get("preset") or config.model.get("init_from"):
-    return sources.model_config(config, len(tokenizer), ids)
-  m = config.model
-  half = m.hidden_size // m.num_heads // 2
-  # Qwen's (16, 24, 24) split of the rotary half: a quarter temporal, the rest height / width.
-  t_sec = half // 4
-  h_sec = (half - t_sec) // 2
-  text = config_lib.TextConfig(
-      vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-      mrope_section=(t_sec, h_sec, half - t_sec - h_sec),
-      rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=None, eos_token_id=ids["eos_token_id"],
-      pad_token_id=ids["pad_token_id"])
-  vision = config_lib.VisionConfig(
-      depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
-      num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
-      window_size=56, position_table=m.get("vision_position_table", 0),
-      output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
-      output_position_code=m.get("vision_output_position_code", 0.0))
-  return config_lib.VLMConfig(
-      text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-      vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
-      tie_word_embeddings=True)
 
 
 def tensorboard_writer(directory: str, purge_step: int | None = None) -> tensorboardX.SummaryWriter | None:

@@ -15,17 +15,16 @@ import dataclasses
 import json
 import logging
 import os
-import re
 
-import numpy as np
 from flax import nnx
 
-from mini_o3_jax import agent
+from mini_o3_jax.agent import task as agent_task
+from mini_o3_jax.data import coldstart, loader, synthetic
+from mini_o3_jax.eval import claims, diagnostics, report, turn_scaling
 from mini_o3_jax import export as export_lib
-from mini_o3_jax.data import coldstart, pipeline, synthetic
-from mini_o3_jax.eval import report, statistics, turn_scaling
-from mini_o3_jax.pipeline import common, probe, rl_stages, sources, train_stages
+from mini_o3_jax.pipeline import common, probe, sources, train_stages
 from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax import run_config
 import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import state as state_lib
 
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 MODELS = {"no_tools": ("sft", True), "sft": ("sft", False), "rl": ("rl", False),
           "rl_no_overturn_mask": ("rl_no_mask", False)}
 DIRECT_ANSWER = "<think>I answer from the image.</think>\n<answer>"
-_CUE = re.compile(r"on the ([a-z]+ [a-z]+)\?\s*$")  # the target a synthetic question names
 
 
 def _answer_at_once(task_index: int, traj) -> str | None:
@@ -46,8 +44,8 @@ def _answer_at_once(task_index: int, traj) -> str | None:
   """
   if traj.num_turns:
     return None
-  cue = _CUE.search(traj.question)
-  return f"<think>{coldstart.ANSWER_PREFIX} {cue.group(1)} is " if cue else DIRECT_ANSWER
+  cue = diagnostics.target_cue(traj.question)
+  return f"<think>{coldstart.ANSWER_PREFIX} {cue} is " if cue else DIRECT_ANSWER
 
 
 def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
@@ -55,14 +53,9 @@ def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
   if stage is None:
     params = sources.init_params(config, mcfg, mesh)
   else:
-    params = train_stages.restore_params(workdir, stage, config, mcfg, mesh)
+    params = train_stages.restore_params(workdir, stage, mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   return nnx.merge(graphdef, params)
-
-
-def _has_checkpoint(workdir: str, stage: str) -> bool:
-  d = os.path.join(workdir, "ckpt", stage)
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
 def _eval_models(config) -> list[tuple[str, str | None, bool]]:
@@ -77,7 +70,7 @@ def _eval_sets(config, tcfg):
   c = config.eval
   if not c.get("benchmarks"):
     for tier in c.tiers:
-      yield tier, iter([(0, [rollout_lib.Task(image=t.image, question=t.question, gold=t.answer, id=t.id)
+      yield tier, iter([(0, [agent_task.Task(image=t.image, question=t.question, gold=t.answer, id=t.id)
                              for t in synthetic.generate_split(tier, "test", c.n_per_tier, tcfg)])])
     return
   for entry in c.benchmarks:
@@ -99,17 +92,17 @@ def _record(traj, o: turn_scaling.Outcome) -> dict:
 def run_eval(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.eval
-  tcfg = None if c.get("benchmarks") else common.task_config(config)
+  tcfg = None if c.get("benchmarks") else run_config.task_config(config)
   judge = common.judge()
   rows, summary, skill_trajs = [], {}, None
   for name, stage, at_once in _eval_models(config):
-    if stage is not None and not _has_checkpoint(workdir, stage):
+    if stage is not None and not sources.has_checkpoint(workdir, stage):
       log.warning("eval: no %s checkpoint, skipping model %s", stage, name)
       continue
     model = _load_model(workdir, stage, config, mcfg, mesh)
     budgets = (1,) if at_once else tuple(c.budgets)
-    sampler = rollout_lib.Sampler(model, tokenizer, rl_stages.rollout_config(
-        config, c, num_slots=c.num_slots, max_turns=max(budgets)), mesh=common.sampler_mesh(config, mesh))
+    sampler = rollout_lib.Sampler(model, tokenizer, run_config.rollout_config(
+        config, c, max_turns=max(budgets), max_forced_tokens=32), mesh=common.sampler_mesh(config, mesh))
     # TensorBoard: one run per model, x = the test-time turn budget
     events = common.tensorboard_writer(os.path.join(workdir, "tensorboard", f"eval_{name}"))
     for tier, chunks in _eval_sets(config, tcfg):
@@ -120,7 +113,11 @@ def run_eval(config, workdir: str) -> dict:
                                   key_ids=range(offset, offset + len(tasks)))
         if not trajs:
           for k, r in enumerate(results[:c.viewer_examples]):
-            report.render_trajectory(r.trajectory).save(common.path(workdir, "eval", name, f"{file}_{k}.png"))
+            target = (synthetic.task_from_id(r.trajectory.id, tcfg).target_box
+                      if tcfg is not None and synthetic.is_task_id(r.trajectory.id) else None)
+            report.render_trajectory(r.trajectory, target_box=target,
+                                     correct=turn_scaling.outcome(r.trajectory, judge).correct,
+                                     ).save(common.path(workdir, "eval", name, f"{file}_{k}.png"))
         trajs += [_without_images(r.trajectory) for r in results]
       tier_rows = turn_scaling.turn_scaling_rows(name, tier, trajs, budgets, judge)
       rows += [r.as_dict() for r in tier_rows]
@@ -141,7 +138,7 @@ def run_eval(config, workdir: str) -> dict:
     if events is not None:
       events.close()
   if c.get("benchmarks"):
-    min_pixels, max_pixels = sources.pixel_budget(config)
+    min_pixels, max_pixels = run_config.pixel_budget(config)
     settings = {"temperature": c.temperature, "samples_per_task": dict(c.get("samples_per_task") or {}),
                 "min_pixels": min_pixels, "max_pixels": max_pixels, "max_context": c.max_context,
                 "max_turn_tokens": c.max_turn_tokens, "judge": "rule (normalised exact match; option letter)",
@@ -157,141 +154,13 @@ def run_eval(config, workdir: str) -> dict:
 
 def _write_skills(config, workdir: str, name: str, model, tokenizer, mcfg, trajs) -> None:
   """Teacher-forced accuracy by kind of token on scripted test-split trajectories (see `probe`)."""
-  min_pixels, max_pixels = sources.pixel_budget(config)
-  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, **image_lib.settings_for(mcfg))
+  min_pixels, max_pixels = run_config.pixel_budget(config)
+  example_cfg = loader.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, **image_lib.settings_for(mcfg))
   skills = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg,
                                probe.ProbeConfig(seq_len=config.data.max_tokens))
   log.info("eval %s skills: %s", name, ", ".join(f"{k} {100 * skills[k]:.0f}%" for k in probe.KINDS if k in skills))
   with open(common.path(workdir, "eval", name, "skills.json"), "w") as f:
     json.dump(skills, f, indent=2)
-
-
-def _cell(rows, model, tier, budget):
-  for r in rows:
-    if r["model"] == model and r["tier"] == tier and r["max_turns"] == budget:
-      return r
-  return None
-
-
-def difference(a: dict, b: dict) -> statistics.Difference:
-  """accuracy(a) - accuracy(b) of two eval rows (independent task samples) with its 95% interval."""
-  return statistics.independent_difference(statistics.correct_count(a["accuracy"], a["n"]), a["n"],
-                                           statistics.correct_count(b["accuracy"], b["n"]), b["n"])
-
-
-def _noise(a: dict | None, b: dict | None) -> str:
-  if a is None or b is None:
-    return ""
-  return "; " + difference(a, b).describe(a["n"], b["n"])
-
-
-def _turn_gain_noise(low: dict | None, high: dict | None) -> str:
-  """A gain between two budgets of one model: the same trajectories, so the exact McNemar test. A
-  trajectory right within the smaller budget is right within the larger, so every flip is a gain."""
-  if low is None or high is None:
-    return ""
-  gained = statistics.correct_count(high["accuracy"], high["n"]) - statistics.correct_count(low["accuracy"], low["n"])
-  p = statistics.paired_gain_pvalue(max(gained, 0), max(-gained, 0))
-  return f"; {gained:+d} of {high['n']} tasks, exact McNemar p={p:.3g}" + ("" if p < 0.05 else ", within noise")
-
-
-def check_claims(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
-  """The paper's four claims in miniature: (claim, holds (None = not measured), the numbers)."""
-  budgets = sorted({r["max_turns"] for r in rows})
-  top = budgets[-1] if budgets else None
-  low = 4 if 4 in budgets else (budgets[0] if budgets else None)
-  out = []
-
-  def acc(model, tier, b):
-    r = _cell(rows, model, tier, b)
-    return None if r is None else 100 * r["accuracy"]
-
-  sft_m, none_m = acc("sft", "medium", top), acc("no_tools", "medium", 1)
-  out.append(("Tools matter: SFT with crops beats the same model answering from the downscaled image by "
-              ">= 30 points (medium)", None if None in (sft_m, none_m) else sft_m - none_m >= 30,
-              f"sft {sft_m} vs no_tools {none_m}" + _noise(_cell(rows, "sft", "medium", top),
-                                                            _cell(rows, "no_tools", "medium", 1))))
-  rl_h, sft_h = acc("rl", "hard", top), acc("sft", "hard", top)
-  out.append(("RL helps: hard-tier accuracy after RL >= SFT + 5 points (same budget)",
-              None if None in (rl_h, sft_h) else rl_h >= sft_h + 5,
-              f"rl {rl_h} vs sft {sft_h} at {top} turns" + _noise(_cell(rows, "rl", "hard", top),
-                                                                  _cell(rows, "sft", "hard", top))))
-  hi = [acc("rl", "hard", b) for b in (16, 32) if b in budgets]
-  at_low = acc("rl", "hard", low)
-  best = max((b for b in (16, 32) if b in budgets), key=lambda b: acc("rl", "hard", b) or 0.0, default=None)
-  out.append((f"Test-time turn scaling: RL hard accuracy at 16/32 turns > at {low} turns",
-              None if not hi or at_low is None or None in hi else max(hi) > at_low,
-              f"{low} turns {at_low}, 16/32 turns {hi}"
-              + ("" if best is None else _turn_gain_noise(_cell(rows, "rl", "hard", low), _cell(rows, "rl", "hard", best)))))
-  m, nm = _cell(rows, "rl", "hard", top), _cell(rows, "rl_no_overturn_mask", "hard", top)
-  if m is None or nm is None:
-    out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", None,
-                "rl_no_overturn_mask not evaluated"))
-  else:
-    gain_m = acc("rl", "hard", top) - acc("rl", "hard", low)
-    gain_nm = acc("rl_no_overturn_mask", "hard", top) - acc("rl_no_overturn_mask", "hard", low)
-    holds = nm["mean_turns"] < m["mean_turns"] and gain_nm < gain_m
-    out.append(("Over-turn masking matters: without it, shorter trajectories and less turn scaling", holds,
-                f"mean turns {m['mean_turns']:.2f} (mask) vs {nm['mean_turns']:.2f} (no mask); "
-                f"gain {low}->{top} turns {gain_m:.1f} vs {gain_nm:.1f} points; at {top} turns mask vs no mask"
-                + _noise(m, nm)))
-  return out
-
-
-def _centre_in(box, crop) -> bool:
-  cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-  return crop[0] <= cx <= crop[2] and crop[1] <= cy <= crop[3]
-
-
-def search_diagnostics(records: list[dict], task_config: synthetic.SyntheticConfig | None = None) -> dict[str, float]:
-  """Why a synthetic-task policy fails, from its per-sample eval records.
-
-  names_target: the first thought names the question's target ("... on the yellow hexagon"), i.e. the
-    policy conditions on the question at all; digit_answer: the final answer is a single digit;
-    first_call_valid: the first turn is a well-formed crop call. With `task_config` (the scenes are
-    regenerated from the record ids): first_zoom_on_target / first_zoom_on_object: the first turn crops
-    the original image around the target's centre / any shape's centre (the policy localises at all),
-    and *_chance: the same for a crop of the same size at a uniformly random place (what a policy that
-    sizes its crops right but does not localise scores).
-  """
-  if not records:
-    return {}
-  names, digits, valid, on_target, on_object, target_chance, object_chance = [], [], [], [], [], [], []
-  for r in records:
-    first = r["turns"][0] if r["turns"] else {"text": "", "error": "no turn", "action": None}
-    cue = _CUE.search(r["question"])
-    names.append(bool(cue) and f"on the {cue.group(1)}" in first["text"])
-    digits.append(bool(re.fullmatch(r"\s*\d\s*", r.get("final_answer") or "")))
-    action = first.get("action") or {}
-    valid.append(first["error"] is None and action.get("type") == "tool_call")
-    if task_config is not None:
-      tier, split, index = synthetic.parse_task_id(r["id"])
-      task = synthetic.make_task(tier, index, task_config, split)
-      call = agent.tools.parse_action(first["text"])
-      crop = call.bbox if isinstance(call, agent.tools.ToolCall) and call.source_index == 0 else None
-      on_target.append(crop is not None and _centre_in(task.target_box, crop))
-      on_object.append(crop is not None and any(_centre_in(o.box, crop) for o in task.objects))
-      shifted = _shifted_boxes(crop) if crop is not None else []
-      target_chance.append(np.mean([_centre_in(task.target_box, b) for b in shifted]) if shifted else 0.0)
-      object_chance.append(np.mean([any(_centre_in(o.box, b) for o in task.objects) for b in shifted])
-                           if shifted else 0.0)
-  out = {"names_target": float(np.mean(names)), "digit_answer": float(np.mean(digits)),
-         "first_call_valid": float(np.mean(valid))}
-  if task_config is not None:
-    out.update(first_zoom_on_target=float(np.mean(on_target)), first_zoom_on_object=float(np.mean(on_object)),
-               first_zoom_on_target_chance=float(np.mean(target_chance)),
-               first_zoom_on_object_chance=float(np.mean(object_chance)))
-  return out
-
-
-def _shifted_boxes(box, steps: int = 9) -> list[tuple[float, float, float, float]]:
-  """`box` moved to each point of a steps x steps grid over the image (same size): where a blind crop goes."""
-  x0, y0, x1, y1 = box
-  w, h = min(max(x1 - x0, 0.0), 1.0), min(max(y1 - y0, 0.0), 1.0)
-  return [(x, y, x + w, y + h) for x in np.linspace(0, 1 - w, steps) for y in np.linspace(0, 1 - h, steps)]
-
-
-DIAGNOSTICS = ("names_target", "first_zoom_on_target", "first_zoom_on_object", "digit_answer", "first_call_valid")
 
 
 def _diagnostics_table(workdir: str, tiers, task_config) -> str:
@@ -301,13 +170,13 @@ def _diagnostics_table(workdir: str, tiers, task_config) -> str:
       path = os.path.join(workdir, "eval", name, f"{tier}.jsonl")
       if os.path.exists(path) and not at_once:  # a forced answer is no search to diagnose
         with open(path) as f:
-          d = search_diagnostics([json.loads(line) for line in f], task_config)
+          d = diagnostics.search_diagnostics([json.loads(line) for line in f], task_config)
         cells = {k: f"{100 * v:.0f}" for k, v in d.items() if not k.endswith("_chance")}
         for k in ("first_zoom_on_target", "first_zoom_on_object"):
           if k in d:
             cells[k] += f" ({100 * d[k + '_chance']:.0f})"
         rows.append({"model": name, "tier": tier, **cells})
-  return report.markdown_table(rows, ["model", "tier", *DIAGNOSTICS]) if rows else "(no per-sample records)"
+  return report.markdown_table(rows, ["model", "tier", *diagnostics.DIAGNOSTICS]) if rows else "(no per-sample records)"
 
 
 def _skills_table(workdir: str) -> str:
@@ -332,14 +201,14 @@ def run_report(config, workdir: str) -> dict:
   rows = metrics["eval"]
   report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows,
                            train_turn_limit=metrics.get("settings", {}).get("train_turn_limit"))
-  claims = check_claims(rows)
+  checked = claims.check_claims(rows)
   lines = ["# mini_o3_jax demo report", "",
            "Synthetic visual search (digits legible only after zooming), a ~1M-parameter Qwen2.5-VL trained "
            "from scratch: scripted cold-start SFT, then GRPO with and without over-turn masking.", "",
            "Settings: " + ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items()), "",
            "## Accuracy (%) by test-time turn budget", "", report.accuracy_grid(rows), "",
            "![turn scaling](turn_scaling.png)", "", "## The paper's claims in miniature", ""]
-  for claim, holds, numbers in claims:
+  for claim, holds, numbers in checked:
     mark = "not measured" if holds is None else ("HOLDS" if holds else "DOES NOT HOLD")
     if holds and "within noise" in numbers:
       mark = "HOLDS, BUT WITHIN NOISE"
@@ -350,7 +219,7 @@ def run_report(config, workdir: str) -> dict:
             "around the target / around any shape (the policy localises), in brackets the same for a crop of "
             "that size at a random place; digit_answer: the answer is one digit; "
             "first_call_valid: the first turn is a well-formed crop.", "",
-            _diagnostics_table(workdir, config.eval.tiers, common.task_config(config))]
+            _diagnostics_table(workdir, config.eval.tiers, run_config.task_config(config))]
   lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
             "goal: copying the target's colour and shape from the question; box_xy: the tenths digits of a crop's "
             "x0, y0 (where to look); box_rest: its other coordinate digits; read: digits read off a crop; other: the "
@@ -367,17 +236,17 @@ def run_report(config, workdir: str) -> dict:
       lines += ["", f"### Example trajectories: {name}", ""] + [f"![{p}](eval/{name}/{p})" for p in pics]
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  return {claim.split(":")[0]: holds for claim, holds, _ in claims}  # "Tools matter", "RL helps", ...
+  return {claim.split(":")[0]: holds for claim, holds, _ in checked}  # "Tools matter", "RL helps", ...
 
 
 def run_export(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
-  stage = next((s for s in ("rl", "sft") if _has_checkpoint(workdir, s)), None)
+  stage = next((s for s in ("rl", "sft") if sources.has_checkpoint(workdir, s)), None)
   if stage is None:
     raise FileNotFoundError("nothing to export: no rl or sft checkpoint in the work directory")
   model = _load_model(workdir, stage, config, mcfg, mesh)
   out = os.path.join(workdir, "hf_export")
   # The whole HF directory (weights, tokenizer, chat template, processor and generation configs).
-  min_pixels, max_pixels = sources.pixel_budget(config)
+  min_pixels, max_pixels = run_config.pixel_budget(config)
   export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
   return {"exported": stage, "path": out}

@@ -9,8 +9,10 @@ each beside `prior_<role>`, the accuracy of always writing the role's most frequ
 
 Greedy (the numbers the base is judged by): the target of each held-out scene is asked for alone
 ("Where is the <target>?"), the box is decoded by the sampler and parsed by the agent's own parser,
-and `on_target` counts boxes whose centre lies in the target's box (a crop there shows the target),
-`iou50` boxes with IoU >= 0.5; `read` the digit decoded from the target's legible crop.
+and `on_target` counts boxes that contain the target's centre (a crop there shows the target),
+`on_object` boxes that contain any shape's centre (localising some shape, named or not: on_object high
+with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` the digit decoded from
+the target's legible crop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flax import nnx
 
 from mini_o3_jax.agent import tools
 from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.eval import diagnostics
 from mini_o3_jax.pipeline import probe as probe_lib
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
@@ -64,11 +67,6 @@ def token_roles(pieces, kinds) -> list[str | None]:
   return roles
 
 
-def _centre_in(box, crop) -> bool:
-  cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-  return crop[0] <= cx <= crop[2] and crop[1] <= cy <= crop[3]
-
-
 def iou(a, b) -> float:
   ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
   iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -83,6 +81,7 @@ class GroundingProbe:
   def __init__(self, config: ProbeConfig, grounding_config: grounding.GroundingConfig,
                task_config: synthetic.SyntheticConfig, tokenizer, model_config, seed: int = 0):
     self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
+    self.question_first = grounding_config.question_first
     self.rows, self.tasks = {}, {}
     for level in config.levels:
       rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + grounding.level_salt(level)]))
@@ -127,7 +126,7 @@ class GroundingProbe:
 
   def _prompt(self, image, question: str):
     pv, grid = image_lib.preprocess_image(image, self.task_config.view_min_pixels, self.task_config.view_max_pixels)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    messages = [{"role": "user", "content": grounding.first_turn(question, self.question_first)}]
     enc = chat.tokenize_conversation(self.tokenizer, messages, [grid], add_generation_prompt=True)
     return enc["input_ids"], pv, grid
 
@@ -153,16 +152,17 @@ class GroundingProbe:
     locate = [self._prompt(view(t, None), grounding.locate_question(grounding.object_name(target(t))))
               for t in tasks]
     read = [self._prompt(view(t, target(t).zoom_path[-1]), grounding.READ_QUESTION) for t in tasks]
-    on_target, iou50, reads = [], [], []
+    on_target, on_object, iou50, reads = [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 20)):
       action = tools.parse_action(tools.truncate_at_stop(text))
       box = action.bbox if isinstance(action, tools.ToolCall) else None
-      on_target.append(box is not None and _centre_in(t.target_box, box))
+      on_target.append(box is not None and diagnostics.centre_in(t.target_box, box))
+      on_object.append(box is not None and any(diagnostics.centre_in(o.box, box) for o in t.objects))
       iou50.append(box is not None and iou(box, t.target_box) >= 0.5)
     for t, text in zip(tasks, self._generate(model, read, 8)):
       reads.append(f"<answer>{t.answer}</answer>" in text)
-    return {"on_target": float(np.mean(on_target)), "iou50": float(np.mean(iou50)),
-            "read": float(np.mean(reads))}
+    return {"on_target": float(np.mean(on_target)), "on_object": float(np.mean(on_object)),
+            "iou50": float(np.mean(iou50)), "read": float(np.mean(reads))}
 
 
 def format_skills(skills: dict[str, float]) -> str:

@@ -18,9 +18,10 @@ import os
 import jax
 from flax import nnx
 import numpy as np
-from tqdm import tqdm
 
+from mini_o3_jax import progress
 from mini_o3_jax import export as export_lib
+from mini_o3_jax import run_config
 
 from mini_o3_jax.data import grounding
 from mini_o3_jax.pipeline import common, grounding_probe, sources
@@ -41,7 +42,8 @@ def curriculum(config) -> grounding.Curriculum:
 
 def grounding_config(config) -> grounding.GroundingConfig:
   q = config.pretrain.questions
-  return grounding.GroundingConfig(locate=q.locate, name=q.name, read=q.read, decimals=q.decimals)
+  return grounding.GroundingConfig(locate=q.locate, name=q.name, read=q.read, decimals=q.decimals,
+                                  question_first=q.get("question_first", False))
 
 
 def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: float) -> batch_lib.SFTBatch:
@@ -64,7 +66,7 @@ def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: floa
 def run_pretrain(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   c = config.pretrain
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
                                  end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0,
                                  freeze_vision=c.get("freeze_vision", False))
@@ -105,7 +107,7 @@ def run_pretrain(config, workdir: str) -> dict:
   metrics, skills = {}, {}
   # Scenes for the next step are drawn on a host thread while the device runs this one.
   with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-       tqdm(range(start, c.steps), desc="pretrain", initial=start, total=c.steps) as bar:
+       progress.bar(range(start, c.steps), desc="pretrain", initial=start, total=c.steps) as bar:
     upcoming = pool.submit(lambda s: collate(stream.rows_for(s)), start)
     for step in bar:
       batch = upcoming.result()
@@ -139,11 +141,11 @@ def run_export_base(config, workdir: str) -> dict:
   This is the directory the demo's `model.init_from` names (the repository ships one: assets/tiny_base).
   """
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
-  params = restore_params(workdir, "pretrain", config, mcfg, mesh)
+  params = restore_params(workdir, "pretrain", mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   model = nnx.merge(graphdef, params)
   out = config.base_export.get("out") or os.path.join(workdir, "base")
-  min_pixels, max_pixels = sources.pixel_budget(config)
+  min_pixels, max_pixels = run_config.pixel_budget(config)
   export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
   skills_file = os.path.join(workdir, "pretrain", "skills.json")
   summary = {"steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size, "seed": config.seed,

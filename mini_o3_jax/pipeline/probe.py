@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mini_o3_jax.data import coldstart, pipeline
+from mini_o3_jax.data import coldstart, loader
 from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import forward as forward_lib
 from mini_o3_jax.train import losses
-from mini_o3_jax.train import sft as sft_lib
 
 KINDS = ("goal", "box_xy", "box_rest", "read", "other")
 GOAL_PHRASE = coldstart.GOAL_PREFIX
@@ -87,12 +87,12 @@ def correct_fn(graphdef):
   @jax.jit
   def correct(params, inputs, targets):
     model = nnx.merge(graphdef, params)
-    hidden = sft_lib.hidden_states(model, inputs)[:, :-1]
-    return sft_lib.head_token_stats(model, hidden, targets, correct=True)["correct"]
+    hidden = forward_lib.hidden_states(model, inputs)[:, :-1]
+    return forward_lib.head_token_stats(model, hidden, targets, correct=True)["correct"]
   return correct
 
 
-def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.ExampleConfig, model_config,
+def kind_accuracy(model, tokenizer, trajectories, example_config: loader.ExampleConfig, model_config,
                   config: ProbeConfig = ProbeConfig()) -> dict[str, float]:
   """Teacher-forced next-token accuracy per kind over `trajectories`.
 
@@ -100,7 +100,7 @@ def kind_accuracy(model, tokenizer, trajectories, example_config: pipeline.Examp
   frequent token, the score of a policy that ignores the question and the image.
   """
   example_config = dataclasses.replace(example_config, max_tokens=config.seq_len)
-  examples = [e for e in pipeline.examples_dataset(trajectories, tokenizer, example_config, drop_long=True)]
+  examples = [e for e in loader.examples_dataset(trajectories, tokenizer, example_config, drop_long=True)]
   if not examples:
     raise ValueError(f"no trajectory fits the probe's {config.seq_len} tokens")
   # Shapes are forced below (seq_len, num_patches), so the config's buckets are never consulted.

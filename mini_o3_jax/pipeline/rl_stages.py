@@ -21,27 +21,26 @@ the default where and why):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
 
-from mini_o3_jax.agent import trajectory as trajectory_lib
+from mini_o3_jax import progress
+from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.data import synthetic
 from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.pipeline import train_stages
-from mini_o3_jax.sampler import SamplingParams
+from mini_o3_jax.rl import config as rl_config
+from mini_o3_jax.rl import rollouts
+from mini_o3_jax.rl import step as rl_step
+from mini_o3_jax import run_config
 import mini_o3_jax.sampler.rollout as rollout_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
-from mini_o3_jax.train import rl as rl_lib
 from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -62,30 +61,19 @@ def prompt_indices(config, step: int, round_: int = 0) -> range:
   return range(start, start + n)
 
 
-def rl_tasks(config, step: int, round_: int = 0) -> list[rollout_lib.Task]:
+def rl_tasks(config, step: int, round_: int = 0) -> list[agent_task.Task]:
   """The prompts of RL step `step` (draw `round_`), each repeated group_size times (its GRPO group)."""
   indices = prompt_indices(config, step, round_)
   if not sources.is_synthetic(config.rl):
     return sources.rl_tasks(config, indices)
   c = config.rl
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   tasks = []
   for k in indices:
     tier = c.tiers[k % len(c.tiers)]
     task = synthetic.make_task(tier, RL_INDEX_OFFSET + k, tcfg, split="train")
-    tasks += [rollout_lib.Task(image=task.image, question=task.question, gold=task.answer, id=task.id)] * c.group_size
+    tasks += [agent_task.Task(image=task.image, question=task.question, gold=task.answer, id=task.id)] * c.group_size
   return tasks
-
-
-def rollout_config(config, section, *, num_slots: int, max_turns: int) -> rollout_lib.RolloutConfig:
-  min_pixels, max_pixels = sources.pixel_budget(config)
-  return rollout_lib.RolloutConfig(
-      num_slots=num_slots, max_turns=max_turns, max_context=section.max_context,
-      max_turn_tokens=section.max_turn_tokens, max_images=section.get("max_images", max_turns + 1),
-      min_pixels=min_pixels, max_pixels=max_pixels, sampling=SamplingParams(temperature=section.temperature),
-      chunk_buckets=tuple(section.get("chunk_buckets", (32, 64, 128))),
-      patch_buckets=tuple(section.get("patch_buckets_per_image", (64,))) or None,
-      decode_steps=section.get("decode_steps", 8), max_forced_tokens=32)
 
 
 def correctness_reward(judge) -> Callable[[Any], float]:
@@ -98,112 +86,33 @@ def correctness_reward(judge) -> Callable[[Any], float]:
   return reward
 
 
-def rl_examples(results, reward_fn: Callable[[Any], float],
-                length_stop: str = "overturn") -> tuple[list[dict], dict]:
-  """RolloutResults -> RL examples (reward, group, over-turn flag travel with the tokens).
-
-  reward_fn: a rollout result -> its reward (`correctness_reward`).
-  length_stop: how a trajectory whose turn ran out of tokens counts (`trajectory.overturn_from_stop_reason`).
-  """
-  examples, rewards, turns = [], [], []
-  for r in results:
-    reward = reward_fn(r)
-    rewards.append(reward)
-    turns.append(r.num_turns)
-    example = batch_lib.example_from_rollout(r, reward=reward, group_id=r.trajectory.id)
-    example["overturn"] = trajectory_lib.overturn_from_stop_reason(r.stop_reason, length_stop)
-    examples.append(example)
-  stats = {"rollout_accuracy": float(np.mean(rewards)), "rollout_turns": float(np.mean(turns)),
-           "rollout_overturn": float(np.mean([e["overturn"] for e in examples])),
-           "rollout_length_stop": float(np.mean([r.stop_reason == "max_response" for r in results]))}
-  return examples, stats
-
-
-def groups_of(examples: list[dict]) -> list[list[dict]]:
-  """Examples grouped by `group_id`, in order of first appearance."""
-  groups: dict = {}
-  for e in examples:
-    groups.setdefault(e["group_id"], []).append(e)
-  return list(groups.values())
-
-
-def informative(group: list[dict]) -> bool:
-  """Whether a group's rewards differ (over-turn trajectories count as reward 0), i.e. it carries a
-  non-zero advantage; the original's dynamic sampling keeps only these."""
-  rewards = {0.0 if e["overturn"] else float(e["reward"]) for e in group}
-  return len(rewards) > 1
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-  """The examples of one RL step and what drawing them took."""
-  examples: list[dict]
-  stats: dict
-
-
-def draw_batch(config, sampler, reward_fn: Callable[[Any], float], step: int) -> RolloutBatch:
+def draw_batch(config, sampler, reward_fn: Callable[[Any], float], step: int) -> rollouts.RolloutBatch:
   """Rollouts of step `step`: the step's prompts, and with `dynamic_sampling` more draws until
   `prompts_per_step` informative groups are kept (or `dynamic_sampling_max_rounds` extra draws ran;
   the rest of the batch is then made of dropped groups)."""
   c = config.rl
   length_stop = c.get("length_stop", "overturn")
   results = sampler.rollout(rl_tasks(config, step), seed=config.seed * 100_003 + step)
-  examples, stats = rl_examples(results, reward_fn, length_stop)
+  examples, stats = rollouts.rl_examples(results, reward_fn, length_stop)
   if not c.get("dynamic_sampling", False):
-    return RolloutBatch(examples, stats)
-  kept = [g for g in groups_of(examples) if informative(g)]
-  dropped = [g for g in groups_of(examples) if not informative(g)]
-  rounds, drawn = 0, len(groups_of(examples))
+    return rollouts.RolloutBatch(examples, stats)
+  kept = [g for g in rollouts.groups_of(examples) if rollouts.informative(g)]
+  dropped = [g for g in rollouts.groups_of(examples) if not rollouts.informative(g)]
+  rounds, drawn = 0, len(rollouts.groups_of(examples))
   while len(kept) < c.prompts_per_step and rounds < c.get("dynamic_sampling_max_rounds", 4):
     rounds += 1
     more = sampler.rollout(rl_tasks(config, step, rounds), seed=(config.seed * 100_003 + step) * 31 + rounds)
-    extra, _ = rl_examples(more, reward_fn, length_stop)
-    drawn += len(groups_of(extra))
-    kept += [g for g in groups_of(extra) if informative(g)]
-    dropped += [g for g in groups_of(extra) if not informative(g)]
+    extra, _ = rollouts.rl_examples(more, reward_fn, length_stop)
+    drawn += len(rollouts.groups_of(extra))
+    kept += [g for g in rollouts.groups_of(extra) if rollouts.informative(g)]
+    dropped += [g for g in rollouts.groups_of(extra) if not rollouts.informative(g)]
   kept = kept[:c.prompts_per_step]
   stats.update(dynamic_rounds=float(rounds), dynamic_groups_drawn=float(drawn),
                dynamic_groups_kept=float(len(kept)))
   # Short after the last draw: the batch is filled with dropped groups (advantage 0, no gradient of their
   # own), so every update keeps its shape.
   kept += dropped[:c.prompts_per_step - len(kept)]
-  return RolloutBatch([e for g in kept for e in g], stats)
-
-
-def mini_batches(examples: list[dict], n: int) -> list[list[dict]]:
-  """`n` mini-batches of whole groups (the first ones one group larger when they do not divide)."""
-  groups = groups_of(examples)
-  size, extra = divmod(len(groups), n)
-  out, start = [], 0
-  for i in range(n):
-    stop = start + size + (i < extra)
-    out.append([e for g in groups[start:stop] for e in g])
-    start = stop
-  return out
-
-
-def run_updates(state, step_fn, batches: list, epochs: int, logprob_fn=None):
-  """`epochs` passes of GRPO updates over the mini-batches of one rollout batch -> (state, metrics).
-
-  With `logprob_fn` (`rl.make_logprob_fn`) the behaviour log-probs are first recomputed by the training
-  forward at the parameters the rollouts used, and `sampler_logprob_gap` (mean sampler minus training
-  log-prob over response tokens) is logged. The metrics are the last update's, plus the first update's
-  `first_approx_kl` / `first_clip_fraction` (drift between behaviour and training policy shows there)
-  and `updates`.
-  """
-  extra = {}
-  if logprob_fn is not None:
-    recomputed = [logprob_fn(state.params, b) for b in batches]
-    gaps = [jax.device_get(jnp.sum((b.old_logprobs - r) * (b.response_mask > 0))
-                           / jnp.maximum(jnp.sum(b.response_mask > 0), 1)) for b, r in zip(batches, recomputed)]
-    extra["sampler_logprob_gap"] = float(np.mean(gaps))
-    batches = [dataclasses.replace(b, old_logprobs=r) for b, r in zip(batches, recomputed)]
-  metrics = {}
-  for update in range(epochs * len(batches)):
-    state, metrics = state_lib.timed_step(step_fn, state, batches[update % len(batches)])
-    if update == 0:
-      extra.update(first_approx_kl=metrics.get("approx_kl"), first_clip_fraction=metrics.get("clip_fraction"))
-  return state, {**metrics, **extra, "updates": float(epochs * len(batches))}
+  return rollouts.RolloutBatch([e for g in kept for e in g], stats)
 
 
 def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
@@ -212,22 +121,19 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
   if config.model.get("init_from"):  # a model from elsewhere (not needed when resuming)
     sft_params = None if sources.has_checkpoint(workdir, name) else sources.init_params(config, mcfg, mesh)
   else:
-    sft_params = train_stages.restore_params(workdir, "sft", config, mcfg, mesh)
+    sft_params = train_stages.restore_params(workdir, "sft", mcfg, mesh)
   ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps, end_lr_ratio=1.0,
                                  weight_decay=0.0, grad_clip_norm=1.0)
   state, shardings, tx = train_stages.make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=sft_params)
   # The sampler's behaviour log-probs are log_softmax(logits / T): the step must use the same T.
-  # The ablation runs the *same* compiled step with every over-turn flag cleared, which is the same
-  # math as RLConfig(overturn_masking=False) (over-turn trajectories are unanswered, so their reward
-  # is 0 either way; tests/test_train_steps.py checks the equality) and reuses the compile cache.
-  rl_cfg = rl_lib.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=True,
+  rl_cfg = rl_config.RLConfig(clip_low=c.clip_low, clip_high=c.clip_high, overturn_masking=overturn_masking,
                            exclude_masked_from_stats=c.exclude_masked_from_stats, temperature=c.temperature,
                            grad_accum_steps=c.get("grad_accum_steps", 1), logits_chunk=c.get("logits_chunk"),
                            train_vision=c.get("train_vision", True),
                            loss_aggregation=c.get("loss_aggregation", "token_mean"),
                            suppressed_token_ids=rollout_lib.vision_token_ids(mcfg))
-  step_fn = rl_lib.make_rl_step(rl_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
-  logprob_fn = rl_lib.make_logprob_fn(rl_cfg, state.graphdef, mesh) if c.get("recompute_old_logprobs") else None
+  step_fn = rl_step.make_rl_step(rl_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
+  logprob_fn = rl_step.make_logprob_fn(rl_cfg, state.graphdef, mesh) if c.get("recompute_old_logprobs") else None
   batch_size = c.prompts_per_step * c.group_size
   n_mini, epochs = c.get("mini_batches", 1), c.get("ppo_epochs", 1)
   if c.prompts_per_step % n_mini:
@@ -238,8 +144,9 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
                                     pad_token_id=mcfg.text.pad_token_id)
   collate = functools.partial(batch_lib.collate_rl, model_config=mcfg, batch_config=batch_cfg)
   sampler = rollout_lib.Sampler(state.model(), tokenizer,
-                                rollout_config(config, c, num_slots=c.get("num_slots") or batch_size,
-                                               max_turns=c.max_turns), mesh=common.sampler_mesh(config, mesh))
+                                run_config.rollout_config(config, c, num_slots=c.get("num_slots") or batch_size,
+                                                          max_forced_tokens=32),
+                                mesh=common.sampler_mesh(config, mesh))
   reward_fn = correctness_reward(common.judge())
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", name),
@@ -254,14 +161,11 @@ def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
     log.info("%s: resumed from step %d", name, start)
   metrics_log = common.MetricLog(common.path(workdir, "metrics", f"{name}.jsonl"), start)
   metrics = {}
-  with tqdm(range(start, c.steps), desc=name, initial=start, total=c.steps) as bar:
+  with progress.bar(range(start, c.steps), desc=name, initial=start, total=c.steps) as bar:
     for step in bar:
       drawn = draw_batch(config, sampler, reward_fn, step)
-      examples = drawn.examples
-      if not overturn_masking:
-        examples = [dict(e, overturn=False, reward=0.0 if e["overturn"] else e["reward"]) for e in examples]
-      batches = [batch_lib.shard_batch(collate(mb), mesh) for mb in mini_batches(examples, n_mini)]
-      state, metrics = run_updates(state, step_fn, batches, epochs, logprob_fn)
+      batches = [batch_lib.shard_batch(collate(mb), mesh) for mb in rollouts.mini_batches(drawn.examples, n_mini)]
+      state, metrics = rl_step.run_updates(state, step_fn, batches, epochs, logprob_fn)
       metrics.update(drawn.stats)
       sampler.set_params(state.model())
       bar.set_postfix_str(common.fmt_metrics(metrics, ("rollout_accuracy", "rollout_turns", "masked_fraction")))

@@ -17,8 +17,8 @@ from flax import nnx
 
 from mini_o3_jax import agent
 from mini_o3_jax.data import synthetic
-from mini_o3_jax.model import VLM, config as config_lib
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained
+from mini_o3_jax.model import VLM, config as config_lib
 from mini_o3_jax.processing import chat, image as image_lib, tokenizer as tok_lib
 from mini_o3_jax.sampler import generate
 

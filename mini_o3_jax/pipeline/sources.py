@@ -23,7 +23,6 @@ Evaluation of benchmarks also reads `config.eval.samples_per_task` (K of Avg@K p
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import functools
 import logging
 import os
@@ -32,19 +31,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
+from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.data import benchmarks, coldstart_gen, coldstart_release
+from mini_o3_jax import export as export_lib
 from mini_o3_jax.model import config as config_lib
-from mini_o3_jax.processing import tokenizer as tok_lib
-import mini_o3_jax.sampler.rollout as rollout_lib
+from mini_o3_jax.model.hf import load_pretrained
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
-PRESETS = {"qwen25vl_7b": config_lib.qwen25vl_7b, "qwen25vl_3b": config_lib.qwen25vl_3b,
-           "qwen3vl_8b": config_lib.qwen3vl_8b}
-# Tiny presets take the tokenizer's vocabulary size and special-token ids.
-TINY_PRESETS = {"tiny": config_lib.tiny, "tiny_qwen3": config_lib.tiny_qwen3}
 # benchmark name -> the `config.datasets` entry naming its download folder
 DATASET_OF = {"visualprobe": "visualprobe", "vstar": "vstar", "hrbench_4k": "hrbench", "hrbench_8k": "hrbench"}
 
@@ -62,65 +58,10 @@ def dataset_dir(config, name: str) -> str:
   return path
 
 
-def pixel_budget(config) -> tuple[int, int]:
-  """(min_pixels, max_pixels) of every image: the demo's single `view_pixels`, or the config's pair."""
-  if "view_pixels" in config:
-    return config.view_pixels, config.view_pixels
-  return config.min_pixels, config.max_pixels
-
-
-# ----------------------------------------------------------------------------- tokenizer and model
-
-def special_ids(kind: str) -> dict[str, int]:
-  """The special ids of a tokenizer kind without building it (ids follow `QWEN_ADDED_TOKENS` order)."""
-  offset = tok_lib.QWEN_NUM_BPE_TOKENS if kind == "qwen" else 0
-  index = {c: offset + i for i, (c, _) in enumerate(tok_lib.QWEN_ADDED_TOKENS)}
-  return {"image_token_id": index[tok_lib.IMAGE_PAD], "video_token_id": index[tok_lib.VIDEO_PAD],
-          "vision_start_token_id": index[tok_lib.VISION_START], "vision_end_token_id": index[tok_lib.VISION_END],
-          "eos_token_id": index[tok_lib.IM_END], "pad_token_id": index[tok_lib.ENDOFTEXT]}
-
-
-def _hf_config_file(path: str) -> str | None:
-  """config.json of an HF directory, or of a Checkpointer directory's `hf_assets/` (tools/import_hf.py)."""
-  for d in (path, os.path.join(path, "hf_assets")):
-    if os.path.isfile(os.path.join(d, "config.json")):
-      return os.path.join(d, "config.json")
-  return None
-
+# ----------------------------------------------------------------------------- model
 
 def is_hf_dir(path: str) -> bool:
   return any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
-
-
-def model_config(config, vocab_size: int, ids: dict[str, int]) -> config_lib.VLMConfig:
-  """The model of a config with `model.preset` or `model.init_from`.
-
-  The architecture comes from `init_from`'s config.json when it has one, else from the preset; the
-  tokenizer must fit it (its ids inside the vocabulary, its image tokens the model's).
-  """
-  m = config.model
-  run = dict(dtype=m.get("dtype", "float32"), param_dtype=m.get("param_dtype", "float32"),
-             remat=m.get("remat", "none"), attention=m.get("attention", "auto"),
-             attention_block=m.get("attention_block", 512))
-  hf_file = _hf_config_file(m.get("init_from") or "")
-  if hf_file is not None:
-    mcfg = config_lib.VLMConfig.from_pretrained(hf_file, **run)
-  elif m.get("preset") in TINY_PRESETS:
-    mcfg = TINY_PRESETS[m.preset](vocab_size, **{k: ids[k] for k in ("image_token_id", "video_token_id",
-                                                             "vision_start_token_id", "vision_end_token_id")}, **run)
-    mcfg = mcfg.replace(text=dataclasses.replace(mcfg.text, eos_token_id=ids["eos_token_id"],
-                                                 pad_token_id=ids["pad_token_id"]))
-  elif m.get("preset") in PRESETS:
-    mcfg = PRESETS[m.preset](**run)
-  else:
-    raise ValueError(f"model.preset={m.get('preset')!r}: expected one of {sorted([*PRESETS, *TINY_PRESETS])}, or an init_from "
-                     "directory with a config.json")
-  if vocab_size > mcfg.text.vocab_size:
-    raise ValueError(f"the tokenizer has {vocab_size} tokens, more than the model's vocabulary {mcfg.text.vocab_size}")
-  if ids["image_token_id"] != mcfg.image_token_id:
-    raise ValueError(f"the tokenizer's <|image_pad|> is {ids['image_token_id']}, the model's "
-                     f"{mcfg.image_token_id}: config.tokenizer.kind does not match the model")
-  return mcfg
 
 
 def has_checkpoint(workdir: str, stage: str) -> bool:
@@ -135,12 +76,10 @@ def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
   if not path:
     return None
   if is_hf_dir(path):
-    from mini_o3_jax.model.hf import load_pretrained  # pylint: disable=g-import-not-at-top
     log.info("init from the HF checkpoint %s", path)
     model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat,
                                attention=mcfg.attention, attention_block=mcfg.attention_block)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  from mini_o3_jax import export as export_lib  # pylint: disable=g-import-not-at-top
   params, step = export_lib.restore_params(path, mcfg, mesh=mesh)
   log.info("init from %s (step %d)", path, step)
   return params
@@ -210,7 +149,7 @@ def benchmark(config, entry: str, option_seed: int = 0) -> benchmarks.Benchmark:
   return _benchmark(name, split or "test", dataset_dir(config, DATASET_OF[name]), option_seed)
 
 
-def rl_tasks(config, indices: Sequence[int]) -> list[rollout_lib.Task]:
+def rl_tasks(config, indices: Sequence[int]) -> list[agent_task.Task]:
   """The prompts at `indices` of the RL prompt stream over the configured benchmark split, each
   repeated group_size times.
 
@@ -225,11 +164,11 @@ def rl_tasks(config, indices: Sequence[int]) -> list[rollout_lib.Task]:
   for k in indices:
     epoch, i = divmod(k, n)
     order = np.random.default_rng([config.seed, epoch]).permutation(n)
-    tasks += [rollout_lib.Task.from_record(bench[int(order[i])])] * c.group_size
+    tasks += [agent_task.Task.from_record(bench[int(order[i])])] * c.group_size
   return tasks
 
 
-def eval_chunks(config, entry: str, chunk: int) -> Iterator[tuple[int, list[rollout_lib.Task]]]:
+def eval_chunks(config, entry: str, chunk: int) -> Iterator[tuple[int, list[agent_task.Task]]]:
   """(offset, tasks) of a benchmark in chunks of `chunk` questions, each repeated K times.
 
   K = `config.eval.samples_per_task[name]` (default 1): Avg@K is the accuracy over all rows. Chunks
@@ -242,6 +181,6 @@ def eval_chunks(config, entry: str, chunk: int) -> Iterator[tuple[int, list[roll
   k = int((c.get("samples_per_task") or {}).get(name, 1))
   offset = 0
   for start in range(0, n, chunk):
-    tasks = [rollout_lib.Task.from_record(bench[i]) for i in range(start, min(n, start + chunk)) for _ in range(k)]
+    tasks = [agent_task.Task.from_record(bench[i]) for i in range(start, min(n, start + chunk)) for _ in range(k)]
     yield offset, tasks
     offset += len(tasks)

@@ -14,18 +14,18 @@ import os
 from typing import Iterator, Sequence
 
 import jax
-from flax import nnx
-from tqdm import tqdm
 
-from mini_o3_jax.data import coldstart, pipeline, synthetic
+from mini_o3_jax import progress
+from mini_o3_jax.data import coldstart, loader, synthetic
 from mini_o3_jax.eval import report
+from mini_o3_jax import export as export_lib
 from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax import run_config
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import sft as sft_lib
-from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,10 @@ def coldstart_trajectories(config) -> Sequence:
   """
   if not sources.is_synthetic(config.data):
     return sources.sft_trajectories(config)
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   out = []
   for tier, n in config.data.sft_tasks.items():
-    out += tqdm(scripted_views(tier, n, "train", tcfg), total=n, desc=f"cold-start {tier}", leave=False)
+    out += progress.bar(scripted_views(tier, n, "train", tcfg), total=n, desc=f"cold-start {tier}", leave=False)
   return out
 
 
@@ -56,14 +56,15 @@ def run_data(config, workdir: str) -> dict:
   """Builds the tokenizer and writes a summary and a few pictures of the cold-start data."""
   config = common.resolve(config)
   tokenizer = common.build_tokenizer(config, workdir)
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   summary = {}
   for tier in synthetic.TIERS:
     trajs = list(coldstart.scripted_coldstart(tier, min(40, config.data.sft_tasks[tier]), split="train",
                                               task_config=tcfg))
     summary[tier] = coldstart.summarize(trajs)
     longest = max(trajs, key=lambda t: t.num_turns)
-    report.render_trajectory(longest).save(common.path(workdir, "data", f"coldstart_{tier}.png"))
+    report.render_trajectory(longest, target_box=synthetic.task_from_id(longest.id, tcfg).target_box,
+                             correct=True).save(common.path(workdir, "data", f"coldstart_{tier}.png"))
   summary["tokenizer_vocab"] = len(tokenizer)
   with open(common.path(workdir, "data", "coldstart_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -75,19 +76,11 @@ def make_state(config, mcfg, optimizer_config, mesh, *, seed: int, params=None):
                                       params=params)
 
 
-def restore_params(workdir: str, stage: str, config, mcfg, mesh):
+def restore_params(workdir: str, stage: str, mcfg, mesh):
   """The parameters of a finished stage's latest checkpoint, sharded for `mesh` (optimizer state skipped)."""
-  directory = os.path.join(workdir, "ckpt", stage)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {directory}: run it first")
-  _, abstract = state_lib.abstract_model(mcfg)
-  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract),
-                        shardings)
-  with ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(directory, async_save=False)) as ckpt:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {directory}: run it first")
-    return ckpt.restore_params(target)
+  if not sources.has_checkpoint(workdir, stage):
+    raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {os.path.join(workdir, 'ckpt', stage)}: run it first")
+  return export_lib.restore_params(os.path.join(workdir, "ckpt", stage), mcfg, mesh=mesh)[0]
 
 
 def run_sft(config, workdir: str) -> dict:
@@ -104,26 +97,26 @@ def run_sft(config, workdir: str) -> dict:
            c.batch_size)
 
   trajs = coldstart_trajectories(config)
-  min_pixels, max_pixels = sources.pixel_budget(config)
-  example_cfg = pipeline.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens,
+  min_pixels, max_pixels = run_config.pixel_budget(config)
+  example_cfg = loader.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens,
                                        **image_lib.settings_for(mcfg))
   lengths = None
   if c.get("group_by_length", False):
     # Batches of similar lengths pad to small buckets: attention and logits cost follow the padding.
-    lengths = [pipeline.example_length(t, tokenizer, example_cfg) for t in trajs]
+    lengths = [loader.example_length(t, tokenizer, example_cfg) for t in trajs]
     keep = [i for i, n in enumerate(lengths) if n <= example_cfg.max_tokens]
     log.info("SFT: %d of %d trajectories within %d tokens", len(keep), len(trajs), example_cfg.max_tokens)
     trajs, lengths = [trajs[i] for i in keep], [lengths[i] for i in keep]
-  dataset = pipeline.examples_dataset(trajs, tokenizer, example_cfg, drop_long=lengths is None)
+  dataset = loader.examples_dataset(trajs, tokenizer, example_cfg, drop_long=lengths is None)
   batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
                                     patch_buckets=tuple(c.get("patch_buckets", (256, 768))),
                                     patches_follow_length=c.get("patches_follow_length", False),
                                     pad_token_id=mcfg.text.pad_token_id)
   collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
   if lengths is None:
-    batches = pipeline.batches(dataset, c.batch_size, collate, seed=config.seed)
+    batches = loader.batches(dataset, c.batch_size, collate, seed=config.seed)
   else:
-    batches = pipeline.length_grouped_batches(dataset, lengths, c.batch_size, collate, seed=config.seed)
+    batches = loader.length_grouped_batches(dataset, lengths, c.batch_size, collate, seed=config.seed)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", "sft"),
                                                          save_interval_steps=c.checkpoint_every, max_to_keep=2))
@@ -136,7 +129,7 @@ def run_sft(config, workdir: str) -> dict:
     log.info("SFT: resumed from step %d", start)
   metrics_log = common.MetricLog(common.path(workdir, "metrics", "sft.jsonl"), start)
   metrics = {}
-  with tqdm(range(start, c.steps), desc="SFT", initial=start, total=c.steps) as bar:
+  with progress.bar(range(start, c.steps), desc="SFT", initial=start, total=c.steps) as bar:
     for step in bar:
       batch = batch_lib.shard_batch(next(batches), mesh)
       state, metrics = state_lib.timed_step(step_fn, state, batch)

@@ -1,6 +1,5 @@
 """Host-side processing: images (== Qwen2VLImageProcessor), tokenizers, chat template."""
 
-from mini_o3_jax.processing.chat import QWEN25VL_CHAT_TEMPLATE
 from mini_o3_jax.processing.chat import count_images
 from mini_o3_jax.processing.chat import render_chat
 from mini_o3_jax.processing.chat import tokenize_conversation
@@ -11,6 +10,7 @@ from mini_o3_jax.processing.image import smart_resize
 from mini_o3_jax.processing.tokenizer import build_qwen_tokenizer
 from mini_o3_jax.processing.tokenizer import build_small_tokenizer
 from mini_o3_jax.processing.tokenizer import load_tokenizer
+from mini_o3_jax.processing.tokenizer import QWEN25VL_CHAT_TEMPLATE
 from mini_o3_jax.processing.tokenizer import special_token_ids
 
 __all__ = [

@@ -67,6 +67,22 @@ QWEN_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("<|repo_name|>", False),
     ("<|file_sep|>", False),
 )
+# The official Qwen2-VL / Qwen2.5-VL chat template (chat_template.json), verbatim.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 QWEN_NUM_BPE_TOKENS = 151643  # ranks 0..151642; added tokens follow.
 
 # The agent protocol's tags. In the small tokenizer they are single (non-special)
@@ -250,8 +266,6 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 def _wrap(backend: tokenizers.Tokenizer,
           extra_special: Sequence[str]) -> transformers.PreTrainedTokenizerFast:
   """A `Qwen2TokenizerFast` around `backend`, configured like Qwen2.5-VL-Instruct's."""
-  from mini_o3_jax.processing import chat  # pylint: disable=g-import-not-at-top
-
   tok = transformers.Qwen2TokenizerFast(
       tokenizer_object=backend,  # copied by the constructor: the argument stays pristine
       unk_token=None,
@@ -264,7 +278,7 @@ def _wrap(backend: tokenizers.Tokenizer,
       split_special_tokens=False,
       model_max_length=_MODEL_MAX_LENGTH,
   )
-  tok.chat_template = chat.QWEN25VL_CHAT_TEMPLATE
+  tok.chat_template = QWEN25VL_CHAT_TEMPLATE
   return tok
 
 
@@ -385,6 +399,5 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> transformers.PreTra
     return build_qwen_tokenizer()
   tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   if not tok.chat_template:
-    from mini_o3_jax.processing import chat  # pylint: disable=g-import-not-at-top
-    tok.chat_template = chat.QWEN25VL_CHAT_TEMPLATE
+    tok.chat_template = QWEN25VL_CHAT_TEMPLATE
   return tok

@@ -7,10 +7,10 @@
 """
 
 from mini_o3_jax.sampler.engine import Engine, EngineConfig
-from mini_o3_jax.sampler.rollout import RolloutConfig, RolloutResult, Sampler, Task
+from mini_o3_jax.sampler.rollout import RolloutConfig, RolloutResult, Sampler
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.single_turn import GenerateOutput, generate
 from mini_o3_jax.sampler.stops import StopMatcher
 
 __all__ = ["Engine", "EngineConfig", "GenerateOutput", "RolloutConfig", "RolloutResult", "Sampler", "SamplingParams",
-           "StopMatcher", "Task", "generate"]
+           "StopMatcher", "generate"]

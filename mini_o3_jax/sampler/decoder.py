@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from mini_o3_jax.model import attention, rope
-from mini_o3_jax.model import text as text_lib
 from mini_o3_jax.model.config import TextConfig
+from mini_o3_jax.model import text as text_lib
 
 
 @jax.tree_util.register_dataclass

@@ -45,29 +45,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mini_o3_jax.model import rope
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.sampler import decoder
-from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.decoder import SlotCache
+from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher
+from mini_o3_jax import shapes
+from mini_o3_jax import sharding as shard_lib
 
 _log = logging.getLogger(__name__)
 
 # Why a slot stopped (StepOutput.reason).
 RUNNING, STOP_TOKEN, STOP_STRING, LENGTH = 0, 1, 2, 3
 REASON_NAMES = {RUNNING: "running", STOP_TOKEN: "stop_token", STOP_STRING: "stop_string", LENGTH: "length"}
-
-
-def bucket(n: int, buckets: Sequence[int] | None, minimum: int = 1) -> int:
-  """Smallest bucket >= n; with `buckets` None, the next power of two >= max(n, minimum)."""
-  if buckets is None:
-    b = minimum
-    while b < n:
-      b *= 2
-    return b
-  for b in sorted(buckets):
-    if b >= n:
-      return b
-  raise ValueError(f"{n} exceeds the largest bucket {max(buckets)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,17 +316,17 @@ def chunk_positions(ids: np.ndarray, grids: np.ndarray | None, offset: int, *, i
 
 def slot_state_shardings(mesh: Mesh, state: SlotState) -> SlotState:
   """Slots over data x fsdp; KV heads over tensor when they divide; everything else replicated."""
-  batch = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
-  tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
-  kvh = state.cache.k.shape[2]
-  head_axis = tensor if tensor and kvh % mesh.shape[tensor] == 0 else None
 
   def spec(x):
-    return NamedSharding(mesh, P(batch, *([None] * (x.ndim - 1))))
+    return shard_lib.batch_sharding(mesh, x.ndim)
 
-  cache = SlotCache(k=NamedSharding(mesh, P(None, batch, head_axis, None, None)),
-                    v=NamedSharding(mesh, P(None, batch, head_axis, None, None)),
-                    valid=spec(state.cache.valid), length=spec(state.cache.length))
+  c = state.cache
+  cache = SlotCache(
+      k=shard_lib.named_sharding(mesh, ("layers", "cache_slots", "cache_kv_heads", "cache_head_dim",
+                                        "cache_length"), c.k.shape),
+      v=shard_lib.named_sharding(mesh, ("layers", "cache_slots", "cache_kv_heads", "cache_length",
+                                        "cache_head_dim"), c.v.shape),
+      valid=spec(c.valid), length=spec(c.length))
   rest = {f.name: spec(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name != "cache"}
   return SlotState(cache=cache, **rest)
 
@@ -364,7 +353,7 @@ class Engine:
     self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     self._batch_ways = 1
     if mesh is not None:
-      self._batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+      self._batch_ways = shard_lib.batch_ways(mesh)
       if config.num_slots % self._batch_ways:
         raise ValueError(f"num_slots={config.num_slots} must be divisible by data x fsdp = {self._batch_ways}")
     self.params = self._place_params(params)
@@ -390,7 +379,6 @@ class Engine:
   def _place_params(self, params):
     if self.mesh is None:
       return jax.device_put(params, self._device)
-    from mini_o3_jax.train import sharding as shard_lib  # pylint: disable=g-import-not-at-top
     return jax.device_put(params, shard_lib.state_shardings(params, self.mesh))
 
   def set_params(self, model) -> None:
@@ -407,10 +395,7 @@ class Engine:
     """Host array with a slot axis -> device, sharded over data x fsdp when there is a mesh."""
     if self.mesh is None:
       return jax.device_put(x, self._device)
-    batch = tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None
-    spec = [None] * np.ndim(x)
-    spec[axis] = batch
-    return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+    return jax.device_put(x, shard_lib.batch_sharding(self.mesh, np.ndim(x), axis))
 
   def _init_state(self) -> SlotState:
     cfg, s = self.config, self.config.num_slots
@@ -447,7 +432,7 @@ class Engine:
   def _slot_sharding(self):
     if self.mesh is None:
       return None
-    return NamedSharding(self.mesh, P(tuple(a for a in ("data", "fsdp") if self.mesh.shape.get(a, 1) > 1) or None))
+    return shard_lib.batch_sharding(self.mesh, 1)
 
   def _zeros_embeds(self, width: int):
     if width not in self._no_images:
@@ -474,8 +459,8 @@ class Engine:
         _log.warning("an image of %d patches exceeds patch_buckets %s (%d time%s so far)", most, buckets, seen,
                      "" if seen == 1 else "s")
       buckets = None
-    p = bucket(most, buckets, minimum=16)
-    r = min(bucket(len(rows), self.config.image_row_buckets), self.config.num_slots)
+    p = shapes.bucket(most, buckets, what="patches of an image", minimum=16)
+    r = min(shapes.bucket(len(rows), self.config.image_row_buckets, what="image rows"), self.config.num_slots)
     pv = np.zeros((r, p, vcfg.patch_dim), np.float32)
     layouts, slot_of_row = [], np.full((r,), self.config.num_slots, np.int32)
     for i in range(r):
@@ -521,7 +506,7 @@ class Engine:
     for p in range(n_pieces):
       lo = p * cfg.piece_len
       n_real = {slot: int(np.clip(len(c.ids) - lo, 0, cfg.piece_len)) for slot, c in chunks.items()}
-      width_c = bucket(max(max(n_real.values()), 1), cfg.chunk_buckets)
+      width_c = shapes.bucket(max(max(n_real.values()), 1), cfg.chunk_buckets, what="chunk length")
       ids = np.zeros((s, width_c), np.int32)
       pos = np.zeros((3, s, width_c), np.int32)
       mask = np.zeros((s, width_c), np.int32)

@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from mini_o3_jax.agent import prompts
+from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent import tools
 from mini_o3_jax.agent.trajectory import Trajectory, Turn, execute_turn
 from mini_o3_jax.processing import chat
@@ -112,25 +113,6 @@ class RolloutConfig:
                                    decode_steps=self.decode_steps, window_min=self.window_min,
                                    max_forced_tokens=self.max_forced_tokens,
                                    sampling=self.sampling)
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """One question about one image (a benchmark record or a training example)."""
-  image: Image.Image
-  question: str
-  options: Sequence[str] | None = None
-  prompt: str | None = None   # verbatim first-turn text instead of the protocol's template
-  gold: str | None = None
-  id: str | None = None
-  # Messages put before the question (few-shot exemplars); image items embed their image under "image".
-  context: Sequence[Mapping[str, Any]] | None = None
-
-  @classmethod
-  def from_record(cls, rec: Mapping[str, Any]) -> Task:
-    """From a `data.load_benchmark` record ({"id", "image", "question", "options", "answer"})."""
-    return cls(image=rec["image"], question=rec["question"], options=rec.get("options"),
-               gold=rec.get("answer"), id=rec.get("id"))
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
-"""Training: mesh and sharding rules, train state, batches, SFT and GRPO steps, checkpoints, multi-host.
+"""Training: train state, batches, SFT and GRPO steps, checkpoints, multi-host (the mesh and its
+logical-axis rules are `mini_o3_jax.sharding`).
 
-  sharding      one ("data", "fsdp", "tensor") mesh, logical -> mesh axis rules
   state         TrainState (graphdef, params, opt_state, step, rng, optional reference params),
                 created sharded; the jitted-step plumbing (ShardedStep, gradient accumulation)
   batch         SFTBatch / RLBatch pytrees, host collation into length / patch buckets, per-host sharding

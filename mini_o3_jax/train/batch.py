@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mini_o3_jax.model import rope
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.model import rope
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.model.vlm import ModelInputs, check_token_ids
+from mini_o3_jax import shapes
+from mini_o3_jax import sharding as sharding_lib
 from mini_o3_jax.train import distributed
-from mini_o3_jax.train import sharding as sharding_lib
 
 Example = Mapping[str, Any]
 
@@ -90,14 +91,6 @@ class BatchConfig:
   patch_buckets: tuple[int, ...] = (64, 256, 1024, 4096, 16384, 65536)
   pad_token_id: int | None = 0
   patches_follow_length: bool = False
-
-
-def bucket(n: int, buckets: Sequence[int], what: str) -> int:
-  """Smallest bucket >= n."""
-  for b in sorted(buckets):
-    if b >= n:
-      return b
-  raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
 
 
 def _grid(example: Example) -> np.ndarray:
@@ -158,14 +151,14 @@ def _collate_common(examples: Sequence[Example], model_config: VLMConfig, batch_
   need_seq, need_patches = _needs(examples)
   # Every host must pick the same buckets, else the global arrays would disagree in shape.
   need_seq, need_patches = distributed.global_max([need_seq, need_patches])
-  seq = seq_len or bucket(need_seq, batch_config.length_buckets, "sequence length")
+  seq = seq_len or shapes.bucket(need_seq, batch_config.length_buckets, what="sequence length")
   if seq < need_seq:
     raise ValueError(f"seq_len={seq} is shorter than the longest example ({need_seq} tokens)")
   if (num_patches is None and need_patches and batch_config.patches_follow_length and need_patches <= seq
       and seq % model_config.vision.merge_unit == 0):
     num_patches = seq
   if num_patches is None and need_patches:
-    num_patches = bucket(need_patches, batch_config.patch_buckets, "patches per row")
+    num_patches = shapes.bucket(need_patches, batch_config.patch_buckets, what="patches per row")
   if num_patches is not None and num_patches < need_patches:
     raise ValueError(f"num_patches={num_patches} < {need_patches} patches in one row")
   if num_patches is not None and num_patches % model_config.vision.merge_unit:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mini_o3_jax.train import sharding as sharding_lib
+from mini_o3_jax import sharding as sharding_lib
 
 # Environment variables read when the config leaves a field unset (also what `jax.distributed` reads
 # on its own for some cluster types).

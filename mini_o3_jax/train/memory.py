@@ -51,9 +51,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax import sharding as sharding_lib
+from mini_o3_jax.train.attention_memory import cache_score_keys, score_keys
 from mini_o3_jax.train import optimizer as optimizer_lib
-from mini_o3_jax.train.attention_memory import cache_score_keys, causal_keys, score_keys
-from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
 
 GiB = 1024**3

@@ -22,9 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model.config import VLMConfig
 from mini_o3_jax.model.vlm import VLM
+from mini_o3_jax import sharding as sharding_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import optimizer as optimizer_lib
-from mini_o3_jax.train import sharding as sharding_lib
 
 Params = dict[str, Any]
 Rules = tuple[tuple[str, Any], ...]

@@ -39,8 +39,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mini_o3_jax.model import VLM, attention  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
+from mini_o3_jax.model import VLM, attention  # noqa: E402
 from mini_o3_jax.model.vlm import prepare_inputs  # noqa: E402
 
 TOKEN_IDS = dict(image_token_id=500, vision_start_token_id=501, vision_end_token_id=502, video_token_id=503)

@@ -6,7 +6,7 @@ Everything runs on this machine, one measurement at a time, in samples per secon
                       batches from the pipeline below, at the same batch size: what training consumes.
   grain SFT pipeline  trajectory -> chat template + tokenize + image preprocessing (`pipeline.
                       trajectory_example`) -> seeded shuffle -> batch + `collate_sft` (padding to the
-                      demo's length / patch buckets, M-RoPE positions): the stages of `pipeline.batches`,
+                      demo's length / patch buckets, M-RoPE positions): the stages of `loader.batches`,
                       plus grain `mp_prefetch` with N worker processes. Two sources: the demo's in-memory
                       trajectories (images already at the view size), and a cold-start JSONL + PNG files
                       on disk at full resolution (what `coldstart.write_jsonl_with_images` / `coldstart_gen`
@@ -15,7 +15,7 @@ Everything runs on this machine, one measurement at a time, in samples per secon
   scripted cold-start `coldstart.scripted_coldstart` per tier (task + crops through the real crop tool).
 
 The last column divides each producer's rate by the step's: >= 1 means that producer alone keeps up
-with training on this machine. The step is timed inside the demo's SFT loop (`pipeline.batches` feeding
+with training on this machine. The step is timed inside the demo's SFT loop (`loader.batches` feeding
 `make_sft_step`, as `run_sft` does, data fetched in the main process), which also gives the time the
 loop waits for data; the producers are timed alone, best of a few rounds. The step's rate is its
 fastest step (most demanding consumer), the producers' their mean over a round's batches (a
@@ -48,12 +48,13 @@ import jax
 import numpy as np
 
 from mini_o3_jax.agent.trajectory import read_jsonl
-from mini_o3_jax.data import coldstart, pipeline, synthetic
+from mini_o3_jax.data import coldstart, loader, synthetic
 from mini_o3_jax.pipeline import common
+from mini_o3_jax import run_config
+from mini_o3_jax import sharding as sharding_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import sft as sft_lib
-from mini_o3_jax.train import sharding as sharding_lib
 from mini_o3_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,7 +70,7 @@ def demo_config():
 
 def demo_trajectories(config, n_per_tier: int, views: bool):
   """Scripted cold-start trajectories of every tier; with `views`, images shrunk as the demo's SFT does."""
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   out = []
   for tier in synthetic.TIERS:
     for traj in coldstart.scripted_coldstart(tier, n_per_tier, split="train", task_config=tcfg):
@@ -81,14 +82,14 @@ def demo_trajectories(config, n_per_tier: int, views: bool):
 
 @dataclasses.dataclass(frozen=True)
 class ToExample:
-  """`pipeline.examples_dataset`'s map as a picklable object (worker processes receive the pipeline)."""
+  """`loader.examples_dataset`'s map as a picklable object (worker processes receive the pipeline)."""
   tokenizer: object
-  config: pipeline.ExampleConfig
+  config: loader.ExampleConfig
 
   def __call__(self, traj):
     try:
-      return pipeline.trajectory_example(traj, self.tokenizer, self.config)
-    except pipeline.ExampleTooLong:
+      return loader.trajectory_example(traj, self.tokenizer, self.config)
+    except loader.ExampleTooLong:
       return None
 
 
@@ -185,9 +186,9 @@ def main(argv=None) -> None:
   load_before = os.getloadavg()
   tmp = tempfile.mkdtemp(prefix="bench_data_")
   tokenizer = common.build_tokenizer(config, tmp)
-  mcfg = common.model_config(config, tokenizer)
+  mcfg = run_config.model_config(config, tokenizer)
   mesh = sharding_lib.make_mesh((1, -1, 1))
-  example_cfg = pipeline.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels,
+  example_cfg = loader.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels,
                                        max_tokens=config.data.max_tokens)
   per_image = max(64, config.view_pixels // 196)  # patches; the demo's buckets are (256, 768) at 64
   batch_cfg = batch_lib.BatchConfig(batch_size=bsz, length_buckets=tuple(config.sft.length_buckets),
@@ -201,8 +202,8 @@ def main(argv=None) -> None:
 
   rows = []  # (what, workers, samples/s, CPU s per sample or None)
   print(f"# {len(views)} trajectories, batch {bsz}, workers {workers}", flush=True)
-  # The consumer, in the loop as `run_sft` drives it (pipeline.batches: no worker processes).
-  loop = sft_loop(config, mcfg, pipeline.batches(pipeline.examples_dataset(views, tokenizer, example_cfg,
+  # The consumer, in the loop as `run_sft` drives it (loader.batches: no worker processes).
+  loop = sft_loop(config, mcfg, loader.batches(loader.examples_dataset(views, tokenizer, example_cfg,
                                                                            drop_long=True), bsz, collate, seed=0),
                   mesh, steps)
   step_rate = bsz / loop["fastest"]
@@ -217,7 +218,7 @@ def main(argv=None) -> None:
                            for r in range(rounds))
       rows.append((f"grain SFT pipeline, {source}", str(w), bsz / per_batch, None if w else cpu / bsz))
       print(rows[-1], flush=True)
-  tcfg = common.task_config(config)
+  tcfg = run_config.task_config(config)
   for tier in synthetic.TIERS:
     make = lambda i, t=tier: synthetic.make_task(t, 50_000 + i, tcfg)  # noqa: E731
     rows.append((f"synthetic tasks, {tier}", "-", *max(rate(make, n_tasks) for _ in range(rounds))))

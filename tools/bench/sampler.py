@@ -56,13 +56,14 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mini_o3_jax.agent import prompts  # noqa: E402
+from mini_o3_jax.agent.task import Task  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
-from mini_o3_jax.model import vlm  # noqa: E402
 from mini_o3_jax.model.hf import load_pretrained, save_pretrained  # noqa: E402
+from mini_o3_jax.model import vlm  # noqa: E402
 from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
-from mini_o3_jax.sampler import SamplingParams, generate  # noqa: E402
 from mini_o3_jax.sampler import engine as engine_lib  # noqa: E402
-from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, Task, vision_token_ids  # noqa: E402
+from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids  # noqa: E402
+from mini_o3_jax.sampler import SamplingParams, generate  # noqa: E402
 
 GRID = np.array([1, 8, 8])   # 64 patches -> 16 image tokens per image
 IMAGE_TOKENS = 16

@@ -29,12 +29,12 @@ import numpy as np
 
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.rl import step as rl
+from mini_o3_jax import sharding
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import distributed
 from mini_o3_jax.train import optimizer as optimizer_lib
-from mini_o3_jax.train import rl
 from mini_o3_jax.train import sft
-from mini_o3_jax.train import sharding
 from mini_o3_jax.train import state as state_lib
 
 

@@ -9,6 +9,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'drive.py')).
 from configs import pretrain_tiny
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.pipeline.train_stages import restore_params
+from mini_o3_jax import run_config
 wd = os.path.join(os.environ.get('RUNS', '/tmp/issue13_runs'), run)
 config = pretrain_tiny.get_config()
 config, tokenizer, mcfg, mesh = common.setup(config, wd)
@@ -17,9 +18,9 @@ if os.environ.get("INIT"):
   st = state_lib.create_train_state(mcfg, lambda p: optax.sgd(0.0), mesh, seed=0)[0]
   model = st.model()
 else:
-  params = restore_params(wd, "pretrain", config, mcfg, mesh)
+  params = restore_params(wd, "pretrain", mcfg, mesh)
   model = nnx.merge(graphdef, params)
-tcfg = common.task_config(config)
+tcfg = run_config.task_config(config)
 N = 256
 tasks = [grounding.make_scene(level, 10000 + i, tcfg, grounding.HELDOUT_SPLIT) for i in range(N)]
 from mini_o3_jax.processing import image as image_lib

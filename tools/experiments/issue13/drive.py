@@ -40,15 +40,16 @@ import optax
 from flax import nnx
 
 from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm as vlm_lib
-from mini_o3_jax.model import layers, rope
 from mini_o3_jax.pipeline import grounding_probe
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import forward as forward_lib
+from mini_o3_jax.train import losses
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import sft as sft_lib
-from mini_o3_jax.train import losses
 from mini_o3_jax.train import state as state_lib
-from mini_o3_jax.train import batch as batch_lib
 
 print("EX env:", {k: v for k, v in os.environ.items() if k.startswith("EX_")}, flush=True)
 
@@ -277,7 +278,7 @@ if PEN or WHERE_W or OBJAUX or COLAUX:
       h, _ = model.model(x, inputs.positions, inputs.attention_mask)
       hidden = h[:, :-1]
       targets, mask = losses.next_token_targets(inputs.input_ids, micro.loss_mask)
-      st = sft_lib.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
+      st = forward_lib.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
       maskf = mask.astype(jnp.float32)
       w = maskf
       if WHERE_W:

@@ -1,7 +1,10 @@
-"""One mesh, logical axis names on every parameter, one table of rules from logical to mesh axes.
+"""One mesh, logical axis names on every array, one table of rules from logical to mesh axes.
 
 Mesh axes (MaxText-style): `data` (pure data parallel), `fsdp` (data parallel with parameters and
 optimizer state sharded), `tensor` (Megatron-style: attention heads, MLP hidden and vocab split).
+Parameters carry their logical names as `logical_axes` metadata; batches, activations and the
+sampler's KV cache name theirs where they are placed (`named_sharding`). A leaf: model, sampler and
+training import it, it imports none of them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axis (or axes, or None = replicated). The first rule whose mesh axes are still
 # free in a given parameter wins, so a mesh axis is never used twice in one PartitionSpec.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Activations and batches.
     ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("activation_heads", "tensor"),
+    # The sampler's KV cache: k [layers, slots, kv_heads, head_dim, length], v [..., length, head_dim].
+    ("cache_slots", ("data", "fsdp")),
+    ("cache_kv_heads", "tensor"),
+    ("cache_length", None),
+    ("cache_head_dim", None),
+    # Parameters.
     ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -95,8 +107,36 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   rules=DEFAULT_RULES) -> NamedSharding:
+  """The NamedSharding of an array whose dimensions have `logical_axes`; with `shape`, dimensions the
+  mesh axes do not divide stay replicated."""
+  return NamedSharding(mesh, divisible_spec(mesh, logical_axes, shape, rules))
+
+
+def divisible_spec(mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   rules=DEFAULT_RULES) -> P:
+  """`logical_to_spec` on `mesh` (a Mesh or an AbstractMesh), without the splits `shape` does not divide."""
+  spec = logical_to_spec(logical_axes, rules, mesh)
+  return spec if shape is None else _divisible(shape, spec, mesh)
+
+
+def batch_spec_axes(mesh: Mesh, rules=DEFAULT_RULES) -> str | tuple[str, ...] | None:
+  """The PartitionSpec entry of a batch dimension on `mesh` (None when it is not split)."""
+  return logical_to_spec(("batch",), rules, mesh)[0]
+
+
+def batch_ways(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+  """Into how many shards a batch dimension is split on `mesh`."""
+  if mesh is None:
+    return 1
+  axes = batch_spec_axes(mesh, rules)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-  """Shards the batch dimension over data x fsdp, replicates the rest."""
-  spec = [None] * ndim
-  spec[batch_axis] = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
-  return NamedSharding(mesh, P(*spec))
+  """Shards dimension `batch_axis` as `batch`, replicates the rest."""
+  axes: list[str | None] = [None] * ndim
+  axes[batch_axis] = "batch"
+  return named_sharding(mesh, axes)
