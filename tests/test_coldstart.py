@@ -5,7 +5,7 @@ import pytest
 
 from mini_o3_jax import agent
 from mini_o3_jax.agent import trajectory as trajectory_lib
-from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.data import coldstart, drawing, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_final_observation_makes_the_answer_legible(trajectories):
       region = t.metadata["regions"][-1]
       view = synthetic.render_view(t.images[-1], None, cfg)
       glyph = synthetic.project_box(task.detail_box, region, task.image.size, cfg)
-      read += synthetic.oracle_read(view, glyph) == task.answer
+      read += drawing.oracle_read(view, glyph) == task.answer
     assert read / len(trajs) >= 0.9, (tier, read)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mini_o3_jax.data import drawing, synthetic_tfds
 from mini_o3_jax.data import synthetic as syn
 
 CFG = syn.SyntheticConfig()
@@ -38,15 +39,15 @@ def _view_px(task, box, crop=None, config=CFG):
 
 
 def test_font_has_equal_ink_common_centroid_and_distinct_digits():
-  ys, xs = np.mgrid[0:syn.FONT_H, 0:syn.FONT_W]
-  for digit, bitmap in syn.FONT.items():
-    assert bitmap.shape == (syn.FONT_H, syn.FONT_W)
+  ys, xs = np.mgrid[0:drawing.FONT_H, 0:drawing.FONT_W]
+  for digit, bitmap in drawing.FONT.items():
+    assert bitmap.shape == (drawing.FONT_H, drawing.FONT_W)
     n = bitmap.sum()
     assert n == 17, digit
     assert abs((xs * bitmap).sum() / n - 2) <= 1 / 17 + 1e-9, digit
     assert abs((ys * bitmap).sum() / n - 3) <= 1 / 17 + 1e-9, digit
   for a, b in itertools.combinations(syn.DIGITS, 2):
-    assert (syn.FONT[a] ^ syn.FONT[b]).sum() >= 4, (a, b)
+    assert (drawing.FONT[a] ^ drawing.FONT[b]).sum() >= 4, (a, b)
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -166,7 +167,7 @@ def _check_task(task: syn.SyntheticTask, tier: str, config: syn.SyntheticConfig)
   gw, gh = _view_px(task, task.detail_box, None, config)
   assert gh <= spec.glyph_full_view_px + 1e-6
   cw, ch = _view_px(task, task.detail_box, task.zoom_path[-1], config)
-  assert ch / syn.FONT_H >= config.legible_font_view_px - 1e-6
+  assert ch / drawing.FONT_H >= config.legible_font_view_px - 1e-6
   for box in task.zoom_path:
     vw, vh = render_size = syn.render_view(task.image, box, config).size
     assert vw * vh <= config.view_max_pixels, render_size
@@ -205,7 +206,7 @@ def test_other_configs_keep_the_invariants(config):
       _check_task(task, tier, config)
       view = syn.render_view(task.image, task.zoom_path[-1], config)
       glyph = syn.project_box(task.detail_box, task.zoom_path[-1], task.image.size, config)
-      assert syn.oracle_read(view, glyph) == task.answer
+      assert drawing.oracle_read(view, glyph) == task.answer
 
 
 # ----------------------------------------------------------------------------- legibility
@@ -232,7 +233,7 @@ def _item_views(tier: str, split: str, index: int) -> tuple[tuple[bool, ...], np
   for level, box in enumerate((None,) + task.zoom_path):
     view = syn.render_view(task.image, box, CFG)
     glyph = syn.project_box(task.detail_box, box, task.image.size, CFG)
-    reads.append(syn.oracle_read(view, glyph) == task.answer)
+    reads.append(drawing.oracle_read(view, glyph) == task.answer)
     if level == 0:
       windows.append(_window(view, glyph, 6, grey=False))
   windows.append(_window(view, glyph, 20, grey=True))
@@ -344,10 +345,10 @@ def _assert_same_record(got: dict, want: dict) -> None:
 
 
 def test_synthetic_source_generates_records_by_index():
-  src = syn.SyntheticSource("hard", "test", 5, CFG)
+  src = synthetic_tfds.SyntheticSource("hard", "test", 5, CFG)
   assert len(src) == 5
   rec = src[4]
-  _assert_same_record(rec, syn.task_record(syn.make_task("hard", 4, CFG, "test")))
+  _assert_same_record(rec, synthetic_tfds.task_record(syn.make_task("hard", 4, CFG, "test")))
   assert {"id", "image", "question", "options", "answer", "category"} <= set(rec)
   assert rec["options"] is None and isinstance(rec["image"], Image.Image)
   assert rec["zoom_path"].shape == (3, 4) and rec["candidate_boxes"].shape[1] == 4
@@ -356,14 +357,12 @@ def test_synthetic_source_generates_records_by_index():
 
 
 def test_grain_direct_source():
-  from mini_o3_jax.data import synthetic_tfds  # pylint: disable=g-import-not-at-top
   ds = synthetic_tfds.direct_source("easy", "train", 4, CFG)
   assert len(ds) == 4
   assert ds[2]["id"] == syn.task_id("easy", "train", 2)
 
 
 def test_tfds_round_trip_matches_direct_generation(tmp_path):
-  from mini_o3_jax.data import synthetic_tfds  # pylint: disable=g-import-not-at-top
   builder = synthetic_tfds.make_builder("medium", str(tmp_path), num_train=3, num_test=2)
   assert builder.info.splits["train"].num_examples == 3
   for split, n in (("train", 3), ("test", 2)):
@@ -374,12 +373,11 @@ def test_tfds_round_trip_matches_direct_generation(tmp_path):
       tier, rec_split, index = syn.parse_task_id(rec["id"])
       assert (tier, rec_split) == ("medium", split)
       seen.add(index)
-      _assert_same_record(rec, syn.task_record(syn.make_task(tier, index, CFG, split)))
+      _assert_same_record(rec, synthetic_tfds.task_record(syn.make_task(tier, index, CFG, split)))
     assert seen == set(range(n))
 
 
 def test_builder_config_names_identify_contents():
-  from mini_o3_jax.data import synthetic_tfds  # pylint: disable=g-import-not-at-top
   assert synthetic_tfds.builder_config("hard").name == "hard"
   a = synthetic_tfds.builder_config("hard", 10, 5)
   b = synthetic_tfds.builder_config("hard", 10, 5, dataclasses.replace(CFG, seed=3))

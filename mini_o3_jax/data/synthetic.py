@@ -1,7 +1,7 @@
 """Synthetic visual-search tasks that need zooming, sized by the view budget.
 
 A scene is a noisy grey canvas with coloured shapes scattered without overlap. Every shape carries a
-small label with a digit drawn in a bitmap font defined here (no system fonts, so pixels are
+small label with a digit drawn in a bitmap font (`data.drawing`) (no system fonts, so pixels are
 identical on every machine). The question names one shape by its colour and shape ("the red
 triangle"); the answer is the digit on its label.
 
@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mini_o3_jax.agent import tools
+from mini_o3_jax.data import drawing
 from mini_o3_jax.processing.image import smart_resize
 
 Box = tuple[float, float, float, float]
@@ -52,30 +53,8 @@ PixelBox = tuple[int, int, int, int]
 
 TIERS = ("easy", "medium", "hard")
 SPLITS = ("train", "test")
-DIGITS = tuple("0123456789")
+DIGITS = drawing.DIGITS  # the answers: the font's digits
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "cross")
-
-FONT_W, FONT_H = 5, 7
-# 5x7 digits with 17 ink cells each and their ink centroid within 1/17 cell of the grid's centre
-# (2, 3). Below about one view pixel per glyph only the lowest moments of a glyph survive the
-# resize: equal ink (zeroth moment) and a common centroid (first) leave almost nothing to read.
-_FONT_ROWS = {
-    "0": (".###.", "#...#", "#...#", "#.#.#", "#...#", "#...#", ".###."),
-    "1": ("..###", ".###.", "###..", "..#..", "..#..", "..#..", "#####"),
-    "2": ("#####", "....#", "....#", ".###.", "#....", "#....", "#####"),
-    "3": ("####.", "#...#", "....#", ".###.", "....#", "#...#", "####."),
-    "4": ("#..#.", "#..#.", "#..#.", "#####", "#..#.", "...#.", "..###"),
-    "5": (".####", "#....", "#....", "#####", "....#", "....#", "####."),
-    "6": ("..###", ".#..#", "#....", "####.", "#...#", "#...#", ".###."),
-    "7": ("#####", "....#", "...#.", "..##.", ".##..", ".##..", "####."),
-    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
-    "9": (".###.", "#...#", "#...#", ".####", "....#", "#..#.", "###.."),
-}
-INK_CELLS = 17
-FONT: dict[str, np.ndarray] = {
-    d: np.array([[c == "#" for c in row] for row in rows], dtype=bool)
-    for d, rows in _FONT_ROWS.items()
-}
 
 DEFAULT_PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
     ("red", (215, 35, 35)),
@@ -105,15 +84,6 @@ _SIMILAR_SHAPES = {
     "diamond": ("triangle", "square"),
     "hexagon": ("circle", "square"),
     "cross": ("square", "diamond"),
-}
-# Rectangles (relative to the shape's bounding box) that lie inside the shape: labels go there.
-_LABEL_REGIONS = {
-    "circle": ((0.17, 0.17, 0.83, 0.83),),
-    "square": ((0.08, 0.08, 0.92, 0.92),),
-    "triangle": ((0.31, 0.40, 0.69, 0.95),),
-    "diamond": ((0.27, 0.27, 0.73, 0.73),),
-    "hexagon": ((0.23, 0.16, 0.77, 0.84),),
-    "cross": ((0.04, 0.33, 0.96, 0.67), (0.33, 0.04, 0.67, 0.96)),
 }
 _QUESTIONS = (
     "What is the digit written on the {colour} {shape}?",
@@ -287,7 +257,7 @@ def final_zoom_side(cell_px: int, config: SyntheticConfig) -> int:
   """Largest square crop side at which one font cell spans >= legible_font_view_px view pixels."""
   need = config.legible_font_view_px / cell_px
   upper = int(math.ceil(math.sqrt(config.view_max_pixels) / need)) + 1
-  for side in range(upper, FONT_H * cell_px, -1):
+  for side in range(upper, drawing.FONT_H * cell_px, -1):
     if _view_scale(side, config) >= need and _fits_budget(side, config):
       return side
   raise ValueError(f"no crop side makes a {cell_px}px font cell legible under {config}")
@@ -350,56 +320,6 @@ def _scene_size(rng: np.random.Generator, config: SyntheticConfig) -> tuple[int,
     if vw * vh >= 0.7 * config.view_max_pixels:
       return size
   return size
-
-
-def _background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-  """Tinted grey canvas with soft blotches and 2x2-pixel grain.
-
-  Built at half resolution in uint8 and enlarged with NEAREST; the tint is a palette lookup (mode
-  "P" -> "RGB"), which keeps a 1000 px scene at a few milliseconds.
-  """
-  w, h = size
-  hw, hh = (w + 1) // 2, (h + 1) // 2
-  coarse = np.frombuffer(rng.bytes(max(2, h // 64) * max(2, w // 64)), np.uint8)
-  coarse = (coarse % 28).reshape(max(2, h // 64), max(2, w // 64))
-  blotch = np.asarray(Image.fromarray(coarse).resize((hw, hh), Image.Resampling.BILINEAR))
-  grain = np.frombuffer(rng.bytes(hw * hh), np.uint8).reshape(hh, hw) & np.uint8(15)
-  half = Image.fromarray(blotch + grain, mode="L").resize((w, h), Image.Resampling.NEAREST)
-  base = int(rng.integers(80, 125))
-  tint = rng.integers(-8, 9, size=3)
-  levels = np.arange(256)[:, None] + base + tint[None, :]
-  canvas = Image.frombytes("P", size, half.tobytes())
-  canvas.putpalette(np.clip(levels, 0, 255).astype(np.uint8).ravel().tobytes())
-  return canvas.convert("RGB")
-
-
-@functools.lru_cache(maxsize=64)
-def _glyph_mask(digit: str, cell: int) -> Image.Image:
-  """The digit's bitmap scaled by `cell`, as an "L" mask for ImageDraw.bitmap (read-only use)."""
-  mask = np.kron(FONT[digit], np.ones((cell, cell), bool)).astype(np.uint8) * 255
-  return Image.fromarray(mask, mode="L")
-
-
-def _shape_polygon(shape: str, x0: float, y0: float, s: float) -> list[tuple[float, float]]:
-  rel = {
-      "square": ((0, 0), (1, 0), (1, 1), (0, 1)),
-      "triangle": ((0.5, 0), (1, 1), (0, 1)),
-      "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)),
-      "hexagon": ((0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1), (0, 0.5)),
-      "cross": ((0.3, 0), (0.7, 0), (0.7, 0.3), (1, 0.3), (1, 0.7), (0.7, 0.7), (0.7, 1),
-                (0.3, 1), (0.3, 0.7), (0, 0.7), (0, 0.3), (0.3, 0.3)),
-  }[shape]
-  # (s - 1): the polygon's last pixel column is x0 + s - 1, as for a box of side s.
-  return [(x0 + u * (s - 1), y0 + v * (s - 1)) for u, v in rel]
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: PixelBox,
-                colour: tuple[int, int, int]) -> None:
-  x0, y0, x1, _ = box
-  if shape == "circle":
-    draw.ellipse((x0, y0, x1 - 1, box[3] - 1), fill=colour)
-  else:
-    draw.polygon(_shape_polygon(shape, x0, y0, x1 - x0), fill=colour)
 
 
 def _place_boxes(rng: np.random.Generator, sides: Sequence[int], size: tuple[int, int],
@@ -470,28 +390,9 @@ def _attributes(rng: np.random.Generator, spec: TierSpec, config: SyntheticConfi
   return attrs, n_look, category
 
 
-def _label_colours(fill: tuple[int, ...], plate_area: int, ink_area: int,
-                   lift: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(paper, ink) colours whose area-weighted mean over the plate is the shape's colour.
-
-  The paper is up to `lift` brighter than the shape and the ink darker by whatever balances it,
-  channel by channel. So the label blends into its shape when it spans a view pixel or less (it
-  cannot be spotted, let alone read, in the full view) yet shows high contrast once zoomed.
-  """
-  ratio = (plate_area - ink_area) / ink_area  # paper pixels per ink pixel
-  paper, ink = [], []
-  for c in fill:
-    up = min(255 - c, lift)
-    down = min(c, up * ratio)
-    up = down / ratio  # rebalanced where the ink reached black
-    paper.append(int(round(c + up)))
-    ink.append(int(round(c - down)))
-  return tuple(paper), tuple(ink)
-
-
 def _glyph_cell(spec: TierSpec, scale: float) -> int:
   """Largest font cell (scene px) whose glyph stays <= glyph_full_view_px in the full view."""
-  return max(1, int(math.floor(spec.glyph_full_view_px / (FONT_H * scale) + 1e-9)))
+  return max(1, int(math.floor(spec.glyph_full_view_px / (drawing.FONT_H * scale) + 1e-9)))
 
 
 def _label_box(rng: np.random.Generator, shape: str, box: PixelBox, plate_w: int, plate_h: int,
@@ -504,7 +405,7 @@ def _label_box(rng: np.random.Generator, shape: str, box: PixelBox, plate_w: int
   x0, y0, x1, _ = box
   s = x1 - x0
   bounds = []
-  for u0, v0, u1, v1 in _LABEL_REGIONS[shape]:
+  for u0, v0, u1, v1 in drawing.LABEL_REGIONS[shape]:
     lo_x, hi_x = x0 + math.ceil(u0 * s), x0 + math.floor(u1 * s) - plate_w
     lo_y, hi_y = y0 + math.ceil(v0 * s), y0 + math.floor(v1 * s) - plate_h
     if lo_x <= hi_x and lo_y <= hi_y:
@@ -572,11 +473,11 @@ def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig()
   scale = min(vw / size[0], vh / size[1])  # view px per scene px (the coarser axis)
   fine_scale = max(vw / size[0], vh / size[1])
   cell = _glyph_cell(spec, fine_scale)
-  if FONT_H * cell * fine_scale > spec.glyph_full_view_px + 1e-9:
+  if drawing.FONT_H * cell * fine_scale > spec.glyph_full_view_px + 1e-9:
     raise ValueError(
         f"a {size[0]}x{size[1]} scene is too small for a {tier} digit of at most "
         f"{spec.glyph_full_view_px} view px under a {vw}x{vh} view: use scenes of at least "
-        f"{math.ceil(FONT_H * max(vw, vh) / spec.glyph_full_view_px)} px or a larger bound")
+        f"{math.ceil(drawing.FONT_H * max(vw, vh) / spec.glyph_full_view_px)} px or a larger bound")
   # Shapes are sized in view pixels, so each is >= ~1 patch in the first observation.
   lo, hi = (v / scale for v in config.object_view_px)
   n_objects = int(rng.integers(spec.num_objects[0], spec.num_objects[1] + 1))
@@ -590,7 +491,7 @@ def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig()
     if digits[i] == target_digit:
       digits[i] = DIGITS[(int(target_digit) + 1 + int(rng.integers(9))) % 10]
 
-  image = _background(rng, size)
+  image = drawing.background(rng, size)
   draw = ImageDraw.Draw(image)
   rgb = dict(config.palette)
   objects: list[SceneObject] = []
@@ -599,18 +500,18 @@ def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig()
       continue
     jitter = rng.integers(-12, 13, size=3).tolist()
     fill = tuple(min(255, max(0, c + j)) for c, j in zip(rgb[colour], jitter))
-    _draw_shape(draw, shape, box, fill)
+    drawing.draw_shape(draw, shape, box, fill)
     # Plate margins of 1-2 cells per side, drawn at random, so the plate's outline in a blurry view
     # does not pin down where the glyph's ink sits.
     ml, mr, mt, mb = (int(m) * cell for m in rng.integers(1, 3, size=4))
-    plate_w, plate_h = FONT_W * cell + ml + mr, FONT_H * cell + mt + mb
+    plate_w, plate_h = drawing.FONT_W * cell + ml + mr, drawing.FONT_H * cell + mt + mb
     px, py = _label_box(rng, shape, box, plate_w, plate_h, spec.label_at_centre)
-    paper, ink = _label_colours(fill, plate_w * plate_h, INK_CELLS * cell * cell,
+    paper, ink = drawing.label_colours(fill, plate_w * plate_h, drawing.INK_CELLS * cell * cell,
                                 lift=int(rng.integers(50, 71)))
     draw.rectangle((px, py, px + plate_w - 1, py + plate_h - 1), fill=paper)
     gx, gy = px + ml, py + mt
-    draw.bitmap((gx, gy), _glyph_mask(digit, cell), fill=ink)
-    glyph = (gx, gy, gx + FONT_W * cell, gy + FONT_H * cell)
+    draw.bitmap((gx, gy), drawing.glyph_mask(digit, cell), fill=ink)
+    glyph = (gx, gy, gx + drawing.FONT_W * cell, gy + drawing.FONT_H * cell)
     path = _zoom_path(rng, spec, config, box, glyph, cell, size)
     objects.append(SceneObject(
         shape=shape, colour=colour, digit=digit, box=_rel(box, size),
@@ -636,96 +537,7 @@ def generate_split(tier: str, split: str, n: int, config: SyntheticConfig = Synt
     yield make_task(tier, index, config, split)
 
 
-# ----------------------------------------------------------------------------- records
-
-
-def task_record(task: SyntheticTask) -> dict:
-  """The loader-style record (id, image, question, options, answer, category) plus the boxes."""
-  return {
-      "id": task.id,
-      "image": task.image,
-      "question": task.question,
-      "options": None,
-      "answer": task.answer,
-      "category": task.category,
-      "difficulty": task.difficulty,
-      "target_box": np.asarray(task.target_box, np.float32),
-      "detail_box": np.asarray(task.detail_box, np.float32),
-      "candidate_boxes": np.asarray(task.candidate_boxes, np.float32).reshape(-1, 4),
-      "zoom_path": np.asarray(task.zoom_path, np.float32).reshape(-1, 4),
-  }
-
-
-class SyntheticSource:
-  """Random-access source (grain's RandomAccessDataSource protocol) generating on the fly."""
-
-  def __init__(self, tier: str, split: str, n: int,
-               config: SyntheticConfig = SyntheticConfig()):
-    config.tier(tier)  # validates the name
-    self.tier, self.split, self.n, self.config = tier, split, n, config
-
-  def __len__(self) -> int:
-    return self.n
-
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < self.n:
-      raise IndexError(f"index {index} out of range for {self.n} items")
-    return task_record(make_task(self.tier, index, self.config, self.split))
-
-  def __repr__(self) -> str:
-    return f"SyntheticSource(tier={self.tier!r}, split={self.split!r}, n={self.n})"
-
-
 # ----------------------------------------------------------------------------- reading, debugging
-
-
-def oracle_read(view: Image.Image, glyph_box_view: Sequence[float], search_px: float = 1.0,
-                step_px: float = 0.25) -> str:
-  """Reads a digit by template matching at a known scale and approximate position.
-
-  A legibility oracle: for every shift of `glyph_box_view` (view pixel coordinates, see
-  `project_box`) within +-search_px, samples the view's darkness on a 3x3 grid inside each font cell
-  and correlates it with every digit's template; the digit with the best match at any shift wins.
-  """
-  grey = np.asarray(view.convert("L"), np.float32)
-  x0, y0, x1, y1 = glyph_box_view
-  sub = (np.arange(3) + 0.5) / 3
-  shifts = np.arange(-search_px, search_px + 1e-9, step_px)
-  # Sample coordinates (array index space) for every shift: [S, 3 * FONT_W] and [S, 3 * FONT_H].
-  xs = x0 - 0.5 + shifts[:, None] + (
-      (np.arange(FONT_W)[:, None] + sub).ravel() * (x1 - x0) / FONT_W)[None, :]
-  ys = y0 - 0.5 + shifts[:, None] + (
-      (np.arange(FONT_H)[:, None] + sub).ravel() * (y1 - y0) / FONT_H)[None, :]
-  cells = _bilinear_grid(grey, ys, xs)  # [Sy, Sx, 3 * FONT_H, 3 * FONT_W]
-  n = len(shifts)
-  ink = -cells.reshape(n, n, FONT_H, 3, FONT_W, 3).mean(axis=(3, 5)).reshape(n, n, -1)
-  ink = (ink - ink.mean(-1, keepdims=True)) / (ink.std(-1, keepdims=True) + 1e-6)
-  templates = np.stack([_zscore(FONT[d]).ravel() for d in DIGITS])  # [10, 35]
-  scores = (ink @ templates.T).reshape(-1, len(DIGITS)).max(axis=0)
-  return DIGITS[int(np.argmax(scores))]
-
-
-def _zscore(bitmap: np.ndarray) -> np.ndarray:
-  x = bitmap.astype(np.float32)
-  return (x - x.mean()) / x.std()
-
-
-def _bilinear_grid(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-  """img at every (ys[a, i], xs[b, j]) -> [A, B, I, J]; array-index coordinates, edge-clamped."""
-  h, w = img.shape
-  ys = np.clip(ys, 0, h - 1)
-  xs = np.clip(xs, 0, w - 1)
-  y0 = np.minimum(np.floor(ys).astype(int), max(h - 2, 0))
-  x0 = np.minimum(np.floor(xs).astype(int), max(w - 2, 0))
-  y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-  fy = (ys - y0)[:, None, :, None]
-  fx = (xs - x0)[None, :, None, :]
-  row0, row1 = y0[:, None, :, None], y1[:, None, :, None]
-  col0, col1 = x0[None, :, None, :], x1[None, :, None, :]
-  top = img[row0, col0] * (1 - fx) + img[row0, col1] * fx
-  bottom = img[row1, col0] * (1 - fx) + img[row1, col1] * fx
-  return top * (1 - fy) + bottom * fy
 
 
 def describe(task: SyntheticTask, config: SyntheticConfig = SyntheticConfig()) -> str:

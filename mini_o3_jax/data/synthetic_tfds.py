@@ -104,7 +104,7 @@ class SyntheticVisualSearch(tfds_builders.LocalGeneratorBuilder):
   def _generate_examples(self, split: str, n: int) -> Iterator[tuple[str, dict]]:
     cfg = self.builder_config
     for task in synthetic.generate_split(cfg.tier, split, n, cfg.synthetic):
-      record = synthetic.task_record(task)
+      record = task_record(task)
       del record["options"]  # always None; restored on reading
       yield task.id, record
 
@@ -143,6 +143,44 @@ def decode_record(example: dict) -> dict:
   }
 
 
+def task_record(task: synthetic.SyntheticTask) -> dict:
+  """The loader-style record (id, image, question, options, answer, category) plus the boxes."""
+  return {
+      "id": task.id,
+      "image": task.image,
+      "question": task.question,
+      "options": None,
+      "answer": task.answer,
+      "category": task.category,
+      "difficulty": task.difficulty,
+      "target_box": np.asarray(task.target_box, np.float32),
+      "detail_box": np.asarray(task.detail_box, np.float32),
+      "candidate_boxes": np.asarray(task.candidate_boxes, np.float32).reshape(-1, 4),
+      "zoom_path": np.asarray(task.zoom_path, np.float32).reshape(-1, 4),
+  }
+
+
+class SyntheticSource:
+  """Random-access source (grain's RandomAccessDataSource protocol) generating on the fly."""
+
+  def __init__(self, tier: str, split: str, n: int,
+               config: synthetic.SyntheticConfig = synthetic.SyntheticConfig()):
+    config.tier(tier)  # validates the name
+    self.tier, self.split, self.n, self.config = tier, split, n, config
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < self.n:
+      raise IndexError(f"index {index} out of range for {self.n} items")
+    return task_record(synthetic.make_task(self.tier, index, self.config, self.split))
+
+  def __repr__(self) -> str:
+    return f"SyntheticSource(tier={self.tier!r}, split={self.split!r}, n={self.n})"
+
+
 def grain_source(tier: str, split: str, data_dir: str, num_train: int = DEFAULT_NUM_TRAIN,
                  num_test: int = DEFAULT_NUM_TEST,
                  config: synthetic.SyntheticConfig = synthetic.SyntheticConfig(),
@@ -158,4 +196,4 @@ def direct_source(tier: str, split: str, n: int,
                   config: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
                   ) -> grain.MapDataset:
   """A grain MapDataset generating items on the fly (no TFDS), record i = item i."""
-  return grain.MapDataset.source(synthetic.SyntheticSource(tier, split, n, config))
+  return grain.MapDataset.source(SyntheticSource(tier, split, n, config))

@@ -22,6 +22,10 @@ Env switches (all optional):
                      nearest its chroma^2-weighted mean RGB (the shape's fill, where the token holds a shape)
   EX_SALCOL=thr      the saliency s of EX_OBJAUX / EX_COLAUX relative to the most colourful token of the same
                      palette colour (each shape its own maximum) instead of the image's, 0 below chroma thr
+  EX_POINTER=w       aux loss w * -log(softmax mass on the target's image tokens) of the cosine scores between the
+                     final hidden state that predicts the first box digit and every image token's final hidden
+                     state; the target's tokens are those of the palette colour the question names (chroma >
+                     0.08): supervises the binding route (question word -> the token of that colour) directly
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import functools
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import drawing, grounding, synthetic
 from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm as vlm_lib
@@ -92,7 +96,7 @@ if E("EX_LEVELS"):
     canvas.putpalette(np.clip(levels, 0, 255).astype(np.uint8).ravel().tobytes())
     return canvas.convert("RGB")
 
-  synthetic._background = _background
+  drawing.background = _background
 
 
 # ------------------------------------------------------------------ question order: locate questions first
@@ -250,6 +254,7 @@ def chroma_saliency(pixel_values):
   return jax.lax.stop_gradient((tok / (tok.max(-1, keepdims=True) + 1e-6)) ** 4)
 _where_ids = None
 COLAUX = float(E("EX_COLAUX", "0"))
+POINTER = float(E("EX_POINTER", "0"))
 PALETTE = np.asarray([rgb for _, rgb in synthetic.DEFAULT_PALETTE], np.float32) / 255.0   # [K, 3]
 
 
@@ -265,7 +270,39 @@ def colour_onehot(pixel_values):
   d = jnp.sum((rgb[:, :, None, :] - jnp.asarray(PALETTE)[None, None]) ** 2, -1)              # [b, t, K]
   return jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmin(d, -1), PALETTE.shape[0]))
 
-if PEN or WHERE_W or OBJAUX or COLAUX:
+def pointer_loss(h, inputs, targets, maskf, image_token_id, tokens_per_row):
+  """Mean over rows with a named target of -log(sum of softmax(10 cos(h_query, h_img)) over target tokens)."""
+  ids = inputs.input_ids
+  b, t1, d = h.shape
+  prev = ids[:, :-1]
+  is_where = jnp.isin(prev, jnp.asarray(_where_ids["prefix"])) & jnp.isin(targets, jnp.asarray(_where_ids["digits"]))
+  is_where = is_where & (maskf > 0)
+  has_q = jnp.any(is_where, -1)                                                   # [b]
+  q_pos = jnp.argmax(is_where, -1)                                                # [b] first where digit
+  hq = jnp.take_along_axis(h, q_pos[:, None, None], 1)[:, 0]                      # [b, d]
+  img_pos = jax.vmap(lambda r: jnp.nonzero(r == image_token_id, size=tokens_per_row, fill_value=0)[0])(ids)
+  hi = jnp.take_along_axis(h, img_pos[..., None], 1)                              # [b, tokens, d]
+  colour_ids = jnp.asarray(_where_ids["colours"])                                 # [K] token id per palette colour
+  named = jnp.any(ids[:, :, None] == colour_ids[None, None], 1)                   # [b, K] colours named in the row
+  onehot = colour_onehot(inputs.pixel_values)                                     # [b, tokens, K]
+  chroma = chroma_tokens(inputs.pixel_values)                                     # [b, tokens]
+  target = (jnp.einsum("btk,bk->bt", onehot, named.astype(jnp.float32)) > 0) & (chroma > 0.08)
+  cos = jnp.einsum("bd,btd->bt", hq, hi) / (jnp.linalg.norm(hq, axis=-1)[:, None] * jnp.linalg.norm(hi, axis=-1) + 1e-6)
+  logp = jax.nn.log_softmax(10.0 * cos, -1)
+  mass = jax.nn.logsumexp(jnp.where(target, logp, -1e9), -1)                      # [b]
+  valid = has_q & jnp.any(target, -1) & (jnp.sum(named, -1) == 1)
+  return jnp.sum(jnp.where(valid, -mass, 0.0)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def chroma_tokens(pixel_values):
+  """[b, p, 1176] -> [b, p/4] mean chroma of each merged token (no normalisation)."""
+  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  b, p, _ = pixel_values.shape
+  x = pixel_values.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * std[None, None, :, None, None] + mean[None, None, :, None, None]
+  return jax.lax.stop_gradient((x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1))
+
+
+if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
   def sft_loss_and_grads(config, graphdef, params, batch, mesh=None, grad_shardings=None):
     _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
     normalizer = sft_lib.sft_normalizer(global_mask, config.sequence_mean)
@@ -301,6 +338,9 @@ if PEN or WHERE_W or OBJAUX or COLAUX:
         real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
         aux_l = jnp.sum(real * (proj - 0.5 * sal) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
         loss = loss + OBJAUX * aux_l / config.grad_accum_steps
+      if POINTER:
+        loss = loss + POINTER * pointer_loss(hidden, inputs, targets, maskf, model.config.image_token_id,
+                                             inputs.pixel_values.shape[1] // 4) / config.grad_accum_steps
       if COLAUX:
         d = emb.shape[-1]
         v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
@@ -383,7 +423,7 @@ if __name__ == "__main__":
   from absl import app
   from mini_o3_jax import main as main_lib
   from mini_o3_jax.processing import tokenizer as tok_lib
-  if WHERE_W:
+  if WHERE_W or POINTER:
     # token ids: pieces ending in "0." / "1." (coordinate prefixes) and single digits
     _orig_setup = main_lib.common.setup
 
@@ -394,7 +434,10 @@ if __name__ == "__main__":
       vocab = [tok.decode([i]) for i in range(config.tokenizer.vocab_size)]
       prefix = [i for i, p in enumerate(vocab) if p.endswith("0.") or p.endswith("1.")]
       digits = [i for i, p in enumerate(vocab) if p.isdigit() and len(p) == 1]
-      _where_ids = {"prefix": prefix, "digits": digits}
+      colours = [tok.encode(" " + name, add_special_tokens=False) for name, _ in synthetic.DEFAULT_PALETTE]
+      if any(len(c) != 1 for c in colours):
+        raise ValueError(f"colour words are not single tokens: {colours}")
+      _where_ids = {"prefix": prefix, "digits": digits, "colours": [c[0] for c in colours]}
       print("where ids", [vocab[i] for i in prefix], [vocab[i] for i in digits], flush=True)
       return out
 
