@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mini_o3_jax.data import image_sources
 from mini_o3_jax.model.hf import is_previous_export, load_pretrained, save_pretrained
 from mini_o3_jax.model import Qwen25VL, config as config_lib, hf
 from mini_o3_jax import sharding
@@ -256,7 +257,6 @@ def test_16_bit_and_float_images_keep_their_contrast(tmp_path):
 def test_exif_orientation_is_applied_by_every_loader(tmp_path):
   from PIL import Image
   from mini_o3_jax.agent.trajectory import Trajectory
-  from mini_o3_jax.data import benchmarks
   from mini_o3_jax.processing import image as image_lib
   stored = np.zeros((40, 80, 3), np.uint8)
   stored[:, :40] = (255, 0, 0)  # left half red as stored; orientation 6 shows it turned 90 degrees clockwise
@@ -268,7 +268,7 @@ def test_exif_orientation_is_applied_by_every_loader(tmp_path):
   assert upright.size == (40, 80)  # width, height as a viewer shows it
   top, bottom = np.asarray(upright)[:30].mean((0, 1)), np.asarray(upright)[-30:].mean((0, 1))
   assert top[0] > 200 and top[1] < 60 and bottom.min() < 40  # the red half is on top
-  assert np.array_equal(np.asarray(benchmarks.decode_image(path.read_bytes())), np.asarray(upright))
+  assert np.array_equal(np.asarray(image_sources.decode_image(path.read_bytes())), np.asarray(upright))
   traj = Trajectory(question="q", images=[str(path)], turns=[])
   assert np.array_equal(np.asarray(traj.load_images().images[0]), np.asarray(upright))
   with Image.open(path) as f:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mini_o3_jax.data import benchmarks
+from mini_o3_jax.data import benchmarks, image_sources
 from mini_o3_jax.data.benchmarks import BenchmarkDataError
 from mini_o3_jax.data import load_benchmark
 
@@ -234,17 +234,17 @@ def test_visualprobe_parquet_export(tmp_path):
 def test_image_bytes_from_cell_variants(tmp_path):
   data = _image_bytes(60)
   path = _write(tmp_path / "x.jpg", data)
-  resolve = benchmarks.PathResolver((str(tmp_path),))
+  resolve = image_sources.PathResolver((str(tmp_path),))
   b64 = base64.b64encode(data).decode()
   for cell in (data, {"bytes": data, "path": None}, {"bytes": None, "path": "x.jpg"}, [b64],
                "data:image/jpeg;base64," + b64, "x.jpg", [{"bytes": data}], path):
-    assert benchmarks.image_bytes_from_cell(cell, resolve) == data
+    assert image_sources.image_bytes_from_cell(cell, resolve) == data
   with pytest.raises(FileNotFoundError):
-    benchmarks.image_bytes_from_cell("nope.jpg", resolve)
+    image_sources.image_bytes_from_cell("nope.jpg", resolve)
   with pytest.raises(ValueError):
-    benchmarks.image_bytes_from_cell([data, data], resolve)
+    image_sources.image_bytes_from_cell([data, data], resolve)
   with pytest.raises(ValueError):
-    benchmarks.image_bytes_from_cell("%%% not base64", resolve)
+    image_sources.image_bytes_from_cell("%%% not base64", resolve)
 
 
 # ------------------------------------------------------------------------------------------------

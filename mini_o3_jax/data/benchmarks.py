@@ -8,7 +8,7 @@
   "problem": "<image>\\n<question>", "solution", "data_source"}`` with image paths relative to
   ``data_dir``. Without a JSON file, any ``*.parquet`` below the folder is read instead (the hub's
   parquet export): columns ``problem``, ``solution``, optional ``doc_id`` / ``data_source`` and an
-  ``images`` (or ``image``) column whose cell is anything `image_bytes_from_cell` accepts.
+  ``images`` (or ``image``) column whose cell is anything `image_sources.image_bytes_from_cell` accepts.
 * ``vstar`` (split ``test``): ``data_dir/{direct_attributes,relative_position}/sa_X.json`` next to
   ``sa_X.jpg``; the JSON's ``options[0]`` is the correct one, so options are shuffled per question
   with a seed derived from ``option_seed`` and the question id (never from listing order).
@@ -25,9 +25,6 @@ EXIF orientation is not applied, as in the original's PIL loading.
 from __future__ import annotations
 
 import ast
-import base64
-import binascii
-import bisect
 import collections
 import collections.abc
 import concurrent.futures
@@ -35,19 +32,16 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import random
-import re
-import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypedDict
 
 from PIL import Image
 
-from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.data import image_sources
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +61,6 @@ _VISUALPROBE_FOLDERS = {
     "hard": "VisualProbe_Hard",
 }
 _VSTAR_CATEGORIES = ("direct_attributes", "relative_position")
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".webp")
-_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
 class BenchmarkRecord(TypedDict):
@@ -110,174 +102,6 @@ class SkippedRow:
 
 
 # ------------------------------------------------------------------------------------------------
-# Image sources and decoding.
-
-
-class ImageSource(Protocol):
-  """Where a row's encoded image lives."""
-
-  @property
-  def origin(self) -> str:
-    """The file (and cell) to name in error messages."""
-
-  def read_bytes(self) -> bytes:
-    """The encoded image; raises OSError / ValueError when unavailable."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FileImage:
-  """An image file on disk."""
-  path: str
-
-  @property
-  def origin(self) -> str:
-    return self.path
-
-  def read_bytes(self) -> bytes:
-    with open(self.path, "rb") as f:
-      return f.read()
-
-
-@dataclasses.dataclass(frozen=True)
-class PathResolver:
-  """Resolves image paths found in a release relative to its base directories.
-
-  `folder`, when set, also maps ``<FolderName>/rest`` onto the folder actually on disk, so a
-  lower-cased download of ``VisualProbe_Hard/`` still finds ``VisualProbe_Hard/data/x.jpg``.
-  """
-  base_dirs: tuple[str, ...]
-  folder: str | None = None
-
-  def __call__(self, path: str) -> str:
-    if os.path.isabs(path):
-      return path
-    candidates = [os.path.join(base, path) for base in self.base_dirs]
-    if self.folder is not None:
-      head, _, rest = path.replace("\\", "/").partition("/")
-      if rest and head.lower() == os.path.basename(self.folder).lower():
-        candidates.append(os.path.join(self.folder, rest))
-    for candidate in candidates:
-      if os.path.exists(candidate):
-        return candidate
-    return candidates[0] if candidates else path
-
-
-class ParquetColumn:
-  """Random access to one column of a parquet file, reading one row group at a time.
-
-  Keeps only the last row group read (encoded), so images are never all held decoded. A file
-  written as a single row group (the pandas default) is therefore read whole on the first access
-  and its encoded column kept in memory; for bounded memory use the TFDS copy instead
-  (`tfds_builders`). Safe to share between threads and to pickle (the cache is dropped).
-  """
-
-  def __init__(self, path: str, column: str):
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    self.path = path
-    self.column = column
-    metadata = pq.ParquetFile(path).metadata
-    sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-    self._starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    self.num_rows = sum(sizes)
-    self._lock = threading.Lock()
-    self._cache: tuple[int, Any] | None = None
-
-  def __getstate__(self) -> dict[str, Any]:
-    state = dict(self.__dict__)
-    del state["_lock"]
-    state["_cache"] = None
-    return state
-
-  def __setstate__(self, state: dict[str, Any]) -> None:
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def cell(self, row: int) -> Any:
-    """The Python value of the column at file row `row`."""
-    if not 0 <= row < self.num_rows:
-      raise IndexError(f"row {row} out of range for {self.path} ({self.num_rows} rows)")
-    group = bisect.bisect_right(self._starts, row) - 1
-    with self._lock:
-      if self._cache is None or self._cache[0] != group:
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-        table = pq.ParquetFile(self.path).read_row_group(group, columns=[self.column])
-        self._cache = (group, table.column(0))
-      values = self._cache[1]
-    return values[row - self._starts[group]].as_py()
-
-
-@dataclasses.dataclass(frozen=True)
-class ParquetCellImage:
-  """An image stored in (or referenced from) one cell of a parquet column."""
-  column: ParquetColumn
-  row: int
-  resolve: Callable[[str], str]
-
-  @property
-  def origin(self) -> str:
-    return f"{self.column.path} (row {self.row}, column {self.column.column!r})"
-
-  def read_bytes(self) -> bytes:
-    return image_bytes_from_cell(self.column.cell(self.row), self.resolve)
-
-
-def image_bytes_from_cell(cell: Any, resolve: Callable[[str], str] = lambda p: p) -> bytes:
-  """Encoded image bytes from a cell of an image column.
-
-  Accepts: raw ``bytes``; a ``{"bytes", "path"}`` struct (the HF ``Image`` feature; ``bytes`` wins,
-  else ``path`` is read); a base64 string, with or without a ``data:image/...;base64,`` prefix; a
-  path string (resolved with `resolve`); or a one-element list of any of these.
-
-  Raises:
-    FileNotFoundError: a referenced file does not exist (``filename`` names it).
-    ValueError: the cell holds none of the above.
-  """
-  if isinstance(cell, (list, tuple)):
-    if len(cell) != 1:
-      raise ValueError(f"expected exactly one image in the cell, found {len(cell)}")
-    cell = cell[0]
-  if isinstance(cell, (bytes, bytearray, memoryview)):
-    return bytes(cell)
-  if isinstance(cell, Mapping):
-    if cell.get("bytes"):
-      return bytes(cell["bytes"])
-    if cell.get("path"):
-      return FileImage(resolve(str(cell["path"]))).read_bytes()
-    raise ValueError("image struct has neither bytes nor path")
-  if isinstance(cell, str):
-    if _looks_like_path(cell):
-      return FileImage(resolve(cell)).read_bytes()
-    try:
-      return base64.b64decode(_DATA_URI.sub("", cell.strip()), validate=True)
-    except binascii.Error as err:
-      raise ValueError(f"image string is neither a path nor valid base64 ({err})") from err
-  raise ValueError(f"unsupported image cell of type {type(cell).__name__}")
-
-
-def _looks_like_path(text: str) -> bool:
-  # Base64 has no '.', so a short string with an image extension can only be a path.
-  return len(text) < 4096 and text.strip().lower().endswith(
-      tuple(ext.lower() for ext in _IMAGE_EXTENSIONS))
-
-
-def decode_image(data: bytes) -> Image.Image:
-  """Decodes encoded bytes to an upright RGB PIL image (fully loaded; see `image_lib.load_image`)."""
-  return image_lib.load_image(data)
-
-
-def verify_image(data: bytes) -> None:
-  """Raises if `data` is not a decodable image.
-
-  JPEGs are decoded at 1/8 scale: the whole entropy-coded stream is still read (so truncation is
-  caught) at a fraction of the cost of a full 8K decode.
-  """
-  with Image.open(io.BytesIO(data)) as image:
-    if image.format == "JPEG":
-      image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-    image.load()
-
-
-# ------------------------------------------------------------------------------------------------
 # Rows and the random-access benchmark.
 
 
@@ -289,7 +113,7 @@ class BenchmarkRow:
   options: tuple[str, ...] | None
   answer: str
   category: str
-  image: ImageSource
+  image: image_sources.ImageSource
   where: str  # names the row in error messages, e.g. "visualprobe/hard row 3 (id '60')"
 
 
@@ -313,7 +137,7 @@ def read_image_bytes(row: BenchmarkRow) -> bytes:
 
 def _check_row_image(row: BenchmarkRow) -> BenchmarkDataError | None:
   try:
-    verify_image(read_image_bytes(row))
+    image_sources.verify_image(read_image_bytes(row))
   except BenchmarkDataError as err:
     return err
   except Exception as err:  # pylint: disable=broad-except
@@ -345,7 +169,7 @@ class Benchmark(collections.abc.Sequence):
     row = self.row(index)
     data = read_image_bytes(row)
     try:
-      image = decode_image(data)
+      image = image_sources.decode_image(data)
     except Exception as err:  # pylint: disable=broad-except
       raise _image_error(row, err) from err
     return BenchmarkRecord(
@@ -472,7 +296,7 @@ def _visualprobe_files(folder: str, split: str) -> tuple[str | None, list[str]]:
 
 
 def _visualprobe_row(raw: Any, split: str, where: str, file: str,
-                     image: Callable[[Mapping[str, Any]], ImageSource | str],
+                     image: Callable[[Mapping[str, Any]], image_sources.ImageSource | str],
                      fallback_id: str) -> RowOrError:
   """One VisualProbe row (JSON object or parquet row) -> row or malformed error."""
   if not isinstance(raw, Mapping):
@@ -499,7 +323,7 @@ def _read_visualprobe(data_dir: str, split: str, option_seed: int) -> Iterator[R
         f"no {_VISUALPROBE_FOLDERS[split]}/ folder in {data_dir} (download "
         f"Mini-o3/{_VISUALPROBE_FOLDERS[split]} there)")
   json_path, parquet_paths = _visualprobe_files(folder, split)
-  resolver = PathResolver((data_dir, folder), folder=folder)
+  resolver = image_sources.PathResolver((data_dir, folder), folder=folder)
   if json_path is not None:
     yield from _visualprobe_json_rows(json_path, split, resolver)
   elif parquet_paths:
@@ -510,7 +334,7 @@ def _read_visualprobe(data_dir: str, split: str, option_seed: int) -> Iterator[R
 
 
 def _visualprobe_json_rows(path: str, split: str,
-                           resolver: PathResolver) -> Iterator[RowOrError]:
+                           resolver: image_sources.PathResolver) -> Iterator[RowOrError]:
   try:
     with open(path, encoding="utf-8") as f:
       raws = json.load(f)
@@ -524,13 +348,13 @@ def _visualprobe_json_rows(path: str, split: str,
   if not raws:
     raise _malformed(f"visualprobe/{split}", path, "the file holds no rows")
 
-  def image(raw: Mapping[str, Any]) -> ImageSource | str:
+  def image(raw: Mapping[str, Any]) -> image_sources.ImageSource | str:
     images = raw.get("images")
     if isinstance(images, str):
       images = [images]
     if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str)):
       return "'images' must be a list holding one image path"
-    return FileImage(resolver(images[0]))
+    return image_sources.FileImage(resolver(images[0]))
 
   for index, raw in enumerate(raws):
     doc_id = _as_text(raw.get("doc_id")) if isinstance(raw, Mapping) else None
@@ -538,20 +362,20 @@ def _visualprobe_json_rows(path: str, split: str,
     yield _visualprobe_row(raw, split, where, path, image, fallback_id=f"{split}_{index}")
 
 
-def _parquet_cell_image(column: ParquetColumn, index: int, resolve: Callable[[str], str],
-                        raw: Mapping[str, Any]) -> ImageSource:
+def _parquet_cell_image(column: image_sources.ParquetColumn, index: int, resolve: Callable[[str], str],
+                        raw: Mapping[str, Any]) -> image_sources.ImageSource:
   del raw  # the image lives in its own column, read lazily
-  return ParquetCellImage(column, index, resolve)
+  return image_sources.ParquetCellImage(column, index, resolve)
 
 
 def _visualprobe_parquet_rows(path: str, split: str,
-                              resolver: PathResolver) -> Iterator[RowOrError]:
+                              resolver: image_sources.PathResolver) -> Iterator[RowOrError]:
   fields = ("problem", "solution", "doc_id", "data_source")
   names, raws = _read_parquet_metadata(path, fields)
   image_column = next((c for c in ("images", "image") if c in names), None)
   if image_column is None:
     raise _malformed(f"visualprobe/{split}", path, "no 'images' or 'image' column")
-  column = ParquetColumn(path, image_column)
+  column = image_sources.ParquetColumn(path, image_column)
   cell_resolver = dataclasses.replace(
       resolver, base_dirs=resolver.base_dirs + (os.path.dirname(path),))
   stem = os.path.splitext(os.path.basename(path))[0]
@@ -569,7 +393,7 @@ def _visualprobe_parquet_rows(path: str, split: str,
 
 def _vstar_image_path(json_path: str) -> str:
   stem = os.path.splitext(json_path)[0]
-  for ext in _IMAGE_EXTENSIONS:
+  for ext in image_sources.IMAGE_EXTENSIONS:
     if os.path.isfile(stem + ext):
       return stem + ext
   return stem + ".jpg"  # named in the "missing" error
@@ -604,7 +428,7 @@ def _vstar_row(path: str, category: str, option_seed: int) -> RowOrError:
   presented, letter = shuffle_options([_as_text(o) for o in options], row_id, option_seed)
   return BenchmarkRow(id=row_id, question=question.strip(), options=tuple(presented),
                       answer=letter, category=category,
-                      image=FileImage(_vstar_image_path(path)), where=where)
+                      image=image_sources.FileImage(_vstar_image_path(path)), where=where)
 
 
 def _read_vstar(data_dir: str, split: str, option_seed: int) -> Iterator[RowOrError]:
@@ -630,7 +454,7 @@ def hrbench_path(data_dir: str, name: str) -> str:
 
 
 def _hrbench_row(raw: Mapping[str, Any], index: int, name: str, path: str,
-                 column: ParquetColumn) -> RowOrError:
+                 column: image_sources.ParquetColumn) -> RowOrError:
   row_label = _as_text(raw.get("index"))
   where = f"{name}/test row {index}" + (f" (index {row_label})" if row_label else "")
   question = _as_text(raw.get("question"))
@@ -649,7 +473,7 @@ def _hrbench_row(raw: Mapping[str, Any], index: int, name: str, path: str,
     return _malformed(where, path, f"answer {raw.get('answer')!r} is not one of the option letters")
   return BenchmarkRow(id=row_label or str(index), question=question, options=tuple(options),
                       answer=answer, category=_as_text(raw.get("category")) or "unknown",
-                      image=ParquetCellImage(column, index, PathResolver((os.path.dirname(path),))),
+                      image=image_sources.ParquetCellImage(column, index, image_sources.PathResolver((os.path.dirname(path),))),
                       where=where)
 
 
@@ -663,7 +487,7 @@ def _read_hrbench(data_dir: str, split: str, option_seed: int,
   absent = [c for c in ("question", "answer", "A", "B", "image") if c not in names]
   if absent:
     raise _malformed(f"{name}/test", path, f"missing columns {absent}")
-  column = ParquetColumn(path, "image")
+  column = image_sources.ParquetColumn(path, "image")
   for index, raw in enumerate(raws):
     yield _hrbench_row(raw, index, name, path, column)
 

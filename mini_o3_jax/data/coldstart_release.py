@@ -10,7 +10,7 @@ Assumed layout (from the original's ``scripts/preprocess_coldstart.py``, which l
   ``<image>`` in the text marks where the next image goes (the question's image, then one per
   zoom-in observation turn).
 * ``images``: a list of HF ``Image`` structs ``{"bytes", "path"}`` (any cell accepted by
-  `benchmarks.image_bytes_from_cell`: bytes, base64, or a path relative to the parquet file).
+  `image_sources.image_bytes_from_cell`: bytes, base64, or a path relative to the parquet file).
 * optional ``image_names``, ``data_source``, ``sample_index``, ``rollout_index`` (used for ids).
 
 Every name above is configurable through `ColdStartLayout`. A row becomes a `ColdStartTrajectory`:
@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from mini_o3_jax.data import benchmarks
+from mini_o3_jax.data import benchmarks, image_sources
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class _Row:
   id: str
   messages: tuple[dict[str, Any], ...]
   data_source: str
-  images: benchmarks.ParquetColumn
+  images: image_sources.ParquetColumn
   file_row: int
   where: str
 
@@ -224,12 +224,12 @@ class ColdStartRelease(collections.abc.Sequence):
              if c in names and c != column]
     table = pq.ParquetFile(file).read(columns=[column] + extra).to_pylist()
     counts = _list_lengths(file, self.layout.images_column)
-    images = benchmarks.ParquetColumn(file, self.layout.images_column)
+    images = image_sources.ParquetColumn(file, self.layout.images_column)
     for index, (raw, count) in enumerate(zip(table, counts)):
       yield self._row(raw, column, count, images, index, file)
 
   def _row(self, raw: Mapping[str, Any], column: str, num_images: int,
-           images: benchmarks.ParquetColumn, index: int, file: str) -> _Row | ColdStartDataError:
+           images: image_sources.ParquetColumn, index: int, file: str) -> _Row | ColdStartDataError:
     parts = [str(raw[c]) for c in self.layout.id_columns if raw.get(c) is not None]
     row_id = ":".join(parts) if parts else f"{os.path.basename(file)}:{index}"
     where = f"cold-start row {index} (id {row_id})"
@@ -249,11 +249,11 @@ class ColdStartRelease(collections.abc.Sequence):
     cells = row.images.cell(row.file_row)
     if cells is not None and not isinstance(cells, list):
       cells = [cells]
-    resolve = benchmarks.PathResolver((os.path.dirname(row.images.path),))
+    resolve = image_sources.PathResolver((os.path.dirname(row.images.path),))
     images = []
     for k, cell in enumerate(cells or []):
       try:
-        images.append(benchmarks.decode_image(benchmarks.image_bytes_from_cell(cell, resolve)))
+        images.append(image_sources.decode_image(image_sources.image_bytes_from_cell(cell, resolve)))
       except Exception as err:  # pylint: disable=broad-except
         # PIL raises assorted types for bad data; report them all the same way.
         file = getattr(err, "filename", None) or row.images.path

@@ -27,7 +27,7 @@ import grain
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mini_o3_jax.data import benchmarks
+from mini_o3_jax.data import benchmarks, image_sources
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def decode_tfds_record(raw: Mapping[str, Any]) -> benchmarks.BenchmarkRecord:
   """A raw data-source record (image left encoded) -> `BenchmarkRecord`."""
   options = [_text(o) for o in raw["options"]]
   return benchmarks.BenchmarkRecord(
-      id=_text(raw["id"]), image=benchmarks.decode_image(raw["image"]),
+      id=_text(raw["id"]), image=image_sources.decode_image(raw["image"]),
       question=_text(raw["question"]), options=options or None,
       answer=_text(raw["answer"]), category=_text(raw["category"]))
 
