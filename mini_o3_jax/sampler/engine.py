@@ -13,7 +13,7 @@ Each slot holds one sequence. Three jitted programs act on all slots at once:
   * `decode`: up to `decode_steps` single-token steps in one `lax.while_loop`, leaving early once every
     slot has stopped, so the host sees one round trip per `decode_steps` tokens.
 
-State per slot (all device arrays, see `SlotState`): the cache rows, the last sampled token (not yet in
+State per slot (all device arrays, see `programs.SlotState`): the cache rows, the last sampled token (not yet in
 the cache: the next step or chunk writes it first), its M-RoPE position, a PRNG key, the stop-string
 automaton state, the turn's token count and limit, and optional forced tokens.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 from typing import Mapping, Sequence
 
@@ -44,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model import rope
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.sampler import decoder
+from mini_o3_jax.sampler import programs as programs_lib
 from mini_o3_jax.sampler.decoder import SlotCache
 from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
@@ -54,9 +53,6 @@ from mini_o3_jax import sharding as shard_lib
 
 _log = logging.getLogger(__name__)
 
-# Why a slot stopped (StepOutput.reason).
-RUNNING, STOP_TOKEN, STOP_STRING, LENGTH = 0, 1, 2, 3
-REASON_NAMES = {RUNNING: "running", STOP_TOKEN: "stop_token", STOP_STRING: "stop_string", LENGTH: "length"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,183 +101,6 @@ class EngineConfig:
     return -(-(self.max_context + self.piece_len) // 8) * 8
 
 
-# ----------------------------------------------------------------------------- device pytrees
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotState:
-  """Everything the device keeps per slot (leading axis: slots)."""
-  cache: SlotCache
-  token: jax.Array       # int32 [slots]: last sampled token, not yet written to the cache
-  pos: jax.Array         # int32 [slots]: its M-RoPE position (text: equal on all three axes)
-  key: jax.Array         # uint32 [slots, 2]: PRNG key, advanced only when the slot samples
-  stop_state: jax.Array  # int32 [slots]: stop-string automaton state since the turn began
-  turn_len: jax.Array    # int32 [slots]: tokens sampled in this turn
-  turn_limit: jax.Array  # int32 [slots]: the turn stops with LENGTH when turn_len reaches it
-  active: jax.Array      # bool [slots]: still generating this turn
-  forced: jax.Array      # int32 [slots, forced_width]: token i of the turn is forced[i] if >= 0
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Piece:
-  """One append call's inputs (leading axis: slots; chunk axis C is bucketed)."""
-  ids: jax.Array          # int32 [slots, C], right-padded
-  positions: jax.Array    # int32 [3, slots, C]
-  mask: jax.Array         # int32 [slots, C]: 1 on real tokens
-  reset: jax.Array        # bool [slots]: start a new sequence (length 0) before writing
-  sample: jax.Array       # bool [slots]: the slot's chunk ends in this piece; sample its next token
-  last: jax.Array         # int32 [slots]: index of the chunk's last real token in this piece
-  next_pos: jax.Array     # int32 [slots]: position of the token sampled next
-  turn_limit: jax.Array   # int32 [slots]
-  forced: jax.Array       # int32 [slots, forced_width]
-  new_key: jax.Array      # bool [slots]: replace the slot's key by `key`
-  key: jax.Array          # uint32 [slots, 2]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepOutput:
-  """Tokens sampled by one call. Row s produced tokens[s, :count[s]]; reason[s] != RUNNING if it stopped."""
-  tokens: jax.Array           # int32 [slots, steps]
-  logprobs: jax.Array         # float32 [slots, steps]: log softmax(logits / T) of the token
-  sample_logprobs: jax.Array  # float32 [slots, steps]: under the truncated sampling distribution
-  count: jax.Array            # int32 [slots]
-  reason: jax.Array           # int32 [slots]
-
-
-# ----------------------------------------------------------------------------- jitted programs
-
-
-def _sample_step(state: SlotState, logits: jax.Array, rows: jax.Array, table: jax.Array, stop_ids: jax.Array,
-                 sampling: SamplingParams, match_state: int):
-  """Samples for `rows` (bool [slots]) from logits [slots, vocab]; other rows keep their state."""
-  width = state.forced.shape[1]
-  forced = jnp.take_along_axis(state.forced, jnp.clip(state.turn_len, 0, width - 1)[:, None], axis=1)[:, 0]
-  forced = jnp.where(state.turn_len < width, forced, -1)
-  tok, lp, slp, key = sampling_lib.sample(logits, state.key, sampling, forced)
-  stop_state = table[state.stop_state, tok]
-  turn_len = state.turn_len + 1
-  hit_token = jnp.isin(tok, stop_ids)
-  hit_string = stop_state == match_state
-  hit_limit = turn_len >= state.turn_limit
-  # A token that ends a stop string on the turn's last allowed step is a clean stop, not a cut-off.
-  reason = jnp.where(hit_token, STOP_TOKEN, jnp.where(hit_string, STOP_STRING, jnp.where(hit_limit, LENGTH, RUNNING)))
-  reason = jnp.where(rows, reason, RUNNING).astype(jnp.int32)
-  new = dataclasses.replace(
-      state,
-      token=jnp.where(rows, tok, state.token),
-      key=jnp.where(rows[:, None], key, state.key),
-      stop_state=jnp.where(rows, stop_state, state.stop_state),
-      turn_len=jnp.where(rows, turn_len, state.turn_len),
-      active=jnp.where(rows, reason == RUNNING, state.active),
-  )
-  return new, tok, lp, slp, reason
-
-
-def _constrain(tree, shardings):
-  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_slots", "out_sharding"))
-def _encode(graphdef, params, pixel_values, vision, rows, *, num_slots, out_sharding):
-  """pixel_values [R, P, D] of slots `rows` [R] (num_slots = padding row) -> embeds [slots, P/4, hidden]."""
-  model = nnx.merge(graphdef, params)
-  emb = model.encode_images(pixel_values, vision)                                   # [R, P/4, hidden]
-  out = jnp.zeros((num_slots,) + emb.shape[1:], emb.dtype).at[rows].set(emb, mode="drop")
-  return _constrain(out, out_sharding)
-
-
-@functools.partial(jax.jit, static_argnames=("width", "out_sharding"))
-def _slice_embeds(embeds, offset, *, width, out_sharding):
-  """embeds [slots, N, hidden], offset [slots] -> the `width` embeddings from each offset [slots, width, hidden].
-
-  A separate (cheap) program, so the expensive prefill program depends on the chunk bucket only,
-  not on the image-size bucket as well.
-  """
-  idx = jnp.clip(offset[:, None] + jnp.arange(width)[None], 0, embeds.shape[1] - 1)
-  return _constrain(jnp.take_along_axis(embeds, idx[:, :, None], axis=1), out_sharding)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "window", "match_state", "state_sharding"),
-                   donate_argnames=("state",))
-def _append(graphdef, params, state: SlotState, piece: Piece, piece_embeds, table, stop_ids, logit_bias, *,
-            sampling, window, match_state, state_sharding):
-  """Writes one piece into every slot's cache and samples for the slots whose chunk ends here.
-
-  piece_embeds [slots, C, hidden]: the image embeddings of the piece's image tokens, in order.
-  Returns the new state, a StepOutput of one step and the last real position's logits
-  [slots, vocab] (for tests and scoring; never copied to the host unless read).
-  """
-  model = nnx.merge(graphdef, params)
-  cache = state.cache
-  cache = dataclasses.replace(cache, length=jnp.where(piece.reset, 0, cache.length),
-                              valid=cache.valid & ~piece.reset[:, None])
-  x = model.embed(piece.ids, piece_embeds)
-  h, new_cache = decoder.cached_forward(model, x, piece.positions, piece.mask, cache, window)
-  h_last = jnp.take_along_axis(h, piece.last[:, None, None], axis=1)[:, 0]               # [slots, hidden]
-  logits = model.logits(h_last).astype(jnp.float32) + logit_bias                        # [slots, vocab]
-  rows = piece.sample
-  state = dataclasses.replace(
-      state, cache=new_cache,
-      pos=jnp.where(rows, piece.next_pos, state.pos),
-      key=jnp.where((rows & piece.new_key)[:, None], piece.key, state.key),
-      stop_state=jnp.where(rows, 0, state.stop_state),
-      turn_len=jnp.where(rows, 0, state.turn_len),
-      turn_limit=jnp.where(rows, piece.turn_limit, state.turn_limit),
-      forced=jnp.where(rows[:, None], piece.forced, state.forced))
-  state, tok, lp, slp, reason = _sample_step(state, logits, rows, table, stop_ids, sampling, match_state)
-  out = StepOutput(tokens=tok[:, None], logprobs=lp[:, None], sample_logprobs=slp[:, None],
-                   count=rows.astype(jnp.int32), reason=reason)
-  return _constrain(state, state_sharding), out, logits
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "steps", "window", "match_state",
-                                             "state_sharding"), donate_argnames=("state",))
-def _decode(graphdef, params, state: SlotState, table, stop_ids, logit_bias, *, sampling, steps, window,
-            match_state, state_sharding):
-  """Up to `steps` decode steps for the active slots; stops early when none is active.
-
-  window: attend over the first `window` cache entries (every active slot's length + steps fits).
-  """
-  model = nnx.merge(graphdef, params)
-  slots = state.token.shape[0]
-  out = StepOutput(tokens=jnp.zeros((slots, steps), jnp.int32), logprobs=jnp.zeros((slots, steps), jnp.float32),
-                   sample_logprobs=jnp.zeros((slots, steps), jnp.float32), count=jnp.zeros((slots,), jnp.int32),
-                   reason=jnp.zeros((slots,), jnp.int32))
-
-  def cond(carry):
-    i, st, _ = carry
-    return (i < steps) & jnp.any(st.active)
-
-  def body(carry):
-    i, st, out = carry
-    rows = st.active
-    positions = jnp.broadcast_to(st.pos[None, :, None], (3, slots, 1))
-    x = model.embed(st.token[:, None])
-    # Idle slots write one invalid entry at their length and do not advance.
-    h, cache = decoder.cached_forward(model, x, positions, rows[:, None].astype(jnp.int32), st.cache, window)
-    logits = model.logits(h[:, 0]).astype(jnp.float32) + logit_bias
-    st = dataclasses.replace(st, cache=cache, pos=st.pos + rows.astype(jnp.int32))
-    st, tok, lp, slp, reason = _sample_step(st, logits, rows, table, stop_ids, sampling, match_state)
-    col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(rows, v, 0)[:, None].astype(buf.dtype),
-                                                             i, axis=1)
-    out = StepOutput(tokens=col(out.tokens, tok), logprobs=col(out.logprobs, lp),
-                     sample_logprobs=col(out.sample_logprobs, slp), count=out.count + rows.astype(jnp.int32),
-                     reason=jnp.where(rows, reason, out.reason))
-    return i + 1, st, out
-
-  _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-  return _constrain(state, state_sharding), out
-
-
-def jit_cache_sizes() -> dict[str, int]:
-  """Compiled programs held by the sampler's jitted functions in this process (all engines)."""
-  return {"encode": _encode._cache_size(), "slice": _slice_embeds._cache_size(), "append": _append._cache_size(),
-          "decode": _decode._cache_size()}
-
-
 # ----------------------------------------------------------------------------- host side
 
 
@@ -314,7 +133,7 @@ def chunk_positions(ids: np.ndarray, grids: np.ndarray | None, offset: int, *, i
   return pos[:, 0] + offset, int(offset + ids.shape[1] + delta[0])
 
 
-def slot_state_shardings(mesh: Mesh, state: SlotState) -> SlotState:
+def slot_state_shardings(mesh: Mesh, state: programs_lib.SlotState) -> programs_lib.SlotState:
   """Slots over data x fsdp; KV heads over tensor when they divide; everything else replicated."""
 
   def spec(x):
@@ -328,7 +147,7 @@ def slot_state_shardings(mesh: Mesh, state: SlotState) -> SlotState:
                                         "cache_head_dim"), c.v.shape),
       valid=spec(c.valid), length=spec(c.length))
   rest = {f.name: spec(getattr(state, f.name)) for f in dataclasses.fields(state) if f.name != "cache"}
-  return SlotState(cache=cache, **rest)
+  return programs_lib.SlotState(cache=cache, **rest)
 
 
 class Engine:
@@ -397,12 +216,12 @@ class Engine:
       return jax.device_put(x, self._device)
     return jax.device_put(x, shard_lib.batch_sharding(self.mesh, np.ndim(x), axis))
 
-  def _init_state(self) -> SlotState:
+  def _init_state(self) -> programs_lib.SlotState:
     cfg, s = self.config, self.config.num_slots
     cache = SlotCache.zeros(self.model_config.text, s, cfg.capacity, jnp.dtype(self.model_config.dtype))
     # Distinct buffers per field: the state is donated, and one buffer must not be donated twice.
     zeros = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731
-    return SlotState(cache=cache, token=zeros(), pos=zeros(), key=jnp.zeros((s, 2), jnp.uint32),
+    return programs_lib.SlotState(cache=cache, token=zeros(), pos=zeros(), key=jnp.zeros((s, 2), jnp.uint32),
                      stop_state=zeros(), turn_len=zeros(), turn_limit=jnp.ones((s,), jnp.int32),
                      active=jnp.zeros((s,), bool),
                      forced=jnp.full((s, max(1, cfg.max_forced_tokens)), -1, jnp.int32))
@@ -474,10 +293,10 @@ class Engine:
     vision = jax.tree.map(lambda *xs: np.stack(xs), *layouts)
     self.programs.add(("encode", r, p))
     inputs = self._replicated((pv.astype(jnp.dtype(self.model_config.dtype)), vision, slot_of_row))
-    return _encode(self.graphdef, self.params, *inputs, num_slots=self.config.num_slots,
+    return programs_lib.encode(self.graphdef, self.params, *inputs, num_slots=self.config.num_slots,
                    out_sharding=self._slot_sharding)
 
-  def append(self, chunks: Mapping[int, Chunk]) -> tuple[StepOutput, jax.Array]:
+  def append(self, chunks: Mapping[int, Chunk]) -> tuple[programs_lib.StepOutput, jax.Array]:
     """Appends `chunks` (slot -> Chunk) and samples each appended slot's first token.
 
     Returns the StepOutput (numpy; rows not in `chunks` have count 0) and the device logits
@@ -539,18 +358,18 @@ class Engine:
             key[slot] = c.key
       if has_image:
         self.programs.add(("slice", embeds.shape[1], width_c))
-        piece_embeds = _slice_embeds(embeds, self._put_slots(img_offset), width=width_c,
+        piece_embeds = programs_lib.slice_embeds(embeds, self._put_slots(img_offset), width=width_c,
                                      out_sharding=self._slot_sharding)
       else:
         piece_embeds = self._zeros_embeds(width_c)
-      piece = Piece(ids=self._put_slots(ids), positions=self._put_slots(pos, axis=1), mask=self._put_slots(mask),
+      piece = programs_lib.Piece(ids=self._put_slots(ids), positions=self._put_slots(pos, axis=1), mask=self._put_slots(mask),
                     reset=self._put_slots(reset),
                     sample=self._put_slots(sample), last=self._put_slots(last), next_pos=self._put_slots(next_pos),
                     turn_limit=self._put_slots(turn_limit), forced=self._put_slots(forced),
                     new_key=self._put_slots(new_key), key=self._put_slots(key))
       window = self._window(max(starts[slot] + lo + n_real[slot] for slot in chunks))
       self.programs.add(("append", width_c, window))
-      state, out, piece_logits = _append(self.graphdef, self.params, state, piece, piece_embeds, self.table,
+      state, out, piece_logits = programs_lib.append(self.graphdef, self.params, state, piece, piece_embeds, self.table,
                                          self.stop_ids, self.logit_bias, sampling=cfg.sampling, window=window,
                                          match_state=self.matcher.match_state, state_sharding=self.state_sharding)
       outs.append((sample, out, piece_logits))
@@ -568,21 +387,21 @@ class Engine:
         results = jax.tree.map(pick, results, out)
         logits = jnp.where(jnp.asarray(sample)[:, None], piece_logits, logits)
     for slot in chunks:
-      self._active[slot] = results.reason[slot] == RUNNING
+      self._active[slot] = results.reason[slot] == programs_lib.RUNNING
     return results, logits
 
-  def decode(self) -> StepOutput:
+  def decode(self) -> programs_lib.StepOutput:
     """Runs up to `decode_steps` tokens for every active slot; numpy StepOutput."""
     cfg = self.config
     window = self._window(int(self.lengths[self._active].max(initial=0)) + cfg.decode_steps)
     self.programs.add(("decode", cfg.decode_steps, window))
-    self.state, out = _decode(self.graphdef, self.params, self.state, self.table, self.stop_ids, self.logit_bias,
+    self.state, out = programs_lib.decode(self.graphdef, self.params, self.state, self.table, self.stop_ids, self.logit_bias,
                               sampling=cfg.sampling, steps=cfg.decode_steps, window=window,
                               match_state=self.matcher.match_state, state_sharding=self.state_sharding)
     out = jax.tree.map(np.asarray, out)
     # Each decode step first writes the slot's pending token, so the cache grows by the count.
     self.lengths += out.count
-    self._active &= out.reason == RUNNING
+    self._active &= out.reason == programs_lib.RUNNING
     return out
 
   def active(self) -> np.ndarray:

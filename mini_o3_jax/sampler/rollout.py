@@ -50,6 +50,7 @@ from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tokenizer_lib
 from mini_o3_jax.sampler import engine as engine_lib
+from mini_o3_jax.sampler import programs as programs_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher
 
@@ -287,12 +288,12 @@ class Sampler:
     cfg = self.config
     turn_ids = slot.turn
     slot.turn = []
-    text_ids = turn_ids[:-1] if reason == engine_lib.STOP_TOKEN else turn_ids
+    text_ids = turn_ids[:-1] if reason == programs_lib.STOP_TOKEN else turn_ids
     text = tools.truncate_at_stop(
         self.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
         cfg.stop_strings)
     traj = slot.traj
-    if reason == engine_lib.LENGTH:
+    if reason == programs_lib.LENGTH:
       traj.turns.append(Turn(text))
       return "max_response", None
     action = tools.parse_action(text)
@@ -372,7 +373,7 @@ class Sampler:
       slots[s] = None
       running[s] = False
 
-    def take(s: int, out: engine_lib.StepOutput, decoded: bool):
+    def take(s: int, out: programs_lib.StepOutput, decoded: bool):
       slot, c = slots[s], int(out.count[s])
       toks = out.tokens[s, :c].tolist()
       slot.tokens += toks
@@ -383,7 +384,7 @@ class Sampler:
       if decoded:
         slot.pos += c
       reason = int(out.reason[s])
-      if reason == engine_lib.RUNNING:
+      if reason == programs_lib.RUNNING:
         return
       running[s] = False
       stop, chunk = self._end_turn(slot, reason, policy)

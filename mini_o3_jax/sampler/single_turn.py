@@ -10,6 +10,7 @@ import numpy as np
 
 from mini_o3_jax.model import rope, vlm
 from mini_o3_jax.sampler import engine as engine_lib
+from mini_o3_jax.sampler import programs as programs_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher
 
@@ -115,7 +116,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
   logprobs = np.zeros((batch, max_new_tokens), np.float32)
   sample_logprobs = np.zeros((batch, max_new_tokens), np.float32)
   lengths = np.zeros((batch,), np.int32)
-  reasons = [engine_lib.RUNNING] * batch
+  reasons = [programs_lib.RUNNING] * batch
 
   def take(out):
     for r in range(batch):
@@ -127,11 +128,11 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
       logprobs[r, n:n + c] = out.logprobs[r, :c]
       sample_logprobs[r, n:n + c] = out.sample_logprobs[r, :c]
       lengths[r] += c
-      if out.reason[r] != engine_lib.RUNNING:
+      if out.reason[r] != programs_lib.RUNNING:
         reasons[r] = int(out.reason[r])
 
   take(out)
-  while any(rsn == engine_lib.RUNNING for rsn in reasons):
+  while any(rsn == programs_lib.RUNNING for rsn in reasons):
     take(eng.decode())
   return GenerateOutput(tokens=tokens, logprobs=logprobs, sample_logprobs=sample_logprobs, lengths=lengths,
-                        finish_reasons=tuple(engine_lib.REASON_NAMES[r] for r in reasons))
+                        finish_reasons=tuple(programs_lib.REASON_NAMES[r] for r in reasons))

@@ -62,6 +62,7 @@ from mini_o3_jax.model.hf import load_pretrained, save_pretrained  # noqa: E402
 from mini_o3_jax.model import vlm  # noqa: E402
 from mini_o3_jax.processing import tokenizer as tok_lib  # noqa: E402
 from mini_o3_jax.sampler import engine as engine_lib  # noqa: E402
+from mini_o3_jax.sampler import programs as programs_lib  # noqa: E402
 from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids  # noqa: E402
 from mini_o3_jax.sampler import SamplingParams, generate  # noqa: E402
 
@@ -330,12 +331,12 @@ def bench_rollout_compiles(ours, tok, max_turns: int, num_tasks: int, num_slots:
     return ('<grounding>' + json.dumps({"bbox_2d": [round(x0, 2), round(y0, 2), round(min(x1, 1), 2),
                                                     round(min(y1, 1), 2)], "source": src}) + '</grounding>')
 
-  before = engine_lib.jit_cache_sizes()
+  before = programs_lib.jit_cache_sizes()
   smp = Sampler(ours, tok, cfg)
   t = time.perf_counter()
   results = smp.rollout(tasks, policy=policy)
   first_s = time.perf_counter() - t
-  after = engine_lib.jit_cache_sizes()
+  after = programs_lib.jit_cache_sizes()
   second_s = None
   if timed_rerun:
     t = time.perf_counter()
