@@ -56,11 +56,25 @@ _OBSERVATION_TAIL = (
     "in on the original image or any observation by outputting <grounding> and </grounding> as "
     "before. If the final answer is confirmed, put it inside <answer> and </answer>.")
 
+# The thought the no-tools baseline opens with when it answers from the full view at once.
+DIRECT_ANSWER_THOUGHT = "I answer from the image."
+
 ERROR_PREFIX = "ERROR occurs during grounding. Error Information: "
 # The original spells "Countinue"; the typo is not kept.
 ERROR_SUFFIX = (
     "\nPlease analyze the error information obtained from the function tool and adjust your "
     "response. Continue your reasoning process inside <think> and </think>.")
+
+
+
+def fixed_phrases() -> tuple[str, ...]:
+  """The protocol's fixed text between its variable parts (instructions, headers, the observation and
+  error turns): what a small tokenizer can hold as single tokens."""
+  action_head, rest = _OBSERVATION_HEAD.split("{k}")
+  observation_head = rest.split("{i}")[0]
+  return (INSTRUCTIONS, _QUESTION_HEADER, ERROR_SUFFIX, ERROR_PREFIX, action_head, observation_head,
+          _OBSERVATION_TAIL)
+
 
 _LEADING_IMAGE_TOKENS = re.compile(r"^(?:\s*<image>\s*)+")
 

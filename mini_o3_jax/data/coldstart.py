@@ -29,6 +29,13 @@ PATTERNS = ("direct", "depth_first", "trial_and_error")
 # probe and the no-tools baseline key on them.
 GOAL_PREFIX = "I need the digit on the"
 ANSWER_PREFIX = "The digit on the"
+# The explorer's other fixed wording (`fixed_phrases` lists it for the demo's tokenizer).
+_THERE_IS = "There is a"
+_REGION_FIRST = "I look at its region first"
+_ZOOM_IN = "Its digit is too small to read here, so I zoom in on it"
+_ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further."
+_THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
+_GO_BACK = "I go back to the original image and look elsewhere. "
 Box = tuple[float, float, float, float]
 
 
@@ -75,6 +82,18 @@ def relative_to(box: Box, parent: Box | None) -> Box:
   px0, py0, px1, py1 = parent
   w, h = px1 - px0, py1 - py0
   return ((box[0] - px0) / w, (box[1] - py0) / h, (box[2] - px0) / w, (box[3] - py0) / h)
+
+
+def fixed_phrases() -> tuple[str, ...]:
+  """The scripted explorer's fixed wording and the tool-call JSON around its numbers. A phrase never
+  swallows the space before a colour, shape or digit: a thought then names the target with the same
+  tokens as the question (" yellow"), so a model learns to copy a token rather than to map " yellow" to
+  "yellow"."""
+  call_head, call_tail = grounding((0.0, 0.0, 0.0, 0.0), 0, 0).split("0, 0, 0, 0")
+  observation_tail = grounding((0.0, 0.0, 0.0, 0.0), 1, 0).split("0, 0, 0, 0")[1].split("1")[0]
+  return (GOAL_PREFIX, ". " + _THERE_IS, ". " + _REGION_FIRST + ".", ". " + _ZOOM_IN + ".", " " + _ZOOM_FURTHER,
+          _THIS_IS, " " + _WITH_DIGIT, ", " + _NOT_THE, ". " + _GO_BACK, ANSWER_PREFIX, call_head, call_tail,
+          observation_tail, '"}</grounding>')
 
 
 def grounding(box: Box, source: int, decimals: int) -> str:
@@ -137,10 +156,10 @@ def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool,
   source = 0
   for level, box in enumerate(path):
     if level == 0:
-      how = "I look at its region first" if len(path) > 1 else "Its digit is too small to read here, so I zoom in on it"
-      thought = f"{lead}{goal} There is a {_name(obj)}. {how}."
+      how = _REGION_FIRST if len(path) > 1 else _ZOOM_IN
+      thought = f"{lead}{goal} {_THERE_IS} {_name(obj)}. {how}."
     else:
-      thought = f"{goal} The {_name(obj)} is here but its digit is still too small, so I zoom in further."
+      thought = f"{goal} The {_name(obj)} {_ZOOM_FURTHER}"
     source = ep.zoom(thought, box, source)
   return source
 
@@ -164,8 +183,8 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
       _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead)
-      lead = (f"This is a {_name(decoy)} with the digit {decoy.digit}, not the {_name(target)}. "
-              "I go back to the original image and look elsewhere. ")
+      lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
+              f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
     depth_first = len(target.zoom_path) > 1 and rng.random() < 0.5
   else:

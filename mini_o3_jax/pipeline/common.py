@@ -15,6 +15,7 @@ import tensorboardX
 from mini_o3_jax import agent, run_config
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax import sharding as sharding_lib
@@ -80,23 +81,11 @@ def path(workdir: str, *parts: str) -> str:
 
 
 # Fixed protocol text becomes single tokens of the small tokenizer: a tiny model gains nothing from
-# spelling out the instructions, and the short context lets many turns fit.
-PHRASES = (prompts.INSTRUCTIONS, "\n\nQuestion: ", prompts.ERROR_SUFFIX, prompts.ERROR_PREFIX,
-           "After the above Action ", ", here is the zoom-in image (Observation ",
-           "\nContinue your reasoning process inside <think> and </think>. If needed, continue to zoom in on "
-           "the original image or any observation by outputting <grounding> and </grounding> as before. If "
-           "the final answer is confirmed, put it inside <answer> and </answer>.",
-           "You are a helpful assistant.",
-           # The scripted explorer's fixed wording and the tool-call JSON around the numbers. A phrase
-           # never swallows the space before a colour, shape or digit: the thought then names the target
-           # with the same tokens as the question (" yellow"), so the model learns to copy a token rather
-           # than to map " yellow" to "yellow".
-           coldstart.GOAL_PREFIX, ". There is a", ". I look at its region first.",
-           ". Its digit is too small to read here, so I zoom in on it.",
-           " is here but its digit is still too small, so I zoom in further.", "This is a", " with the digit",
-           ", not the", ". I go back to the original image and look elsewhere. ", coldstart.ANSWER_PREFIX,
-           '<grounding>{"bbox_2d": [', '], "source": "original_image"}</grounding>', '], "source": "observation_',
-           '"}</grounding>', "I answer from the image.", ", 0.", "0.", ", 1.00", "1.00")
+# spelling out the instructions, and the short context lets many turns fit. Each phrase is read from where
+# the text is written (the prompts, the chat template's system prompt, the scripted explorer, the no-tools
+# policy); the number fragments are the boxes' "0.xx" / "1.00".
+PHRASES = (*prompts.fixed_phrases(), chat.DEFAULT_SYSTEM_PROMPT, *coldstart.fixed_phrases(),
+           prompts.DIRECT_ANSWER_THOUGHT, ", 0.", "0.", ", 1.00", "1.00")
 
 
 def _message_text(message: dict) -> str:

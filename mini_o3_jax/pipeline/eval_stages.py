@@ -18,6 +18,7 @@ import os
 
 from flax import nnx
 
+from mini_o3_jax.agent import prompts
 from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.data import coldstart, loader, synthetic
 from mini_o3_jax.eval import claims, diagnostics, report, turn_scaling
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 # model name in the report -> (checkpoint stage, answers at once?)
 MODELS = {"no_tools": ("sft", True), "sft": ("sft", False), "rl": ("rl", False),
           "rl_no_overturn_mask": ("rl_no_mask", False)}
-DIRECT_ANSWER = "<think>I answer from the image.</think>\n<answer>"
+DIRECT_ANSWER = f"<think>{prompts.DIRECT_ANSWER_THOUGHT}</think>\n<answer>"
 
 
 def _answer_at_once(task_index: int, traj) -> str | None:
