@@ -108,8 +108,8 @@ def test_deepstack_features_change_the_logits(pair):
   assert embeds.shape == (6, 3 * hidden)
   x = ours.embed(inputs.input_ids, embeds)
   plain = ours.embed(inputs.input_ids, embeds.at[:, hidden:].set(0.0))
-  full = ours.logits(ours.model(x, inputs.positions, inputs.attention_mask)[0])
-  cut = ours.logits(ours.model(plain, inputs.positions, inputs.attention_mask)[0])
+  full = ours.logits(ours.model(x, inputs.positions, inputs.attention_mask))
+  cut = ours.logits(ours.model(plain, inputs.positions, inputs.attention_mask))
   assert float(np.abs(np.asarray(full - cut)).max()) > 1e-2
 
 

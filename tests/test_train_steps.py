@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
+import row_inputs  # noqa: E402
 import train_worker as W  # noqa: E402
 
-from mini_o3_jax.model import vlm  # noqa: E402
 from mini_o3_jax.rl import advantages as advantages_lib  # noqa: E402
 from mini_o3_jax.rl import step as rl  # noqa: E402
 from mini_o3_jax import sharding  # noqa: E402
@@ -319,7 +319,7 @@ def test_collate_matches_prepare_row_inputs_and_buckets(env):
   assert host.inputs.input_ids.shape == (4, 48)                        # bucketed length, 4 rows
   assert host.inputs.pixel_values.shape == (4, 32, cfg.vision.patch_dim)  # 2 images x 16 patches
   assert host.loss_mask[3].sum() == 0 and host.inputs.attention_mask[3].sum() == 0  # padding row
-  want, _ = vlm.prepare_row_inputs(
+  want, _ = row_inputs.prepare_row_inputs(
       cfg, host.inputs.input_ids, host.inputs.attention_mask,
       [e["pixel_values"] for e in examples] + [None], [e["image_grid_thw"] for e in examples] + [None],
       pad_patches_to=32)

@@ -1,4 +1,5 @@
-"""Qwen2 / Qwen3 decoder (GQA, RMSNorm, SwiGLU, M-RoPE; Qwen3: per-head q/k norms) with an explicit KV cache.
+"""Qwen2 / Qwen3 decoder (GQA, RMSNorm, SwiGLU, M-RoPE; Qwen3: per-head q/k norms); decoding over a KV
+cache is the sampler's (`sampler.decoder`, over the layers' `qkv` / `finish`).
 
 Qwen3-VL's DeepStack: the decoder's input may carry, per token, the embedding followed by one vector per
 DeepStack level ([batch, seq, hidden * (1 + levels)], zeros for text tokens); level i is added to the
@@ -13,7 +14,6 @@ Two modes share one layer body:
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,31 +21,6 @@ from flax import nnx
 
 from mini_o3_jax.model import attention, layers, rope
 from mini_o3_jax.model.config import TextConfig
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-  """Static-shape cache of every layer's keys and values.
-
-  k, v [layers, batch, max_len, kv_heads, head_dim]; valid bool [batch, max_len] marks slots holding a
-  real token (padding inside a chunk is written but stays invalid and is overwritten by the next chunk);
-  length int32 [batch] is where the next chunk of each row is written.
-  """
-  k: jax.Array
-  v: jax.Array
-  valid: jax.Array
-  length: jax.Array
-
-  @classmethod
-  def zeros(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), valid=jnp.zeros((batch, max_len), bool),
-               length=jnp.zeros((batch,), jnp.int32))
-
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
 
 
 class DecoderLayer(nnx.Module):
@@ -88,27 +63,15 @@ class DecoderLayer(nnx.Module):
     x = x + self.o_proj(attn.reshape(x.shape[0], x.shape[1], -1))
     return x + self.mlp(self.post_attention_layernorm(x))
 
-  def __call__(self, x, cos, sin, mask, kv=None, write_index=None):
-    """x [batch, chunk, dim]; cos/sin [batch, chunk, head_dim].
+  def __call__(self, x, cos, sin, segments):
+    """x [batch, seq, dim]; cos/sin [batch, seq, head_dim]; segments int [batch, seq]
+    (`attention.text_segments`): causal attention within each segment. Returns the new x.
 
-    mask: bool [batch, chunk, keys] with a cache; without one, segment ids int [batch, chunk]
-    (`attention.text_segments`; attention is causal within the chunk).
-
-    kv: this layer's (k, v) cache [batch, max_len, kv_heads, head_dim] or None; write_index int [batch].
-    Returns the new x and the updated (k, v) (or None).
-    """
+    Decoding with a KV cache is the sampler's (`sampler.decoder`, over `qkv` and `finish`)."""
     q, k, v = self.qkv(x, cos, sin)
-    if kv is not None:
-      write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(cache, new, i, axis=0))
-      k = write(kv[0], k.astype(kv[0].dtype), write_index)
-      v = write(kv[1], v.astype(kv[1].dtype), write_index)
-      kv = (k, v)
-    if kv is None:
-      attn = attention.self_attention(q, k, v, mask, causal=True, impl=self.attention_impl,
-                                      block=self.attention_block)
-    else:
-      attn = attention.dense(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return self.finish(x, attn), kv
+    attn = attention.self_attention(q, k, v, segments, causal=True, impl=self.attention_impl,
+                                    block=self.attention_block)
+    return self.finish(x, attn)
 
 
 class TextModel(nnx.Module):
@@ -124,45 +87,26 @@ class TextModel(nnx.Module):
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.remat = remat
 
-  def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None,
-               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """embeds [batch, chunk, dim * (1 + deepstack levels)]; positions int [3, batch, chunk];
-    attention_mask [batch, chunk] (1 = real).
+  def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states [batch, seq, dim] of a causal pass.
 
-    Without a cache: causal attention within the chunk, padding keys hidden.
-    With a cache: the chunk is written at `cache.length` of each row and attends to every valid earlier
-    slot and causally within itself; the returned cache has `length += chunk` (padding stays invalid and
-    is overwritten by the next chunk only if the caller advances by the real count: see `advance`).
+    embeds [batch, seq, dim * (1 + deepstack levels)]; positions int [3, batch, seq]; attention_mask
+    [batch, seq] (1 = real; padding keys are hidden).
     """
     b, t, _ = embeds.shape
     cfg = self.cfg
     embeds, deepstack = split_deepstack(embeds, cfg.hidden_size)
     cos, sin = rope.text_cos_sin(cfg, positions)
     token_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    if cache is None:
-      mask = attention.text_segments(token_valid, (b, t))  # causal within the chunk
-      xs, write_index = None, None
-    else:
-      write_index = cache.length
-      slots = jnp.arange(cache.max_len)
-      q_slot = write_index[:, None] + jnp.arange(t)[None]                              # [batch, chunk]
-      # Slots of this chunk take the chunk's validity; older slots keep theirs.
-      new_valid = jax.vmap(lambda v, tv, i: jax.lax.dynamic_update_slice_in_dim(v, tv, i, 0))(
-          cache.valid, token_valid, write_index)
-      mask = new_valid[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])      # [batch, chunk, max_len]
-      xs = (cache.k, cache.v)
+    segments = attention.text_segments(token_valid, (b, t))
 
     def body(layer, x, inputs):
-      kv, added = inputs
-      x, kv = layer(x, cos, sin, mask, kv, write_index)
-      return (x if added is None else x + added.astype(x.dtype)), kv
+      _, added = inputs
+      x = layer(x, cos, sin, segments)
+      return (x if added is None else x + added.astype(x.dtype)), None
 
-    x, new_kv = scan_with_deepstack(self.layers, body, embeds, xs, deepstack, remat=self.remat)
-    x = self.norm(x)
-    if cache is None:
-      return x, None
-    new_cache = KVCache(k=new_kv[0], v=new_kv[1], valid=new_valid, length=cache.length + t)
-    return x, new_cache
+    x, _ = scan_with_deepstack(self.layers, body, embeds, None, deepstack, remat=self.remat)
+    return self.norm(x)
 
 
 def split_deepstack(embeds: jax.Array, hidden: int) -> tuple[jax.Array, jax.Array | None]:
@@ -193,8 +137,3 @@ def scan_with_deepstack(stacked, body, x, xs, deepstack, *, remat: str = "none")
                                   layer_slice=slice(levels, n_layers))
   ys = None if ys_head is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys_head, ys_tail)
   return x, ys
-
-
-def advance(cache: KVCache, new_cache: KVCache, num_real: jax.Array) -> KVCache:
-  """Sets each row's write offset to old length + its real token count (right-padded chunks)."""
-  return dataclasses.replace(new_cache, length=cache.length + num_real.astype(jnp.int32))

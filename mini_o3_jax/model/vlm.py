@@ -5,7 +5,7 @@ decoder's details). `VLM.__call__` takes exactly what `transformers.Qwen2_5_VLFo
 (or `Qwen3VLForConditionalGeneration`) takes and
 computes the host-side pieces (M-RoPE positions, vision layout) itself, so it is the easy, eager API.
 Jitted code (training steps, the sampler) calls `prepare_inputs` on the host once and then the pure
-array methods `encode_images` / `forward` / `forward_cached`.
+array methods `encode_images` / `forward` (the sampler decodes over its own cache, `sampler.decoder`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import nnx
 
 from mini_o3_jax.model.config import Qwen3VisionConfig, VLMConfig
 from mini_o3_jax.model import layers, rope
-from mini_o3_jax.model.text import KVCache, TextModel
+from mini_o3_jax.model.text import TextModel
 from mini_o3_jax.model.vision import Qwen3VisionTower, VisionInputs, VisionTower
 
 
@@ -92,57 +92,6 @@ def prepare_inputs(config: VLMConfig, input_ids, attention_mask=None, pixel_valu
                      pv, jax.tree.map(jnp.asarray, vision)), deltas
 
 
-def prepare_row_inputs(config: VLMConfig, input_ids, attention_mask, row_pixel_values, row_grids, *,
-                       pad_patches_to: int) -> tuple[ModelInputs, np.ndarray]:
-  """Host side, per-row images: the layout data-parallel training and the sampler use.
-
-  Each row's images are encoded separately (a vmap over rows), so a batch sharded over rows keeps its
-  images on the same device as its tokens.
-
-  Args:
-    input_ids, attention_mask: [batch, seq].
-    row_pixel_values: per row, float [patches_r, patch_dim] (or None / empty for a text-only row).
-    row_grids: per row, int [images_r, 3] (or None / empty).
-    pad_patches_to: patches per row after padding (a bucket size >= every row's patch count).
-
-  Returns inputs with pixel_values [batch, pad_patches_to, patch_dim] and a VisionInputs whose arrays
-  have a leading batch axis, plus the rope deltas [batch].
-  """
-  input_ids = np.asarray(input_ids)
-  b = input_ids.shape[0]
-  mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-  if len(row_pixel_values) != b or len(row_grids) != b:
-    raise ValueError(f"need pixel values and grids for each of the {b} rows")
-  merge, unit = config.vision.spatial_merge_size, config.vision.merge_unit
-  if pad_patches_to % unit:
-    raise ValueError(f"pad_patches_to={pad_patches_to} must be a multiple of {unit}")
-  positions = np.zeros((3,) + input_ids.shape, np.int32)
-  deltas = np.zeros((b,), np.int32)
-  pixels = np.zeros((b, pad_patches_to, config.vision.patch_dim), np.float32)
-  visions = []
-  for r in range(b):
-    grid = np.zeros((0, 3), np.int64) if row_grids[r] is None else np.asarray(row_grids[r], np.int64).reshape(-1, 3)
-    n_tokens = int(((input_ids[r] == config.image_token_id) & (mask[r] != 0)).sum())
-    expected = int(rope.image_token_counts(grid, merge).sum())
-    if n_tokens != expected:
-      raise ValueError(f"row {r}: {n_tokens} image tokens in input_ids but {expected} from its grids")
-    n = int(np.prod(grid, -1).sum())
-    if n > pad_patches_to:
-      raise ValueError(f"row {r} has {n} patches, more than pad_patches_to={pad_patches_to}")
-    if n:
-      pv = np.asarray(row_pixel_values[r], np.float32)
-      if pv.shape != (n, config.vision.patch_dim):
-        raise ValueError(f"row {r}: pixel_values shape {pv.shape} does not match its grids ({n} patches)")
-      pixels[r, :n] = pv
-    pos, delta = rope.get_rope_index(input_ids[r:r + 1], grid if n else None, mask[r:r + 1],
-                                     image_token_id=config.image_token_id, spatial_merge_size=merge)
-    positions[:, r:r + 1], deltas[r] = pos, delta[0]
-    visions.append(VisionInputs.build(grid, config.vision, pad_to=pad_patches_to))
-  vision = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *visions)
-  return ModelInputs(jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(positions),
-                     jnp.asarray(pixels), vision), deltas
-
-
 def scatter_image_embeds(token_embeds: jax.Array, is_image: jax.Array, image_embeds: jax.Array) -> jax.Array:
   """Replaces image-placeholder embeddings, in order, by the image tokens.
 
@@ -193,7 +142,7 @@ class VLM(nnx.Module):
     moves image tokens around (batching, the sampler's slots) treats both families alike.
 
     With per-row images (pixel_values [batch, patches, patch_dim], vision arrays with a leading batch
-    axis, see `prepare_row_inputs`) -> [batch, patches / 4, hidden].
+    axis, the layout of `train.batch`) -> [batch, patches / 4, hidden].
     """
     if pixel_values.ndim == 3:
       graphdef, state = nnx.split(self.visual)
@@ -229,26 +178,10 @@ class VLM(nnx.Module):
     if inputs.pixel_values is not None:
       image_embeds = self.encode_images(inputs.pixel_values, inputs.vision)
     x = self.embed(inputs.input_ids, image_embeds)
-    h, _ = self.model(x, inputs.positions, inputs.attention_mask)
-    return h
+    return self.model(x, inputs.positions, inputs.attention_mask)
 
   def forward(self, inputs: ModelInputs) -> jax.Array:
     return self.logits(self.hidden_states(inputs))
-
-  def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache,
-                     attention_mask: jax.Array | None = None,
-                     image_embeds: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Runs a chunk against the KV cache (prefill, appended turn or one decode step).
-
-    input_ids [batch, chunk]; positions [3, batch, chunk]; returns logits [batch, chunk, vocab] and the
-    cache advanced by `chunk` slots per row.
-    """
-    x = self.embed(input_ids, image_embeds)
-    h, cache = self.model(x, positions, attention_mask, cache)
-    return self.logits(h), cache
-
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    return KVCache.zeros(self.config.text, batch, max_len, dtype or jnp.dtype(self.config.dtype))
 
 
 # The names users knew first; one class describes both families.

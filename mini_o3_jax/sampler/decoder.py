@@ -1,11 +1,11 @@
 """The sampler's decoder pass over its own KV cache: head-major layout, updated in place.
 
-Why not `VLM.forward_cached` (model/text.py)? Two measured costs on CPU (tiny model, 16 slots):
-  * it scans the layers with the cache as the scan's input *and output*, so every call writes a
-    whole new cache: a full cache copy per generated token;
-  * its cache is token-major ([layers, batch, max_len, kv_heads, head_dim]); for one query per row XLA
-    then transposes every layer's keys into [.., head_dim, keys] order before the contraction, each
-    step. Here keys are stored [.., kv_heads, head_dim, cache_len] and values
+The only KV-cache path of the package (the model itself runs full causal passes). Two costs measured on
+CPU (tiny model, 16 slots) shaped it, against the model's former cache path:
+  * scanning the layers with the cache as the scan's input *and output* writes a whole new cache every
+    call: a full cache copy per generated token;
+  * a token-major cache ([layers, batch, max_len, kv_heads, head_dim]) makes XLA transpose every layer's
+    keys into [.., head_dim, keys] order before the contraction, each step. Here keys are stored [.., kv_heads, head_dim, cache_len] and values
     [.., kv_heads, cache_len, head_dim], the operand orders the two attention contractions want, so
     nothing is transposed per step.
 Here the cache is the scan's *carry*, each layer scatters only the chunk's new keys/values into its

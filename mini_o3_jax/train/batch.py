@@ -1,6 +1,6 @@
 """Training batches: pytree dataclasses, host-side collation into buckets, per-host sharding.
 
-Layout (per row images, see `model.vlm.prepare_row_inputs`): every array has the batch on axis 0 except
+Layout (per row images): every array has the batch on axis 0 except
 the M-RoPE `positions` [3, batch, seq] (axis 1), so a batch shards over `data` x `fsdp` with each row's
 images on the same device as its tokens. Sequences are right-padded to a length bucket and each row's
 patches to a patch bucket, so a run compiles once per (bucket, bucket) pair actually used.
@@ -109,7 +109,7 @@ def build_model_inputs(config: VLMConfig, input_ids: np.ndarray, attention_mask:
                        num_patches: int | None) -> ModelInputs:
   """Numpy ModelInputs for right-padded rows with per-row images (no device transfer).
 
-  The same arrays as `model.vlm.prepare_row_inputs`, kept on the host so that each process can hand
+  The per-row layout (tests/row_inputs.py builds it independently with jnp), kept on the host so that each process can hand
   only its own rows to `jax.make_array_from_process_local_data`.
 
   Args:

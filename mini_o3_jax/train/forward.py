@@ -40,7 +40,7 @@ def forward(model: VLM, inputs, *, train_vision: bool = True,
     if image_embeds.ndim == 3:  # per-row images: batch-sharded like the tokens
       image_embeds = constrain_activation(image_embeds, mesh)
   x = constrain_activation(model.embed(inputs.input_ids, image_embeds), mesh)
-  h, _ = model.model(x, inputs.positions, inputs.attention_mask)
+  h = model.model(x, inputs.positions, inputs.attention_mask)
   return constrain_activation(h, mesh), image_embeds
 
 

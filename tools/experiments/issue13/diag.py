@@ -33,8 +33,6 @@ for t in tasks:
   cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
   obj_tok.append(min(3, int(cy * 4)) * 4 + min(3, int(cx * 4)))
   x0d.append(int(f"{o.box[0]:.2f}"[2]))
-inputs, _ = vlm_lib.prepare_row_inputs(mcfg, np.zeros((N, 1), np.int32) + mcfg.image_token_id, None, pvs,
-                                       [g[None] for g in grids], pad_patches_to=64) if False else (None, None)
 vis = [vision_lib.VisionInputs.build(g[None], mcfg.vision, pad_to=64) for g in grids]
 vis = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *vis)
 emb = np.asarray(model.encode_images(jnp.asarray(np.stack(pvs)), vis))[:, :16]  # [N,16,d]

@@ -312,7 +312,7 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
       inputs = micro.inputs
       emb = model.encode_images(inputs.pixel_values, inputs.vision)
       x = model.embed(inputs.input_ids, emb)
-      h, _ = model.model(x, inputs.positions, inputs.attention_mask)
+      h = model.model(x, inputs.positions, inputs.attention_mask)
       hidden = h[:, :-1]
       targets, mask = losses.next_token_targets(inputs.input_ids, micro.loss_mask)
       st = forward_lib.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
