@@ -217,61 +217,6 @@ def export_model(model: VLM, config: VLMConfig, tokenizer, out: str, *, dtype=No
   return out
 
 
-# ------------------------------------------------------------------------------ reading checkpoints
-
-def resolve_checkpoint(path: str) -> tuple[str, int | None]:
-  """A Checkpointer directory (-> its latest step) or one of its step directories -> (directory, step).
-
-  Raises:
-    FileNotFoundError: the path does not exist, or holds no complete checkpoint.
-  """
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"checkpoint path not found: {path}")
-  if p.name.isdigit() and (p / "state").is_dir():
-    return os.fspath(p.parent), int(p.name)
-  if not p.is_dir() or not any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
-    raise FileNotFoundError(f"no checkpoint in {path}: expected a Checkpointer directory (holding step "
-                            "directories such as 0/, 100/) or one of its step directories")
-  return os.fspath(p), None
-
-
-def restore_params(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[Any, int]:
-  """The params of a checkpoint (optimizer state skipped), sharded for `mesh` -> (params, step).
-
-  Args:
-    checkpoint: a Checkpointer directory (latest step) or a step directory in one; a local or gs:// path.
-    config: the model config the checkpoint was trained with (shapes).
-    mesh: where to place the params (default: all devices on the fsdp axis).
-    dtype: read the params in this dtype (default the config's `param_dtype`); Orbax converts on read.
-  """
-  directory, step = resolve_checkpoint(checkpoint)
-  mesh = mesh if mesh is not None else sharding_lib.make_mesh((1, -1, 1))
-  if dtype is not None:
-    config = config.replace(param_dtype=jnp.dtype(dtype).name)
-  _, abstract = state_lib.abstract_model(config)
-  shardings = state_lib.param_shardings(config, mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract),
-                        shardings)
-  with ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(directory, async_save=False)) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in {directory}")
-    try:
-      return ckpt.restore_params(target, step=step), step
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"checkpoint {directory} step {step} does not match the model config: {e}") from e
-
-
-def restore_model(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[VLM, int]:
-  """`restore_params` as an NNX model -> (model, step)."""
-  if dtype is not None:
-    config = config.replace(param_dtype=jnp.dtype(dtype).name)
-  params, step = restore_params(checkpoint, config, mesh=mesh)
-  graphdef, _ = state_lib.abstract_model(config)
-  return nnx.merge(graphdef, params), step
-
-
 # ------------------------------------------------------------------------------ finding the side files
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +302,7 @@ def find_sources(checkpoint: str, *, config_path: str | None = None, tokenizer_p
   Raises:
     FileNotFoundError: the checkpoint is missing, or no model config can be found.
   """
-  directory, _ = resolve_checkpoint(checkpoint)
+  directory, _ = ckpt_lib.resolve_checkpoint(checkpoint)
   assets = epath.Path(directory) / ASSETS_DIR
   assets = assets if assets.is_dir() else None
   workdir = _demo_workdir(directory)
@@ -413,7 +358,7 @@ def export_checkpoint(checkpoint: str, out: str, *, config_path: str | None = No
   (check_remote_target if _is_remote(out) else check_export_target)(out, overwrite)  # before the slow part
   sources = find_sources(checkpoint, config_path=config_path, tokenizer_path=tokenizer_path,
                          min_pixels=min_pixels, max_pixels=max_pixels)
-  model, step = restore_model(checkpoint, sources.config, mesh=mesh, dtype=dtype)
+  model, step = ckpt_lib.restore_model(checkpoint, sources.config, mesh=mesh, dtype=dtype)
   export_model(model, model.config, sources.tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                min_pixels=sources.min_pixels, max_pixels=sources.max_pixels, generation=sources.generation,
                overwrite=overwrite)
@@ -427,7 +372,7 @@ def import_pretrained(hf_dir: str, out: str, *, dtype=jnp.float32, mesh=None) ->
   """A downloaded HF Qwen2.5-VL directory -> an Orbax params checkpoint (step 0) at `out`.
 
   The checkpoint is the train `Checkpointer`'s layout with an empty optimizer state, read back with
-  `restore_params(out, config)`; `out/hf_assets/` receives the HF side files (see `HF_SIDE_FILES`).
+  `train.checkpoint.restore_params(out, config)`; `out/hf_assets/` receives the HF side files (see `HF_SIDE_FILES`).
 
   Raises:
     FileNotFoundError: `hf_dir` or its config.json / weights are missing.

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mini_o3_jax.model import rope
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.model import rope
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.model.vlm import ModelInputs
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mini_o3_jax import export
 from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
   # rewards, at a non-zero learning rate): at toy sizes the SFT model may answer nothing right, and then
   # the update must be a no-op. The masked and unmasked runs share seeds, so they differ only then too.
   mcfg = VLMConfig.from_pretrained(str(tmp_path / "hf_export"))
-  params = {stage: jax.tree.leaves(export.restore_params(str(tmp_path / "ckpt" / stage), mcfg)[0])
+  params = {stage: jax.tree.leaves(ckpt_lib.restore_params(str(tmp_path / "ckpt" / stage), mcfg)[0])
             for stage in ("sft", "rl", "rl_no_mask")}
   gap = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(params[a], params[b]))
   for stage in ("rl", "rl_no_mask"):

@@ -447,7 +447,7 @@ def test_checkpoint_not_matching_the_config_is_a_clear_error(lone_checkpoint, tm
   cfg = lone_checkpoint["config"]
   bigger = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, intermediate_size=96))
   with pytest.raises(ValueError, match="does not match the model config"):
-    export.restore_params(lone_checkpoint["path"], bigger,
+    ckpt_lib.restore_params(lone_checkpoint["path"], bigger,
                           mesh=sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
 
 
@@ -508,7 +508,7 @@ def test_import_round_trip_same_logits_and_same_tensors(hf_source, tmp_path, cap
 
   # Restore (params only) and compare logits with the transformers model on an input with an image.
   config = Qwen25VLConfig.from_pretrained(str(ckpt / export.ASSETS_DIR))
-  model, step = export.restore_model(str(ckpt), config)
+  model, step = ckpt_lib.restore_model(str(ckpt), config)
   assert step == 0
   rng = np.random.default_rng(0)
   grid = np.array([1, 4, 6])

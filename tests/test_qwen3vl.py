@@ -240,7 +240,7 @@ def test_checkpoint_resume_and_export_round_trip(tiny, tokenizer, tmp_path):
   state, _, _ = _steps(cfg, nnx.to_pure_dict(nnx.state(tiny, nnx.Param)), mesh, rl_step=False)
   with ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(str(tmp_path / "ckpt"), async_save=False)) as ckpt:
     ckpt.save(state, {"step": 3}, step=3)
-  model, step = export_lib.restore_model(str(tmp_path / "ckpt"), cfg)
+  model, step = ckpt_lib.restore_model(str(tmp_path / "ckpt"), cfg)
   assert step == 3
   out = str(tmp_path / "hf")
   export_lib.export_model(model, cfg, tokenizer, out, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16)
@@ -289,7 +289,7 @@ def test_import_hf_tool_accepts_qwen3vl(pair, tmp_path):
   assert tool.main(["--hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
   config = config_lib.VLMConfig.from_pretrained(str(tmp_path / "ckpt" / export_lib.ASSETS_DIR))
   assert config.model_type == "qwen3_vl"
-  model, step = export_lib.restore_model(str(tmp_path / "ckpt"), config)
+  model, step = ckpt_lib.restore_model(str(tmp_path / "ckpt"), config)
   ids, mask, pv, g = _batch([[3, ("img", 0), 4]], GRIDS[1:2], "left", seed=4)
   np.testing.assert_allclose(np.asarray(model(ids, pixel_values=pv, image_grid_thw=g, attention_mask=mask)),
                              ref.hf_logits(hf, ids, mask, pv, g), atol=1e-4)

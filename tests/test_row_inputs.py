@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 import hf_reference as ref
-from mini_o3_jax.model import Qwen25VL, prepare_inputs
 from mini_o3_jax.model import config as config_lib
+from mini_o3_jax.model import Qwen25VL, prepare_inputs
 from row_inputs import prepare_row_inputs
 
 

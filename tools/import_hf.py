@@ -7,9 +7,9 @@ Writes, with the train `Checkpointer`, step 0 of a checkpoint holding the params
 optimizer state). An SFT run starts from it with `--config.model.init_from=/ckpt/qwen25vl_7b_init` (see
 configs/qwen25vl_7b_sft.py; the model config is read from its hf_assets/config.json), or in code with
 
-    from mini_o3_jax import export
+    from mini_o3_jax.train import checkpoint
     config = VLMConfig.from_pretrained("/ckpt/qwen25vl_7b_init/hf_assets")
-    params, _ = export.restore_params("/ckpt/qwen25vl_7b_init", config, mesh=mesh)  # any dtype, any mesh
+    params, _ = checkpoint.restore_params("/ckpt/qwen25vl_7b_init", config, mesh=mesh)  # any dtype, any mesh
     state, shardings, tx = state_lib.create_train_state(config, make_tx, mesh, params=params)
 
 `init_from` also takes the HF directory itself; importing once pays off when many runs start from the

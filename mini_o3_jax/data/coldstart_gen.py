@@ -38,10 +38,10 @@ import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from mini_o3_jax import progress as progress_lib
 from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.data import synthetic
+from mini_o3_jax import progress as progress_lib
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import jax
 from flax import nnx
 import numpy as np
 
-from mini_o3_jax import progress
 from mini_o3_jax import export as export_lib
+from mini_o3_jax import progress
 from mini_o3_jax import run_config
 
 from mini_o3_jax.data import grounding

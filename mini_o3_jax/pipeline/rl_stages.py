@@ -28,11 +28,11 @@ from typing import Any, Callable
 
 import jax
 
-from mini_o3_jax import progress
 from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.data import synthetic
 from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.pipeline import train_stages
+from mini_o3_jax import progress
 from mini_o3_jax.rl import config as rl_config
 from mini_o3_jax.rl import rollouts
 from mini_o3_jax.rl import step as rl_step

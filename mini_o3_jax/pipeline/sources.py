@@ -34,9 +34,9 @@ from flax import nnx
 from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.data import benchmarks, coldstart_gen, coldstart_release
-from mini_o3_jax import export as export_lib
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model.hf import load_pretrained
+from mini_o3_jax.train import checkpoint as ckpt_lib
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
     model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat,
                                attention=mcfg.attention, attention_block=mcfg.attention_block)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  params, step = export_lib.restore_params(path, mcfg, mesh=mesh)
+  params, step = ckpt_lib.restore_params(path, mcfg, mesh=mesh)
   log.info("init from %s (step %d)", path, step)
   return params
 

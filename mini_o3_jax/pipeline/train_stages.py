@@ -15,12 +15,11 @@ from typing import Iterator, Sequence
 
 import jax
 
-from mini_o3_jax import progress
 from mini_o3_jax.data import coldstart, loader, synthetic
 from mini_o3_jax.eval import report
-from mini_o3_jax import export as export_lib
 from mini_o3_jax.pipeline import common, sources
 from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax import progress
 from mini_o3_jax import run_config
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
@@ -80,7 +79,7 @@ def restore_params(workdir: str, stage: str, mcfg, mesh):
   """The parameters of a finished stage's latest checkpoint, sharded for `mesh` (optimizer state skipped)."""
   if not sources.has_checkpoint(workdir, stage):
     raise FileNotFoundError(f"stage {stage!r} has no checkpoint in {os.path.join(workdir, 'ckpt', stage)}: run it first")
-  return export_lib.restore_params(os.path.join(workdir, "ckpt", stage), mcfg, mesh=mesh)[0]
+  return ckpt_lib.restore_params(os.path.join(workdir, "ckpt", stage), mcfg, mesh=mesh)[0]
 
 
 def run_sft(config, workdir: str) -> dict:

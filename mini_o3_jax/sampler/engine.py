@@ -43,8 +43,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mini_o3_jax.model import rope
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.sampler import programs as programs_lib
 from mini_o3_jax.sampler.decoder import SlotCache
+from mini_o3_jax.sampler import programs as programs_lib
 from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.sampler.stops import StopMatcher

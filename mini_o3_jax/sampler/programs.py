@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mini_o3_jax.sampler import decoder
-from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.decoder import SlotCache
+from mini_o3_jax.sampler import sampling as sampling_lib
 from mini_o3_jax.sampler.sampling import SamplingParams
 
 # Why a slot stopped (StepOutput.reason).

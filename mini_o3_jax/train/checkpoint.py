@@ -13,6 +13,10 @@ A newest checkpoint damaged after the fact (truncated arrays, a lost manifest, a
 directory) does not block a resume: `restore` without a step falls back to the newest step that
 restores, logs which step was skipped and why, and moves the damaged one aside to
 `damaged_step_<N>` (kept for inspection, and out of the way of the step's next save).
+
+`restore_params` / `restore_model` read a model's parameters alone (optimizer state skipped) from any
+Checkpointer directory or step directory into any mesh: what training starts from, evaluation and
+export read.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ from typing import Any, Callable
 from etils import epath
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
+from mini_o3_jax.model.config import VLMConfig
+from mini_o3_jax.model.vlm import VLM
+from mini_o3_jax import sharding as sharding_lib
+from mini_o3_jax.train import state as state_lib
 from mini_o3_jax.train.state import TrainState
 
 _BYTES_KEY = "__base64_bytes__"
@@ -237,3 +247,58 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ------------------------------------------------------------------------------ a model's parameters
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None]:
+  """A Checkpointer directory (-> its latest step) or one of its step directories -> (directory, step).
+
+  Raises:
+    FileNotFoundError: the path does not exist, or holds no complete checkpoint.
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"checkpoint path not found: {path}")
+  if p.name.isdigit() and (p / "state").is_dir():
+    return os.fspath(p.parent), int(p.name)
+  if not p.is_dir() or not any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+    raise FileNotFoundError(f"no checkpoint in {path}: expected a Checkpointer directory (holding step "
+                            "directories such as 0/, 100/) or one of its step directories")
+  return os.fspath(p), None
+
+
+def restore_params(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[Any, int]:
+  """The params of a checkpoint (optimizer state skipped), sharded for `mesh` -> (params, step).
+
+  Args:
+    checkpoint: a Checkpointer directory (latest step) or a step directory in one; a local or gs:// path.
+    config: the model config the checkpoint was trained with (shapes).
+    mesh: where to place the params (default: all devices on the fsdp axis).
+    dtype: read the params in this dtype (default the config's `param_dtype`); Orbax converts on read.
+  """
+  directory, step = resolve_checkpoint(checkpoint)
+  mesh = mesh if mesh is not None else sharding_lib.make_mesh((1, -1, 1))
+  if dtype is not None:
+    config = config.replace(param_dtype=jnp.dtype(dtype).name)
+  _, abstract = state_lib.abstract_model(config)
+  shardings = state_lib.param_shardings(config, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract),
+                        shardings)
+  with Checkpointer(CheckpointConfig(directory, async_save=False)) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' at step {step}'} in {directory}")
+    try:
+      return ckpt.restore_params(target, step=step), step
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint {directory} step {step} does not match the model config: {e}") from e
+
+
+def restore_model(checkpoint: str, config: VLMConfig, *, mesh=None, dtype=None) -> tuple[VLM, int]:
+  """`restore_params` as an NNX model -> (model, step)."""
+  if dtype is not None:
+    config = config.replace(param_dtype=jnp.dtype(dtype).name)
+  params, step = restore_params(checkpoint, config, mesh=mesh)
+  graphdef, _ = state_lib.abstract_model(config)
+  return nnx.merge(graphdef, params), step
