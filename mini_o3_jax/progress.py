@@ -30,10 +30,20 @@ class _PlainLines:
     self.stream.flush()
 
 
+class _PeriodicBar(tqdm):
+  """A bar whose postfix updates wait for the next periodic redraw (tqdm redraws on each by default)."""
+
+  def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):  # noqa: ARG002
+    super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+  def set_postfix_str(self, s="", refresh=True):  # noqa: ARG002
+    super().set_postfix_str(s, refresh=False)
+
+
 def bar(iterable: Any = None, *, stream: TextIO | None = None, **kwargs: Any) -> tqdm:
   """`tqdm(iterable, **kwargs)` on `stream` (default stderr), as plain periodic lines unless it is a terminal."""
   stream = sys.stderr if stream is None else stream
   if hasattr(stream, "isatty") and stream.isatty():
     return tqdm(iterable, file=stream, **kwargs)
-  return tqdm(iterable, file=_PlainLines(stream), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S * 10,
-              ascii=True, dynamic_ncols=False, ncols=100, **kwargs)
+  return _PeriodicBar(iterable, file=_PlainLines(stream), mininterval=LOG_INTERVAL_S,
+                     maxinterval=LOG_INTERVAL_S * 10, ascii=True, dynamic_ncols=False, ncols=100, **kwargs)
