@@ -48,11 +48,12 @@ LABEL_REGIONS = {
     "cross": ((0.04, 0.33, 0.96, 0.67), (0.33, 0.04, 0.67, 0.96)),
 }
 
-def background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+def background(rng: np.random.Generator, size: tuple[int, int], texture: float = 1.0) -> Image.Image:
   """Tinted grey canvas with soft blotches and 2x2-pixel grain.
 
   Built at half resolution in uint8 and enlarged with NEAREST; the tint is a palette lookup (mode
-  "P" -> "RGB"), which keeps a 1000 px scene at a few milliseconds.
+  "P" -> "RGB"), which keeps a 1000 px scene at a few milliseconds. `texture` scales the blotches and
+  grain about their mean level (0: a flat canvas; the issue-13 ladder's canvas rungs).
   """
   w, h = size
   hw, hh = (w + 1) // 2, (h + 1) // 2
@@ -60,7 +61,10 @@ def background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
   coarse = (coarse % 28).reshape(max(2, h // 64), max(2, w // 64))
   blotch = np.asarray(Image.fromarray(coarse).resize((hw, hh), Image.Resampling.BILINEAR))
   grain = np.frombuffer(rng.bytes(hw * hh), np.uint8).reshape(hh, hw) & np.uint8(15)
-  half = Image.fromarray(blotch + grain, mode="L").resize((w, h), Image.Resampling.NEAREST)
+  tex = blotch + grain
+  if texture != 1.0:
+    tex = np.round(texture * tex.astype(np.float32) + (1 - texture) * 21.0).astype(np.uint8)
+  half = Image.fromarray(tex, mode="L").resize((w, h), Image.Resampling.NEAREST)
   base = int(rng.integers(80, 125))
   tint = rng.integers(-8, 9, size=3)
   levels = np.arange(256)[:, None] + base + tint[None, :]

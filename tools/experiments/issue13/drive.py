@@ -76,25 +76,10 @@ if E("EX_LEVELS"):
       _tls.amp = 1.0
 
   grounding.make_scene = make_scene
-  _Image = synthetic.Image
+  _plain_background = drawing.background
 
   def _background(rng, size):
-    amp = getattr(_tls, "amp", 1.0)
-    w, h = size
-    hw, hh = (w + 1) // 2, (h + 1) // 2
-    coarse = np.frombuffer(rng.bytes(max(2, h // 64) * max(2, w // 64)), np.uint8)
-    coarse = (coarse % 28).reshape(max(2, h // 64), max(2, w // 64))
-    blotch = np.asarray(_Image.fromarray(coarse).resize((hw, hh), _Image.Resampling.BILINEAR))
-    grain = np.frombuffer(rng.bytes(hw * hh), np.uint8).reshape(hh, hw) & np.uint8(15)
-    tex = (blotch.astype(np.float32) + grain).astype(np.float32)
-    tex = np.round(amp * tex + (1 - amp) * 21.0).astype(np.uint8)  # same mean level, scaled texture
-    half = _Image.fromarray(tex, mode="L").resize((w, h), _Image.Resampling.NEAREST)
-    base = int(rng.integers(80, 125))
-    tint = rng.integers(-8, 9, size=3)
-    levels = np.arange(256)[:, None] + base + tint[None, :]
-    canvas = _Image.frombytes("P", size, half.tobytes())
-    canvas.putpalette(np.clip(levels, 0, 255).astype(np.uint8).ravel().tobytes())
-    return canvas.convert("RGB")
+    return _plain_background(rng, size, texture=getattr(_tls, "amp", 1.0))
 
   drawing.background = _background
 
