@@ -53,13 +53,13 @@ def task_config(config) -> synthetic.SyntheticConfig:
 
 # ----------------------------------------------------------------------------- the sampler
 
-def rollout_config(config, section, *, num_slots: int | None = None, max_turns: int | None = None,
-                   **overrides: Any) -> RolloutConfig:
+def rollout_config(config, section, *, max_turns: int | None = None, **overrides: Any) -> RolloutConfig:
   """The sampler of a stage's `section` (`config.rl`, `config.eval`, `config.coldstart`).
 
   The keys the section sets win (num_slots, max_turns, max_context, max_turn_tokens, max_images,
   temperature, chunk_buckets, patch_buckets_per_image (empty = any), decode_steps, window_min); the
-  rest keep `RolloutConfig`'s defaults. The pixel budget is `pixel_budget(config, section)`.
+  rest keep `RolloutConfig`'s defaults; `overrides` (RolloutConfig fields) win over both. `max_turns`
+  also sets the default image budget (max_turns + 1). The pixel budget is `pixel_budget(config, section)`.
   """
   defaults = RolloutConfig()
 
@@ -71,7 +71,7 @@ def rollout_config(config, section, *, num_slots: int | None = None, max_turns: 
   lo, hi = pixel_budget(config, section)
   patches = get("patch_buckets_per_image", defaults.patch_buckets)
   kwargs = dict(
-      num_slots=num_slots if num_slots is not None else get("num_slots", defaults.num_slots),
+      num_slots=get("num_slots", defaults.num_slots),
       max_turns=max_turns, max_context=get("max_context", defaults.max_context),
       max_turn_tokens=get("max_turn_tokens", defaults.max_turn_tokens),
       max_images=get("max_images", max_turns + 1), min_pixels=lo, max_pixels=hi,

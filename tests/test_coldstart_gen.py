@@ -19,7 +19,7 @@ from configs import demo
 from mini_o3_jax.agent import RuleJudge, prompts
 from mini_o3_jax.agent.task import Task
 from mini_o3_jax.agent.trajectory import Trajectory, Turn
-from mini_o3_jax.data import coldstart, coldstart_gen, loader
+from mini_o3_jax.data import coldstart, coldstart_gen, coldstart_store, loader
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import sources
@@ -156,7 +156,7 @@ def test_filter_dedupe_cap_and_summary_counts(sampler, tokenizer, tmp_path):
     assert json.load(f) == json.loads(json.dumps(summary))
 
   # The JSONL holds exactly the kept samples, in order, and reads back into SFT examples unchanged.
-  back = coldstart_gen.load_collected(str(tmp_path))
+  back = coldstart_store.load_collected(str(tmp_path))
   assert [(t.id, t.metadata["sample"]) for t in back] == [("q0", 0), ("q0", 2), ("q1", 3), ("q3", 0), ("q3", 1)]
   kept = [t for o in outcomes for t in o.kept]
   results = {(r.trajectory.id, k % 4): r for batch in (rec.results[:8], rec.results[8:])
@@ -256,7 +256,7 @@ def test_few_shot_end_to_end_with_the_model(sampler, tokenizer, tmp_path):
     assert record["correct"] == correct
     assert record["reasons"] == coldstart_gen.select(
         trajs, [coldstart_gen.sample_reason(t, c, cfg) for t, c in zip(trajs, correct)], 2)
-  back = coldstart_gen.load_collected(str(tmp_path / "out"))
+  back = coldstart_store.load_collected(str(tmp_path / "out"))
   assert len(back) == summary["kept"] == sum(r["reasons"].count(None) for r in records)
   for t in back:
     assert JUDGE(t.question, t.final_answer, t.gold) and len(t.images) == 1 + coldstart_gen.num_crops(t)
@@ -354,7 +354,7 @@ def test_clear_errors(tmp_path, sampler):
     with pytest.raises(ValueError, match=next(iter(bad))):
       coldstart_gen.CollectConfig(**bad)
   # Resuming into a directory written with other settings.
-  out = coldstart_gen.OutputDir(str(tmp_path / "o2"))
+  out = coldstart_store.OutputDir(str(tmp_path / "o2"))
   out.check_settings({"samples_per_question": 4})
   with pytest.raises(ValueError, match="other settings"):
     out.check_settings({"samples_per_question": 8})

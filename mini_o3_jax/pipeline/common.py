@@ -20,6 +20,7 @@ from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax import sharding as sharding_lib
 
+
 def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   *parents, key = dotted.split(".")
   node = config

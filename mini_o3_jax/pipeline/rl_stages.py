@@ -96,16 +96,17 @@ def draw_batch(config, sampler, reward_fn: Callable[[Any], float], step: int) ->
   examples, stats = rollouts.rl_examples(results, reward_fn, length_stop)
   if not c.get("dynamic_sampling", False):
     return rollouts.RolloutBatch(examples, stats)
-  kept = [g for g in rollouts.groups_of(examples) if rollouts.informative(g)]
-  dropped = [g for g in rollouts.groups_of(examples) if not rollouts.informative(g)]
-  rounds, drawn = 0, len(rollouts.groups_of(examples))
-  while len(kept) < c.prompts_per_step and rounds < c.get("dynamic_sampling_max_rounds", 4):
+  kept, dropped, drawn = [], [], 0
+  rounds = 0
+  while True:
+    for group in rollouts.groups_of(examples):
+      (kept if rollouts.informative(group) else dropped).append(group)
+      drawn += 1
+    if len(kept) >= c.prompts_per_step or rounds >= c.get("dynamic_sampling_max_rounds", 4):
+      break
     rounds += 1
     more = sampler.rollout(rl_tasks(config, step, rounds), seed=(config.seed * 100_003 + step) * 31 + rounds)
-    extra, _ = rollouts.rl_examples(more, reward_fn, length_stop)
-    drawn += len(rollouts.groups_of(extra))
-    kept += [g for g in rollouts.groups_of(extra) if rollouts.informative(g)]
-    dropped += [g for g in rollouts.groups_of(extra) if not rollouts.informative(g)]
+    examples, _ = rollouts.rl_examples(more, reward_fn, length_stop)
   kept = kept[:c.prompts_per_step]
   stats.update(dynamic_rounds=float(rounds), dynamic_groups_drawn=float(drawn),
                dynamic_groups_kept=float(len(kept)))

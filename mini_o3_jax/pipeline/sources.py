@@ -33,7 +33,7 @@ from flax import nnx
 
 from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.agent.trajectory import Trajectory
-from mini_o3_jax.data import benchmarks, coldstart_gen, coldstart_release
+from mini_o3_jax.data import benchmarks, coldstart_release, coldstart_store
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.train import checkpoint as ckpt_lib
@@ -129,7 +129,7 @@ def sft_trajectories(config) -> ReleaseTrajectories | list[Trajectory]:
     if not directory:
       raise ValueError('data.source="collected" needs data.collected_dir (the coldstart stage\'s output, '
                        "e.g. WORKDIR/coldstart)")
-    trajs = coldstart_gen.load_collected(directory)
+    trajs = coldstart_store.load_collected(directory)
     if not trajs:
       raise ValueError(f"no collected trajectories in {directory}")
     return trajs[:config.data.get("limit") or None]
