@@ -1,8 +1,10 @@
-"""A run's ConfigDict read into the typed configs the package runs on: model, pixel budget, scenes.
+"""A run's ConfigDict read into the typed configs the package runs on: model, pixel budget, scenes,
+sampler, and each training stage's loop, optimizer, step and batches.
 
-A leaf under `pipeline/`, `export` and the tools: they read run configs through it, and it imports only
-`model/`, `processing/`, `data/` and the sampler's config. Defaults for a key live here (or, for the
-sampler, in `RolloutConfig`) and nowhere else.
+A leaf under `pipeline/`, `export` and the tools: they read run configs through it, and nothing below
+`pipeline/` imports it. Defaults for a key live here or in the dataclass it fills (`RolloutConfig`,
+`OptimizerConfig`, `SFTConfig`, `RLConfig`, `GroundingConfig`, ...) and nowhere else: a key the section
+leaves unset takes the dataclass's default.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import dataclasses
 import os
 from typing import Any
 
-from mini_o3_jax.data import synthetic
+from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
-from mini_o3_jax.sampler.rollout import RolloutConfig
+from mini_o3_jax.rl.config import RLConfig
+from mini_o3_jax.sampler.rollout import RolloutConfig, vision_token_ids
 from mini_o3_jax.sampler.sampling import SamplingParams
+from mini_o3_jax.train.batch import BatchConfig
+from mini_o3_jax.train.optimizer import OptimizerConfig
+from mini_o3_jax.train.sft import SFTConfig
 
 PRESETS = {"qwen25vl_7b": config_lib.qwen25vl_7b, "qwen25vl_3b": config_lib.qwen25vl_3b,
            "qwen3vl_8b": config_lib.qwen3vl_8b}
@@ -160,3 +166,153 @@ def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_l
       text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
       vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
       tie_word_embeddings=True, **run)
+
+
+# ----------------------------------------------------------------------------- training stages
+
+def _given(section, *keys: str) -> dict[str, Any]:
+  """The keys among `keys` that `section` sets (not None): the rest keep their dataclass's defaults."""
+  return {k: section.get(k) for k in keys if section.get(k) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """A training stage's loop: steps, and how often it logs, checkpoints and probes (0 = never)."""
+  steps: int
+  log_every: int
+  checkpoint_every: int
+  eval_every: int = 0
+
+
+def _loop(section) -> Loop:
+  return Loop(steps=section.steps, log_every=section.log_every, checkpoint_every=section.checkpoint_every,
+              **_given(section, "eval_every"))
+
+
+def _optimizer(section, **fixed: Any) -> OptimizerConfig:
+  """AdamW over `section.steps` (warmup + cosine), clipped at 1; `fixed` overrides the section."""
+  kwargs = dict(lr=section.lr, total_steps=section.steps, grad_clip_norm=1.0,
+                **_given(section, "warmup_steps", "end_lr_ratio", "weight_decay", "freeze_vision"))
+  return OptimizerConfig(**{**kwargs, **fixed})
+
+
+def _batches(section, rows: int, model: config_lib.VLMConfig, patch_buckets: tuple[int, ...]) -> BatchConfig:
+  return BatchConfig(batch_size=rows, length_buckets=tuple(section.length_buckets),
+                     patch_buckets=tuple(section.get("patch_buckets") or patch_buckets),
+                     pad_token_id=model.text.pad_token_id, **_given(section, "patches_follow_length"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStage:
+  """The `sft` stage (`config.sft`): cold-start supervised fine-tuning."""
+  loop: Loop
+  optimizer: OptimizerConfig
+  step: SFTConfig
+  batch: BatchConfig
+  group_by_length: bool = False  # batches of similar lengths (small length buckets, fewer padded tokens)
+
+
+def sft_stage(config, model: config_lib.VLMConfig) -> SFTStage:
+  c = config.sft
+  return SFTStage(loop=_loop(c), optimizer=_optimizer(c),
+                  step=SFTConfig(**_given(c, "grad_accum_steps", "logits_chunk", "train_vision")),
+                  batch=_batches(c, c.batch_size, model, patch_buckets=(256, 768)),
+                  **_given(c, "group_by_length"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainStage:
+  """The `pretrain` stage (`config.pretrain`): the grounding base on fresh synthetic scenes."""
+  loop: Loop
+  optimizer: OptimizerConfig
+  step: SFTConfig
+  batch: BatchConfig
+  curriculum: grounding.Curriculum
+  questions: grounding.GroundingConfig
+  objectness_power: float = 4.0  # the saliency's exponent (`processing.image.token_saliency`)
+  probe_levels: tuple[str, ...] = ("easy", "medium", "hard")
+  probe_scenes: int = 64
+  greedy_every_eval: bool = False  # greedy boxes at every probe (else only at the end)
+
+
+def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
+  c = config.pretrain
+  step = SFTConfig(**_given(c, "objectness_weight", "objectness_scale"))
+  return PretrainStage(
+      loop=_loop(c), optimizer=_optimizer(c), step=step,
+      batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
+      curriculum=grounding.Curriculum.parse(c.curriculum),
+      questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
+                                                   "question_first")),
+      **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+         for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval").items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class RLDraws:
+  """Which prompts an RL step draws and how its rollouts become examples (`config.rl`).
+
+  length_stop: "wrong" (a turn cut by its token cap is a reward-0 trajectory) or "overturn" (masked).
+  dynamic_sampling: keep drawing until `prompts_per_step` informative groups (at most
+    `dynamic_sampling_max_rounds` extra draws).
+  """
+  prompts_per_step: int
+  group_size: int
+  tiers: tuple[str, ...] = ("medium", "hard")
+  length_stop: str = "overturn"
+  dynamic_sampling: bool = False
+  dynamic_sampling_max_rounds: int = 4
+
+  @property
+  def rollouts_per_step(self) -> int:
+    return self.prompts_per_step * self.group_size
+
+
+def rl_draws(config) -> RLDraws:
+  c = config.rl
+  given = _given(c, "tiers", "length_stop", "dynamic_sampling", "dynamic_sampling_max_rounds")
+  if "tiers" in given:
+    given["tiers"] = tuple(given["tiers"])
+  return RLDraws(prompts_per_step=c.prompts_per_step, group_size=c.group_size, **given)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStage:
+  """The `rl` / `rl_no_mask` stages (`config.rl`): GRPO from the SFT model.
+
+  batch: the rows of one update (a mini-batch: `draws.rollouts_per_step / mini_batches`).
+  ppo_epochs, mini_batches: passes over the step's rollouts, and updates per pass.
+  recompute_old_logprobs: the behaviour log-probs recomputed by the training forward (as verl does).
+  """
+  loop: Loop
+  optimizer: OptimizerConfig
+  step: RLConfig
+  batch: BatchConfig
+  draws: RLDraws
+  rollout: RolloutConfig
+  ppo_epochs: int = 1
+  mini_batches: int = 1
+  recompute_old_logprobs: bool = False
+
+
+def rl_stage(config, model: config_lib.VLMConfig, *, overturn_masking: bool = True) -> RLStage:
+  """`overturn_masking` is the stage's (the `rl_no_mask` ablation turns it off), not a config key."""
+  c = config.rl
+  draws = rl_draws(config)
+  updates = _given(c, "ppo_epochs", "mini_batches", "recompute_old_logprobs")
+  mini_batches = updates.get("mini_batches", 1)
+  if draws.prompts_per_step % mini_batches:
+    raise ValueError(f"rl.prompts_per_step={draws.prompts_per_step} does not split into rl.mini_batches={mini_batches}")
+  # The sampler's behaviour log-probs are log_softmax(logits / T): the step uses the same T.
+  step = RLConfig(overturn_masking=overturn_masking, temperature=c.temperature,
+                  suppressed_token_ids=vision_token_ids(model),
+                  **_given(c, "clip_low", "clip_high", "exclude_masked_from_stats", "grad_accum_steps",
+                           "logits_chunk", "train_vision", "loss_aggregation"))
+  return RLStage(
+      loop=_loop(c), optimizer=_optimizer(c, end_lr_ratio=1.0, weight_decay=0.0), step=step,
+      batch=_batches(c, draws.rollouts_per_step // mini_batches, model,
+                     patch_buckets=(64 * (c.max_turns + 1),)),
+      draws=draws,
+      rollout=rollout_config(config, c, num_slots=c.get("num_slots") or draws.rollouts_per_step,
+                             max_forced_tokens=32),
+      **updates)

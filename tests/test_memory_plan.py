@@ -144,7 +144,7 @@ def test_committed_configs_fit_their_target_slice():
   for name in ("sft", "rl", "eval"):
     config = memory_plan.load_config(os.path.join(ROOT, "configs", f"qwen25vl_7b_{name}.py"))
     mcfg = memory_plan.model_config(config)
-    (phase,) = memory_plan.phases(config)
+    (phase,) = memory_plan.phases(config, mcfg)
     mesh = list(config.mesh)
     mesh[mesh.index(-1)] = 16 // int(np.prod([m for m in mesh if m != -1]))
     plan = memory.plan(mcfg, phase, M(*mesh))

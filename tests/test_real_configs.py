@@ -122,7 +122,7 @@ def test_config_loads_and_validates(name):
   assert config.min_pixels == 40_000
   mcfg = memory_plan.model_config(config)  # the preset, checked against the real tokenizer's ids
   assert mcfg.text.vocab_size == 152064 and mcfg.image_token_id == 151655 and mcfg.dtype == "bfloat16"
-  (phase,) = memory_plan.phases(config)
+  (phase,) = memory_plan.phases(config, mcfg)
   assert phase.name == name
   if name == "sft":
     assert config.data.source == "coldstart" and config.stages[0] == "sft" and config.max_pixels == 2_000_000

@@ -24,6 +24,7 @@ from mini_o3_jax.pipeline import rl_stages
 from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.rl import objective, rollouts
 from mini_o3_jax.rl import step as rl
+from mini_o3_jax import run_config
 from mini_o3_jax.sampler.rollout import RolloutConfig, Sampler, vision_token_ids
 from mini_o3_jax.sampler import SamplingParams
 from mini_o3_jax import sharding
@@ -287,7 +288,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(sampler):
   assert not any(rollouts.informative(g) for g in kept[n_informative:])  # the fill, only when short
   assert n_informative == PROMPTS or drawn.stats["dynamic_rounds"] == 3
   assert drawn.stats["dynamic_groups_drawn"] == PROMPTS * (1 + drawn.stats["dynamic_rounds"])
-  assert rl_stages.prompt_indices(config, 0, 1).start >= rl_stages.DYNAMIC_INDEX_OFFSET
+  assert rl_stages.prompt_indices(run_config.rl_draws(config), 0, 1).start >= rl_stages.DYNAMIC_INDEX_OFFSET
 
 
 # ------------------------------------------------------------------------------------------ learning

@@ -90,28 +90,24 @@ def _image_patches(rollout: RolloutConfig, patch_pixels: int) -> int:
   return fitting[0] if fitting else _power_of_two(need)
 
 
-def phases(config, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
+def phases(config, mcfg: config_lib.VLMConfig, patch_pixels: int = 14 * 14) -> list[memory.Phase]:
   """The SFT / RL / evaluation phases of a config's stages (patch_pixels: the model's patch area)."""
   stages = [s.strip() for entry in config.stages for s in str(entry).split(",")]
   out = []
   if "sft" in stages:
-    c = config.sft
+    sft = run_config.sft_stage(config, mcfg)
     out.append(memory.Phase(
-        "sft", batch=c.batch_size, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
-        patches_per_row=max(c.get("patch_buckets", (256, 768))), logits_chunk=c.get("logits_chunk"),
-        train_vision=c.get("train_vision", True),
-        optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=c.weight_decay)))
+        "sft", batch=sft.batch.batch_size, grad_accum=sft.step.grad_accum_steps,
+        seq_len=max(sft.batch.length_buckets), patches_per_row=max(sft.batch.patch_buckets),
+        logits_chunk=sft.step.logits_chunk, train_vision=sft.step.train_vision, optimizer=sft.optimizer))
   if "rl" in stages or "rl_no_mask" in stages:
-    c = config.rl
-    rollout = run_config.rollout_config(config, c)
-    batch = c.prompts_per_step * c.group_size // c.get("mini_batches", 1)  # rows of one update
+    rl = run_config.rl_stage(config, mcfg)
     out.append(memory.Phase(
-        "rl", batch=batch, grad_accum=c.get("grad_accum_steps", 1), seq_len=max(c.length_buckets),
-        patches_per_row=max(c.get("patch_buckets", (64 * (c.max_turns + 1),))), logits_chunk=c.get("logits_chunk"),
-        train_vision=c.get("train_vision", True),
-        optimizer=optimizer_lib.OptimizerConfig(lr=c.lr, weight_decay=0.0),
-        rollout_slots=c.get("num_slots") or c.prompts_per_step * c.group_size, rollout_context=c.max_context,
-        rollout_chunk=max(rollout.chunk_buckets), rollout_patches=_image_patches(rollout, patch_pixels)))
+        "rl", batch=rl.batch.batch_size, grad_accum=rl.step.grad_accum_steps, seq_len=max(rl.batch.length_buckets),
+        patches_per_row=max(rl.batch.patch_buckets), logits_chunk=rl.step.logits_chunk,
+        train_vision=rl.step.train_vision, optimizer=rl.optimizer,
+        rollout_slots=rl.rollout.num_slots, rollout_context=rl.rollout.max_context,
+        rollout_chunk=max(rl.rollout.chunk_buckets), rollout_patches=_image_patches(rl.rollout, patch_pixels)))
   if "eval" in stages:
     c = config.eval
     rollout = run_config.rollout_config(config, c)
@@ -217,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in args.config:
     config = load_config(path, args.set)
     mcfg = model_config(config)
-    runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config, mcfg.vision.patch_size**2)]
+    runs += [(os.path.basename(path), mcfg, ph) for ph in phases(config, mcfg, mcfg.vision.patch_size**2)]
   if args.preset:
     mcfg = PRESETS[args.preset](dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
     train = args.phase != "eval"

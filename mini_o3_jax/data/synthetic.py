@@ -35,8 +35,6 @@ pixel box and LANCZOS upscale, so what the generator calls legible is what the a
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import zlib
 from typing import Iterator, Sequence
@@ -44,29 +42,13 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mini_o3_jax.agent import tools
 from mini_o3_jax.data import drawing
-from mini_o3_jax.processing.image import smart_resize
+# The world's types and its view geometry, under the names this module has always offered.
+from mini_o3_jax.data.scene import (DEFAULT_PALETTE, DIGITS, EASY, HARD, MEDIUM, SHAPES, SPLITS, TIERS, Box,  # noqa: F401
+                                    PixelBox, SceneObject, SyntheticConfig, SyntheticTask, TierSpec)
+from mini_o3_jax.data.views import (crop_image, final_zoom_side, nearest_budget_side, pixel_box,  # noqa: F401
+                                    project_box, render_view, view_size)
 
-Box = tuple[float, float, float, float]
-PixelBox = tuple[int, int, int, int]
-
-TIERS = ("easy", "medium", "hard")
-SPLITS = ("train", "test")
-DIGITS = drawing.DIGITS  # the answers: the font's digits
-SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "cross")
-
-DEFAULT_PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("red", (215, 35, 35)),
-    ("orange", (245, 135, 20)),
-    ("yellow", (240, 215, 30)),
-    ("green", (40, 160, 50)),
-    ("cyan", (30, 200, 210)),
-    ("blue", (35, 70, 215)),
-    ("purple", (135, 50, 185)),
-    ("pink", (245, 115, 185)),
-)
-# Look-alikes in the hard tier take a confusable colour / shape from these lists.
 _SIMILAR_COLOURS = {
     "red": ("orange", "pink"),
     "orange": ("red", "yellow"),
@@ -91,187 +73,6 @@ _QUESTIONS = (
     "Read the digit on the label of the {colour} {shape}.",
     "What number is shown on the {colour} {shape}?",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class TierSpec:
-  """How one difficulty tier builds its scenes.
-
-  Attributes:
-    num_objects: inclusive range of shapes per scene, the target included.
-    num_lookalikes: inclusive range of shapes sharing the target's colour or shape.
-    lookalike_kind: "none", "one" (all share the colour, or all the shape) or "mixed".
-    confusable: look-alikes take a similar colour / shape (red vs orange, circle vs hexagon).
-    glyph_full_view_px: upper bound on the digit's height in the full-image view.
-    label_at_centre: label at the centre of the shape's box (else anywhere inside the shape).
-    zoom_sides: sides of the zooms before the last one, in units of the target's side.
-  """
-  num_objects: tuple[int, int]
-  num_lookalikes: tuple[int, int]
-  lookalike_kind: str
-  confusable: bool
-  glyph_full_view_px: float
-  label_at_centre: bool
-  zoom_sides: tuple[float, ...]
-
-
-EASY = TierSpec(num_objects=(5, 8), num_lookalikes=(0, 0), lookalike_kind="none",
-                confusable=False, glyph_full_view_px=0.9, label_at_centre=True, zoom_sides=())
-MEDIUM = TierSpec(num_objects=(8, 11), num_lookalikes=(2, 3), lookalike_kind="one",
-                  confusable=False, glyph_full_view_px=0.9, label_at_centre=False,
-                  zoom_sides=(2.0,))
-HARD = TierSpec(num_objects=(12, 16), num_lookalikes=(5, 8), lookalike_kind="mixed",
-                confusable=True, glyph_full_view_px=0.9, label_at_centre=False,
-                zoom_sides=(3.5, 2.0))
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig:
-  """Scene, view budget and tier parameters.
-
-  The view budget is the image processor's: every image (the scene and every crop) is resized to
-  `smart_resize(h, w, 28, view_min_pixels, view_max_pixels)`. With min == max (the default) every
-  observation is shown at the same ~112x112 budget, so cropping a box of relative side s gives 1/s
-  times the resolution on that region; set `view_min_pixels` lower to mimic Qwen's default instead
-  (small crops are then shown at fewer pixels, and final zoom boxes shrink accordingly).
-  """
-  scene_size_range: tuple[int, int] = (896, 1024)  # longer side, pixels
-  aspect_range: tuple[float, float] = (1.0, 1.0)  # width / height
-  view_max_pixels: int = 112 * 112
-  view_min_pixels: int = 112 * 112
-  patch_size: int = 14
-  merge_size: int = 2
-  object_view_px: tuple[float, float] = (14.0, 18.0)  # shape side in the full view
-  object_gap_view_px: float = 2.0
-  legible_font_view_px: float = 2.0  # view pixels per font cell at the last zoom
-  easy: TierSpec = EASY
-  medium: TierSpec = MEDIUM
-  hard: TierSpec = HARD
-  palette: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_PALETTE
-  shapes: tuple[str, ...] = SHAPES
-  seed: int = 0
-
-  def tier(self, name: str) -> TierSpec:
-    if name not in TIERS:
-      raise ValueError(f"unknown tier {name!r}; expected one of {TIERS}")
-    return getattr(self, name)
-
-
-@dataclasses.dataclass(frozen=True)
-class SceneObject:
-  """One shape in a scene; boxes are relative [x0, y0, x1, y1] of the original image."""
-  shape: str
-  colour: str
-  digit: str
-  box: Box
-  detail_box: Box  # the digit's glyph
-  zoom_path: tuple[Box, ...]  # what a perfect agent crops to read this shape's digit
-  is_target: bool
-  is_lookalike: bool  # shares the target's colour or shape (the target counts as one)
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticTask:
-  """One visual-search item; boxes are relative [x0, y0, x1, y1] of the original image."""
-  id: str
-  image: Image.Image
-  question: str
-  answer: str
-  options: None
-  difficulty: str
-  category: str
-  target_box: Box
-  detail_box: Box
-  candidate_boxes: tuple[Box, ...]  # target and look-alikes, shuffled
-  zoom_path: tuple[Box, ...]  # nested, coarse to fine; the digit is legible at the last
-  objects: tuple[SceneObject, ...]
-  glyph_cell_px: int  # scene pixels per font cell
-
-
-# ----------------------------------------------------------------------------- view geometry
-
-
-def view_size(image_size: tuple[int, int], config: SyntheticConfig) -> tuple[int, int]:
-  """(width, height) the image processor resizes an image of PIL size `image_size` to."""
-  width, height = image_size
-  h, w = smart_resize(height, width, config.patch_size * config.merge_size,
-                      config.view_min_pixels, config.view_max_pixels)
-  return w, h
-
-
-# The crop tool's own geometry, so views and zoom paths are exactly what the agent gets.
-pixel_box = tools.pixel_box
-
-
-def crop_image(image: Image.Image, box_rel: Sequence[float] | None,
-               min_side: int = 28) -> Image.Image:
-  """Crops a relative box of full-resolution `image`, LANCZOS-upscaled so no side is < min_side."""
-  if box_rel is None:
-    return image
-  return tools.upscale_to_min_side(image.crop(pixel_box(box_rel, image.size)), min_side)
-
-
-def render_view(image: Image.Image, box_rel: Sequence[float] | None,
-                config: SyntheticConfig) -> Image.Image:
-  """What the model sees: crop `box_rel` (None = whole image), then resize to the view budget."""
-  region = crop_image(image, box_rel)
-  size = view_size(region.size, config)
-  if size == region.size:
-    return region
-  return region.resize(size, Image.Resampling.BICUBIC)
-
-
-def project_box(box_rel: Sequence[float], crop_rel: Sequence[float] | None,
-                image_size: tuple[int, int], config: SyntheticConfig) -> Box:
-  """A relative box of the original image in the pixel coordinates of `render_view(crop_rel)`.
-
-  Continuous coordinates: pixel i spans [i, i + 1). Assumes crops of >= 28 px sides (no LANCZOS
-  step), which all zoom paths satisfy.
-  """
-  w, h = image_size
-  cx0, cy0, cx1, cy1 = pixel_box(crop_rel if crop_rel is not None else (0, 0, 1, 1), image_size)
-  vw, vh = view_size((cx1 - cx0, cy1 - cy0), config)
-  sx, sy = vw / (cx1 - cx0), vh / (cy1 - cy0)
-  x0, y0, x1, y1 = box_rel
-  return ((x0 * w - cx0) * sx, (y0 * h - cy0) * sy, (x1 * w - cx0) * sx, (y1 * h - cy0) * sy)
-
-
-def _view_scale(side: int, config: SyntheticConfig) -> float:
-  """View pixels per scene pixel for a square crop of `side` pixels."""
-  vw, _ = view_size((side, side), config)
-  return vw / side
-
-
-def _fits_budget(side: int, config: SyntheticConfig) -> bool:
-  """Whether a square crop is shown at (close to) the full budget, never above it."""
-  vw, vh = view_size((side, side), config)
-  area = vw * vh
-  # Qwen's floor/ceil arithmetic sometimes lands a step below (84x84) or above (140x140) the
-  # budget for a crop of a given side; zoom boxes avoid those sides.
-  return area <= config.view_max_pixels and (
-      area >= 0.7 * config.view_max_pixels or side * side < config.view_min_pixels)
-
-
-@functools.lru_cache(maxsize=256)
-def final_zoom_side(cell_px: int, config: SyntheticConfig) -> int:
-  """Largest square crop side at which one font cell spans >= legible_font_view_px view pixels."""
-  need = config.legible_font_view_px / cell_px
-  upper = int(math.ceil(math.sqrt(config.view_max_pixels) / need)) + 1
-  for side in range(upper, drawing.FONT_H * cell_px, -1):
-    if _view_scale(side, config) >= need and _fits_budget(side, config):
-      return side
-  raise ValueError(f"no crop side makes a {cell_px}px font cell legible under {config}")
-
-
-@functools.lru_cache(maxsize=4096)
-def nearest_budget_side(side: float, config: SyntheticConfig, limit: int) -> int:
-  """The crop side closest to `side` (<= limit) that is shown at the full view budget."""
-  target = int(round(side))
-  for delta in range(0, max(target, 1)):
-    for cand in (target - delta, target + delta):
-      if 8 <= cand <= limit and _fits_budget(cand, config):
-        return cand
-  return min(target, limit)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -84,63 +84,58 @@ def restore_params(workdir: str, stage: str, mcfg, mesh):
 
 def run_sft(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
-  c = config.sft
-  ocfg = opt_lib.OptimizerConfig(lr=c.lr, warmup_steps=c.warmup_steps, total_steps=c.steps,
-                                 end_lr_ratio=c.end_lr_ratio, weight_decay=c.weight_decay, grad_clip_norm=1.0)
+  stage = run_config.sft_stage(config, mcfg)
+  loop = stage.loop
   init = None if sources.has_checkpoint(workdir, "sft") else sources.init_params(config, mcfg, mesh)
-  state, shardings, tx = make_state(config, mcfg, ocfg, mesh, seed=config.seed, params=init)
-  sft_cfg = sft_lib.SFTConfig(grad_accum_steps=c.get("grad_accum_steps", 1), logits_chunk=c.get("logits_chunk"),
-                              train_vision=c.get("train_vision", True))
-  step_fn = sft_lib.make_sft_step(sft_cfg, tx, mesh, shardings, learning_rate_fn=opt_lib.make_schedule(ocfg))
-  log.info("SFT: %d parameters, %d steps of %d trajectories", state_lib.count_params(state.params), c.steps,
-           c.batch_size)
+  state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
+  step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
+                                  learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
+  log.info("SFT: %d parameters, %d steps of %d trajectories", state_lib.count_params(state.params), loop.steps,
+           stage.batch.batch_size)
 
   trajs = coldstart_trajectories(config)
   min_pixels, max_pixels = run_config.pixel_budget(config)
   example_cfg = loader.ExampleConfig(min_pixels=min_pixels, max_pixels=max_pixels, max_tokens=config.data.max_tokens,
                                        **image_lib.settings_for(mcfg))
   lengths = None
-  if c.get("group_by_length", False):
+  if stage.group_by_length:
     # Batches of similar lengths pad to small buckets: attention and logits cost follow the padding.
     lengths = [loader.example_length(t, tokenizer, example_cfg) for t in trajs]
     keep = [i for i, n in enumerate(lengths) if n <= example_cfg.max_tokens]
     log.info("SFT: %d of %d trajectories within %d tokens", len(keep), len(trajs), example_cfg.max_tokens)
     trajs, lengths = [trajs[i] for i in keep], [lengths[i] for i in keep]
   dataset = loader.examples_dataset(trajs, tokenizer, example_cfg, drop_long=lengths is None)
-  batch_cfg = batch_lib.BatchConfig(batch_size=c.batch_size, length_buckets=tuple(c.length_buckets),
-                                    patch_buckets=tuple(c.get("patch_buckets", (256, 768))),
-                                    patches_follow_length=c.get("patches_follow_length", False),
-                                    pad_token_id=mcfg.text.pad_token_id)
-  collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=batch_cfg)
+  collate = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
+  rows = stage.batch.batch_size
   if lengths is None:
-    batches = loader.batches(dataset, c.batch_size, collate, seed=config.seed)
+    batches = loader.batches(dataset, rows, collate, seed=config.seed)
   else:
-    batches = loader.length_grouped_batches(dataset, lengths, c.batch_size, collate, seed=config.seed)
+    batches = loader.length_grouped_batches(dataset, lengths, rows, collate, seed=config.seed)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", "sft"),
-                                                         save_interval_steps=c.checkpoint_every, max_to_keep=2))
+                                                         save_interval_steps=loop.checkpoint_every, max_to_keep=2))
   start = 0
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(state_lib.abstract_train_state(shardings, state))
     batches.set_state(data_state)
     start = int(jax.device_get(state.step))
-    common.check_resume("sft", start, c.steps, ckpt.directory)
+    common.check_resume("sft", start, loop.steps, ckpt.directory)
     log.info("SFT: resumed from step %d", start)
   metrics_log = common.MetricLog(common.path(workdir, "metrics", "sft.jsonl"), start)
   metrics = {}
-  with progress.bar(range(start, c.steps), desc="SFT", initial=start, total=c.steps) as bar:
+  with progress.bar(range(start, loop.steps), desc="SFT", initial=start, total=loop.steps) as bar:
     for step in bar:
       batch = batch_lib.shard_batch(next(batches), mesh)
       state, metrics = state_lib.timed_step(step_fn, state, batch)
       bar.set_postfix_str(common.fmt_metrics(metrics, ("loss", "accuracy")))
-      if (step + 1) % c.log_every == 0 or step + 1 == c.steps:
+      if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
         metrics_log.write(step + 1, metrics)
         log.info("SFT step %d: %s", step + 1, common.fmt_metrics(
             metrics, ("loss", "accuracy", "grad_norm", "learning_rate", "step_time_s", "tokens_per_s")))
       ckpt.maybe_save(state, batches.get_state())
-  if ckpt.latest_step() != c.steps:
+  if ckpt.latest_step() != loop.steps:
     ckpt.save(state, batches.get_state())
   ckpt.close()
   metrics_log.close()
   metrics = common.last_metrics(metrics_log.file, metrics)
-  return {"steps": c.steps, "final_loss": metrics.get("loss"), "final_accuracy": metrics.get("accuracy")}
+  return {"steps": loop.steps, "final_loss": metrics.get("loss"), "final_accuracy": metrics.get("accuracy")}
