@@ -54,7 +54,7 @@ def test_notebook_runs_the_quick_demo_on_cpu(tmp_path, monkeypatch):
   # what is tested here.
   _parameters_cell(nb).source = "\n".join([
       "QUICK = True", "REPO_URL = ''", f"REPO_DIR = {str(ROOT)!r}", f"WORKDIR = {str(workdir)!r}", "PLATFORM = 'cpu'",
-      "EXTRA_FLAGS = [\"--config.stages=('data','sft','eval','report')\"]"])
+      "EXTRA_FLAGS = [\"--config.stages=('data','sft','eval','report','export')\"]"])
   _register_kernel(tmp_path, monkeypatch)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
   env["JAX_PLATFORMS"] = "cpu"
@@ -69,8 +69,10 @@ def test_notebook_runs_the_quick_demo_on_cpu(tmp_path, monkeypatch):
   assert "devices: [CpuDevice" in text
   assert "stage report: done" in text and "done in" in text
   assert "gold answer" in text and "final answer:" in text
+  assert "after" in text and "turn(s), stop reason" in text  # the in-process agent's episode
+  assert "the runs: [" in text or any(_outputs(c, "text/html") for c in code)  # %tensorboard, or its runs
   images = [c for c in code if _outputs(c, "image/png")]
-  assert len(images) == 2, "the turn-scaling plot and one trajectory picture"
+  assert len(images) == 3, "the turn-scaling plot, one evaluated trajectory, the in-process agent's trajectory"
   reports = [o for c in code for o in _outputs(c, "text/markdown")]
   assert reports and "Accuracy (%) by test-time turn budget" in reports[-1]["data"]["text/markdown"]
   for f in ("turn_scaling.png", "report.md", "metrics.json"):
