@@ -26,6 +26,10 @@ Env switches (all optional):
                      final hidden state that predicts the first box digit and every image token's final hidden
                      state; the target's tokens are those of the palette colour the question names (chroma >
                      0.08): supervises the binding route (question word -> the token of that colour) directly
+  EX_ATTNSUP=w       aux loss w * -log(attention mass on the target's image tokens) of heads [0, EX_ATTNSUP_HEADS)
+                     (default 1) of decoder layers EX_ATTNSUP_LAYER (default 2; a comma list), from every query that
+                     predicts a box's tenths digit; target tokens as EX_POINTER's (the named palette colour,
+                     chroma > 0.08): supervises the binding route inside attention, not the residual stream
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import functools
@@ -44,6 +48,7 @@ import optax
 from flax import nnx
 
 from mini_o3_jax.data import drawing, grounding, synthetic
+from mini_o3_jax.model import attention as attn_lib
 from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm as vlm_lib
@@ -240,6 +245,9 @@ def chroma_saliency(pixel_values):
 _where_ids = None
 COLAUX = float(E("EX_COLAUX", "0"))
 POINTER = float(E("EX_POINTER", "0"))
+ATTNSUP = float(E("EX_ATTNSUP", "0"))
+ATTNSUP_LAYERS = tuple(int(x) for x in E("EX_ATTNSUP_LAYER", "2").split(","))
+ATTNSUP_HEADS = int(E("EX_ATTNSUP_HEADS", "1"))
 PALETTE = np.asarray([rgb for _, rgb in synthetic.DEFAULT_PALETTE], np.float32) / 255.0   # [K, 3]
 
 
@@ -287,7 +295,58 @@ def chroma_tokens(pixel_values):
   return jax.lax.stop_gradient((x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1))
 
 
-if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
+def target_token_mask(inputs, image_token_id, tokens_per_row):
+  """(image token positions int [b, tokens], target bool [b, tokens], valid bool [b]): the image tokens of
+  the palette colour the row's question names (chroma > 0.08); valid rows name exactly one colour."""
+  ids = inputs.input_ids
+  img_pos = jax.vmap(lambda r: jnp.nonzero(r == image_token_id, size=tokens_per_row, fill_value=0)[0])(ids)
+  colour_ids = jnp.asarray(_where_ids["colours"])
+  named = jnp.any(ids[:, :, None] == colour_ids[None, None], 1)                   # [b, K]
+  onehot = colour_onehot(inputs.pixel_values)                                     # [b, tokens, K]
+  chroma = chroma_tokens(inputs.pixel_values)
+  target = (jnp.einsum("btk,bk->bt", onehot, named.astype(jnp.float32)) > 0) & (chroma > 0.08)
+  valid = jnp.any(target, -1) & (jnp.sum(named, -1) == 1)
+  return img_pos, target, valid
+
+
+def forward_with_attention(model, x, positions, attention_mask, layer_indices, heads):
+  """The text model's forward (as TextModel.__call__, no DeepStack) that also returns layers `layer_indices`'
+  attention probabilities of heads [0, heads): (final hidden [b, t, d], probs [b, layers * heads, t, t])."""
+  tm = model.model
+  b, t, _ = x.shape
+  cos, sin = rope.text_cos_sin(tm.cfg, positions)
+  segments = attn_lib.text_segments(attention_mask.astype(bool), (b, t))
+  mask = attn_lib.segment_mask(segments, True)                                    # [b, t, t]
+
+  def body(layer, h, _):
+    q, k, v = layer.qkv(h, cos, sin)
+    out = attn_lib.self_attention(q, k, v, segments, causal=True, impl=layer.attention_impl,
+                                  block=layer.attention_block)
+    group = q.shape[2] // k.shape[2]
+    kq = jnp.repeat(k[:, :, :heads // group + 1], group, axis=2)[:, :, :heads]   # the kv head of each q head
+    logits = jnp.einsum("bthd,bshd->bhts", q[:, :, :heads], kq) * (q.shape[-1] ** -0.5)
+    logits = jnp.where(mask[:, None], logits, -1e30)
+    return layer.finish(h, out), jax.nn.softmax(logits, -1)
+
+  h, probs = layers.scan_layers(tm.layers, body, x, None)                       # probs [L, b, heads, t, t]
+  probs = jnp.concatenate([probs[i] for i in layer_indices], axis=1)
+  return tm.norm(h), probs
+
+
+def attention_supervision_loss(probs, inputs, targets, maskf, image_token_id, tokens_per_row):
+  """Mean over (row, tenths-digit query, head) of -log(attention mass on the named colour's image tokens)."""
+  prev = inputs.input_ids[:, :-1]
+  is_where = jnp.isin(prev, jnp.asarray(_where_ids["prefix"])) & jnp.isin(targets, jnp.asarray(_where_ids["digits"]))
+  is_where = is_where & (maskf > 0)                                               # [b, t-1] query positions
+  img_pos, target, valid = target_token_mask(inputs, image_token_id, tokens_per_row)
+  p_img = jnp.take_along_axis(probs[:, :, :-1], img_pos[:, None, None, :], axis=-1)  # [b, heads, t-1, tokens]
+  mass = jnp.sum(jnp.where(target[:, None, None], p_img, 0.0), -1)                # [b, heads, t-1]
+  w = (is_where & valid[:, None]).astype(jnp.float32)[:, None]                    # [b, 1, t-1]
+  nll = -jnp.log(mass + 1e-6)
+  return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w) * probs.shape[1], 1.0)
+
+
+if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
   def sft_loss_and_grads(config, graphdef, params, batch, mesh=None, grad_shardings=None):
     _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
     normalizer = sft_lib.sft_normalizer(global_mask, config.sequence_mean)
@@ -297,7 +356,11 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
       inputs = micro.inputs
       emb = model.encode_images(inputs.pixel_values, inputs.vision)
       x = model.embed(inputs.input_ids, emb)
-      h = model.model(x, inputs.positions, inputs.attention_mask)
+      if ATTNSUP:
+        h, probs = forward_with_attention(model, x, inputs.positions, inputs.attention_mask, ATTNSUP_LAYERS,
+                                          ATTNSUP_HEADS)
+      else:
+        h = model.model(x, inputs.positions, inputs.attention_mask)
       hidden = h[:, :-1]
       targets, mask = losses.next_token_targets(inputs.input_ids, micro.loss_mask)
       st = forward_lib.head_token_stats(model, hidden, targets, chunk=config.logits_chunk, correct=True)
@@ -326,6 +389,11 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
       if POINTER:
         loss = loss + POINTER * pointer_loss(hidden, inputs, targets, maskf, model.config.image_token_id,
                                              inputs.pixel_values.shape[1] // 4) / config.grad_accum_steps
+      attnsup = jnp.zeros(())
+      if ATTNSUP:
+        attnsup = attention_supervision_loss(probs, inputs, targets, maskf, model.config.image_token_id,
+                                             inputs.pixel_values.shape[1] // 4)
+        loss = loss + ATTNSUP * attnsup / config.grad_accum_steps
       if COLAUX:
         d = emb.shape[-1]
         v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
@@ -341,6 +409,7 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
           "correct_sum": jnp.sum(st["correct"] * maskf),
           "num_loss_tokens": jnp.sum(maskf),
           "num_tokens": jnp.sum(inputs.attention_mask.astype(jnp.float32)),
+          "attnsup": jax.lax.stop_gradient(attnsup),
       }
       return loss, aux
 
@@ -351,7 +420,7 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER:
     n = aux["num_loss_tokens"]
     safe = jnp.maximum(n, 1.0)
     metrics = {"loss": loss, "nll": aux["nll_sum"] / safe, "accuracy": aux["correct_sum"] / safe,
-               "num_loss_tokens": n, "num_tokens": aux["num_tokens"]}
+               "num_loss_tokens": n, "num_tokens": aux["num_tokens"], "attnsup": aux["attnsup"] / k}
     return loss, metrics, grads
 
   sft_lib.sft_loss_and_grads = sft_loss_and_grads
@@ -408,7 +477,7 @@ if __name__ == "__main__":
   from absl import app
   from mini_o3_jax import main as main_lib
   from mini_o3_jax.processing import tokenizer as tok_lib
-  if WHERE_W or POINTER:
+  if WHERE_W or POINTER or ATTNSUP:
     # token ids: pieces ending in "0." / "1." (coordinate prefixes) and single digits
     _orig_setup = main_lib.common.setup
 
