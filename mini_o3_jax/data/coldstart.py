@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -215,7 +216,6 @@ def summarize(trajectories: Sequence[agent.Trajectory]) -> dict:
 
 def write_jsonl_with_images(path: str, image_dir: str, trajectories: Sequence[agent.Trajectory]) -> None:
   """JSONL (one trajectory a line, images as relative PNG paths) in the released cold-start spirit."""
-  import os
   os.makedirs(image_dir, exist_ok=True)
   base = os.path.dirname(os.path.abspath(path))
   with open(path, "w") as f:
