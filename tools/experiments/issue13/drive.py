@@ -30,8 +30,12 @@ Env switches (all optional):
                      (default 1) of decoder layers EX_ATTNSUP_LAYER (default 2; a comma list), from every query that
                      predicts a box's tenths digit; target tokens as EX_POINTER's (the named palette colour,
                      chroma > 0.08): supervises the binding route inside attention, not the residual stream
+  EX_MOSAIC=lo,hi    register level "mosaic": 3-4 shapes (few's recipe) drawn lo..hi view pixels wide, so
+                     nearly every merged image token holds a shape (a binding curriculum's first rung: the text-only
+                     copy of the lookup binds at once without background tokens and keeps binding once they come)
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
+import dataclasses
 import functools
 import json
 import math
@@ -168,6 +172,21 @@ if SINCOS or CENTER or RMS or SCALE or IMGNORM or POSTPOS:
     return merged
 
   vision_lib.VisionTower.__call__ = tower_call
+
+
+# ------------------------------------------------------------------ binding curriculum: shapes that fill the view
+if E("EX_MOSAIC"):
+  _mosaic_px = tuple(float(v) for v in E("EX_MOSAIC").split(","))
+  grounding.LEVELS["mosaic"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(3, 4))
+  _orig_scene_config = grounding.scene_config
+
+  def scene_config(task_config, level):
+    cfg, tier = _orig_scene_config(task_config, level)
+    if level == "mosaic":
+      cfg = dataclasses.replace(cfg, object_view_px=_mosaic_px)
+    return cfg, tier
+
+  grounding.scene_config = scene_config
 
 
 # ------------------------------------------------------------------ H2: oracle image features
