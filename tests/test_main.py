@@ -77,7 +77,7 @@ def test_quick_preset_yields_to_flags_the_user_typed():
     common.resolve(ml_collections.ConfigDict({"quick": True, "sft": {"steps": 9}}))
 
 
-@pytest.mark.parametrize("tool", ["export_hf.py", "import_hf.py", "prepare_data.py"])
+@pytest.mark.parametrize("tool", ["export_hf.py", "import_hf.py", "prepare_data.py", "memory_plan.py"])
 def test_tool_help_shows_defaults_without_loading_jax(tool):
   """`--help` answers before the package's heavy modules (JAX) load."""
   probe = ("import contextlib, io, runpy, sys\n"
@@ -93,5 +93,7 @@ def test_tool_help_shows_defaults_without_loading_jax(tool):
   proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith("NO JAX") and "usage:" in proc.stdout
-  if tool != "prepare_data.py":
+  if tool in ("export_hf.py", "import_hf.py"):
     assert "(default: fp32)" in proc.stdout
+  if tool == "memory_plan.py":
+    assert "(default: 0.9)" in proc.stdout

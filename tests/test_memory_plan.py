@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from mini_o3_jax.model import Qwen25VL, config as config_lib
-from mini_o3_jax import sharding
+from mini_o3_jax import memory_plans, sharding
 from mini_o3_jax.train import attention_memory, memory
 from mini_o3_jax.train import optimizer as optimizer_lib
 from mini_o3_jax.train import state as state_lib
@@ -142,9 +142,9 @@ def test_cli_preset_table(capsys):
 def test_committed_configs_fit_their_target_slice():
   """The 7B configs at their own mesh on v5p-32 (docs/scaling.md's target) fit, per the plan."""
   for name in ("sft", "rl", "eval"):
-    config = memory_plan.load_config(os.path.join(ROOT, "configs", f"qwen25vl_7b_{name}.py"))
-    mcfg = memory_plan.model_config(config)
-    (phase,) = memory_plan.phases(config, mcfg)
+    config = memory_plans.load_config(os.path.join(ROOT, "configs", f"qwen25vl_7b_{name}.py"))
+    mcfg = memory_plans.model_config(config)
+    (phase,) = memory_plans.phases(config, mcfg)
     mesh = list(config.mesh)
     mesh[mesh.index(-1)] = 16 // int(np.prod([m for m in mesh if m != -1]))
     plan = memory.plan(mcfg, phase, M(*mesh))

@@ -17,11 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import test_benchmarks as tb  # noqa: E402  (fixture writers in the release layouts)
 import test_coldstart_release as tc  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-import memory_plan  # noqa: E402
-
 from mini_o3_jax.pipeline import sources  # noqa: E402
-from mini_o3_jax import run_config
+from mini_o3_jax import memory_plans, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join("configs", f"qwen25vl_7b_{name}.py") for name in ("sft", "rl", "eval")}
@@ -116,13 +113,13 @@ def tiny_hf(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_loads_and_validates(name):
-  config = memory_plan.load_config(os.path.join(ROOT, CONFIGS[name]))
+  config = memory_plans.load_config(os.path.join(ROOT, CONFIGS[name]))
   assert config.tokenizer.kind == "qwen" and config.model.preset == "qwen25vl_7b" and config.model.init_from
   assert len(config.mesh) == 3 and list(config.mesh).count(-1) == 1 and 16 % np.prod([m for m in config.mesh if m > 0]) == 0
   assert config.min_pixels == 40_000
-  mcfg = memory_plan.model_config(config)  # the preset, checked against the real tokenizer's ids
+  mcfg = memory_plans.model_config(config)  # the preset, checked against the real tokenizer's ids
   assert mcfg.text.vocab_size == 152064 and mcfg.image_token_id == 151655 and mcfg.dtype == "bfloat16"
-  (phase,) = memory_plan.phases(config, mcfg)
+  (phase,) = memory_plans.phases(config, mcfg)
   assert phase.name == name
   if name == "sft":
     assert config.data.source == "coldstart" and config.stages[0] == "sft" and config.max_pixels == 2_000_000
