@@ -203,12 +203,17 @@ def _batches(section, rows: int, model: config_lib.VLMConfig, patch_buckets: tup
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTStage:
-  """The `sft` stage (`config.sft`): cold-start supervised fine-tuning."""
+class SupervisedStage:
+  """What a next-token training stage runs on: its loop, optimizer, step and batches."""
   loop: Loop
   optimizer: OptimizerConfig
   step: SFTConfig
   batch: BatchConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStage(SupervisedStage):
+  """The `sft` stage (`config.sft`): cold-start supervised fine-tuning."""
   group_by_length: bool = False  # batches of similar lengths (small length buckets, fewer padded tokens)
 
 
@@ -221,12 +226,8 @@ def sft_stage(config, model: config_lib.VLMConfig) -> SFTStage:
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainStage:
+class PretrainStage(SupervisedStage):
   """The `pretrain` stage (`config.pretrain`): the grounding base on fresh synthetic scenes."""
-  loop: Loop
-  optimizer: OptimizerConfig
-  step: SFTConfig
-  batch: BatchConfig
   curriculum: grounding.Curriculum
   questions: grounding.GroundingConfig
   objectness_power: float = 4.0  # the saliency's exponent (`processing.image.token_saliency`)
