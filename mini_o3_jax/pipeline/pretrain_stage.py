@@ -56,15 +56,16 @@ def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: floa
 def run_pretrain(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_stage(config, mcfg)
-  loop, rows = stage.loop, stage.batch.batch_size
+  loop, scenes_per_step = stage.loop, stage.batch.batch_size
   tcfg = run_config.task_config(config)
   init = None if sources.has_checkpoint(workdir, "pretrain") else sources.init_params(config, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
   log.info("pretrain: %d parameters, %d steps of %d fresh scenes", state_lib.count_params(state.params),
-           loop.steps, rows)
-  stream = grounding.SceneStream(stage.curriculum, stage.questions, tcfg, tokenizer, rows=rows, seed=config.seed)
+           loop.steps, scenes_per_step)
+  stream = grounding.SceneStream(stage.curriculum, stage.questions, tcfg, tokenizer, rows=scenes_per_step,
+                                 seed=config.seed)
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
 
   def collate(rows):
