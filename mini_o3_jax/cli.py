@@ -11,7 +11,14 @@ import argparse
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-  """An argument parser described by the first paragraph of a tool's docstring, showing defaults."""
+class _DefaultsAndLayout(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Shows each flag's default and keeps the description's own line breaks."""
+
+
+def parser(doc: str, whole_doc: bool = False) -> argparse.ArgumentParser:
+  """An argument parser described by a tool's docstring (its first paragraph, or all of it as written),
+  showing defaults."""
+  if whole_doc:
+    return argparse.ArgumentParser(description=doc, formatter_class=_DefaultsAndLayout)
   return argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -77,7 +77,8 @@ def test_quick_preset_yields_to_flags_the_user_typed():
     common.resolve(ml_collections.ConfigDict({"quick": True, "sft": {"steps": 9}}))
 
 
-@pytest.mark.parametrize("tool", ["export_hf.py", "import_hf.py", "prepare_data.py", "memory_plan.py"])
+@pytest.mark.parametrize("tool", ["export_hf.py", "import_hf.py", "prepare_data.py", "memory_plan.py",
+                                  "bench/attention.py", "bench/data.py", "bench/sampler.py", "bench/train_step.py"])
 def test_tool_help_shows_defaults_without_loading_jax(tool):
   """`--help` answers before the package's heavy modules (JAX) load."""
   probe = ("import contextlib, io, runpy, sys\n"
@@ -97,3 +98,5 @@ def test_tool_help_shows_defaults_without_loading_jax(tool):
     assert "(default: fp32)" in proc.stdout
   if tool == "memory_plan.py":
     assert "(default: 0.9)" in proc.stdout
+  if tool == "bench/train_step.py":
+    assert "(default: 1,-1,1)" in proc.stdout and "MFU =" in proc.stdout  # defaults and the whole docstring
