@@ -33,6 +33,8 @@ Env switches (all optional):
   EX_MOSAIC=lo,hi    register level "mosaic": 3-4 shapes (few's recipe) drawn lo..hi view pixels wide, so
                      nearly every merged image token holds a shape (a binding curriculum's first rung: the text-only
                      copy of the lookup binds at once without background tokens and keeps binding once they come)
+  EX_TILES=px        register level "tiles": 4 shapes (few's recipe) px view pixels wide, one per quadrant of the
+                     view, so no merged image token is background (the toy's no-background rung, exactly)
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import dataclasses
@@ -187,6 +189,45 @@ if E("EX_MOSAIC"):
     return cfg, tier
 
   grounding.scene_config = scene_config
+
+
+# ------------------------------------------------------------------ binding curriculum: no background at all
+if E("EX_TILES"):
+  _tile_px = float(E("EX_TILES"))
+  grounding.LEVELS["tiles"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(4, 4))
+  _before_tiles_scene_config = grounding.scene_config
+  _before_tiles_make_scene = grounding.make_scene
+  _before_tiles_place = synthetic._place_boxes
+
+  def scene_config(task_config, level):
+    cfg, tier = _before_tiles_scene_config(task_config, level)
+    if level == "tiles":
+      cfg = dataclasses.replace(cfg, object_view_px=(_tile_px, _tile_px))
+    return cfg, tier
+
+  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+    _tls.tiles = level == "tiles"
+    try:
+      return _before_tiles_make_scene(level, index, task_config, split)
+    finally:
+      _tls.tiles = False
+
+  def place_boxes(rng, sides, size, gap, required):
+    """One shape per quadrant, in a random order, jittered inside its quadrant."""
+    if not getattr(_tls, "tiles", False):
+      return _before_tiles_place(rng, sides, size, gap, required)
+    w, h = size
+    boxes = []
+    for side, q in zip(sides, rng.permutation(4)):
+      side = min(side, w // 2, h // 2)
+      x = (q % 2) * (w // 2) + int(rng.integers(0, w // 2 - side + 1))
+      y = (q // 2) * (h // 2) + int(rng.integers(0, h // 2 - side + 1))
+      boxes.append((x, y, x + side, y + side))
+    return boxes
+
+  grounding.scene_config = scene_config
+  grounding.make_scene = make_scene
+  synthetic._place_boxes = place_boxes
 
 
 # ------------------------------------------------------------------ H2: oracle image features
