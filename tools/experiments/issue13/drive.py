@@ -35,6 +35,9 @@ Env switches (all optional):
                      copy of the lookup binds at once without background tokens and keeps binding once they come)
   EX_TILES=px        register level "tiles": 4 shapes (few's recipe) px view pixels wide, one per quadrant of the
                      view, so no merged image token is background (the toy's no-background rung, exactly)
+  EX_ASKANY=1        locate questions about uniformly drawn uniquely named shapes (the target is not asked first): with
+                     questions.locate=1 neither B1's generator shortcut nor the elimination shortcut of several
+                     questions per row ("a shape not answered yet") pays
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import dataclasses
@@ -104,6 +107,23 @@ if E("EX_LOCATE_FIRST"):
     qs = _orig_sq(task, config, rng)
     rank = {"locate": 0, "name": 1, "read": 2}
     return sorted(qs, key=lambda q: rank[q[0]])  # stable: the random order survives within a kind
+
+  grounding.scene_questions = scene_questions
+
+
+# ------------------------------------------------------------------ locate questions about any shape, not the target first
+# (one question per row about the target leaves B1's shortcut, "the shape whose colour is unique"; several questions
+# per row leave an elimination shortcut, "a shape not answered yet in this row": one question about a random shape
+# leaves neither)
+if E("EX_ASKANY"):
+  def scene_questions(task, config, rng):
+    if config.name or config.read:
+      raise ValueError("EX_ASKANY asks locate questions only: set questions.name=0 and questions.read=0")
+    names = [grounding.object_name(o) for o in task.objects]
+    unique = [i for i in range(len(names)) if names.count(names[i]) == 1]
+    return [("locate", grounding.locate_question(names[i]),
+             grounding.locate_answer(task.objects[i].box, config.decimals), int(i))
+            for i in rng.permutation(unique)[:config.locate]]
 
   grounding.scene_questions = scene_questions
 
