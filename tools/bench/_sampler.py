@@ -8,7 +8,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 
