@@ -4,7 +4,10 @@ token), 4 shapes of 2 x 2 tokens, one per quadrant; each token holds a 2-D sin-c
 two digits, x0 and y0 tenths (0 or 5), teacher forced, then two more digits that follow them (x1, y1 tenths).
 What differs from recall2.py: several tokens per shape, positions from a shared low-dimensional code, answers
 with a 50 / 50 prior per digit. Env: STEPS, LR, B, GAP, SEED, WORDS (2: the question names colour and shape, and
-two shapes of a scene may share a colour, as in the VLM's few recipe; 1: colour only, colours unique).
+two shapes of a scene may share a colour, as in the VLM's few recipe; 1: colour only, colours unique), FSCALE
+(image features times this), POSCODE (sincos or random per cell), SINGLE (share of single-shape rows),
+SINGLE_UNTIL (only single-shape rows before this step). Prints the quadrant accuracy of four-shape and of
+single-shape rows apart.
 
   PYTHONPATH=. python tools/experiments/issue13/recall3.py
 """
@@ -17,7 +20,8 @@ env = lambda k, d: type(d)(os.environ.get(k, d))
 STEPS, LR, B, GAP, SEED, WORDS = env("STEPS", 1500), env("LR", 1e-3), env("B", 32), env("GAP", 14), env("SEED", 0), env("WORDS", 1)
 FSCALE = env("FSCALE", 1.0)        # image features times this (1: the oracle's norm ~1 per code; text embeddings ~0.23)
 POSCODE = env("POSCODE", "sincos")
-SINGLE = env("SINGLE", 0.0)        # share of rows with one shape only (the rest of the grid pure canvas)  # sincos: the oracle's 2-D code; random: an independent random code per cell
+SINGLE = env("SINGLE", 0.0)        # share of rows with one shape only (the rest of the grid pure canvas)
+SINGLE_UNTIL = env("SINGLE_UNTIL", 0)  # every row a single shape before this step (a curriculum)  # sincos: the oracle's 2-D code; random: an independent random code per cell
 V = 64; COL = np.arange(10, 18); SHAPE = np.arange(50, 56); DIG = np.arange(20, 30); FILL = np.arange(40, 50); Q, A = 5, 6
 cfg = config_lib.tiny(V)
 model = vlm_lib.VLM(cfg, rngs=nnx.Rngs(SEED))
@@ -44,9 +48,9 @@ shape_dirs /= np.linalg.norm(shape_dirs, axis=-1, keepdims=True)
 QUAD_CELLS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]  # quadrant q: column q % 2, row q // 2
 
 
-def batch(rng):
-  """ids [B, T], image features [B, 16, H], answer digits [B, 4]."""
-  ids, feats, ans = [], [], []
+def batch(rng, single_share):
+  """ids [B, T], image features [B, 16, H], answer digits [B, 4], is a four-shape row [B]."""
+  ids, feats, ans, multi = [], [], [], []
   for _ in range(B):
     if WORDS == 1:
       cols = rng.choice(8, 4, replace=False); shapes = rng.integers(0, 6, 4)
@@ -57,7 +61,7 @@ def batch(rng):
           break
     quads = rng.permutation(4)
     f = POS.copy()
-    n_shapes = 1 if rng.random() < SINGLE else 4
+    n_shapes = 1 if rng.random() < single_share else 4
     for k in range(n_shapes):
       f[QUAD_CELLS[quads[k]]] += colour_dirs[cols[k]] + (shape_dirs[shapes[k]] if WORDS == 2 else 0)
     k = rng.integers(n_shapes)
@@ -65,8 +69,8 @@ def batch(rng):
     digits = [5 * qx, 5 * qy, 5 * qx + 4, 5 * qy + 4]
     name = [COL[cols[k]]] + ([SHAPE[shapes[k]]] if WORDS == 2 else [])
     ids.append([1] + [7] * KEYS + [Q] + name + list(rng.choice(FILL, GAP)) + [A] + [DIG[d] for d in digits])
-    feats.append(f); ans.append(digits)
-  return np.array(ids), np.array(feats, np.float32), np.array(ans)
+    feats.append(f); ans.append(digits); multi.append(n_shapes == 4)
+  return np.array(ids), np.array(feats, np.float32), np.array(ans), np.array(multi)
 
 
 graphdef, params = nnx.split(model, nnx.Param)
@@ -74,7 +78,7 @@ tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, LR, 50, STEPS, LR * 0.05)
 opt = tx.init(params)
 
 
-def loss_fn(p, ids, feats, ans):
+def loss_fn(p, ids, feats, ans, multi):
   m = nnx.merge(graphdef, p)
   x = m.embed(ids).at[:, 1:1 + KEYS].add(FSCALE * feats)
   b, t = ids.shape
@@ -84,7 +88,7 @@ def loss_fn(p, ids, feats, ans):
   lp = jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
   ok = jnp.argmax(logp, -1) == tgt
   both = ok[:, 0] & ok[:, 1]                                          # the quadrant: the binding decision
-  return -lp.mean(), (both.mean(), ok[:, 2:].mean())
+  return -lp.mean(), (jnp.sum(both * multi) / jnp.maximum(multi.sum(), 1), jnp.sum(both * ~multi) / jnp.maximum((~multi).sum(), 1))
 
 
 @jax.jit
@@ -94,10 +98,17 @@ def step(p, o, *arrays):
   return optax.apply_updates(p, u), o, l, accs
 
 
-rng = np.random.default_rng(SEED); t0 = time.time(); quad_acc = []
+rng = np.random.default_rng(SEED); t0 = time.time(); quad_acc, single_acc = [], []
 for s in range(STEPS):
-  params, opt, l, (qa, later) = step(params, opt, *map(jnp.asarray, batch(rng)))
-  quad_acc.append(float(qa))
+  share = 1.0 if s < SINGLE_UNTIL else SINGLE
+  params, opt, l, (qa, sa) = step(params, opt, *map(jnp.asarray, batch(rng, share)))
+  if share < 1.0:
+    quad_acc.append(float(qa))
+  if share > 0.0:
+    single_acc.append(float(sa))
   if (s + 1) % 100 == 0:
-    print(f"WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} step {s+1}: loss {float(l):.3f} quadrant (x0 and y0) {100*np.mean(quad_acc[-100:]):.0f}% "
-          f"(a shape at random 25%) x1/y1 {100*float(later):.0f}% {time.time()-t0:.0f}s", flush=True)
+    four = f"{100*np.mean(quad_acc[-100:]):.0f}%" if quad_acc and s >= SINGLE_UNTIL + 99 else "-"
+    one = f"{100*np.mean(single_acc[-100:]):.0f}%" if single_acc else "-"
+    print(f"WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} step {s+1}: "
+          f"loss {float(l):.3f} quadrant (x0 and y0) of four-shape rows {four} (a shape at random 25%), "
+          f"of single rows {one} {time.time()-t0:.0f}s", flush=True)
