@@ -5,7 +5,7 @@ two digits, x0 and y0 tenths (0 or 5), teacher forced, then two more digits that
 What differs from recall2.py: several tokens per shape, positions from a shared low-dimensional code, answers
 with a 50 / 50 prior per digit. Env: STEPS, LR, B, GAP, SEED, WORDS (2: the question names colour and shape, and
 two shapes of a scene may share a colour, as in the VLM's few recipe; 1: colour only, colours unique), FSCALE
-(image features times this), POSCODE (sincos or random per cell), SINGLE (share of single-shape rows),
+(image features times this), POSCODE (sincos, random per cell, or quadrant: one code per answer digit value), SINGLE (share of single-shape rows),
 SINGLE_UNTIL (only single-shape rows before this step). Prints the quadrant accuracy of four-shape and of
 single-shape rows apart.
 
@@ -41,6 +41,9 @@ cells = np.arange(KEYS)
 POS = sincos_2d(cells // 4, cells % 4, H) / np.sqrt(H)                     # [16, H], norm ~1 per token
 if POSCODE == "random":
   POS = np.random.default_rng(99).normal(size=(KEYS, H)) / np.sqrt(H)
+if POSCODE == "quadrant":  # one random code per quadrant column and one per quadrant row: every token of a shape
+  half = np.random.default_rng(98).normal(size=(2, 2, H)) / np.sqrt(H)   # holds its answer's codes, as in recall2
+  POS = half[0][(cells % 4) // 2] + half[1][(cells // 4) // 2]
 colour_dirs = np.array(jax.random.normal(jax.random.PRNGKey(11), (8, H)))
 colour_dirs /= np.linalg.norm(colour_dirs, axis=-1, keepdims=True)          # unit direction per colour
 shape_dirs = np.array(jax.random.normal(jax.random.PRNGKey(12), (6, H)))
