@@ -6,7 +6,8 @@ What differs from recall2.py: several tokens per shape, positions from a shared 
 with a 50 / 50 prior per digit. Env: STEPS, LR, B, GAP, SEED, WORDS (2: the question names colour and shape, and
 two shapes of a scene may share a colour, as in the VLM's few recipe; 1: colour only, colours unique), FSCALE
 (image features times this), POSCODE (sincos, random per cell, or quadrant: one code per answer digit value), SINGLE (share of single-shape rows),
-SINGLE_UNTIL (only single-shape rows before this step). Prints the quadrant accuracy of four-shape and of
+SINGLE_UNTIL (only single-shape rows before this step), LABELS (1: each shape answers with random digits of its
+own, the first digits distinct, coded on its tokens, as in recall2). Prints the quadrant accuracy of four-shape and of
 single-shape rows apart.
 
   PYTHONPATH=. python tools/experiments/issue13/recall3.py
@@ -21,6 +22,7 @@ STEPS, LR, B, GAP, SEED, WORDS = env("STEPS", 1500), env("LR", 1e-3), env("B", 3
 FSCALE = env("FSCALE", 1.0)        # image features times this (1: the oracle's norm ~1 per code; text embeddings ~0.23)
 POSCODE = env("POSCODE", "sincos")
 SINGLE = env("SINGLE", 0.0)        # share of rows with one shape only (the rest of the grid pure canvas)
+LABELS = env("LABELS", 0)          # 1: answers are per-shape random digits (distinct first digits) coded on the tokens
 SINGLE_UNTIL = env("SINGLE_UNTIL", 0)  # every row a single shape before this step (a curriculum)  # sincos: the oracle's 2-D code; random: an independent random code per cell
 V = 64; COL = np.arange(10, 18); SHAPE = np.arange(50, 56); DIG = np.arange(20, 30); FILL = np.arange(40, 50); Q, A = 5, 6
 cfg = config_lib.tiny(V)
@@ -48,6 +50,7 @@ colour_dirs = np.array(jax.random.normal(jax.random.PRNGKey(11), (8, H)))
 colour_dirs /= np.linalg.norm(colour_dirs, axis=-1, keepdims=True)          # unit direction per colour
 shape_dirs = np.array(jax.random.normal(jax.random.PRNGKey(12), (6, H)))
 shape_dirs /= np.linalg.norm(shape_dirs, axis=-1, keepdims=True)
+LABEL_CODES = np.random.default_rng(97).normal(size=(2, 10, H)) / np.sqrt(H)
 QUAD_CELLS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]  # quadrant q: column q % 2, row q // 2
 
 
@@ -70,6 +73,11 @@ def batch(rng, single_share):
     k = rng.integers(n_shapes)
     qx, qy = quads[k] % 2, quads[k] // 2
     digits = [5 * qx, 5 * qy, 5 * qx + 4, 5 * qy + 4]
+    if LABELS:  # each shape a random answer of its own (first digits distinct), its codes on all its tokens
+      xs, ys = rng.permutation(10)[:4], rng.integers(0, 10, 4)
+      for j in range(n_shapes):
+        f[QUAD_CELLS[quads[j]]] += LABEL_CODES[0][xs[j]] + LABEL_CODES[1][ys[j]]
+      digits = [xs[k], ys[k], xs[k], ys[k]]
     name = [COL[cols[k]]] + ([SHAPE[shapes[k]]] if WORDS == 2 else [])
     ids.append([1] + [7] * KEYS + [Q] + name + list(rng.choice(FILL, GAP)) + [A] + [DIG[d] for d in digits])
     feats.append(f); ans.append(digits); multi.append(n_shapes == 4)
@@ -112,6 +120,6 @@ for s in range(STEPS):
   if (s + 1) % 100 == 0:
     four = f"{100*np.mean(quad_acc[-100:]):.0f}%" if quad_acc and s >= SINGLE_UNTIL + 99 else "-"
     one = f"{100*np.mean(single_acc[-100:]):.0f}%" if single_acc else "-"
-    print(f"WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} step {s+1}: "
+    print(f"WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} LABELS={LABELS} step {s+1}: "
           f"loss {float(l):.3f} quadrant (x0 and y0) of four-shape rows {four} (a shape at random 25%), "
           f"of single rows {one} {time.time()-t0:.0f}s", flush=True)
