@@ -59,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["", "# refresh_notebook.py: this checkout, the CPU", f"REPO_DIR = {ROOT!r}", f"WORKDIR = {workdir!r}",
          "PLATFORM = 'cpu'"])
     _kernel_for_this_interpreter(os.path.join(tmp, "jupyter"))
+    os.environ["JUPYTER_PATH"] = os.path.join(tmp, "jupyter")  # where the kernel manager looks the spec up
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
-    env.update(JAX_PLATFORMS="cpu", JUPYTER_PATH=os.path.join(tmp, "jupyter"))
-    os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # the kernel manager looks the spec up in this process
+    env["JAX_PLATFORMS"] = "cpu"
     client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=args.timeout,
                                      resources={"metadata": {"path": tmp}})
     client.execute(env=env)  # raises CellExecutionError, and nothing is written, if a cell fails

@@ -20,7 +20,6 @@ import os
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the measurements module beside this file
 try:
   from mini_o3_jax import cli
 except ImportError:  # run from a checkout without installing the package
