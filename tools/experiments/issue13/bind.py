@@ -6,7 +6,7 @@ every shape whose name is unique in turn, and record which shape each box lands 
 Prints the share of questions answered on the named shape, the share of scenes where every question lands on
 one and the same shape (a policy that ignores the question: 100 %), and distinct picks per question.
 """
-import json, sys, collections
+import json, os, sys, collections
 import numpy as np
 import ml_collections
 from mini_o3_jax.pipeline import common, grounding_probe
@@ -30,7 +30,7 @@ for si, t in enumerate(tasks):
   for oi, o in enumerate(t.objects):
     if names.count(names[oi]) == 1:
       prompts.append(probe._prompt(view, grounding.locate_question(names[oi]))); meta.append((si, oi))
-texts = probe._generate(model, prompts, 20)
+texts = probe._generate(model, prompts, int(os.environ.get("BIND_TOKENS", 20)))
 hit = []; picks = collections.defaultdict(list)
 for (si, oi), text in zip(meta, texts):
   a = tools.parse_action(tools.truncate_at_stop(text)); box = a.bbox if isinstance(a, tools.ToolCall) else None

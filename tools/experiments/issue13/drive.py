@@ -38,6 +38,12 @@ Env switches (all optional):
   EX_ASKANY=1        locate questions about uniformly drawn uniquely named shapes (the target is not asked first): with
                      questions.locate=1 neither B1's generator shortcut nor the elimination shortcut of several
                      questions per row ("a shape not answered yet") pays
+  EX_CELLFIRST=1     the locate answer starts with the box centre's 3 x 3 grid cell as one digit token (1-9), then the
+                     call: recall3's ANS1, where one token that names the place binds and four coordinate digits do not
+  EX_CELLONLY=1      (with EX_CELLFIRST) the loss on the cell token only (recall3's FIRSTONLY)
+  EX_READNAME=p      one question per row about a uniformly drawn uniquely named shape: with probability p its digit
+                     ("What digit is on the <name>?", no crop), else its box; level "bigread" (3-4 shapes 36-44 view px,
+                     digits legible in the full view): answers the scene narrows without the question (recall3's LABELS)
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import dataclasses
@@ -126,6 +132,83 @@ if E("EX_ASKANY"):
             for i in rng.permutation(unique)[:config.locate]]
 
   grounding.scene_questions = scene_questions
+
+
+# ------------------------------------------------------------------ the cell first: one token that names the place
+if E("EX_CELLFIRST"):
+  _before_cellfirst_answer = grounding.locate_answer
+
+  def locate_answer(box, decimals):
+    """The box's 3 x 3 grid cell (1-9, one digit token: recall3's ANS1) before the `<grounding>` call."""
+    col, row = (min(2, int(3 * (box[0] + box[2]) / 2)), min(2, int(3 * (box[1] + box[3]) / 2)))
+    return f"{1 + 3 * row + col} " + _before_cellfirst_answer(box, decimals)
+
+  grounding.locate_answer = locate_answer
+
+if E("EX_CELLONLY"):  # train the cell token alone: every locate answer's later tokens are in the row, not in the loss
+  _before_cellonly_example = grounding.scene_example
+
+  def scene_example(task, tokenizer, config, task_config, rng):
+    ex = _before_cellonly_example(task, tokenizer, config, task_config, rng)
+    mask, kinds = ex["loss_mask"].copy(), ex["kinds"]
+    locate = (kinds == grounding.KINDS.index("locate")).astype(np.int32)
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], locate])) == 1)
+    mask[locate.astype(bool)] = 0
+    mask[starts] = 1
+    return {**ex, "loss_mask": mask}
+
+  grounding.scene_example = scene_example
+
+
+# ------------------------------------------------------------------ read by name: per-shape answers (recall3's LABELS)
+if E("EX_READNAME"):
+  _readname_share = float(E("EX_READNAME"))
+  grounding.LEVELS["bigread"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(3, 4), glyph_full_view_px=float(E("EX_READNAME_GLYPH", "10")),
+                                                    label_at_centre=True)
+  _before_readname_scene_config = grounding.scene_config
+
+  def scene_config(task_config, level):
+    cfg, tier = _before_readname_scene_config(task_config, level)
+    if level == "bigread":
+      cfg = dataclasses.replace(cfg, object_view_px=(36.0, 44.0))
+    return cfg, tier
+
+  def scene_questions(task, config, rng):
+    """One question about a uniformly drawn uniquely named shape: its digit (legible in the full view of a bigread
+    scene; kind "read", scored on the digit) with probability EX_READNAME, else its box."""
+    if config.name or config.read or config.locate != 1:
+      raise ValueError("EX_READNAME asks one question per row: set questions.locate=1, name=0, read=0")
+    names = [grounding.object_name(o) for o in task.objects]
+    i = int(rng.choice([i for i in range(len(names)) if names.count(names[i]) == 1]))
+    if rng.random() < _readname_share:
+      return [("read", f"What digit is on the {names[i]}?", f"<answer>{task.objects[i].digit}</answer>", i)]
+    return [("locate", grounding.locate_question(names[i]), grounding.locate_answer(task.objects[i].box, config.decimals), i)]
+
+  def scene_views(task, questions, task_config):
+    return [synthetic.render_view(task.image, None, task_config)]      # no crop: the digit is read in the scene
+
+  _before_readname_messages = grounding.scene_messages
+
+  def scene_messages(questions, question_first=False):
+    return _before_readname_messages([("name" if k == "read" else k, q, a, i) for k, q, a, i in questions], question_first)
+
+  _before_readname_make_scene = grounding.make_scene
+
+  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+    """bigread scenes whose label does not fit a shape (~2 %) are replaced by the next index's."""
+    for attempt in range(50):
+      try:
+        return _before_readname_make_scene(level, index + attempt * 10_000_000, task_config, split)
+      except ValueError:
+        if level != "bigread":
+          raise
+    raise ValueError(f"no bigread scene near index {index}")
+
+  grounding.scene_config = scene_config
+  grounding.make_scene = make_scene
+  grounding.scene_questions = scene_questions
+  grounding.scene_views = scene_views
+  grounding.scene_messages = scene_messages
 
 
 # ------------------------------------------------------------------ sin-cos helper

@@ -10,11 +10,12 @@ PAIRS = int(os.environ.get("PAIRS", 3)); GAP = int(os.environ.get("GAP", 14)); S
 LR = float(os.environ.get("LR", 1e-3)); B = int(os.environ.get("B", 32)); KEYS = int(os.environ.get("KEYS", 1))
 BG = int(os.environ.get("BG", 0))
 NQ = int(os.environ.get("NQ", 1))
+SEED = int(os.environ.get("SEED", 0))  # model init and data
 CURR = int(os.environ.get("CURR", 0))  # no background keys before this step (a binding curriculum)
 BG_FINAL = BG  # questions per sequence (distinct shapes, each answered after its own gap)  # background key tokens (no colour; a position code like every image token)
 V = 64; COL = np.arange(10, 18); DIG = np.arange(20, 30); FILL = np.arange(40, 60); Q, A = 5, 6
 cfg = config_lib.tiny(V)
-model = vlm_lib.VLM(cfg, rngs=nnx.Rngs(0)) if hasattr(vlm_lib, "VLM") else vlm_lib.Qwen25VL(cfg, rngs=nnx.Rngs(0))
+model = vlm_lib.VLM(cfg, rngs=nnx.Rngs(SEED)) if hasattr(vlm_lib, "VLM") else vlm_lib.Qwen25VL(cfg, rngs=nnx.Rngs(SEED))
 def sample(rng):
   cols = rng.choice(COL, PAIRS, replace=False); digs = rng.choice(DIG, PAIRS, replace=False); k = rng.integers(PAIRS)
   return cols, digs, k
@@ -68,7 +69,7 @@ def step(p, o, ids, cidx, didx, ans):
   (l, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
   u, o = tx.update(g, o, p)
   return optax.apply_updates(p, u), o, l, acc
-rng = np.random.default_rng(0); t0 = time.time(); accs = []
+rng = np.random.default_rng(SEED); t0 = time.time(); accs = []
 for s in range(STEPS):
   BG = 0 if s < CURR else BG_FINAL
   ids, extra, ans = batch(rng)
@@ -77,5 +78,5 @@ for s in range(STEPS):
   params, opt, l, acc = step(params, opt, jnp.asarray(ids), cidx, didx, jnp.asarray(ans))
   accs.append(float(acc))
   if (s + 1) % 100 == 0:
-    print(f"PAIRS={PAIRS} KEYS={KEYS} GAP={GAP} step {s+1}: loss {float(l):.3f} acc(last 100) {100*np.mean(accs[-100:]):.0f}% "
+    print(f"SEED={SEED} BG={BG} PAIRS={PAIRS} KEYS={KEYS} GAP={GAP} step {s+1}: loss {float(l):.3f} acc(last 100) {100*np.mean(accs[-100:]):.0f}% "
           f"(chance {100/PAIRS:.0f}%) {time.time()-t0:.0f}s", flush=True)
