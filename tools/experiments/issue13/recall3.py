@@ -24,6 +24,7 @@ POSCODE = env("POSCODE", "sincos")
 SINGLE = env("SINGLE", 0.0)        # share of rows with one shape only (the rest of the grid pure canvas)
 LABELS = env("LABELS", 0)
 FIRSTONLY = env("FIRSTONLY", 0)    # 1: the loss on the answer's first token only
+FIRSTONLY_UNTIL = env("FIRSTONLY_UNTIL", 0)  # the loss on the first token only before this step, on all after
 ANS1 = env("ANS1", 0)              # 1: the answer is a single token, the shape's top-left cell (16 values); 2: one
                                    # token, its column (4 values); 3: the cell's token, then x0, y0, x1
 MIXLABELS = env("MIXLABELS", 0.0)
@@ -168,7 +169,7 @@ tx = optax.multi_transform({"qk": _adam(QK_LR), "rest": _adam(1.0)}, _qk)
 opt = tx.init(params)
 
 
-def loss_fn(p, ids, feats, ans, multi):
+def loss_fn(p, ids, feats, ans, multi, first_only):
   m = nnx.merge(graphdef, p)
   start = 1 + (1 + WORDS + GAP if LAYOUT == "first" else 0)
   x = m.embed(ids).at[:, start:start + KEYS].add(FSCALE * feats)
@@ -180,7 +181,7 @@ def loss_fn(p, ids, feats, ans, multi):
   lp = jnp.take_along_axis(logp, tgt[..., None], -1)[..., 0]
   ok = jnp.argmax(logp, -1) == tgt
   both = ok[:, 0] & ok[:, min(1, n_ans - 1)]                                        # the quadrant: the binding decision
-  weights = jnp.ones(n_ans).at[1:].set(0.0 if FIRSTONLY else 1.0)  # FIRSTONLY: the later tokens are seen, not trained
+  weights = jnp.ones(n_ans).at[1:].set(1.0 - first_only)  # first_only: the later tokens are seen, not trained
   return -(lp * weights).sum(-1).mean() / weights.sum(), (jnp.sum(both * multi) / jnp.maximum(multi.sum(), 1), jnp.sum(both * ~multi) / jnp.maximum((~multi).sum(), 1))
 
 
@@ -196,7 +197,8 @@ for s in range(STEPS):
   share = 1.0 if s < SINGLE_UNTIL else SINGLE
   if LABELS_UNTIL:
     mix_now[0] = 1.0 if s < LABELS_UNTIL else 0.0
-  params, opt, l, (qa, sa) = step(params, opt, *map(jnp.asarray, batch(rng, share)))
+  first_only = float(FIRSTONLY or s < FIRSTONLY_UNTIL)
+  params, opt, l, (qa, sa) = step(params, opt, *map(jnp.asarray, batch(rng, share)), jnp.float32(first_only))
   if share < 1.0:
     quad_acc.append(float(qa))
   if share > 0.0 or MIXLABELS > 0:
@@ -204,7 +206,7 @@ for s in range(STEPS):
   if (s + 1) % 100 == 0:
     four = f"{100*np.mean(quad_acc[-100:]):.0f}%" if quad_acc and s >= SINGLE_UNTIL + 99 else "-"
     one = f"{100*np.mean(single_acc[-100:]):.0f}%" if single_acc else "-"
-    print(f"FIRSTONLY={FIRSTONLY} ANS1={ANS1} LABELS_UNTIL={LABELS_UNTIL} NSH={NSH} QK_LR={QK_LR} LR={LR} MIXLABELS={MIXLABELS} GW={GW} W={WIDTH} H={HEADS} L={LAYERS} HMAX={HMAX} POSGATE={POSGATE} PLACE={PLACE} LAYOUT={LAYOUT} GAP={GAP} WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} LABELS={LABELS} step {s+1}: "
+    print(f"FIRSTONLY={FIRSTONLY} FIRSTONLY_UNTIL={FIRSTONLY_UNTIL} ANS1={ANS1} LABELS_UNTIL={LABELS_UNTIL} NSH={NSH} QK_LR={QK_LR} LR={LR} MIXLABELS={MIXLABELS} GW={GW} W={WIDTH} H={HEADS} L={LAYERS} HMAX={HMAX} POSGATE={POSGATE} PLACE={PLACE} LAYOUT={LAYOUT} GAP={GAP} WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} LABELS={LABELS} step {s+1}: "
           f"loss {float(l):.3f} quadrant (x0 and y0) of four-shape rows {four} (a shape at random 25%), "
           f"of single rows {one} {time.time()-t0:.0f}s", flush=True)
 
