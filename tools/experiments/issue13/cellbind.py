@@ -7,7 +7,7 @@ Prints the share of questions whose predicted cell is the named shape's, the sha
 shape of the scene (a policy that finds shapes and ignores the name scores about that share / shapes per scene),
 and the share of scenes where every question gets the same cell.
 """
-import json, os, sys, collections
+import json, sys, collections
 sys.path.insert(0, "tools/experiments/issue13")
 argv = list(sys.argv); sys.argv = sys.argv[:1]
 import drive  # noqa: registers the EX_ switches (EX_CELLFIRST must be set)

@@ -8,14 +8,15 @@ two shapes of a scene may share a colour, as in the VLM's few recipe; 1: colour 
 (image features times this), POSCODE (sincos, random per cell, or quadrant: one code per answer digit value), SINGLE (share of single-shape rows),
 SINGLE_UNTIL (only single-shape rows before this step), LABELS (1: each shape answers with random digits of its
 own, the first digits distinct, coded on its tokens, as in recall2). Prints the quadrant accuracy of four-shape and of
-single-shape rows apart.
+single-shape rows apart. The later switches (layout, geometry, the answer's form, labels, the decoder's size, DIAG)
+are described where they are read, below.
 
   PYTHONPATH=. python tools/experiments/issue13/recall3.py
 """
-import os, time
+import dataclasses, os, time
 import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
-from mini_o3_jax.model import config as config_lib, vlm as vlm_lib
+from mini_o3_jax.model import attention as attn_lib, config as config_lib, layers, rope, vlm as vlm_lib
 
 env = lambda k, d: type(d)(os.environ.get(k, d))
 STEPS, LR, B, GAP, SEED, WORDS = env("STEPS", 1500), env("LR", 1e-3), env("B", 32), env("GAP", 14), env("SEED", 0), env("WORDS", 1)
@@ -40,7 +41,6 @@ SINGLE_UNTIL = env("SINGLE_UNTIL", 0)  # every row a single shape before this st
 V = 64; COL = np.arange(10, 18); SHAPE = np.arange(50, 56); DIG = np.arange(20, 30); FILL = np.arange(40, 50); Q, A = 5, 6
 cfg = config_lib.tiny(V)
 WIDTH, HEADS, LAYERS = env("WIDTH", 128), env("HEADS", 4), env("LAYERS", 4)   # the decoder's size (demo: 128, 4, 4)
-import dataclasses
 cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, out_hidden_size=WIDTH), text=dataclasses.replace(cfg.text, hidden_size=WIDTH, intermediate_size=2 * WIDTH,
                                                         num_attention_heads=HEADS, num_key_value_heads=HEADS // 2,
                                                         num_hidden_layers=LAYERS))
@@ -70,6 +70,12 @@ shape_dirs = np.array(jax.random.normal(jax.random.PRNGKey(12), (6, H)))
 shape_dirs /= np.linalg.norm(shape_dirs, axis=-1, keepdims=True)
 LABEL_CODES = np.random.default_rng(97).normal(size=(2, 10, H)) / np.sqrt(H)
 QUAD_CELLS = [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]  # quadrant q: column q % 2, row q // 2
+
+
+def rect_cells(rect, width):
+  """The grid cells (row-major indices, `width` columns) of an (x0, y0, x1, y1) rectangle of cells."""
+  x0, y0, x1, y1 = rect
+  return [r * width + c for r in range(y0, y1 + 1) for c in range(x0, x1 + 1)]
 
 
 def mosaic(rng):
@@ -103,18 +109,18 @@ def batch(rng, single_share):
     if PLACE == "verify":  # one shape of 2-3 x 2-3 cells (a crop); the question names its colour or another one
       w, h = rng.integers(2, 4, 2); x, y = rng.integers(0, 5 - w), rng.integers(0, 5 - h)
       rects = [(x, y, x + w - 1, y + h - 1)]
-      cells_of = [[r * 4 + c for r in range(y, y + h) for c in range(x, x + w)]]
+      cells_of = [rect_cells(rects[0], 4)]
       n_shapes = 1
     elif PLACE == "columns":  # 3 shapes, one column each (distinct: the first answer digit names the shape), 1-2 rows
       rects = []
       for c in rng.permutation(GW)[:NSH]:
         h = rng.integers(1, HMAX + 1); y = rng.integers(0, KEYS // GW + 1 - h); rects.append((c, y, c, y + h - 1))
       n_shapes = min(n_shapes, NSH)
-      cells_of = [[r * GW + c for r in range(y0, y1 + 1) for c in range(x0, x1 + 1)] for x0, y0, x1, y1 in rects]
+      cells_of = [rect_cells(rect, GW) for rect in rects]
     elif PLACE == "mosaic":
-      rects, free = mosaic(rng), np.ones((4, 4), bool)
+      rects = mosaic(rng)
       n_shapes = min(n_shapes, len(rects))
-      cells_of = [[r * 4 + c for r in range(y0, y1 + 1) for c in range(x0, x1 + 1)] for x0, y0, x1, y1 in rects]
+      cells_of = [rect_cells(rect, 4) for rect in rects]
     else:
       rects = [(5 * (q % 2), 5 * (q // 2), 5 * (q % 2) + 4, 5 * (q // 2) + 4) for q in quads]
       cells_of = [QUAD_CELLS[q] for q in quads]
@@ -213,9 +219,8 @@ for s in range(STEPS):
 
 def diagnose(p, rng):
   """Where the answer's query looks and what it predicts, on fresh multi-shape rows: per layer and head, the
-  attention mass on the named shape's tokens, on the other shapes' and on the rest; and the first answer digit's
-  probability on the named shape's digit, on the other shapes' digits and on the rest."""
-  from mini_o3_jax.model import attention as attn_lib, layers, rope
+  attention mass on the named shape's tokens, on the other shapes' and on the rest; and the first answer token's
+  probability on the named shape's answer."""
   ids, feats, ans, multi = map(jnp.asarray, batch(rng, 0.0))
   m = nnx.merge(graphdef, p)
   start = 1 + (1 + WORDS + GAP if LAYOUT == "first" else 0)
@@ -233,27 +238,26 @@ def diagnose(p, rng):
     return layer.finish(h, out), jax.nn.softmax(logits, -1)
 
   h, probs = layers.scan_layers(m.model.layers, body, x, None)          # probs [L, b, heads, t, t]
-  probs = np.asarray(probs)[:, :, :, t - 5, start:start + KEYS]         # from the query of the first digit
-  first = np.asarray(jax.nn.softmax(m.logits(m.model.norm(h))[:, t - 5]))[:, DIG[0]:DIG[0] + 10]  # [b, 10]
-  f = np.asarray(feats); is_shape = np.linalg.norm(f, axis=-1) > 1e-6 if POSGATE else None
-  on_t, on_o, on_bg, p_t, p_o = [], [], [], [], []
+  query = t - 1 - ans.shape[1]                                          # predicts the first answer token
+  probs = np.asarray(probs)[:, :, :, query, start:start + KEYS]
+  first = np.asarray(jax.nn.softmax(m.logits(m.model.norm(h))[:, query]))[:, DIG[0]:DIG[0] + KEYS]  # [b, KEYS]
+  f = np.asarray(feats)
+  on_t, on_o, on_bg, p_t = [], [], [], []
   for r in range(b):
     if not multi[r]:
       continue
-    col = int(np.argmax([colour_dirs[c] @ f[r].sum(0) for c in range(8)]))  # unused: the named colour below
     named = int(ids[r, start + KEYS + 1]) - COL[0] if LAYOUT != "first" else int(ids[r, 2]) - COL[0]
     sims = f[r] @ colour_dirs[named]
     tgt = sims > 0.5
     shp = np.max(f[r] @ colour_dirs.T, -1) > 0.5
     on_t.append(probs[:, r, :, tgt].sum(0)); on_o.append(probs[:, r, :, shp & ~tgt].sum(0))
     on_bg.append(probs[:, r, :, ~shp].sum(0))
-    d = int(ans[r, 0]); present = {int(v) for v in np.unique(ans[r, 0])}
-    p_t.append(first[r, d])
+    p_t.append(first[r, int(ans[r, 0])])
   np.set_printoptions(precision=2, suppress=True)
   print("attention mass [layer, head] of the first digit's query on the named shape's tokens:\n", np.mean(on_t, 0).T)
   print("... on the other shapes' tokens:\n", np.mean(on_o, 0).T)
   print("... on the rest:\n", np.mean(on_bg, 0).T)
-  print(f"first digit: p(named shape's digit) {np.mean(p_t):.2f}")
+  print(f"first answer token: p(the named shape's) {np.mean(p_t):.2f}")
 
 
 if env("DIAG", 0):
