@@ -8,6 +8,10 @@ Env switches (all optional):
                      few_flat, few_a50 (same TierSpecs as single / few)
   EX_ORACLE=1        replace the vision tower output by oracle features: fixed 2-D sin-cos position code per
                      merged token + a fixed "object" vector scaled by the token's colourfulness (one image/row)
+  EX_ORACLE_POSGATE=1 (with EX_ORACLE_COL) the position code scaled by the saliency too: canvas tokens carry nothing
+  EX_DETACH=1        (with EX_OBJAUX / EX_COLAUX) the tower trained by the aux losses alone, the decoder on its output
+  EX_GATE=pix|norm   the tower's output tokens times a gate (canvas tokens carry nothing): the pixels' chroma
+                     saliency, or the centred token's norm relative to the frame's largest ^ EX_GATE_POW (below)
   EX_ORACLE_COL=1    (with EX_ORACLE) the object vector plus a fixed unit direction of the token's palette colour
   EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
   EX_RMS=x           RMS-normalise each merger output token to RMS x (no parameter)
@@ -360,7 +364,8 @@ if E("EX_ORACLE"):
       vcol = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
       vcol = vcol / jnp.linalg.norm(vcol, axis=-1, keepdims=True)
       obj = obj[None, None] + jnp.einsum("btk,kd->btd", colour_onehot(pv), vcol)
-      out = pos[None] + s[..., None] * obj
+      # EX_ORACLE_POSGATE: the position code on shape tokens only (recall3's POSGATE: canvas tokens carry nothing)
+      out = s[..., None] * (pos[None] + obj) if E("EX_ORACLE_POSGATE") else pos[None] + s[..., None] * obj
     else:
       out = pos[None] + s[..., None] * obj[None, None]
     out = jax.lax.stop_gradient(out)
@@ -407,6 +412,8 @@ def chroma_saliency(pixel_values):
   return jax.lax.stop_gradient((tok / (tok.max(-1, keepdims=True) + 1e-6)) ** 4)
 _where_ids = None
 COLAUX = float(E("EX_COLAUX", "0"))
+DETACH = bool(E("EX_DETACH"))
+COLAUX_T = float(E("EX_COLAUX_T", "0.5"))  # EX_COLAUX's target cosine with the token's colour direction (x saliency)
 POINTER = float(E("EX_POINTER", "0"))
 ATTNSUP = float(E("EX_ATTNSUP", "0"))
 ATTNSUP_LAYERS = tuple(int(x) for x in E("EX_ATTNSUP_LAYER", "2").split(","))
@@ -518,7 +525,9 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
       model = nnx.merge(graphdef, p)
       inputs = micro.inputs
       emb = model.encode_images(inputs.pixel_values, inputs.vision)
-      x = model.embed(inputs.input_ids, emb)
+      # EX_DETACH: the decoder's loss does not reach the tower; only the aux losses train it (clean, oracle-like
+      # colour / objectness directions the decoder can bind on, O6)
+      x = model.embed(inputs.input_ids, jax.lax.stop_gradient(emb) if DETACH else emb)
       if ATTNSUP:
         h, probs = forward_with_attention(model, x, inputs.positions, inputs.attention_mask, ATTNSUP_LAYERS,
                                           ATTNSUP_HEADS)
@@ -563,7 +572,7 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
         v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)                                   # [K, d] unit
         sal = chroma_saliency(inputs.pixel_values)                                            # [b, t]
         cosv = jnp.einsum("btd,kd->btk", emb, v) / (jnp.linalg.norm(emb, axis=-1)[..., None] + 1e-6)
-        target = 0.5 * sal[..., None] * colour_onehot(inputs.pixel_values)                    # [b, t, K]
+        target = COLAUX_T * sal[..., None] * colour_onehot(inputs.pixel_values)                # [b, t, K]
         real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
         col_l = jnp.sum(real[..., None] * (cosv - target) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
         loss = loss + COLAUX * col_l / config.grad_accum_steps
@@ -587,6 +596,42 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
     return loss, metrics, grads
 
   sft_lib.sft_loss_and_grads = sft_loss_and_grads
+
+
+# ------------------------------------------------------------------ the position only where something is (O6's lesson)
+# O6: with oracle features whose canvas tokens carry nothing, the VLM binds the cell; with the position code on every
+# token (O5) it does not. Two gates for the trained tower's output tokens (centred, RMS-normalised, + position code):
+#   EX_GATE=pix   each token times the oracle's chroma saliency s (from the pixels; no gradient)
+#   EX_GATE=norm  each token times (|centred token| / the frame's largest)^EX_GATE_POW (default 4): parameter-free,
+#                 from the tower's own features (differentiable), so the tower learns what stands out
+GATE = E("EX_GATE", "")
+GATE_POW = float(E("EX_GATE_POW", "4"))
+if GATE == "pix":
+  _before_gate_encode = vlm_lib.Qwen25VL.encode_images
+
+  def gated_encode(self, pixel_values, vision):
+    out = _before_gate_encode(self, pixel_values, vision)
+    pv = pixel_values if pixel_values.ndim == 3 else pixel_values[None]
+    g = 1e-3 + chroma_saliency(pv)      # [b, tokens]; the floor keeps the aux losses' cosines defined on the canvas
+    return out * (g[..., None] if pixel_values.ndim == 3 else g[0][..., None]).astype(out.dtype)
+
+  vlm_lib.Qwen25VL.encode_images = gated_encode
+elif GATE == "norm":
+  _before_gate_normalise = vision_lib._normalise_output
+
+  def gated_normalise(merged, inputs, cfg):
+    unit = cfg.merge_unit
+    frame = inputs.image_segments[::unit][inputs.reverse_index]                        # [tokens]
+    same = (frame[:, None] == frame[None, :]).astype(jnp.float32)                     # [tokens, tokens]
+    x = merged.astype(jnp.float32)
+    x = x - same @ x / jnp.maximum(same.sum(-1, keepdims=True), 1.0)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), -1) + 1e-12)                               # [tokens]
+    g = (norm / (jnp.max(jnp.where(same > 0, norm[None, :], 0.0), -1) + 1e-6)) ** GATE_POW
+    return (_before_gate_normalise(merged, inputs, cfg) * g[:, None]).astype(merged.dtype)
+
+  vision_lib._normalise_output = gated_normalise
+elif GATE:
+  raise ValueError(f"EX_GATE={GATE!r}: pix or norm")
 
 
 # ------------------------------------------------------------------ stats at every probe

@@ -37,6 +37,7 @@ NSH = env("NSH", 3)               # columns: shapes per scene
 GW = env("GW", 4)                 # columns: the grid's width (16 / GW rows; 4: the VLM's 4 x 4)
 HMAX = env("HMAX", 2)             # columns: shapes 1..HMAX cells tall
 POSGATE = env("POSGATE", 0)       # 1: canvas tokens carry nothing (the position code only on shape tokens)
+UNIQCOL = env("UNIQCOL", 0)       # with WORDS=2: the colours of a scene distinct (the name's colour word suffices)
 SINGLE_UNTIL = env("SINGLE_UNTIL", 0)  # every row a single shape before this step (a curriculum)  # sincos: the oracle's 2-D code; random: an independent random code per cell
 V = 64; COL = np.arange(10, 18); SHAPE = np.arange(50, 56); DIG = np.arange(20, 30); FILL = np.arange(40, 50); Q, A = 5, 6
 cfg = config_lib.tiny(V)
@@ -97,6 +98,8 @@ def batch(rng, single_share):
   ids, feats, ans, multi = [], [], [], []
   for _ in range(B):
     if WORDS == 1:
+      cols = rng.choice(8, 4, replace=False); shapes = rng.integers(0, 6, 4)
+    elif UNIQCOL:  # two words, but the colours of a scene are distinct (the shape word is redundant)
       cols = rng.choice(8, 4, replace=False); shapes = rng.integers(0, 6, 4)
     else:  # colours drawn independently (they may repeat); names unique
       while True:
@@ -212,7 +215,7 @@ for s in range(STEPS):
   if (s + 1) % 100 == 0:
     four = f"{100*np.mean(quad_acc[-100:]):.0f}%" if quad_acc and s >= SINGLE_UNTIL + 99 else "-"
     one = f"{100*np.mean(single_acc[-100:]):.0f}%" if single_acc else "-"
-    print(f"FIRSTONLY={FIRSTONLY} FIRSTONLY_UNTIL={FIRSTONLY_UNTIL} ANS1={ANS1} LABELS_UNTIL={LABELS_UNTIL} NSH={NSH} QK_LR={QK_LR} LR={LR} MIXLABELS={MIXLABELS} GW={GW} W={WIDTH} H={HEADS} L={LAYERS} HMAX={HMAX} POSGATE={POSGATE} PLACE={PLACE} LAYOUT={LAYOUT} GAP={GAP} WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} LABELS={LABELS} step {s+1}: "
+    print(f"FIRSTONLY={FIRSTONLY} FIRSTONLY_UNTIL={FIRSTONLY_UNTIL} ANS1={ANS1} LABELS_UNTIL={LABELS_UNTIL} NSH={NSH} QK_LR={QK_LR} LR={LR} MIXLABELS={MIXLABELS} GW={GW} W={WIDTH} H={HEADS} L={LAYERS} HMAX={HMAX} POSGATE={POSGATE} PLACE={PLACE} LAYOUT={LAYOUT} GAP={GAP} WORDS={WORDS} FSCALE={FSCALE} POSCODE={POSCODE} SINGLE={SINGLE} SINGLE_UNTIL={SINGLE_UNTIL} LABELS={LABELS} UNIQCOL={UNIQCOL} step {s+1}: "
           f"loss {float(l):.3f} quadrant (x0 and y0) of four-shape rows {four} (a shape at random 25%), "
           f"of single rows {one} {time.time()-t0:.0f}s", flush=True)
 
