@@ -1,0 +1,52 @@
+"""What the image tokens hold (runs of drive.py; set the run's EX_ switches, e.g. EX_ORACLE / EX_GATE): for 24
+held-out few scenes, the shape tokens' (saliency > 0.5) norm against the canvas tokens', their cosine with their own
+palette colour's direction (the one EX_COLAUX and EX_ORACLE_COL use) against the best other, a least-squares colour
+probe, and the cosine between shape tokens of one colour and of different colours (does the colour dominate?).
+
+  EX_...=... PYTHONPATH=. python tools/experiments/issue13/features.py RUNS/NAME
+"""
+import sys, json
+sys.path.insert(0, "tools/experiments/issue13")
+argv=list(sys.argv); sys.argv=sys.argv[:1]
+import drive
+import numpy as np, jax, jax.numpy as jnp, ml_collections
+from mini_o3_jax.pipeline import common
+from mini_o3_jax.data import grounding
+from mini_o3_jax.processing import chat, image as image_lib
+from mini_o3_jax import run_config
+from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
+w=argv[1]
+cfg = ml_collections.ConfigDict(json.load(open(f"{w}/config.json")))
+config, tok, mcfg, mesh = common.setup(cfg, w)
+model, step = ckpt_lib.restore_model(f"{w}/ckpt/pretrain", mcfg)
+tcfg = run_config.task_config(config)
+rows=[]
+for si in range(24):
+  task = grounding.make_scene("few", 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
+  pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels, tcfg.view_max_pixels)
+  q = [("locate", "x", "y", 0)]
+  enc = chat.tokenize_conversation(tok, grounding.scene_messages(q), [grid])
+  rows.append({"input_ids": enc["input_ids"], "loss_mask": enc["loss_mask"], "pixel_values": pv.astype(np.float32), "image_grid_thw": np.stack([grid]).astype(np.int64)})
+bc = batch_lib.BatchConfig(batch_size=len(rows), pad_token_id=mcfg.text.pad_token_id)
+b = batch_lib.collate_sft(rows, mcfg, bc, seq_len=96, num_patches=64)
+emb = np.asarray(model.encode_images(b.inputs.pixel_values, b.inputs.vision))   # [b, t, d]
+pvb = jnp.asarray(b.inputs.pixel_values)
+s = np.asarray(drive.chroma_saliency(pvb)); oh = np.asarray(drive.colour_onehot(pvb))
+d = emb.shape[-1]
+v = np.array(jax.random.normal(jax.random.PRNGKey(11), (drive.PALETTE.shape[0], d))); v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+n = np.linalg.norm(emb, axis=-1)
+cos = np.einsum("btd,kd->btk", emb, v) / (n[..., None] + 1e-9)
+shape = s > 0.5; canvas = s < 0.05
+print("step", step, "token norm shape %.3f canvas %.3f" % (n[shape].mean(), n[canvas].mean()))
+print("cos own colour (shape tokens) %.3f, max other %.3f; colour argmax acc %.3f" % (
+  (cos*oh).sum(-1)[shape].mean(), np.where(oh>0, -9, cos).max(-1)[shape].mean(), (cos.argmax(-1)==oh.argmax(-1))[shape].mean()))
+# linear colour probe via least squares on shape tokens (does the token hold colour linearly, anywhere?)
+X = emb[shape]; Y = oh[shape]
+W = np.linalg.lstsq(np.c_[X, np.ones(len(X))], Y, rcond=None)[0]
+print("lstsq colour probe acc (train) %.3f on %d tokens" % (((np.c_[X, np.ones(len(X))]@W).argmax(-1)==Y.argmax(-1)).mean(), len(X)))
+# position: does the token's cell dominate? cosine between two shape tokens of different colour at near cells vs same colour
+u = emb / (n[..., None]+1e-9)
+sim = np.einsum("btd,bsd->bts", u, u)
+same_col = np.einsum("btk,bsk->bts", oh, oh) > 0
+m = shape[:, :, None] & shape[:, None, :] & ~np.eye(emb.shape[1], dtype=bool)[None]
+print("cos between shape tokens: same colour %.3f, different colour %.3f" % (sim[m & same_col].mean(), sim[m & ~same_col].mean()))
