@@ -9,9 +9,12 @@ Env switches (all optional):
   EX_ORACLE=1        replace the vision tower output by oracle features: fixed 2-D sin-cos position code per
                      merged token + a fixed "object" vector scaled by the token's colourfulness (one image/row)
   EX_ORACLE_POSGATE=1 (with EX_ORACLE_COL) the position code scaled by the saliency too: canvas tokens carry nothing
+  EX_DISTILL=w       (with EX_GATE=pix) aux loss w * the tower's output's squared error to s * (its position code +
+                     0.4 a fixed object vector + 0.4 its palette colour's direction), relative to the target's norm
   EX_DETACH=1        (with EX_OBJAUX / EX_COLAUX) the tower trained by the aux losses alone, the decoder on its output
   EX_GATE=pix|norm   the tower's output tokens times a gate (canvas tokens carry nothing): the pixels' chroma
                      saliency, or the centred token's norm relative to the frame's largest ^ EX_GATE_POW (below)
+  EX_ORACLE_SCALE=x  (with EX_ORACLE) the oracle features times x
   EX_ORACLE_COL=1    (with EX_ORACLE) the object vector plus a fixed unit direction of the token's palette colour
   EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
   EX_RMS=x           RMS-normalise each merger output token to RMS x (no parameter)
@@ -368,7 +371,7 @@ if E("EX_ORACLE"):
       out = s[..., None] * (pos[None] + obj) if E("EX_ORACLE_POSGATE") else pos[None] + s[..., None] * obj
     else:
       out = pos[None] + s[..., None] * obj[None, None]
-    out = jax.lax.stop_gradient(out)
+    out = jax.lax.stop_gradient(out) * float(E("EX_ORACLE_SCALE", "1"))  # EX_ORACLE_SCALE: the features' norm
     return out if pixel_values.ndim == 3 else out[0]
 
   vlm_lib.Qwen25VL.encode_images = oracle_encode
@@ -413,6 +416,7 @@ def chroma_saliency(pixel_values):
 _where_ids = None
 COLAUX = float(E("EX_COLAUX", "0"))
 DETACH = bool(E("EX_DETACH"))
+DISTILL = float(E("EX_DISTILL", "0"))  # aux: the tower's (gated) output regressed on oracle-like features (with EX_GATE=pix)
 COLAUX_T = float(E("EX_COLAUX_T", "0.5"))  # EX_COLAUX's target cosine with the token's colour direction (x saliency)
 POINTER = float(E("EX_POINTER", "0"))
 ATTNSUP = float(E("EX_ATTNSUP", "0"))
@@ -516,7 +520,7 @@ def attention_supervision_loss(probs, inputs, targets, maskf, image_token_id, to
   return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w) * probs.shape[1], 1.0)
 
 
-if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
+if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP or DISTILL:
   def sft_loss_and_grads(config, graphdef, params, batch, mesh=None, grad_shardings=None):
     _, global_mask = losses.next_token_targets(batch.inputs.input_ids, batch.loss_mask)
     normalizer = sft_lib.sft_normalizer(global_mask, config.sequence_mean)
@@ -566,6 +570,21 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP:
         attnsup = attention_supervision_loss(probs, inputs, targets, maskf, model.config.image_token_id,
                                              inputs.pixel_values.shape[1] // 4)
         loss = loss + ATTNSUP * attnsup / config.grad_accum_steps
+      if DISTILL:
+        # the oracle's features as the tower's target: s * (its position code + an object vector + its colour's direction)
+        d = emb.shape[-1]
+        pv = inputs.pixel_values
+        sal = chroma_saliency(pv)                                                           # [b, t]
+        t = sal.shape[1]
+        j = jnp.arange(t) % 16
+        pc = 0.5 * vision_lib.position_code(j // 4, j % 4, d) / math.sqrt(d)                 # the tower's own code
+        v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
+        v = 0.4 * v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        u = 0.4 * jax.random.normal(jax.random.PRNGKey(7), (d,)) / math.sqrt(d)
+        target = sal[..., None] * (pc[None] + u + jnp.einsum("btk,kd->btd", colour_onehot(pv), v))
+        real = (jnp.abs(pv).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        err = jnp.sum(jnp.square(emb - target), -1) / jnp.maximum(jnp.mean(jnp.sum(jnp.square(target), -1)), 1e-6)
+        loss = loss + DISTILL * jnp.sum(real * err) / jnp.maximum(jnp.sum(real), 1.0) / config.grad_accum_steps
       if COLAUX:
         d = emb.shape[-1]
         v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
