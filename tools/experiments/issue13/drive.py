@@ -11,6 +11,7 @@ Env switches (all optional):
   EX_ORACLE_POSGATE=1 (with EX_ORACLE_COL) the position code scaled by the saliency too: canvas tokens carry nothing
   EX_DISTILL=w       (with EX_GATE=pix) aux loss w * the tower's output's squared error to s * (its position code +
                      0.4 a fixed object vector + 0.4 its palette colour's direction), relative to the target's norm
+  EX_TOWER_FIRST=n   no answer token in the loss before step n (the aux losses train the tower alone first)
   EX_DETACH=1        (with EX_OBJAUX / EX_COLAUX) the tower trained by the aux losses alone, the decoder on its output
   EX_GATE=pix|norm   the tower's output tokens times a gate (canvas tokens carry nothing): the pixels' chroma
                      saliency, or the centred token's norm relative to the frame's largest ^ EX_GATE_POW (below)
@@ -651,6 +652,19 @@ elif GATE == "norm":
   vision_lib._normalise_output = gated_normalise
 elif GATE:
   raise ValueError(f"EX_GATE={GATE!r}: pix or norm")
+
+
+# ------------------------------------------------------------------ the tower first (O6 had its features from step 0)
+if E("EX_TOWER_FIRST"):
+  _tower_first = int(E("EX_TOWER_FIRST"))
+  _before_rows_for = grounding.SceneStream.rows_for
+
+  def rows_for(self, step):
+    """Before step EX_TOWER_FIRST no answer token is in the loss: only the aux losses (the tower) learn."""
+    rows = _before_rows_for(self, step)
+    return rows if step >= _tower_first else [{**r, "loss_mask": np.zeros_like(r["loss_mask"])} for r in rows]
+
+  grounding.SceneStream.rows_for = rows_for
 
 
 # ------------------------------------------------------------------ stats at every probe
