@@ -15,6 +15,7 @@ Env switches (all optional):
   EX_DETACH=1        (with EX_OBJAUX / EX_COLAUX) the tower trained by the aux losses alone, the decoder on its output
   EX_GATE=pix|norm   the tower's output tokens times a gate (canvas tokens carry nothing): the pixels' chroma
                      saliency, or the centred token's norm relative to the frame's largest ^ EX_GATE_POW (below)
+  EX_ORACLE_NOISE=x  (with EX_ORACLE) + a fixed random projection of each token's pixels, norm x, x saliency
   EX_ORACLE_SCALE=x  (with EX_ORACLE) the oracle features times x
   EX_ORACLE_COL=1    (with EX_ORACLE) the object vector plus a fixed unit direction of the token's palette colour
   EX_CENTER=1        subtract each image's mean token from the merger output (kills a shared direction)
@@ -372,6 +373,14 @@ if E("EX_ORACLE"):
       out = s[..., None] * (pos[None] + obj) if E("EX_ORACLE_POSGATE") else pos[None] + s[..., None] * obj
     else:
       out = pos[None] + s[..., None] * obj[None, None]
+    if E("EX_ORACLE_NOISE"):
+      # + a fixed random projection of each token's pixels (norm EX_ORACLE_NOISE, x saliency): a residual that
+      # depends on the image as a tower's does, not on the task
+      tok_pix = pv.reshape(b, t, -1)                                                   # [b, t, 4 * patch_dim]
+      proj = jax.random.normal(jax.random.PRNGKey(5), (tok_pix.shape[-1], d))
+      r = tok_pix @ proj
+      r = r / (jnp.linalg.norm(r, axis=-1, keepdims=True) + 1e-6)
+      out = out + float(E("EX_ORACLE_NOISE")) * s[..., None] * r
     out = jax.lax.stop_gradient(out) * float(E("EX_ORACLE_SCALE", "1"))  # EX_ORACLE_SCALE: the features' norm
     return out if pixel_values.ndim == 3 else out[0]
 
