@@ -366,9 +366,7 @@ if E("EX_ORACLE"):
     if E("EX_ORACLE_COL"):
       # + a fixed unit direction per palette colour on each shape's tokens; s per colour when EX_SALCOL is set
       s = chroma_saliency(pv)
-      vcol = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
-      vcol = vcol / jnp.linalg.norm(vcol, axis=-1, keepdims=True)
-      obj = obj[None, None] + jnp.einsum("btk,kd->btd", colour_onehot(pv), vcol)
+      obj = obj[None, None] + jnp.einsum("btk,kd->btd", colour_onehot(pv), colour_directions(d))
       # EX_ORACLE_POSGATE: the position code on shape tokens only (recall3's POSGATE: canvas tokens carry nothing)
       out = s[..., None] * (pos[None] + obj) if E("EX_ORACLE_POSGATE") else pos[None] + s[..., None] * obj
     else:
@@ -433,6 +431,23 @@ ATTNSUP = float(E("EX_ATTNSUP", "0"))
 ATTNSUP_LAYERS = tuple(int(x) for x in E("EX_ATTNSUP_LAYER", "2").split(","))
 ATTNSUP_HEADS = int(E("EX_ATTNSUP_HEADS", "1"))
 PALETTE = np.asarray([rgb for _, rgb in synthetic.DEFAULT_PALETTE], np.float32) / 255.0   # [K, 3]
+
+
+def colour_directions(d):
+  """[K, d] the fixed unit direction of each palette colour (the oracle's, EX_COLAUX's and EX_DISTILL's)."""
+  v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
+  return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def object_direction(d):
+  """[d] the fixed "object" direction of EX_OBJAUX / EX_DISTILL, norm ~1."""
+  return jax.random.normal(jax.random.PRNGKey(7), (d,)) / jnp.sqrt(d)
+
+
+def real_tokens(pixel_values):
+  """[b, tokens] 1 for image tokens holding pixels, 0 for padding."""
+  b = pixel_values.shape[0]
+  return (jnp.abs(pixel_values).sum(-1).reshape(b, -1, 4).sum(-1) > 0).astype(jnp.float32)
 
 
 def colour_onehot(pixel_values):
@@ -566,10 +581,10 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP or DISTILL:
         loss = loss + PEN * jnp.sum(m**2) / config.grad_accum_steps
       if OBJAUX:
         d = emb.shape[-1]
-        u = jax.random.normal(jax.random.PRNGKey(7), (d,)) / jnp.sqrt(d)
+        u = object_direction(d)
         sal = chroma_saliency(inputs.pixel_values)                      # [b, tokens]
         proj = jnp.einsum("btd,d->bt", emb, u) / (jnp.sqrt(jnp.mean(emb**2, -1)) * jnp.sqrt(d) + 1e-6)  # cosine with u
-        real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        real = real_tokens(inputs.pixel_values)
         aux_l = jnp.sum(real * (proj - 0.5 * sal) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
         loss = loss + OBJAUX * aux_l / config.grad_accum_steps
       if POINTER:
@@ -588,21 +603,17 @@ if PEN or WHERE_W or OBJAUX or COLAUX or POINTER or ATTNSUP or DISTILL:
         t = sal.shape[1]
         j = jnp.arange(t) % 16
         pc = 0.5 * vision_lib.position_code(j // 4, j % 4, d) / math.sqrt(d)                 # the tower's own code
-        v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
-        v = 0.4 * v / jnp.linalg.norm(v, axis=-1, keepdims=True)
-        u = 0.4 * jax.random.normal(jax.random.PRNGKey(7), (d,)) / math.sqrt(d)
-        target = sal[..., None] * (pc[None] + u + jnp.einsum("btk,kd->btd", colour_onehot(pv), v))
-        real = (jnp.abs(pv).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        target = sal[..., None] * (pc[None] + 0.4 * object_direction(d)
+                                   + jnp.einsum("btk,kd->btd", colour_onehot(pv), 0.4 * colour_directions(d)))
+        real = real_tokens(pv)
         err = jnp.sum(jnp.square(emb - target), -1) / jnp.maximum(jnp.mean(jnp.sum(jnp.square(target), -1)), 1e-6)
         loss = loss + DISTILL * jnp.sum(real * err) / jnp.maximum(jnp.sum(real), 1.0) / config.grad_accum_steps
       if COLAUX:
         d = emb.shape[-1]
-        v = jax.random.normal(jax.random.PRNGKey(11), (PALETTE.shape[0], d))
-        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)                                   # [K, d] unit
         sal = chroma_saliency(inputs.pixel_values)                                            # [b, t]
-        cosv = jnp.einsum("btd,kd->btk", emb, v) / (jnp.linalg.norm(emb, axis=-1)[..., None] + 1e-6)
+        cosv = jnp.einsum("btd,kd->btk", emb, colour_directions(d)) / (jnp.linalg.norm(emb, axis=-1)[..., None] + 1e-6)
         target = COLAUX_T * sal[..., None] * colour_onehot(inputs.pixel_values)                # [b, t, K]
-        real = (jnp.abs(inputs.pixel_values).sum(-1).reshape(sal.shape[0], -1, 4).sum(-1) > 0).astype(jnp.float32)
+        real = real_tokens(inputs.pixel_values)
         col_l = jnp.sum(real[..., None] * (cosv - target) ** 2) / jnp.maximum(jnp.sum(real), 1.0)
         loss = loss + COLAUX * col_l / config.grad_accum_steps
       aux = {

@@ -97,9 +97,7 @@ def batch(rng, single_share):
   """ids [B, T], image features [B, 16, H], answer digits [B, 4], is a four-shape row [B]."""
   ids, feats, ans, multi = [], [], [], []
   for _ in range(B):
-    if WORDS == 1:
-      cols = rng.choice(8, 4, replace=False); shapes = rng.integers(0, 6, 4)
-    elif UNIQCOL:  # two words, but the colours of a scene are distinct (the shape word is redundant)
+    if WORDS == 1 or UNIQCOL:  # UNIQCOL: two words, but the colours of a scene distinct (the shape word redundant)
       cols = rng.choice(8, 4, replace=False); shapes = rng.integers(0, 6, 4)
     else:  # colours drawn independently (they may repeat); names unique
       while True:
