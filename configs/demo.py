@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
       vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_heads=4,
       # Experimental, not Qwen2.5-VL (model/config.py; docs/miniature.md): a position table on the patch
       # embeddings, and the merger output centred / rescaled per image with a post-merger cell code.
-      vision_position_table=0, vision_output_centre=False, vision_output_rms=0.0,
+      vision_position_table=0, vision_position_sincos=0.0, vision_output_centre=False, vision_output_rms=0.0,
       vision_output_position_code=0.0))
 
   c.data = ml_collections.ConfigDict(dict(

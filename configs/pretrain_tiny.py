@@ -2,10 +2,14 @@
 
   python -m mini_o3_jax.main --config configs/pretrain_tiny.py --workdir DIR
 
-Fresh synthetic scenes every step (never repeated), each followed by questions about its objects:
-where is the <colour shape> (a `<grounding>` box), what is at a box, what digit a legible crop shows
-(`data/grounding.py`); a curriculum from one shape on a canvas to the demo's hard tier. The held-out
-probe (`pipeline/grounding_probe.py`) logs the skills; `export` writes the base as an HF directory.
+Fresh synthetic scenes every step (never repeated). `pretrain_vision` trains the tower alone to emit, per
+image token, its position and its colour where a shape is and nothing on the canvas (`train/
+vision_targets.py`); `pretrain` then trains the decoder on the frozen tower with questions about the
+scene's objects (`data/grounding.py`): where is the <colour shape> (its 3 x 3 cell, then a `<grounding>`
+box), what is at a box, what digit a legible crop shows. The held-out probe (`pipeline/grounding_probe.py`)
+logs the skills; `export_base` writes the base as an HF directory. The defaults are the measured binding
+phase (docs/miniature.md, session 11: the named shape's cell on held-out few scenes); the box, the read
+skill and the demo's cluttered tiers are the recipe's next rungs.
 """
 
 import ml_collections
@@ -15,22 +19,36 @@ from configs import demo
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo.get_config()
-  c.stages = ("pretrain", "export_base")
-  c.pretrain = ml_collections.ConfigDict(dict(
-      steps=3000, batch_size=16, lr=2e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
-      # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.
-      curriculum="0:single=0.5,few=0.5; 300:few=0.2,easy=0.4,medium=0.4; 1000:easy=0.3,medium=0.4,hard=0.3",
-      questions=dict(locate=6, name=2, read=1, decimals=2, question_first=False),
-      length_buckets=(256, 384, 512), patch_buckets=(128,),
-      eval_every=250, greedy_every_eval=False, probe_levels=("easy", "medium", "hard"), probe_scenes=48,
+  # Two phases (docs/miniature.md, session 11): the tower alone on feature targets, then the decoder on the
+  # frozen tower. `export_base` writes the base as an HF Qwen2.5-VL directory, which a tower with the
+  # sin-cos patch code below cannot be (it has no Qwen2.5-VL equivalent): add it to a run without the code.
+  c.stages = ("pretrain_vision", "pretrain")
+  # Absolute position inside the tower, so it can emit a position only where a shape is (experimental:
+  # not in Qwen2.5-VL, model/config.py).
+  c.model.vision_position_sincos = 1.0
+  c.pretrain_vision = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
+      curriculum="0:single=0.3,few=0.7", length_buckets=(96,), patch_buckets=(64,),
       checkpoint_every=250, log_every=25,
-      # Experimental (issue 13): train the text side on the random vision tower's features, which
-      # keep position; trained end to end they collapse to one shared direction (docs/miniature.md).
-      freeze_vision=False,
+      # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
+      # a shared object direction + colour_scale * its colour's direction), s its saliency within its colour
+      # (0 at or below chroma_floor: the canvas), to saliency_power.
+      targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, chroma_floor=0.08, saliency_power=4.0)))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
+      # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.
+      curriculum="0:single=0.3,few=0.7",
+      # One locate question a row about a random uniquely named shape, answered by its 3 x 3 cell first;
+      # only the cell is in the loss (the binding phase; the box and the harder tiers are the next rungs).
+      questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
+                     cell_first=True, cell_only=True),
+      length_buckets=(96,), patch_buckets=(64,),
+      eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
+      checkpoint_every=250, log_every=25,
+      from_stage="pretrain_vision", freeze_vision=True,
       # Experimental (issue 13), training-only: weight of the objectness auxiliary loss (train/sft.py;
-      # 10 made single shapes ground in half the steps, docs/miniature.md H7S); 0 = off. Its target is
-      # each image token's colourfulness relative to the image's most colourful token, to this power,
-      # times objectness_scale (the target cosine with the fixed direction of the most colourful token).
+      # docs/miniature.md H7S); 0 = off. Its target is each image token's colourfulness relative to the
+      # image's most colourful token, to this power, times objectness_scale.
       objectness_weight=0.0, objectness_power=4.0, objectness_scale=0.5))
   c.base_export = ml_collections.ConfigDict(dict(out=""))  # "" = WORKDIR/base
   return c

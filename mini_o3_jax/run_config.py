@@ -23,6 +23,7 @@ from mini_o3_jax.sampler.sampling import SamplingParams
 from mini_o3_jax.train.batch import BatchConfig
 from mini_o3_jax.train.optimizer import OptimizerConfig
 from mini_o3_jax.train.sft import SFTConfig
+from mini_o3_jax.train.vision_targets import FeatureTargetConfig
 
 PRESETS = {"qwen25vl_7b": config_lib.qwen25vl_7b, "qwen25vl_3b": config_lib.qwen25vl_3b,
            "qwen3vl_8b": config_lib.qwen3vl_8b}
@@ -160,6 +161,7 @@ def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_l
       depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
       num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
       window_size=56, position_table=m.get("vision_position_table", 0),
+      position_sincos=m.get("vision_position_sincos", 0.0),
       output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
       output_position_code=m.get("vision_output_position_code", 0.0))
   return config_lib.VLMConfig(
@@ -192,7 +194,7 @@ def _loop(section) -> Loop:
 def _optimizer(section, **fixed: Any) -> OptimizerConfig:
   """AdamW over `section.steps` (warmup + cosine), clipped at 1; `fixed` overrides the section."""
   kwargs = dict(lr=section.lr, total_steps=section.steps, grad_clip_norm=1.0,
-                **_given(section, "warmup_steps", "end_lr_ratio", "weight_decay", "freeze_vision"))
+                **_given(section, "warmup_steps", "end_lr_ratio", "weight_decay", "freeze_vision", "train_only_vision"))
   return OptimizerConfig(**{**kwargs, **fixed})
 
 
@@ -227,26 +229,63 @@ def sft_stage(config, model: config_lib.VLMConfig) -> SFTStage:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainStage(SupervisedStage):
-  """The `pretrain` stage (`config.pretrain`): the grounding base on fresh synthetic scenes."""
+  """The `pretrain` stage (`config.pretrain`): the grounding base on fresh synthetic scenes.
+
+  from_stage: start from that stage's checkpoint in the work directory (e.g. "pretrain_vision"),
+  else from `model.init_from` or a fresh init.
+  """
   curriculum: grounding.Curriculum
   questions: grounding.GroundingConfig
   objectness_power: float = 4.0  # the saliency's exponent (`processing.image.token_saliency`)
   probe_levels: tuple[str, ...] = ("easy", "medium", "hard")
   probe_scenes: int = 64
   greedy_every_eval: bool = False  # greedy boxes at every probe (else only at the end)
+  from_stage: str = ""
 
 
 def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
   c = config.pretrain
-  step = SFTConfig(**_given(c, "objectness_weight", "objectness_scale"))
+  frozen = bool(c.get("freeze_vision"))
+  # a frozen tower needs no backward pass at all
+  step = SFTConfig(train_vision=not frozen, **_given(c, "objectness_weight", "objectness_scale"))
   return PretrainStage(
       loop=_loop(c), optimizer=_optimizer(c), step=step,
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
       curriculum=grounding.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
-                                                   "question_first")),
+                                                   "question_first", "target_first", "cell_first", "cell_only")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
-         for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval").items()})
+         for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
+                            "from_stage").items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainVisionStage:
+  """The `pretrain_vision` stage (`config.pretrain_vision`): the tower alone on feature targets.
+
+  chroma_floor / saliency_power: `processing.image.token_colours`' options (which tokens are canvas,
+  how sharply the saliency falls off); palette: the scenes' colours, RGB in [0, 1].
+  """
+  loop: Loop
+  optimizer: OptimizerConfig
+  batch: BatchConfig
+  curriculum: grounding.Curriculum
+  targets: FeatureTargetConfig
+  palette: tuple[tuple[float, float, float], ...]
+  chroma_floor: float = 0.08
+  saliency_power: float = 4.0
+
+
+def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVisionStage:
+  c = config.pretrain_vision
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in task_config(config).palette)
+  return PretrainVisionStage(
+      loop=_loop(c), optimizer=_optimizer(c, train_only_vision=True),
+      batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
+      curriculum=grounding.Curriculum.parse(c.curriculum),
+      targets=FeatureTargetConfig(num_colours=len(palette), **_given(c.targets, "position_scale", "object_scale",
+                                                                     "colour_scale")),
+      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power"))
 
 
 @dataclasses.dataclass(frozen=True)

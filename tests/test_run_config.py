@@ -11,6 +11,7 @@ from mini_o3_jax.rl.config import RLConfig
 from mini_o3_jax.sampler.rollout import vision_token_ids
 from mini_o3_jax.train.optimizer import OptimizerConfig
 from mini_o3_jax.train.sft import SFTConfig
+from mini_o3_jax.train.vision_targets import FeatureTargetConfig
 
 IDS = run_config.special_ids("small")
 
@@ -84,11 +85,29 @@ def test_pretrain_stage_reads_its_section(model):
                                        eval_every=c.eval_every)
   assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
   assert stage.questions == grounding.GroundingConfig(**c.questions.to_dict())
-  assert stage.step == SFTConfig(objectness_weight=c.objectness_weight, objectness_scale=c.objectness_scale)
+  assert stage.step == SFTConfig(objectness_weight=c.objectness_weight, objectness_scale=c.objectness_scale,
+                                 train_vision=not c.freeze_vision)
   assert stage.optimizer.freeze_vision == c.freeze_vision and stage.optimizer.lr == c.lr
+  assert stage.from_stage == c.from_stage
   assert stage.probe_levels == tuple(c.probe_levels) and stage.probe_scenes == c.probe_scenes
   assert stage.batch.patch_buckets == tuple(c.patch_buckets) and stage.objectness_power == c.objectness_power
-  del c["objectness_power"], c.questions["question_first"]
+  del c["objectness_power"], c.questions["question_first"], c["from_stage"], c["freeze_vision"]
   stage = run_config.pretrain_stage(config, model)
   assert stage.objectness_power == run_config.PretrainStage.objectness_power
   assert stage.questions.question_first == grounding.GroundingConfig.question_first
+  assert stage.from_stage == "" and stage.step.train_vision and not stage.optimizer.freeze_vision
+
+
+def test_pretrain_vision_stage_reads_its_section(model):
+  config = common.resolve(pretrain_tiny.get_config())
+  c = config.pretrain_vision
+  stage = run_config.pretrain_vision_stage(config, model)
+  assert stage.loop == run_config.Loop(steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every)
+  assert stage.optimizer.train_only_vision and not stage.optimizer.freeze_vision and stage.optimizer.lr == c.lr
+  assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
+  palette = run_config.task_config(config).palette
+  assert stage.palette == tuple(tuple(v / 255 for v in rgb) for _, rgb in palette)
+  assert stage.targets == FeatureTargetConfig(num_colours=len(palette), position_scale=c.targets.position_scale,
+                                              object_scale=c.targets.object_scale,
+                                              colour_scale=c.targets.colour_scale)
+  assert (stage.chroma_floor, stage.saliency_power) == (c.targets.chroma_floor, c.targets.saliency_power)

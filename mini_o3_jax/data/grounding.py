@@ -95,12 +95,26 @@ class GroundingConfig:
   decimals: digits of every box coordinate, as the scripted cold start writes them.
   question_first: the first question's text before the scene's image (the Qwen convention is image
     first); causal attention then lets every image token see what is asked (issue 13's binding rung).
+  target_first: locate questions ask about the scene's target first, then the others; False draws them
+    in a random order of the uniquely named shapes, so "the shape asked first" is no shortcut.
+  cell_first: a locate answer starts with the 3 x 3 grid cell of the box centre as one digit (1-9,
+    row-major) before the call: one token that names the place is what the tiny decoder learns to bind
+    to the question (docs/miniature.md, sessions 9-11); the call's box follows.
+  cell_only: (with cell_first) only the cell digit of a locate answer is in the loss; the call stays
+    in the row. The binding phase of the base's recipe.
   """
   locate: int = 6
   name: int = 2
   read: int = 1
   decimals: int = 2
   question_first: bool = False
+  target_first: bool = True
+  cell_first: bool = False
+  cell_only: bool = False
+
+  def __post_init__(self):
+    if self.cell_only and not self.cell_first:
+      raise ValueError("cell_only needs cell_first (the cell digit is what stays in the loss)")
 
 
 def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
@@ -134,8 +148,16 @@ def box_text(box: Sequence[float], decimals: int) -> str:
   return ", ".join(f"{v:.{decimals}f}" for v in coldstart.quantize_box(box, decimals))
 
 
-def locate_answer(box: Sequence[float], decimals: int) -> str:
-  return coldstart.grounding(coldstart.quantize_box(box, decimals), 0, decimals)
+def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False) -> str:
+  call = coldstart.grounding(coldstart.quantize_box(box, decimals), 0, decimals)
+  return f"{grid_cell(box)} {call}" if cell_first else call
+
+
+def grid_cell(box: Sequence[float], n: int = 3) -> int:
+  """The cell (1..n*n, row-major) of an n x n grid over the image that holds the box's centre."""
+  col = min(n - 1, int(n * (box[0] + box[2]) / 2))
+  row = min(n - 1, int(n * (box[1] + box[3]) / 2))
+  return 1 + n * row + col
 
 
 def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
@@ -151,9 +173,12 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   objects = task.objects
   names = [object_name(o) for o in objects]
   target = next(i for i, o in enumerate(objects) if o.is_target)
-  order = [target] + [int(i) for i in rng.permutation(len(objects)) if i != target]
+  order = [int(i) for i in rng.permutation(len(objects))]
+  if config.target_first:
+    order = [target] + [i for i in order if i != target]
   located = [i for i in order if names.count(names[i]) == 1][:config.locate]
-  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals), i) for i in located]
+  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals, config.cell_first), i)
+         for i in located]
   # Never both questions about one object: "What is at [its box]?" would hand the locate answer over in
   # the text (and "Where is the <name>?" the name answer), whichever comes first.
   out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
@@ -200,14 +225,23 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
                for v in scene_views(task, questions, task_config)]
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
+  kinds = _answer_kinds(enc["loss_mask"], [q[0] for q in questions])
+  loss_mask = _first_token_only(enc["loss_mask"], kinds == KINDS.index("locate")) if config.cell_only \
+      else enc["loss_mask"]
   return {
       "id": task.id,
       "input_ids": enc["input_ids"],
-      "loss_mask": enc["loss_mask"],
-      "kinds": _answer_kinds(enc["loss_mask"], [q[0] for q in questions]),
+      "loss_mask": loss_mask,
+      "kinds": kinds,
       "pixel_values": np.concatenate([pv for pv, _ in processed]).astype(np.float32),
       "image_grid_thw": np.stack(grids).astype(np.int64),
   }
+
+
+def _first_token_only(loss_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
+  """`loss_mask` with each span of `spans` (bool [T], runs of answer tokens) reduced to its first token."""
+  starts = spans & ~np.concatenate([[False], spans[:-1]])
+  return np.where(spans, starts, loss_mask).astype(loss_mask.dtype)
 
 
 def _answer_kinds(loss_mask: np.ndarray, kinds: Sequence[str]) -> np.ndarray:

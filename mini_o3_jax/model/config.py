@@ -69,6 +69,9 @@ class VisionConfig(_PatchGeometry):
   # Experimental, not in Qwen2.5-VL (HF export refuses them; docs/miniature.md measures them):
   # learned row / column embeddings of this many patch positions added to the patch embeddings;
   position_table: int = 0
+  # a fixed 2-D sin-cos code of each patch's (row, column), times this, added to the patch embeddings
+  # (absolute position inside the tower: what lets it emit a position only where a shape is, issue 13);
+  position_sincos: float = 0.0
   # the merger output centred per image (its mean token subtracted), rescaled so each image's token RMS
   # is `output_rms` (0 = not rescaled), plus a fixed 2-D sin-cos code of each token's cell of norm
   # ~`output_position_code` / sqrt(2) (0 = none): what made the tiny model ground (issue 13, H5S / H7S).
@@ -79,7 +82,7 @@ class VisionConfig(_PatchGeometry):
   @property
   def experimental(self) -> tuple[str, ...]:
     """The experimental (non-Qwen2.5-VL) options in use."""
-    names = ("position_table", "output_centre", "output_rms", "output_position_code")
+    names = ("position_table", "position_sincos", "output_centre", "output_rms", "output_position_code")
     return tuple(n for n in names if getattr(self, n))
 
   @property

@@ -233,6 +233,9 @@ class VisionTower(nnx.Module):
     if cfg.position_table:
       rows, cols = inputs.patch_positions[:, 0], inputs.patch_positions[:, 1]
       x = x + (self.row_embed[...][rows] + self.col_embed[...][cols]).astype(x.dtype)
+    if cfg.position_sincos:
+      code = position_code(inputs.patch_positions[:, 0], inputs.patch_positions[:, 1], x.shape[-1], max_period=10.0)
+      x = x + (cfg.position_sincos * code).astype(x.dtype)
     cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
     window_block = cfg.window_merged**2 * unit  # the largest possible window, in patches
     # Runs of consecutive blocks with the same attention kind, each one scan with a static kind, so

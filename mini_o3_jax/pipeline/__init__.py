@@ -2,13 +2,14 @@
 
 from mini_o3_jax.pipeline.coldstart_stage import run_coldstart
 from mini_o3_jax.pipeline.eval_stages import run_eval, run_export, run_report
-from mini_o3_jax.pipeline.pretrain_stage import run_export_base, run_pretrain
+from mini_o3_jax.pipeline.pretrain_stage import run_export_base, run_pretrain, run_pretrain_vision
 from mini_o3_jax.pipeline.rl_stages import run_rl, run_rl_no_mask
 from mini_o3_jax.pipeline.smoke import run_smoke
 from mini_o3_jax.pipeline.train_stages import run_data, run_sft
 
 STAGES = {
     "smoke": run_smoke,
+    "pretrain_vision": run_pretrain_vision,
     "pretrain": run_pretrain,
     "export_base": run_export_base,
     "data": run_data,

@@ -1,6 +1,7 @@
 """What the grounding base can do, on held-out scenes: per-skill accuracy and greedy boxes.
 
 Teacher-forced (cheap, every `eval_every` steps), per answer-token role:
+  cell   the 3 x 3 grid cell a `cell_first` locate answer starts with (the binding the decoder learns);
   where  the tenths digit of x0 and y0 of a located box (the coarse position: where to look);
   box    the box's other digits (its fine position and size);
   name   the name of the shape at a given box;
@@ -12,7 +13,7 @@ Greedy (the numbers the base is judged by): the target of each held-out scene is
 and `on_target` counts boxes that contain the target's centre (a crop there shows the target),
 `on_object` boxes that contain any shape's centre (localising some shape, named or not: on_object high
 with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` the digit decoded from
-the target's legible crop.
+the target's legible crop; `cell` (with `cell_first`) answers that start with the target's grid cell.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mini_o3_jax.sampler import generate
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
 
-ROLES = ("where", "box", "name", "read")
+ROLES = ("cell", "where", "box", "name", "read")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ def token_roles(pieces, kinds) -> list[str | None]:
     name = grounding.KINDS[kind]
     if name != "locate":
       roles[t] = name if name != "read" or piece.strip().isdigit() else None
+      continue
+    if (t == 0 or kinds[t - 1] != kind) and piece.strip().isdigit():  # a cell_first answer's first token
+      roles[t] = "cell"
       continue
     if piece.endswith("0.") or piece.endswith("1.") or piece.endswith("1.00"):
       coord, digits_seen = coord + 1, 0
@@ -82,6 +86,7 @@ class GroundingProbe:
                task_config: synthetic.SyntheticConfig, tokenizer, model_config, seed: int = 0):
     self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
     self.question_first = grounding_config.question_first
+    self.cell_first = grounding_config.cell_first
     self.rows, self.tasks = {}, {}
     for level in config.levels:
       rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + grounding.level_salt(level)]))
@@ -152,8 +157,9 @@ class GroundingProbe:
     locate = [self._prompt(view(t, None), grounding.locate_question(grounding.object_name(target(t))))
               for t in tasks]
     read = [self._prompt(view(t, target(t).zoom_path[-1]), grounding.READ_QUESTION) for t in tasks]
-    on_target, on_object, iou50, reads = [], [], [], []
-    for t, text in zip(tasks, self._generate(model, locate, 20)):
+    on_target, on_object, iou50, reads, cells = [], [], [], [], []
+    for t, text in zip(tasks, self._generate(model, locate, 20 + 2 * self.cell_first)):
+      cells.append(text.strip()[:1] == str(grounding.grid_cell(t.target_box)))
       action = tools.parse_action(tools.truncate_at_stop(text))
       box = action.bbox if isinstance(action, tools.ToolCall) else None
       on_target.append(box is not None and diagnostics.centre_in(t.target_box, box))
@@ -161,8 +167,11 @@ class GroundingProbe:
       iou50.append(box is not None and iou(box, t.target_box) >= 0.5)
     for t, text in zip(tasks, self._generate(model, read, 8)):
       reads.append(f"<answer>{t.answer}</answer>" in text)
-    return {"on_target": float(np.mean(on_target)), "on_object": float(np.mean(on_object)),
-            "iou50": float(np.mean(iou50)), "read": float(np.mean(reads))}
+    out = {"on_target": float(np.mean(on_target)), "on_object": float(np.mean(on_object)),
+           "iou50": float(np.mean(iou50)), "read": float(np.mean(reads))}
+    if self.cell_first:  # the cell the answer starts with: the target's?
+      out["cell"] = float(np.mean(cells))
+    return out
 
 
 def format_skills(skills: dict[str, float]) -> str:

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+from typing import Any
 
 import jax
 from flax import nnx
@@ -32,6 +33,7 @@ from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import optimizer as opt_lib
 from mini_o3_jax.train import sft as sft_lib
 from mini_o3_jax.train import state as state_lib
+from mini_o3_jax.train import vision_targets
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,104 @@ def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: floa
   return dataclasses.replace(batch, image_saliency=out)
 
 
+def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
+                         stage: run_config.PretrainVisionStage) -> batch_lib.SFTBatch:
+  """`batch` with the tower's feature targets' inputs (`train.vision_targets`): per merged image token its
+  saliency within its colour (-1 on padding), its palette colour and its (row, column) cell."""
+  v = model_config.vision
+  b, num_patches = batch.inputs.pixel_values.shape[:2]
+  tokens = num_patches // v.merge_unit
+  saliency = np.full((b, tokens), -1.0, np.float32)
+  colour = np.zeros((b, tokens), np.int32)
+  cell = np.zeros((b, tokens, 2), np.int32)
+  mean, std = image_lib.normalization(model_config.model_type)
+  for r, e in enumerate(examples):
+    if e.get("pixel_values") is None:
+      continue
+    s, k = image_lib.token_colours(e["pixel_values"], e["image_grid_thw"], np.asarray(stage.palette),
+                                   chroma_floor=stage.chroma_floor, power=stage.saliency_power,
+                                   patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+                                   merge_size=v.spatial_merge_size, mean=mean, std=std)
+    saliency[r, :len(s)], colour[r, :len(k)] = s, k
+    cell[r, :len(s)] = image_lib.token_cells(e["image_grid_thw"], v.spatial_merge_size)
+  return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell)
+
+
+def _train_on_scenes(name: str, workdir: str, state, shardings, step_fn, loop: run_config.Loop,
+                     stream: grounding.SceneStream, collate, mesh, probe: grounding_probe.GroundingProbe | None = None,
+                     greedy_every_eval: bool = False) -> tuple[Any, dict, dict]:
+  """The loop of a stage on fresh scenes: resume, steps, logs, probes, checkpoints -> (state, last
+  metrics, last skills). Scenes for the next step are drawn on a host thread while this one runs."""
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", name),
+                                                         save_interval_steps=loop.checkpoint_every, max_to_keep=2))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state_lib.abstract_train_state(shardings, state))
+    start = int(jax.device_get(state.step))
+    common.check_resume(name, start, loop.steps, ckpt.directory)
+    log.info("%s: resumed from step %d", name, start)
+  metrics_log = common.MetricLog(common.path(workdir, "metrics", f"{name}.jsonl"), start)
+  skills_log = common.MetricLog(common.path(workdir, "metrics", f"{name}_skills.jsonl"), start) if probe else None
+  metrics, skills = {}, {}
+  with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+       progress.bar(range(start, loop.steps), desc=name, initial=start, total=loop.steps) as bar:
+    upcoming = pool.submit(lambda s: collate(stream.rows_for(s)), start)
+    for step in bar:
+      batch = upcoming.result()
+      if step + 1 < loop.steps:
+        upcoming = pool.submit(lambda s: collate(stream.rows_for(s)), step + 1)
+      state, metrics = state_lib.timed_step(step_fn, state, batch_lib.shard_batch(batch, mesh))
+      bar.set_postfix_str(common.fmt_metrics(metrics, ("loss", "accuracy")))
+      if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
+        metrics_log.write(step + 1, metrics)
+        log.info("%s step %d: %s", name, step + 1, common.fmt_metrics(
+            metrics, ("loss", "accuracy", "grad_norm", "learning_rate", "step_time_s")))
+      if probe is not None and ((loop.eval_every and (step + 1) % loop.eval_every == 0) or step + 1 == loop.steps):
+        skills = probe.run(state.model(), greedy=step + 1 == loop.steps or greedy_every_eval)
+        skills_log.write(step + 1, skills)
+        log.info("%s skills at step %d: %s", name, step + 1, grounding_probe.format_skills(skills))
+      ckpt.maybe_save(state, {"step": step + 1})
+  if ckpt.latest_step() != loop.steps:
+    ckpt.save(state, {"step": loop.steps})
+  ckpt.close()
+  return state, common.last_metrics(metrics_log.file, metrics), skills
+
+
+def run_pretrain_vision(config, workdir: str) -> dict:
+  """The tower alone on feature targets (`train.vision_targets`), the decoder untouched: the first half
+  of the base's recipe; `pretrain` with `from_stage="pretrain_vision"` and a frozen tower follows.
+
+  Every step's scenes are fresh, so its loss is already a held-out number."""
+  config, tokenizer, mcfg, mesh = common.setup(config, workdir)
+  stage = run_config.pretrain_vision_stage(config, mcfg)
+  init = None if sources.has_checkpoint(workdir, "pretrain_vision") else sources.init_params(config, mcfg, mesh)
+  state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
+  step_fn = vision_targets.make_vision_step(stage.targets, tx, mesh, shardings,
+                                            learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
+  log.info("pretrain_vision: %d steps of %d fresh scenes, the tower alone", stage.loop.steps,
+           stage.batch.batch_size)
+  # One short question per scene: only the images matter here (no crop images: `read` is off).
+  questions = grounding.GroundingConfig(locate=1, name=0, read=0)
+  stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
+                                 rows=stage.batch.batch_size, seed=config.seed)
+  collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
+  _, metrics, _ = _train_on_scenes("pretrain_vision", workdir, state, shardings, step_fn, stage.loop, stream,
+                                   lambda rows: with_feature_targets(collate_rows(rows), rows, mcfg, stage), mesh)
+  return {"steps": stage.loop.steps, "final_loss": metrics.get("loss")}
+
+
 def run_pretrain(config, workdir: str) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_stage(config, mcfg)
   loop, scenes_per_step = stage.loop, stage.batch.batch_size
   tcfg = run_config.task_config(config)
-  init = None if sources.has_checkpoint(workdir, "pretrain") else sources.init_params(config, mcfg, mesh)
+  if sources.has_checkpoint(workdir, "pretrain"):
+    init = None
+  elif stage.from_stage:
+    init = restore_params(workdir, stage.from_stage, mcfg, mesh)
+    log.info("pretrain: starts from the %s stage's checkpoint", stage.from_stage)
+  else:
+    init = sources.init_params(config, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
@@ -75,45 +169,12 @@ def run_pretrain(config, workdir: str) -> dict:
                                           seq_len=max(stage.batch.length_buckets),
                                           num_patches=max(stage.batch.patch_buckets))
   probe = grounding_probe.GroundingProbe(probe_cfg, stage.questions, tcfg, tokenizer, mcfg, seed=config.seed)
-
-  ckpt = ckpt_lib.Checkpointer(ckpt_lib.CheckpointConfig(os.path.join(workdir, "ckpt", "pretrain"),
-                                                         save_interval_steps=loop.checkpoint_every, max_to_keep=2))
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state_lib.abstract_train_state(shardings, state))
-    start = int(jax.device_get(state.step))
-    common.check_resume("pretrain", start, loop.steps, ckpt.directory)
-    log.info("pretrain: resumed from step %d", start)
-  metrics_log = common.MetricLog(common.path(workdir, "metrics", "pretrain.jsonl"), start)
-  skills_log = common.MetricLog(common.path(workdir, "metrics", "pretrain_skills.jsonl"), start)
-  metrics, skills = {}, {}
-  # Scenes for the next step are drawn on a host thread while the device runs this one.
-  with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-       progress.bar(range(start, loop.steps), desc="pretrain", initial=start, total=loop.steps) as bar:
-    upcoming = pool.submit(lambda s: collate(stream.rows_for(s)), start)
-    for step in bar:
-      batch = upcoming.result()
-      if step + 1 < loop.steps:
-        upcoming = pool.submit(lambda s: collate(stream.rows_for(s)), step + 1)
-      state, metrics = state_lib.timed_step(step_fn, state, batch_lib.shard_batch(batch, mesh))
-      bar.set_postfix_str(common.fmt_metrics(metrics, ("loss", "accuracy")))
-      if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
-        metrics_log.write(step + 1, metrics)
-        log.info("pretrain step %d: %s", step + 1, common.fmt_metrics(
-            metrics, ("loss", "accuracy", "grad_norm", "learning_rate", "step_time_s")))
-      if (loop.eval_every and (step + 1) % loop.eval_every == 0) or step + 1 == loop.steps:
-        skills = probe.run(state.model(), greedy=step + 1 == loop.steps or stage.greedy_every_eval)
-        skills_log.write(step + 1, skills)
-        log.info("pretrain skills at step %d: %s", step + 1, grounding_probe.format_skills(skills))
-      ckpt.maybe_save(state, {"step": step + 1})
-  if ckpt.latest_step() != loop.steps:
-    ckpt.save(state, {"step": loop.steps})
-  ckpt.close()
+  state, metrics, skills = _train_on_scenes("pretrain", workdir, state, shardings, step_fn, loop, stream, collate, mesh,
+                                            probe, stage.greedy_every_eval)
   if not skills:
     skills = probe.run(state.model(), greedy=True)
   with open(common.path(workdir, "pretrain", "skills.json"), "w") as f:
     json.dump(skills, f, indent=2)
-  metrics = common.last_metrics(metrics_log.file, metrics)
   return {"steps": loop.steps, "final_loss": metrics.get("loss"), "skills": grounding_probe.format_skills(skills)}
 
 

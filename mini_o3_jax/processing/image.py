@@ -231,6 +231,26 @@ def preprocess_image(
   return pixel_values, grid_thw
 
 
+def _first_frame_pixels(pixel_values: np.ndarray, patch_size: int, temporal_patch_size: int,
+                        mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """float [P, C * t * p * p] normalised patches -> float32 [P, C, p * p] de-normalised first-frame pixels."""
+  pv = np.asarray(pixel_values, np.float32)
+  n_channels = pv.shape[-1] // (temporal_patch_size * patch_size * patch_size)
+  x = pv.reshape(pv.shape[0], n_channels, temporal_patch_size, patch_size * patch_size)[:, :, 0]  # [P, C, pixels]
+  return x * np.asarray(std, np.float32)[None, :, None] + np.asarray(mean, np.float32)[None, :, None]
+
+
+def _image_token_spans(grid_thw: np.ndarray, unit: int, total: int) -> list[tuple[int, int]]:
+  """[(start, stop)] of each image's merged tokens in a row's processor order (`total` tokens in all)."""
+  spans, start = [], 0
+  for n in (np.prod(np.asarray(grid_thw, np.int64).reshape(-1, 3), -1) // unit).tolist():
+    spans.append((start, start + n))
+    start += n
+  if start != total:
+    raise ValueError(f"grids give {start} tokens, pixel_values {total}")
+  return spans
+
+
 def token_saliency(pixel_values: np.ndarray, grid_thw: np.ndarray, *, patch_size: int = 14,
                    temporal_patch_size: int = 2, merge_size: int = 2,
                    mean: Sequence[float] = OPENAI_CLIP_MEAN, std: Sequence[float] = OPENAI_CLIP_STD,
@@ -244,22 +264,55 @@ def token_saliency(pixel_values: np.ndarray, grid_thw: np.ndarray, *, patch_size
   target of the objectness loss (`train.sft`): on the synthetic scenes only the shapes are colourful.
   """
   unit = merge_size * merge_size
-  grids = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-  pv = np.asarray(pixel_values, np.float32)
-  n_channels = pv.shape[-1] // (temporal_patch_size * patch_size * patch_size)
-  x = pv.reshape(pv.shape[0], n_channels, temporal_patch_size, patch_size * patch_size)[:, :, 0]  # [P, C, pixels]
-  x = x * np.asarray(std, np.float32)[None, :, None] + np.asarray(mean, np.float32)[None, :, None]
-  chroma = (x.max(1) - x.min(1)).mean(-1)                                        # [P]
-  token = chroma.reshape(-1, unit).mean(-1)                                      # [P / unit]
+  x = _first_frame_pixels(pixel_values, patch_size, temporal_patch_size, mean, std)
+  token = (x.max(1) - x.min(1)).mean(-1).reshape(-1, unit).mean(-1)              # [P / unit]
   out = np.zeros_like(token)
-  start = 0
-  for n in (np.prod(grids, -1) // unit).tolist():
-    t = token[start:start + n]
-    out[start:start + n] = (t / (t.max(initial=0.0) + 1e-6)) ** power
-    start += n
-  if start != len(token):
-    raise ValueError(f"grids give {start} tokens, pixel_values {len(token)}")
+  for start, stop in _image_token_spans(grid_thw, unit, len(token)):
+    t = token[start:stop]
+    out[start:stop] = (t / (t.max(initial=0.0) + 1e-6)) ** power
   return out.astype(np.float32)
+
+
+def token_colours(pixel_values: np.ndarray, grid_thw: np.ndarray, palette: np.ndarray, *,
+                  chroma_floor: float = 0.08, power: float = 4.0, patch_size: int = 14,
+                  temporal_patch_size: int = 2, merge_size: int = 2,
+                  mean: Sequence[float] = OPENAI_CLIP_MEAN,
+                  std: Sequence[float] = OPENAI_CLIP_STD) -> tuple[np.ndarray, np.ndarray]:
+  """Each merged token's palette colour and its saliency within that colour (issue 13's feature targets).
+
+  palette: float [K, 3] RGB in [0, 1]. Per token: its colour is the palette entry nearest the token's
+  chroma^2-weighted mean RGB (the fill of the shape it holds, when it holds one); its saliency is its
+  mean chroma (as `token_saliency`) relative to the most colourful token of the same colour in its image,
+  to `power`, and 0 where the mean chroma is at most `chroma_floor` (the canvas). Relative to its own
+  colour, so every shape gets a saliency near 1 however pale its colour.
+
+  Returns (saliency float32 [P / merge_size**2] in [0, 1], colour int32 [P / merge_size**2] in [0, K)).
+  """
+  unit = merge_size * merge_size
+  palette = np.asarray(palette, np.float32).reshape(-1, 3)
+  x = _first_frame_pixels(pixel_values, patch_size, temporal_patch_size, mean, std)   # [P, 3, pixels]
+  chroma = (x.max(1) - x.min(1)).mean(-1).reshape(-1, unit).mean(-1)             # [T]
+  x = x.reshape(-1, unit, 3, x.shape[-1]).transpose(0, 2, 1, 3).reshape(len(chroma), 3, -1)  # [T, 3, pixels]
+  w = (x.max(1) - x.min(1)) ** 2                                                 # [T, pixels]
+  rgb = np.sum(x * w[:, None], -1) / (np.sum(w, -1)[:, None] + 1e-6)             # [T, 3]
+  colour = np.argmin(np.sum((rgb[:, None] - palette[None]) ** 2, -1), -1).astype(np.int32)
+  saliency = np.zeros_like(chroma)
+  for start, stop in _image_token_spans(grid_thw, unit, len(chroma)):
+    c, k = chroma[start:stop], colour[start:stop]
+    best = np.zeros(len(palette), np.float32)
+    np.maximum.at(best, k, c)
+    saliency[start:stop] = np.where(c > chroma_floor, (c / (best[k] + 1e-6)) ** power, 0.0)
+  return saliency.astype(np.float32), colour
+
+
+def token_cells(grid_thw: np.ndarray, merge_size: int = 2) -> np.ndarray:
+  """int32 [tokens, 2]: each merged token's (row, column) in its image's merged grid, in processor order
+  (frame by frame, rows then columns), for a row's images `grid_thw` int [images, 3]."""
+  cells = []
+  for t, h, w in np.asarray(grid_thw, np.int64).reshape(-1, 3).tolist():
+    rows, cols = np.meshgrid(np.arange(h // merge_size), np.arange(w // merge_size), indexing="ij")
+    cells.append(np.tile(np.stack([rows.ravel(), cols.ravel()], -1), (t, 1)))
+  return np.concatenate(cells).astype(np.int32) if cells else np.zeros((0, 2), np.int32)
 
 
 def num_image_tokens(grid_thw: Sequence[int] | np.ndarray, merge_size: int = 2) -> int:

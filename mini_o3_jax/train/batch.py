@@ -48,10 +48,15 @@ Example = Mapping[str, Any]
 class SFTBatch:
   """inputs: ModelInputs (per-row images); loss_mask int32 [batch, seq] (1 = assistant token);
   image_saliency: optional float32 [batch, patches / merge_unit], each merged image token's saliency in
-  [0, 1] and -1 on padding tokens (the target of `sft.SFTConfig.objectness_weight`; None = absent)."""
+  [0, 1] and -1 on padding tokens (the target of `sft.SFTConfig.objectness_weight`; None = absent);
+  image_colour: optional int32 [batch, patches / merge_unit] each token's palette colour and
+  image_cell: optional int32 [batch, patches / merge_unit, 2] its (row, column) in its image's merged
+  grid (with image_saliency, the tower's feature targets: `train.vision_targets`)."""
   inputs: ModelInputs
   loss_mask: Any
   image_saliency: Any = None
+  image_colour: Any = None
+  image_cell: Any = None
 
 
 @jax.tree_util.register_dataclass

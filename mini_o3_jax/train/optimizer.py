@@ -40,6 +40,8 @@ class OptimizerConfig:
     grad_clip_norm: global-norm clip; None or <= 0 disables it.
     freeze_vision: params whose path starts with `vision_prefix` get zero
       updates (and carry no Adam state).
+    train_only_vision: the opposite: every other param gets zero updates
+      (the tower trained alone, e.g. on feature targets).
     vision_prefix: first path component of the vision tower.
     grad_accum_steps: > 1 averages gradients over that many calls
       (`optax.MultiSteps`); the schedule counts real updates only.
@@ -54,6 +56,7 @@ class OptimizerConfig:
   weight_decay: float = 0.01
   grad_clip_norm: float | None = 1.0
   freeze_vision: bool = False
+  train_only_vision: bool = False
   vision_prefix: str = 'visual'
   grad_accum_steps: int = 1
 
@@ -114,9 +117,13 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
   return schedule
 
 
+def _is_vision(path: PathNames, config: OptimizerConfig) -> bool:
+  return bool(path) and path[0] == config.vision_prefix
+
+
 def _is_frozen(path: PathNames, config: OptimizerConfig) -> bool:
-  return (config.freeze_vision and bool(path)
-          and path[0] == config.vision_prefix)
+  vision = _is_vision(path, config)
+  return (config.freeze_vision and vision) or (config.train_only_vision and not vision)
 
 
 def make_optimizer(
@@ -146,11 +153,13 @@ def make_optimizer(
   leaves = jax.tree_util.tree_leaves_with_path(params_tree)
   if not leaves:
     raise ValueError('params_tree has no leaves.')
-  if config.freeze_vision and not any(
-      _is_frozen(path_names(p), config) for p, _ in leaves):
+  if config.freeze_vision and config.train_only_vision:
+    raise ValueError('freeze_vision and train_only_vision together would train nothing.')
+  if (config.freeze_vision or config.train_only_vision) and not any(
+      _is_vision(path_names(p), config) for p, _ in leaves):
     raise ValueError(
-        f'freeze_vision is set but no param path starts with '
-        f'{config.vision_prefix!r}.')
+        f'{"freeze_vision" if config.freeze_vision else "train_only_vision"} is set but no param path '
+        f'starts with {config.vision_prefix!r}.')
   if config.grad_accum_steps < 1:
     raise ValueError('grad_accum_steps must be >= 1.')
 
@@ -167,7 +176,7 @@ def make_optimizer(
   parts.append(optax.scale_by_learning_rate(make_schedule(config)))
   tx = optax.chain(*parts)
 
-  if config.freeze_vision:
+  if config.freeze_vision or config.train_only_vision:
     def labels(tree: Any) -> Any:
       return jax.tree_util.tree_map_with_path(
           lambda p, _: 'frozen' if _is_frozen(path_names(p), config)

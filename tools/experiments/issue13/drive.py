@@ -53,6 +53,8 @@ Env switches (all optional):
   EX_READNAME=p      one question per row about a uniformly drawn uniquely named shape: with probability p its digit
                      ("What digit is on the <name>?", no crop), else its box; level "bigread" (3-4 shapes 36-44 view px,
                      digits legible in the full view): answers the scene narrows without the question (recall3's LABELS)
+  EX_INIT=dir       start from the params of a run's checkpoint directory (e.g. RUNS/P1/ckpt/pretrain: a tower trained
+                     alone), the optimizer fresh (`model.init_from` needs a config.json or a preset)
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import dataclasses
@@ -76,8 +78,9 @@ from mini_o3_jax.model import attention as attn_lib
 from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm as vlm_lib
-from mini_o3_jax.pipeline import grounding_probe
+from mini_o3_jax.pipeline import grounding_probe, sources
 from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import forward as forward_lib
 from mini_o3_jax.train import losses
 from mini_o3_jax.train import optimizer as opt_lib
@@ -685,6 +688,16 @@ if E("EX_TOWER_FIRST"):
     return rows if step >= _tower_first else [{**r, "loss_mask": np.zeros_like(r["loss_mask"])} for r in rows]
 
   grounding.SceneStream.rows_for = rows_for
+
+
+# ------------------------------------------------------------------ start from another run's params
+if E("EX_INIT"):
+  def init_params(config, mcfg, mesh):
+    params, step = ckpt_lib.restore_params(E("EX_INIT"), mcfg, mesh=mesh)
+    print(f"EX_INIT: params of {E('EX_INIT')} step {step}", flush=True)
+    return params
+
+  sources.init_params = init_params   # pretrain_stage calls sources.init_params
 
 
 # ------------------------------------------------------------------ stats at every probe

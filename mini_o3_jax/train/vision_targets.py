@@ -1,0 +1,115 @@
+"""Feature targets for the vision tower: image tokens a tiny decoder can bind a question to (issue 13).
+
+The tiny base learns to answer "where is the <colour shape>?" only when its image tokens are built like
+this (docs/miniature.md, sessions 10-11): a token that holds a shape carries its own position and its
+colour, and a canvas token carries nothing. So the base's recipe first trains the tower alone to emit,
+for each merged token,
+
+  target = s * (position_scale * code(row, col) / sqrt(d) + object_scale * u + colour_scale * v[colour])
+
+with s the token's saliency within its colour and `colour` its palette colour (both from its pixels,
+`processing.image.token_colours`), code the fixed 2-D sin-cos code of its cell (`model.vision.
+position_code`), u a fixed "object" direction and v[k] a fixed unit direction per palette colour. The
+loss is the squared error summed over the hidden size, relative to the targets' mean squared norm, and
+averaged over real image tokens; the decoder then trains on the frozen tower (`pretrain_vision` stage,
+`pipeline/pretrain_stage.py`).
+
+These targets are world knowledge of the synthetic scenes (their palette), a training aid for the
+miniature only: the 7B recipe starts from a tower that has learnt to see already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mini_o3_jax.model import vision as vision_lib
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import state as state_lib
+from mini_o3_jax.train.state import Metrics, Params, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTargetConfig:
+  """The target's parts (module docstring): scales of the position code, the object direction and
+  the colour direction; the seeds of the fixed directions; the palette size."""
+  num_colours: int
+  position_scale: float = 0.5
+  object_scale: float = 0.4
+  colour_scale: float = 0.4
+  object_seed: int = 7
+  colour_seed: int = 11
+
+
+def object_direction(dim: int, seed: int) -> jax.Array:
+  """float32 [dim], norm ~1: the fixed direction every shape token shares."""
+  return jax.random.normal(jax.random.PRNGKey(seed), (dim,), jnp.float32) / math.sqrt(dim)
+
+
+def colour_directions(num_colours: int, dim: int, seed: int) -> jax.Array:
+  """float32 [num_colours, dim], unit rows: one fixed direction per palette colour."""
+  v = jax.random.normal(jax.random.PRNGKey(seed), (num_colours, dim), jnp.float32)
+  return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, dim: int,
+                    config: FeatureTargetConfig) -> jax.Array:
+  """float32 [batch, tokens, dim] targets (module docstring) from saliency float [batch, tokens] (< 0 on
+  padding, treated as 0), colour int [batch, tokens] and cells int [batch, tokens, 2] (row, column)."""
+  s = jnp.maximum(saliency.astype(jnp.float32), 0.0)[..., None]                    # [b, t, 1]
+  b, t = saliency.shape
+  code = vision_lib.position_code(cells[..., 0].reshape(-1), cells[..., 1].reshape(-1), dim).reshape(b, t, dim)
+  colours = colour_directions(config.num_colours, dim, config.colour_seed)[jnp.clip(colour, 0)]  # [b, t, dim]
+  return s * (config.position_scale * code / math.sqrt(dim)
+              + config.object_scale * object_direction(dim, config.object_seed)
+              + config.colour_scale * colours)
+
+
+def feature_target_loss(image_embeds: jax.Array, targets: jax.Array, real: jax.Array) -> jax.Array:
+  """Mean over real tokens of |embed - target|^2 / (mean over real tokens of |target|^2), pure.
+
+  image_embeds, targets: [batch, tokens, dim]; real: bool [batch, tokens] (False on padding).
+  """
+  real = real.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(real), 1.0)
+  scale = jnp.maximum(jnp.sum(real * jnp.sum(jnp.square(targets), -1)) / count, 1e-6)
+  err = jnp.sum(jnp.square(image_embeds.astype(jnp.float32) - targets), -1)        # [b, t]
+  return jnp.sum(real * err) / count / scale
+
+
+def vision_loss_and_grads(config: FeatureTargetConfig, graphdef, params: Params,
+                          batch: batch_lib.SFTBatch) -> tuple[jax.Array, Metrics, Params]:
+  """The tower's feature-target loss on one batch and its gradients (the decoder is not run), pure."""
+  if batch.image_saliency is None or batch.image_colour is None or batch.image_cell is None:
+    raise ValueError("the feature targets need SFTBatch.image_saliency, image_colour and image_cell")
+
+  def loss_fn(p: Params) -> jax.Array:
+    model = nnx.merge(graphdef, p)
+    emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)   # [batch, tokens, dim]
+    targets = feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1], config)
+    return feature_target_loss(emb, targets, batch.image_saliency >= 0)
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  return loss, {"loss": loss}, grads
+
+
+def make_vision_step(config: FeatureTargetConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                     state_shardings: TrainState, *,
+                     learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None) -> state_lib.ShardedStep:
+  """The jitted tower step `(state, SFTBatch) -> (state, metrics)`: loss, grad_norm, learning_rate."""
+
+  def step(state: TrainState, batch: batch_lib.SFTBatch) -> tuple[TrainState, Metrics]:
+    loss, metrics, grads = vision_loss_and_grads(config, state.graphdef, state.params, batch)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return state_lib.apply_gradients(state, grads, tx), metrics
+
+  return state_lib.ShardedStep(step, mesh, state_shardings)

@@ -1,0 +1,246 @@
+"""The base's two-phase recipe (issue 13): feature targets for the tower, its stage alone, the cell-first
+locate answer, the fixed sin-cos code on the patch embeddings."""
+
+import dataclasses
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+import train_worker as W  # noqa: E402
+
+from configs import demo  # noqa: E402
+from mini_o3_jax import run_config  # noqa: E402
+from mini_o3_jax.agent import tools  # noqa: E402
+from mini_o3_jax.data import grounding, synthetic  # noqa: E402
+from mini_o3_jax.model import config as config_lib  # noqa: E402
+from mini_o3_jax.model import vlm  # noqa: E402
+from mini_o3_jax.model.vision import VisionInputs  # noqa: E402
+from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage  # noqa: E402
+from mini_o3_jax.processing import image as image_lib  # noqa: E402
+from mini_o3_jax.train import batch as batch_lib  # noqa: E402
+from mini_o3_jax.train import optimizer as opt_lib  # noqa: E402
+from mini_o3_jax.train import state as state_lib  # noqa: E402
+from mini_o3_jax.train import vision_targets as vt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  return common.build_tokenizer(demo.get_config(), str(tmp_path_factory.mktemp("tok")))
+
+
+def _sincos(pos, dim, max_period):
+  """numpy: [n, dim] sin / cos of rows then cols at dim / 4 frequencies pi .. pi / max_period."""
+  q = dim // 4
+  freqs = math.pi * np.exp(-np.log(max_period) * np.arange(q) / max(q - 1, 1))
+  r, c = pos[:, :1] * freqs, pos[:, 1:] * freqs
+  out = np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], -1)
+  return np.pad(out, ((0, 0), (0, dim - out.shape[-1])))
+
+
+# ------------------------------------------------------------------------------------------ host targets
+
+def test_token_colours_name_each_shape_and_silence_the_canvas():
+  """On rendered scenes: the tokens that hold a shape take the shape's palette colour, each shape's most
+  colourful token has saliency 1 however pale its colour, and tokens far from every shape have 0."""
+  tcfg = synthetic.SyntheticConfig()
+  names = [name for name, _ in tcfg.palette]
+  palette = np.asarray([rgb for _, rgb in tcfg.palette], np.float32) / 255.0
+  checked = 0
+  for i in range(6):
+    task = grounding.make_scene("few", i, tcfg)
+    pv, grid = image_lib.preprocess_image(synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
+                                          tcfg.view_max_pixels)
+    saliency, colour = image_lib.token_colours(pv, grid[None], palette)
+    cells = image_lib.token_cells(grid[None])
+    th, tw = grid[1] // 2, grid[2] // 2
+    assert saliency.shape == colour.shape == (th * tw,) and cells.shape == (th * tw, 2)
+    assert np.all((saliency >= 0) & (saliency <= 1))
+    centre = lambda box: ((box[1] + box[3]) / 2 * th, (box[0] + box[2]) / 2 * tw)   # in token units
+    for obj in task.objects:
+      y, x = centre(obj.box)
+      at = int(np.flatnonzero((cells[:, 0] == int(y)) & (cells[:, 1] == int(x)))[0])
+      if saliency[at] > 0.3:       # the token under the shape's centre holds enough of it to be named
+        assert names[colour[at]] == obj.colour, (i, obj.colour, names[colour[at]])
+        checked += 1
+      same = colour == names.index(obj.colour)
+      assert abs(saliency[same].max() - 1) < 1e-4
+    # a token that no shape's box touches is canvas
+    boxes = [o.box for o in task.objects]
+    for t, (r, c) in enumerate(cells):
+      if not any(b[0] < (c + 1) / tw and b[2] > c / tw and b[1] < (r + 1) / th and b[3] > r / th for b in boxes):
+        assert saliency[t] == 0.0
+  assert checked >= 10, checked
+
+
+def test_token_cells_are_row_major_per_image():
+  cells = image_lib.token_cells(np.array([[1, 4, 6], [1, 2, 2]]))
+  assert cells.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2], [0, 0]]
+
+
+# ------------------------------------------------------------------------------------------ the math
+
+def test_feature_targets_and_loss_match_numpy():
+  rng = np.random.default_rng(0)
+  b, t, d, k = 3, 5, 16, 4
+  saliency = rng.uniform(0, 1, size=(b, t)).astype(np.float32)
+  saliency[2, 3:] = -1.0                                              # padding tokens
+  colour = rng.integers(0, k, size=(b, t)).astype(np.int32)
+  cells = rng.integers(0, 4, size=(b, t, 2)).astype(np.int32)
+  cfg = vt.FeatureTargetConfig(num_colours=k, position_scale=0.5, object_scale=0.4, colour_scale=0.3)
+  got = np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, cfg))
+  u = np.asarray(vt.object_direction(d, cfg.object_seed))
+  v = np.asarray(vt.colour_directions(k, d, cfg.colour_seed))
+  np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-6)
+  code = _sincos(cells.reshape(-1, 2).astype(np.float64), d, 4.0).reshape(b, t, d)
+  want = np.maximum(saliency, 0)[..., None] * (0.5 * code / np.sqrt(d) + 0.4 * u + 0.3 * v[colour])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.all(got[2, 3:] == 0)
+
+  emb = rng.normal(size=(b, t, d)).astype(np.float32)
+  real = saliency >= 0
+  scale = np.mean(np.sum(want[real] ** 2, -1))
+  expected = np.mean(np.sum((emb[real] - want[real]) ** 2, -1)) / scale
+  loss = vt.feature_target_loss(jnp.asarray(emb), jnp.asarray(got), jnp.asarray(real))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert float(vt.feature_target_loss(jnp.asarray(got), jnp.asarray(got), jnp.asarray(real))) == 0.0
+
+
+def test_train_only_vision_updates_the_tower_alone():
+  params = {"visual": {"w": jnp.ones((3, 4))}, "model": {"w": jnp.ones((3, 4))}}
+  cfg = opt_lib.OptimizerConfig(lr=0.1, train_only_vision=True, weight_decay=0.1)
+  tx = opt_lib.make_optimizer(cfg, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.asarray(updates["model"]["w"]) == 0) and np.all(np.asarray(updates["visual"]["w"]) != 0)
+  with pytest.raises(ValueError, match="train nothing"):
+    opt_lib.make_optimizer(dataclasses.replace(cfg, freeze_vision=True), params)
+  with pytest.raises(ValueError, match="train_only_vision"):
+    opt_lib.make_optimizer(cfg, {"model": params["model"]})
+
+
+def test_vision_step_learns_the_targets_and_leaves_the_decoder():
+  """The jitted tower step on a micro model: the feature-target loss falls, only `visual` params move."""
+  mcfg = W.micro_config()
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+  ocfg = opt_lib.OptimizerConfig(lr=3e-3, total_steps=40, train_only_vision=True)
+  state, shardings, tx = state_lib.create_train_state(mcfg, lambda p: state_lib.make_tx(ocfg, p), mesh, seed=0)
+  before = jax.tree.map(np.asarray, state.params)
+  examples = batch_lib.random_examples(mcfg, 4, seq_len=40, images_per_row=1, grid=(1, 4, 4), seed=3)
+  batch = batch_lib.collate_sft(examples, mcfg, batch_lib.BatchConfig(4, length_buckets=(48,), patch_buckets=(16,)))
+  rng = np.random.default_rng(0)
+  batch = dataclasses.replace(batch, image_saliency=(rng.uniform(size=(4, 4)) > 0.5).astype(np.float32),
+                              image_colour=rng.integers(0, 3, size=(4, 4)).astype(np.int32),
+                              image_cell=np.tile(image_lib.token_cells(np.array([[1, 4, 4]]))[None], (4, 1, 1)))
+  step = vt.make_vision_step(vt.FeatureTargetConfig(num_colours=3), tx, mesh, shardings)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch_lib.shard_batch(batch, mesh))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  after = jax.tree.leaves(jax.tree.map(np.asarray, state.params))
+  moved = {opt_lib.path_names(path): not np.array_equal(x, y)
+           for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(before), after)}
+  assert any(m for names, m in moved.items() if names[0] == "visual")
+  assert not any(m for names, m in moved.items() if names[0] != "visual"), [n for n, m in moved.items() if m]
+
+
+# ------------------------------------------------------------------------------------------ model option
+
+def test_position_sincos_is_a_fixed_position_table():
+  """position_sincos = a adds a * the sin-cos code of each patch's (row, column) to the patch embeddings:
+  the same model as a position table whose row / column rows hold the code's row / column halves."""
+  base = config_lib.tiny(300, image_token_id=290, vision_start_token_id=291, vision_end_token_id=292,
+                         video_token_id=293)
+  d = base.vision.hidden_size
+  coded = vlm.random_model(base.replace(vision=dataclasses.replace(base.vision, position_sincos=0.7)), seed=1)
+  table = vlm.random_model(base.replace(vision=dataclasses.replace(base.vision, position_table=8)), seed=1)
+  pos = np.arange(8, dtype=np.float64)[:, None]
+  code = 0.7 * _sincos(np.concatenate([pos, pos], -1), d, 10.0)              # [8, d]: rows and cols alike
+  half = 2 * (d // 4)
+  table.visual.row_embed[...] = jnp.asarray(np.concatenate([code[:, :half], np.zeros((8, d - half))], -1), jnp.float32)
+  table.visual.col_embed[...] = jnp.asarray(np.concatenate([np.zeros((8, half)), code[:, half:]], -1), jnp.float32)
+  shared = nnx.to_pure_dict(nnx.state(table, nnx.Param))        # every other weight the same in both
+  del shared["visual"]["row_embed"], shared["visual"]["col_embed"]
+  params = nnx.state(coded, nnx.Param)
+  nnx.replace_by_pure_dict(params, shared)
+  nnx.update(coded, params)
+  grids = np.array([[1, 4, 6], [1, 6, 4]])
+  pv = np.random.default_rng(0).normal(size=(48, base.vision.patch_dim)).astype(np.float32)
+  inputs = VisionInputs.build(grids, coded.config.vision)
+  got = np.asarray(coded.encode_images(pv, inputs))
+  np.testing.assert_allclose(got, np.asarray(table.encode_images(pv, inputs)), atol=1e-5)
+  plain = vlm.random_model(base, seed=1)
+  nnx.update(plain, params)
+  assert not np.allclose(got, np.asarray(plain.encode_images(pv, inputs)), atol=1e-3)
+  with pytest.raises(ValueError, match="position_sincos"):
+    coded.config.to_hf_dict()
+
+
+# ------------------------------------------------------------------------------------------ the rows
+
+def test_cell_first_answers_and_cell_only_loss(tokenizer):
+  tcfg = synthetic.SyntheticConfig()
+  assert [grounding.grid_cell(b) for b in ([0, 0, 0.1, 0.1], [0.4, 0.4, 0.6, 0.6], [0.9, 0.1, 1.0, 0.3],
+                                           [0.0, 0.7, 0.2, 1.0])] == [1, 5, 3, 7]
+  cfg = grounding.GroundingConfig(locate=2, name=1, read=0, cell_first=True, cell_only=True, target_first=False)
+  firsts = set()
+  for i in range(12):
+    task = grounding.make_scene("few", i, tcfg)
+    rng = np.random.default_rng(i)
+    questions = grounding.scene_questions(task, cfg, np.random.default_rng(i))
+    for kind, _, answer, j in questions:
+      if kind == "locate":
+        cell, call = answer.split(" ", 1)
+        assert int(cell) == grounding.grid_cell(task.objects[j].box)
+        assert grounding_probe.iou(tools.parse_action(call).bbox, task.objects[j].box) > 0.8
+        assert tools.parse_action(answer).bbox == tools.parse_action(call).bbox   # the agent's parser reads past it
+    firsts.add(task.objects[[q for q in questions if q[0] == "locate"][0][3]].is_target
+               if any(q[0] == "locate" for q in questions) else None)
+    ex = grounding.scene_example(task, tokenizer, cfg, tcfg, rng)
+    full = grounding.scene_example(task, tokenizer, dataclasses.replace(cfg, cell_only=False), tcfg,
+                                   np.random.default_rng(i))
+    np.testing.assert_array_equal(ex["input_ids"], full["input_ids"])
+    locate = ex["kinds"] == grounding.KINDS.index("locate")
+    starts = locate & ~np.concatenate([[False], locate[:-1]])
+    np.testing.assert_array_equal(ex["loss_mask"][locate], starts[locate])           # one token per answer
+    np.testing.assert_array_equal(ex["loss_mask"][~locate], full["loss_mask"][~locate])
+    pieces = [tokenizer.decode([int(x)]) for x in ex["input_ids"]]
+    roles = grounding_probe.token_roles(pieces, ex["kinds"])
+    assert [t for t, r in enumerate(roles) if r == "cell"] == list(np.flatnonzero(starts))
+    assert all(pieces[t].strip().isdigit() for t in np.flatnonzero(starts))
+  assert firsts >= {True, False}       # target_first=False: the target is not always asked first
+  with pytest.raises(ValueError, match="cell_only needs cell_first"):
+    grounding.GroundingConfig(cell_only=True)
+
+
+def test_feature_target_batch_from_rows(tokenizer):
+  """`with_feature_targets` fills each row's real tokens from its pixels and pads with saliency -1."""
+  config = common.resolve(demo.get_config())
+  mcfg = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
+  rows = [grounding.scene_example(grounding.make_scene("few", i, tcfg), tokenizer, gcfg, tcfg,
+                                  np.random.default_rng(i)) for i in range(3)]
+  patches = int(np.prod(rows[0]["image_grid_thw"], -1).sum())
+  bcfg = batch_lib.BatchConfig(batch_size=4, length_buckets=(128,), patch_buckets=(patches + 4,),
+                               pad_token_id=mcfg.text.pad_token_id)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette)), palette=palette)
+  batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, bcfg), rows, mcfg, stage)
+  tokens = patches // 4
+  assert batch.image_saliency.shape == batch.image_colour.shape == (4, tokens + 1)
+  assert batch.image_cell.shape == (4, tokens + 1, 2)
+  assert np.all(batch.image_saliency[:3, tokens:] == -1) and np.all(batch.image_saliency[3] == -1)
+  for r, row in enumerate(rows):
+    s, k = image_lib.token_colours(row["pixel_values"], row["image_grid_thw"], np.asarray(palette))
+    np.testing.assert_array_equal(batch.image_saliency[r, :tokens], s)
+    np.testing.assert_array_equal(batch.image_colour[r, :tokens], k)
+    np.testing.assert_array_equal(batch.image_cell[r, :tokens], image_lib.token_cells(row["image_grid_thw"]))
