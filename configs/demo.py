@@ -49,7 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Experimental, not Qwen2.5-VL (model/config.py; docs/miniature.md): a position table on the patch
       # embeddings, and the merger output centred / rescaled per image with a post-merger cell code.
       vision_position_table=0, vision_position_sincos=0.0, vision_output_centre=False, vision_output_rms=0.0,
-      vision_output_position_code=0.0))
+      vision_output_position_code=0.0,
+      # Start from these weights: an HF directory (its config.json gives the sizes) or an Orbax checkpoint
+      # directory of a run with the sizes above (e.g. WORKDIR/ckpt/pretrain); "" = a fresh init.
+      init_from=""))
 
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic",  # or "collected": the `coldstart` stage's output in collected_dir

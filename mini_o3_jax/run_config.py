@@ -114,7 +114,8 @@ def model_config(config, tokenizer) -> config_lib.VLMConfig:
 
 
 def model_config_for_vocabulary(config, vocab_size: int, ids: dict[str, int]) -> config_lib.VLMConfig:
-  """The run's model: `model.init_from`'s config.json, a `model.preset`, or the demo's own sizes.
+  """The run's model: `model.init_from`'s config.json, a `model.preset`, or the config's own sizes (also for an
+  `init_from` that is an Orbax checkpoint directory: a run of those sizes).
 
   The tokenizer must fit it (its ids inside the vocabulary, its image tokens the model's).
   """
@@ -132,10 +133,10 @@ def model_config_for_vocabulary(config, vocab_size: int, ids: dict[str, int]) ->
                                                  pad_token_id=ids["pad_token_id"]))
   elif m.get("preset") in PRESETS:
     mcfg = PRESETS[m.preset](**run)
-  elif m.get("preset") or m.get("init_from"):
+  elif m.get("preset"):
     raise ValueError(f"model.preset={m.get('preset')!r}: expected one of {sorted([*PRESETS, *TINY_PRESETS])}, or an "
                      "init_from directory with a config.json")
-  else:
+  else:  # the config's own sizes (an init_from without config.json is an Orbax checkpoint of such a run)
     mcfg = _sized_model(m, vocab_size, ids, run)
   if vocab_size > mcfg.text.vocab_size:
     raise ValueError(f"the tokenizer has {vocab_size} tokens, more than the model's vocabulary {mcfg.text.vocab_size}")
@@ -253,7 +254,7 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
       curriculum=grounding.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
-                                                   "question_first", "target_first", "cell_first", "cell_only")),
+                                                   "question_first", "target_first", "cell_first", "cell_only_steps")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
                             "from_stage").items()})

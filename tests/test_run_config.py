@@ -1,5 +1,7 @@
 """The run config read into typed stage configs: one place for defaults, explicit keys win."""
 
+import dataclasses
+
 import pytest
 
 from configs import demo, pretrain_tiny
@@ -111,3 +113,21 @@ def test_pretrain_vision_stage_reads_its_section(model):
                                               object_scale=c.targets.object_scale,
                                               colour_scale=c.targets.colour_scale)
   assert (stage.chroma_floor, stage.saliency_power) == (c.targets.chroma_floor, c.targets.saliency_power)
+
+
+def test_an_orbax_init_from_keeps_the_configs_own_sizes(tmp_path):
+  """`model.init_from` without a config.json (an Orbax checkpoint of a run) builds the config's own sizes;
+  an HF directory's config.json wins; an unknown preset is refused."""
+  config = demo.get_config()
+  sized = run_config.model_config_for_vocabulary(config, 1024, IDS)
+  config.model.init_from = str(tmp_path / "ckpt" / "pretrain")
+  assert run_config.model_config_for_vocabulary(config, 1024, IDS) == sized
+  hf_dir = tmp_path / "hf"
+  bigger = sized.replace(text=dataclasses.replace(sized.text, num_hidden_layers=sized.text.num_hidden_layers + 1))
+  bigger.save_pretrained(str(hf_dir))
+  config.model.init_from = str(hf_dir)
+  assert run_config.model_config_for_vocabulary(config, 1024, IDS).text.num_hidden_layers == bigger.text.num_hidden_layers
+  config.model.preset = "qwen25vl_70b"
+  config.model.init_from = ""
+  with pytest.raises(ValueError, match="expected one of"):
+    run_config.model_config_for_vocabulary(config, 1024, IDS)

@@ -189,7 +189,7 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
   tcfg = synthetic.SyntheticConfig()
   assert [grounding.grid_cell(b) for b in ([0, 0, 0.1, 0.1], [0.4, 0.4, 0.6, 0.6], [0.9, 0.1, 1.0, 0.3],
                                            [0.0, 0.7, 0.2, 1.0])] == [1, 5, 3, 7]
-  cfg = grounding.GroundingConfig(locate=2, name=1, read=0, cell_first=True, cell_only=True, target_first=False)
+  cfg = grounding.GroundingConfig(locate=2, name=1, read=0, cell_first=True, cell_only_steps=3, target_first=False)
   firsts = set()
   for i in range(12):
     task = grounding.make_scene("few", i, tcfg)
@@ -203,9 +203,8 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
         assert tools.parse_action(answer).bbox == tools.parse_action(call).bbox   # the agent's parser reads past it
     firsts.add(task.objects[[q for q in questions if q[0] == "locate"][0][3]].is_target
                if any(q[0] == "locate" for q in questions) else None)
-    ex = grounding.scene_example(task, tokenizer, cfg, tcfg, rng)
-    full = grounding.scene_example(task, tokenizer, dataclasses.replace(cfg, cell_only=False), tcfg,
-                                   np.random.default_rng(i))
+    ex = grounding.scene_example(task, tokenizer, cfg, tcfg, rng, cell_only=True)
+    full = grounding.scene_example(task, tokenizer, cfg, tcfg, np.random.default_rng(i))
     np.testing.assert_array_equal(ex["input_ids"], full["input_ids"])
     locate = ex["kinds"] == grounding.KINDS.index("locate")
     starts = locate & ~np.concatenate([[False], locate[:-1]])
@@ -216,8 +215,17 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
     assert [t for t, r in enumerate(roles) if r == "cell"] == list(np.flatnonzero(starts))
     assert all(pieces[t].strip().isdigit() for t in np.flatnonzero(starts))
   assert firsts >= {True, False}       # target_first=False: the target is not always asked first
-  with pytest.raises(ValueError, match="cell_only needs cell_first"):
-    grounding.GroundingConfig(cell_only=True)
+  with pytest.raises(ValueError, match="cell_only_steps needs cell_first"):
+    grounding.GroundingConfig(cell_only_steps=5)
+  # A stream keeps the cell alone in the loss for its first cell_only_steps steps, the whole answer after.
+  stream = grounding.SceneStream(grounding.Curriculum.parse("0:few=1"), cfg, tcfg, tokenizer, rows=2, seed=0)
+  locate_loss = lambda rows: [int(r["loss_mask"][r["kinds"] == grounding.KINDS.index("locate")].sum()) for r in rows]
+  answers = lambda rows: [int(((r["kinds"] == grounding.KINDS.index("locate"))
+                               & ~np.concatenate([[False], r["kinds"][:-1] == grounding.KINDS.index("locate")])).sum())
+                          for r in rows]
+  early, late = stream.rows_for(2), stream.rows_for(3)
+  assert locate_loss(early) == answers(early) and all(a > 0 for a in answers(early))
+  assert all(n > a for n, a in zip(locate_loss(late), answers(late)))
 
 
 def test_feature_target_batch_from_rows(tokenizer):

@@ -100,8 +100,9 @@ class GroundingConfig:
   cell_first: a locate answer starts with the 3 x 3 grid cell of the box centre as one digit (1-9,
     row-major) before the call: one token that names the place is what the tiny decoder learns to bind
     to the question (docs/miniature.md, sessions 9-11); the call's box follows.
-  cell_only: (with cell_first) only the cell digit of a locate answer is in the loss; the call stays
-    in the row. The binding phase of the base's recipe.
+  cell_only_steps: (with cell_first) in a `SceneStream`'s first this many steps only the cell digit of
+    a locate answer is in the loss (the call stays in the row): the binding phase of the base's recipe,
+    the whole answer after it.
   """
   locate: int = 6
   name: int = 2
@@ -110,11 +111,11 @@ class GroundingConfig:
   question_first: bool = False
   target_first: bool = True
   cell_first: bool = False
-  cell_only: bool = False
+  cell_only_steps: int = 0
 
   def __post_init__(self):
-    if self.cell_only and not self.cell_first:
-      raise ValueError("cell_only needs cell_first (the cell digit is what stays in the loss)")
+    if self.cell_only_steps and not self.cell_first:
+      raise ValueError("cell_only_steps needs cell_first (the cell digit is what stays in the loss)")
 
 
 def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
@@ -214,8 +215,10 @@ def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic
 
 
 def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
-                  task_config: synthetic.SyntheticConfig, rng: np.random.Generator) -> dict[str, Any]:
-  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw}.
+                  task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
+                  cell_only: bool = False) -> dict[str, Any]:
+  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw}; `cell_only` keeps
+  only each locate answer's first token (its cell, with `cell_first`) in the loss.
 
   `kinds` int [T] is the index in KINDS of the question each answer token belongs to (-1 elsewhere),
   so the skills probe can score each kind separately.
@@ -226,7 +229,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
   kinds = _answer_kinds(enc["loss_mask"], [q[0] for q in questions])
-  loss_mask = _first_token_only(enc["loss_mask"], kinds == KINDS.index("locate")) if config.cell_only \
+  loss_mask = _first_token_only(enc["loss_mask"], kinds == KINDS.index("locate")) if cell_only \
       else enc["loss_mask"]
   return {
       "id": task.id,
@@ -276,5 +279,6 @@ class SceneStream:
     out = []
     for r, pick in enumerate(picks):
       task = make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
-      out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng))
+      out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng,
+                               cell_only=step < self.config.cell_only_steps))
     return out

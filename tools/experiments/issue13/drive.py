@@ -150,7 +150,7 @@ if E("EX_ASKANY"):
 if E("EX_CELLFIRST"):
   _before_cellfirst_answer = grounding.locate_answer
 
-  def locate_answer(box, decimals):
+  def locate_answer(box, decimals, cell_first=False):
     """The box's 3 x 3 grid cell (1-9, one digit token: recall3's ANS1) before the `<grounding>` call."""
     col, row = (min(2, int(3 * (box[0] + box[2]) / 2)), min(2, int(3 * (box[1] + box[3]) / 2)))
     return f"{1 + 3 * row + col} " + _before_cellfirst_answer(box, decimals)
@@ -160,7 +160,7 @@ if E("EX_CELLFIRST"):
 if E("EX_CELLONLY"):  # train the cell token alone: every locate answer's later tokens are in the row, not in the loss
   _before_cellonly_example = grounding.scene_example
 
-  def scene_example(task, tokenizer, config, task_config, rng):
+  def scene_example(task, tokenizer, config, task_config, rng, cell_only=False):
     ex = _before_cellonly_example(task, tokenizer, config, task_config, rng)
     mask, kinds = ex["loss_mask"].copy(), ex["kinds"]
     locate = (kinds == grounding.KINDS.index("locate")).astype(np.int32)

@@ -50,3 +50,13 @@ sim = np.einsum("btd,bsd->bts", u, u)
 same_col = np.einsum("btk,bsk->bts", oh, oh) > 0
 m = shape[:, :, None] & shape[:, None, :] & ~np.eye(emb.shape[1], dtype=bool)[None]
 print("cos between shape tokens: same colour %.3f, different colour %.3f" % (sim[m & same_col].mean(), sim[m & ~same_col].mean()))
+# position: a ridge probe from shape tokens to their merged-token (row, column), fit on half the scenes
+# and scored on the other half (rounded to the nearest cell): does the token carry where it is?
+cells = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(-1, 2)[:emb.shape[1]]
+rc = np.broadcast_to(cells[None], emb.shape[:2] + (2,))
+half = np.arange(emb.shape[0]) < emb.shape[0] // 2
+fit, held = shape & half[:, None], shape & ~half[:, None]
+Xf = np.c_[emb[fit], np.ones(fit.sum())]
+Wp = np.linalg.solve(Xf.T @ Xf + 1e-3 * np.eye(Xf.shape[1]), Xf.T @ rc[fit].astype(np.float64))   # ridge: few tokens
+pred = np.rint(np.c_[emb[held], np.ones(held.sum())] @ Wp)
+print("position probe (held-out shape tokens): cell exact %.3f on %d tokens" % (np.all(pred == rc[held], -1).mean(), held.sum()))
