@@ -31,9 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
       curriculum="0:single=0.3,few=0.7", length_buckets=(96,), patch_buckets=(64,),
       checkpoint_every=250, log_every=25,
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
-      # a shared object direction + colour_scale * its colour's direction), s its saliency within its colour
-      # (0 at or below chroma_floor: the canvas), to saliency_power.
-      targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, chroma_floor=0.08, saliency_power=4.0)))
+      # a shared object direction + colour_scale * its colour's direction + shape_scale * its shape kind's
+      # direction), s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power.
+      targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
+                   saliency_power=4.0)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.

@@ -279,13 +279,15 @@ class PretrainVisionStage:
 
 def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVisionStage:
   c = config.pretrain_vision
-  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in task_config(config).palette)
+  world = task_config(config)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in world.palette)
   return PretrainVisionStage(
       loop=_loop(c), optimizer=_optimizer(c, train_only_vision=True),
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
       curriculum=grounding.Curriculum.parse(c.curriculum),
-      targets=FeatureTargetConfig(num_colours=len(palette), **_given(c.targets, "position_scale", "object_scale",
-                                                                     "colour_scale")),
+      targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
+                                  **_given(c.targets, "position_scale", "object_scale", "colour_scale",
+                                           "shape_scale")),
       palette=palette, **_given(c.targets, "chroma_floor", "saliency_power"))
 
 

@@ -109,9 +109,11 @@ def test_pretrain_vision_stage_reads_its_section(model):
   assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
   palette = run_config.task_config(config).palette
   assert stage.palette == tuple(tuple(v / 255 for v in rgb) for _, rgb in palette)
-  assert stage.targets == FeatureTargetConfig(num_colours=len(palette), position_scale=c.targets.position_scale,
+  assert stage.targets == FeatureTargetConfig(num_colours=len(palette),
+                                              num_shapes=len(run_config.task_config(config).shapes),
+                                              position_scale=c.targets.position_scale,
                                               object_scale=c.targets.object_scale,
-                                              colour_scale=c.targets.colour_scale)
+                                              colour_scale=c.targets.colour_scale, shape_scale=c.targets.shape_scale)
   assert (stage.chroma_floor, stage.saliency_power) == (c.targets.chroma_floor, c.targets.saliency_power)
 
 

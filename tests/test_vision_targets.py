@@ -84,6 +84,15 @@ def test_token_cells_are_row_major_per_image():
   assert cells.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2], [0, 0]]
 
 
+def test_token_boxes_pick_the_box_that_covers_most_of_each_token():
+  # a 4 x 4 token grid; box 0 covers the top-left 2 x 2 tokens (and a sliver more), box 1 most of token (3, 3)
+  # and a sliver of (2, 3), where box 2 covers more
+  boxes = np.array([[0.0, 0.0, 0.55, 0.55], [0.8, 0.7, 1.0, 1.0], [0.76, 0.5, 1.0, 0.72]])
+  got = image_lib.token_boxes(boxes, (1, 8, 8)).reshape(4, 4)
+  assert got.tolist() == [[0, 0, 0, -1], [0, 0, 0, -1], [0, 0, 0, 2], [-1, -1, -1, 1]]
+  assert image_lib.token_boxes(np.zeros((0, 4)), (2, 4, 4)).tolist() == [-1] * 8
+
+
 # ------------------------------------------------------------------------------------------ the math
 
 def test_feature_targets_and_loss_match_numpy():
@@ -93,15 +102,24 @@ def test_feature_targets_and_loss_match_numpy():
   saliency[2, 3:] = -1.0                                              # padding tokens
   colour = rng.integers(0, k, size=(b, t)).astype(np.int32)
   cells = rng.integers(0, 4, size=(b, t, 2)).astype(np.int32)
-  cfg = vt.FeatureTargetConfig(num_colours=k, position_scale=0.5, object_scale=0.4, colour_scale=0.3)
+  shape = rng.integers(-1, 3, size=(b, t)).astype(np.int32)                   # -1: no shape covers the token
+  cfg = vt.FeatureTargetConfig(num_colours=k, num_shapes=3, position_scale=0.5, object_scale=0.4, colour_scale=0.3)
   got = np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, cfg))
   u = np.asarray(vt.object_direction(d, cfg.object_seed))
-  v = np.asarray(vt.colour_directions(k, d, cfg.colour_seed))
+  v = np.asarray(vt.unit_directions(k, d, cfg.colour_seed))
   np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-6)
   code = _sincos(cells.reshape(-1, 2).astype(np.float64), d, 4.0).reshape(b, t, d)
   want = np.maximum(saliency, 0)[..., None] * (0.5 * code / np.sqrt(d) + 0.4 * u + 0.3 * v[colour])
   np.testing.assert_allclose(got, want, atol=1e-6)
   assert np.all(got[2, 3:] == 0)
+  with_kind = dataclasses.replace(cfg, shape_scale=0.2)
+  w = np.asarray(vt.unit_directions(3, d, cfg.shape_seed))
+  kinds = np.where((shape >= 0)[..., None], w[np.maximum(shape, 0)], 0.0)
+  np.testing.assert_allclose(np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells),
+                                                           d, with_kind, jnp.asarray(shape))),
+                             want + np.maximum(saliency, 0)[..., None] * 0.2 * kinds, atol=1e-6)
+  with pytest.raises(ValueError, match="shape kind"):
+    vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, with_kind)
 
   emb = rng.normal(size=(b, t, d)).astype(np.float32)
   real = saliency >= 0
@@ -252,3 +270,11 @@ def test_feature_target_batch_from_rows(tokenizer):
     np.testing.assert_array_equal(batch.image_saliency[r, :tokens], s)
     np.testing.assert_array_equal(batch.image_colour[r, :tokens], k)
     np.testing.assert_array_equal(batch.image_cell[r, :tokens], image_lib.token_cells(row["image_grid_thw"]))
+    # the kind of the shape that covers most of each token, from the scene's own objects
+    task = grounding.make_scene("few", r, tcfg)
+    for t, (y, x) in enumerate(image_lib.token_cells(row["image_grid_thw"])):
+      th, tw = row["image_grid_thw"][0][1] // 2, row["image_grid_thw"][0][2] // 2
+      centre_in = [o for o in task.objects if o.box[0] <= (x + 0.5) / tw <= o.box[2] and o.box[1] <= (y + 0.5) / th <= o.box[3]]
+      if len(centre_in) == 1:        # a token whose centre one shape's box holds is that shape's
+        assert batch.image_shape[r, t] == tcfg.shapes.index(centre_in[0].shape)
+    assert np.all(batch.image_shape[r, tokens:] == -1)

@@ -217,8 +217,8 @@ def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic
 def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
                   cell_only: bool = False) -> dict[str, Any]:
-  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw}; `cell_only` keeps
-  only each locate answer's first token (its cell, with `cell_first`) in the loss.
+  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes};
+  `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss.
 
   `kinds` int [T] is the index in KINDS of the question each answer token belongs to (-1 elsewhere),
   so the skills probe can score each kind separately.
@@ -238,6 +238,9 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       "kinds": kinds,
       "pixel_values": np.concatenate([pv for pv, _ in processed]).astype(np.float32),
       "image_grid_thw": np.stack(grids).astype(np.int64),
+      # the scene's shapes (for the tower's feature targets: which token shows which kind)
+      "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
+      "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
   }
 
 

@@ -58,13 +58,15 @@ def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: floa
 def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
                          stage: run_config.PretrainVisionStage) -> batch_lib.SFTBatch:
   """`batch` with the tower's feature targets' inputs (`train.vision_targets`): per merged image token its
-  saliency within its colour (-1 on padding), its palette colour and its (row, column) cell."""
+  saliency within its colour (-1 on padding), its palette colour, its (row, column) cell and the kind of
+  the row's scene shape that covers most of it (-1: none, and on every later image of the row)."""
   v = model_config.vision
   b, num_patches = batch.inputs.pixel_values.shape[:2]
   tokens = num_patches // v.merge_unit
   saliency = np.full((b, tokens), -1.0, np.float32)
   colour = np.zeros((b, tokens), np.int32)
   cell = np.zeros((b, tokens, 2), np.int32)
+  shape = np.full((b, tokens), -1, np.int32)
   mean, std = image_lib.normalization(model_config.model_type)
   for r, e in enumerate(examples):
     if e.get("pixel_values") is None:
@@ -75,7 +77,11 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
                                    merge_size=v.spatial_merge_size, mean=mean, std=std)
     saliency[r, :len(s)], colour[r, :len(k)] = s, k
     cell[r, :len(s)] = image_lib.token_cells(e["image_grid_thw"], v.spatial_merge_size)
-  return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell)
+    if len(e.get("object_boxes", ())):
+      covering = image_lib.token_boxes(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
+      shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
+  return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
+                             image_shape=shape)
 
 
 def _train_on_scenes(name: str, workdir: str, state, shardings, step_fn, loop: run_config.Loop,

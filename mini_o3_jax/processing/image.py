@@ -315,6 +315,22 @@ def token_cells(grid_thw: np.ndarray, merge_size: int = 2) -> np.ndarray:
   return np.concatenate(cells).astype(np.int32) if cells else np.zeros((0, 2), np.int32)
 
 
+def token_boxes(boxes: np.ndarray, grid_thw: Sequence[int], merge_size: int = 2) -> np.ndarray:
+  """For one image of grid `grid_thw` (t, h, w patches): int32 [t * h * w / merge_size**2], per merged token in
+  processor order the index of the box (relative [x0, y0, x1, y1], float [n, 4]) that covers most of the
+  token's area, -1 where none touches it."""
+  t, h, w = (int(v) for v in grid_thw)
+  th, tw = h // merge_size, w // merge_size
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  rows, cols = np.meshgrid(np.arange(th), np.arange(tw), indexing="ij")
+  x0, y0 = cols.ravel() / tw, rows.ravel() / th                                      # [tokens] each token's corner
+  ix = np.clip(np.minimum(x0[:, None] + 1 / tw, boxes[None, :, 2]) - np.maximum(x0[:, None], boxes[None, :, 0]), 0, None)
+  iy = np.clip(np.minimum(y0[:, None] + 1 / th, boxes[None, :, 3]) - np.maximum(y0[:, None], boxes[None, :, 1]), 0, None)
+  area = ix * iy                                                                     # [tokens, boxes]
+  best = np.where(area.max(-1, initial=0.0) > 0, np.argmax(area, -1) if len(boxes) else 0, -1)
+  return np.tile(best, t).astype(np.int32)
+
+
 def num_image_tokens(grid_thw: Sequence[int] | np.ndarray, merge_size: int = 2) -> int:
   """Number of `<|image_pad|>` tokens (merged vision tokens) for one image."""
   n = int(np.prod(np.asarray(grid_thw, dtype=np.int64)))

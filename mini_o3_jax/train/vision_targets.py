@@ -5,11 +5,13 @@ this (docs/miniature.md, sessions 10-11): a token that holds a shape carries its
 colour, and a canvas token carries nothing. So the base's recipe first trains the tower alone to emit,
 for each merged token,
 
-  target = s * (position_scale * code(row, col) / sqrt(d) + object_scale * u + colour_scale * v[colour])
+  target = s * (position_scale * code(row, col) / sqrt(d) + object_scale * u + colour_scale * v[colour]
+                + shape_scale * w[shape])
 
 with s the token's saliency within its colour and `colour` its palette colour (both from its pixels,
 `processing.image.token_colours`), code the fixed 2-D sin-cos code of its cell (`model.vision.
-position_code`), u a fixed "object" direction and v[k] a fixed unit direction per palette colour. The
+position_code`), u a fixed "object" direction, v[k] a fixed unit direction per palette colour and w[k] one
+per shape kind (the kind of the scene's shape that covers most of the token; no term where none does). The
 loss is the squared error summed over the hidden size, relative to the targets' mean squared norm, and
 averaged over real image tokens; the decoder then trains on the frozen tower (`pretrain_vision` stage,
 `pipeline/pretrain_stage.py`).
@@ -38,14 +40,18 @@ from mini_o3_jax.train.state import Metrics, Params, TrainState
 
 @dataclasses.dataclass(frozen=True)
 class FeatureTargetConfig:
-  """The target's parts (module docstring): scales of the position code, the object direction and
-  the colour direction; the seeds of the fixed directions; the palette size."""
+  """The target's parts (module docstring): scales of the position code, the object direction, the
+  colour direction and the shape-kind direction (0 = no shape term); the seeds of the fixed directions;
+  the palette size and the number of shape kinds."""
   num_colours: int
+  num_shapes: int = 0
   position_scale: float = 0.5
   object_scale: float = 0.4
   colour_scale: float = 0.4
+  shape_scale: float = 0.0
   object_seed: int = 7
   colour_seed: int = 11
+  shape_seed: int = 13
 
 
 def object_direction(dim: int, seed: int) -> jax.Array:
@@ -53,23 +59,29 @@ def object_direction(dim: int, seed: int) -> jax.Array:
   return jax.random.normal(jax.random.PRNGKey(seed), (dim,), jnp.float32) / math.sqrt(dim)
 
 
-def colour_directions(num_colours: int, dim: int, seed: int) -> jax.Array:
-  """float32 [num_colours, dim], unit rows: one fixed direction per palette colour."""
-  v = jax.random.normal(jax.random.PRNGKey(seed), (num_colours, dim), jnp.float32)
+def unit_directions(num: int, dim: int, seed: int) -> jax.Array:
+  """float32 [num, dim], unit rows: one fixed direction per palette colour (or shape kind)."""
+  v = jax.random.normal(jax.random.PRNGKey(seed), (num, dim), jnp.float32)
   return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
 
 def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, dim: int,
-                    config: FeatureTargetConfig) -> jax.Array:
+                    config: FeatureTargetConfig, shape: jax.Array | None = None) -> jax.Array:
   """float32 [batch, tokens, dim] targets (module docstring) from saliency float [batch, tokens] (< 0 on
-  padding, treated as 0), colour int [batch, tokens] and cells int [batch, tokens, 2] (row, column)."""
+  padding, treated as 0), colour int [batch, tokens], cells int [batch, tokens, 2] (row, column) and, with
+  `shape_scale`, shape int [batch, tokens] (-1: no shape covers the token)."""
   s = jnp.maximum(saliency.astype(jnp.float32), 0.0)[..., None]                    # [b, t, 1]
   b, t = saliency.shape
   code = vision_lib.position_code(cells[..., 0].reshape(-1), cells[..., 1].reshape(-1), dim).reshape(b, t, dim)
-  colours = colour_directions(config.num_colours, dim, config.colour_seed)[jnp.clip(colour, 0)]  # [b, t, dim]
-  return s * (config.position_scale * code / math.sqrt(dim)
-              + config.object_scale * object_direction(dim, config.object_seed)
-              + config.colour_scale * colours)
+  colours = unit_directions(config.num_colours, dim, config.colour_seed)[jnp.clip(colour, 0)]  # [b, t, dim]
+  out = (config.position_scale * code / math.sqrt(dim) + config.object_scale * object_direction(dim, config.object_seed)
+         + config.colour_scale * colours)
+  if config.shape_scale:
+    if shape is None:
+      raise ValueError("shape_scale > 0 needs each token's shape kind")
+    kinds = unit_directions(config.num_shapes, dim, config.shape_seed)[jnp.clip(shape, 0)]       # [b, t, dim]
+    out = out + config.shape_scale * (shape >= 0)[..., None] * kinds
+  return s * out
 
 
 def feature_target_loss(image_embeds: jax.Array, targets: jax.Array, real: jax.Array) -> jax.Array:
@@ -93,7 +105,8 @@ def vision_loss_and_grads(config: FeatureTargetConfig, graphdef, params: Params,
   def loss_fn(p: Params) -> jax.Array:
     model = nnx.merge(graphdef, p)
     emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)   # [batch, tokens, dim]
-    targets = feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1], config)
+    targets = feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1], config,
+                              batch.image_shape)
     return feature_target_loss(emb, targets, batch.image_saliency >= 0)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -5,7 +5,8 @@ uniquely named shape in turn and read the teacher-forced argmax of the first ans
 
 Prints the share of questions whose predicted cell is the named shape's, the share whose predicted cell holds some
 shape of the scene (a policy that finds shapes and ignores the name scores about that share / shapes per scene),
-and the share of scenes where every question gets the same cell.
+the share of scenes where every question gets the same cell, and what the misses that land on a shape land on
+(a shape of the named one's colour, of its kind, or neither).
 """
 import json, sys, collections
 sys.path.insert(0, "tools/experiments/issue13")
@@ -37,7 +38,9 @@ for si in range(48):
     enc = chat.tokenize_conversation(tok, grounding.scene_messages(q), [grid])
     rows.append({"input_ids": enc["input_ids"], "loss_mask": enc["loss_mask"], "pixel_values": pv.astype(np.float32),
                  "image_grid_thw": np.stack([grid]).astype(np.int64)})
-    meta.append((si, cells[oi], set(cells)))
+    meta.append((si, cells[oi], set(cells),
+                 {cells[j] for j, other in enumerate(task.objects) if j != oi and other.colour == o.colour},
+                 {cells[j] for j, other in enumerate(task.objects) if j != oi and other.shape == o.shape}))
 bcfg = batch_lib.BatchConfig(batch_size=64, pad_token_id=mcfg.text.pad_token_id)
 pred = []
 for s in range(0, len(rows), 64):
@@ -50,13 +53,19 @@ for s in range(0, len(rows), 64):
   for r, row in enumerate(chunk):
     p = int(np.flatnonzero(row["loss_mask"])[0])            # the cell token; the logits one before predict it
     pred.append(1 + int(np.argmax(logits[r, p - 1, digit_ids])))
-named = [pc == c for pc, (_, c, _) in zip(pred, meta)]
-any_shape = [pc in cs for pc, (_, _, cs) in zip(pred, meta)]
+named = [pc == c for pc, (_, c, *_) in zip(pred, meta)]
+any_shape = [pc in cs for pc, (_, _, cs, *_) in zip(pred, meta)]
+# the misses that land on a shape: on one of the named shape's colour (a look-alike by colour), of its kind, or other
+misses = [(pc in col, pc in kind) for pc, (_, c, cs, col, kind) in zip(pred, meta) if pc != c and pc in cs]
 by_scene = collections.defaultdict(list)
-for pc, (si, _, _) in zip(pred, meta):
+for pc, (si, *_) in zip(pred, meta):
   by_scene[si].append(pc)
 same = [len(set(v)) == 1 for v in by_scene.values() if len(v) > 1]
-n_cells = np.mean([len(cs) for _, _, cs in meta])
+n_cells = np.mean([len(cs) for _, _, cs, *_ in meta])
 print(f"step {step}, {level}: questions {len(named)}, cell of the named shape {100*np.mean(named):.0f}%, a cell holding "
       f"some shape {100*np.mean(any_shape):.0f}% (distinct shape cells per scene {n_cells:.1f}), scenes whose every question "
       f"gets one cell {100*np.mean(same):.0f}%")
+if misses:
+  print(f"misses on a shape's cell: {len(misses)}; on a same-colour shape {100*np.mean([a for a, _ in misses]):.0f}%, "
+        f"on a same-kind shape {100*np.mean([b for _, b in misses]):.0f}%, on neither "
+        f"{100*np.mean([not (a or b) for a, b in misses]):.0f}%")
