@@ -278,3 +278,15 @@ def test_feature_target_batch_from_rows(tokenizer):
       if len(centre_in) == 1:        # a token whose centre one shape's box holds is that shape's
         assert batch.image_shape[r, t] == tcfg.shapes.index(centre_in[0].shape)
     assert np.all(batch.image_shape[r, tokens:] == -1)
+
+
+def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):
+  """The `pretrain_vision` stage's scenes (`VISION_SPLIT`) are never the decoder phase's (same seed, same steps)."""
+  cur, cfg, tcfg = grounding.Curriculum.parse("0:few=1"), grounding.GroundingConfig(locate=1, name=0, read=0), \
+      synthetic.SyntheticConfig()
+  decoder = grounding.SceneStream(cur, cfg, tcfg, tokenizer, rows=3, seed=0)
+  tower = grounding.SceneStream(cur, cfg, tcfg, tokenizer, rows=3, seed=0, split=grounding.VISION_SPLIT)
+  for step in (0, 7):
+    a, b = decoder.rows_for(step), tower.rows_for(step)
+    assert not {r["id"] for r in a} & {r["id"] for r in b}
+    assert not any(np.array_equal(x["pixel_values"], y["pixel_values"]) for x in a for y in b)

@@ -30,6 +30,7 @@ from mini_o3_jax.processing import image as image_lib
 
 KINDS = ("locate", "name", "read")
 PRETRAIN_SPLIT = "pretrain"
+VISION_SPLIT = "pretrain_vision"   # the tower's own phase: scenes the decoder's phase never sees again
 HELDOUT_SPLIT = "pretrain_heldout"
 
 LOCATE_PREFIX = "Where is the"

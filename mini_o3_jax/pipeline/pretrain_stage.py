@@ -140,7 +140,7 @@ def run_pretrain_vision(config, workdir: str) -> dict:
   # One short question per scene: only the images matter here (no crop images: `read` is off).
   questions = grounding.GroundingConfig(locate=1, name=0, read=0)
   stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
-                                 rows=stage.batch.batch_size, seed=config.seed)
+                                 rows=stage.batch.batch_size, seed=config.seed, split=grounding.VISION_SPLIT)
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
   _, metrics, _ = _train_on_scenes("pretrain_vision", workdir, state, shardings, step_fn, stage.loop, stream,
                                    lambda rows: with_feature_targets(collate_rows(rows), rows, mcfg, stage), mesh)
