@@ -166,6 +166,7 @@ _TINY_PRETRAIN = [
     "--config.pretrain.questions.read=0", "--config.pretrain.length_buckets=(128,)",
     "--config.pretrain.probe_levels=('single',)", "--config.pretrain.probe_scenes=2",
     "--config.pretrain.log_every=1", "--config.pretrain.checkpoint_every=1", "--config.pretrain.eval_every=100",
+    "--config.pretrain.from_stage=",  # the pretrain stage alone, from a fresh init (not the tower stage's)
 ]
 
 
