@@ -135,9 +135,10 @@ def make_optimizer(
   """Builds the optimizer.
 
   Chain: [clip by global norm] -> Adam -> decoupled weight decay (masked) ->
-  -schedule(step). With `freeze_vision` the vision params are routed to
-  `optax.set_to_zero()` by `optax.multi_transform`, so they are excluded from
-  the clipping norm and hold no Adam state. With `grad_accum_steps > 1` the
+  -schedule(step). With `freeze_vision` the vision params (with
+  `train_only_vision` all the others) are routed to `optax.set_to_zero()` by
+  `optax.multi_transform`, so they are excluded from the clipping norm and hold
+  no Adam state. With `grad_accum_steps > 1` the
   whole thing is wrapped in `optax.MultiSteps` (mean of the gradients).
 
   Args:
