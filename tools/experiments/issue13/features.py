@@ -3,7 +3,7 @@ held-out few scenes, the shape tokens' (saliency > 0.5) norm against the canvas 
 palette colour's direction (the one EX_COLAUX and EX_ORACLE_COL use) against the best other, a least-squares colour
 probe, and the cosine between shape tokens of one colour and of different colours (does the colour dominate?).
 
-  EX_...=... PYTHONPATH=. python tools/experiments/issue13/features.py RUNS/NAME
+  EX_...=... PYTHONPATH=. python tools/experiments/issue13/features.py RUNS/NAME [level]
 """
 import sys, json
 sys.path.insert(0, "tools/experiments/issue13")
@@ -20,13 +20,16 @@ cfg = ml_collections.ConfigDict(json.load(open(f"{w}/config.json")))
 config, tok, mcfg, mesh = common.setup(cfg, w)
 model, step = ckpt_lib.restore_model(f"{w}/ckpt/pretrain", mcfg)
 tcfg = run_config.task_config(config)
-rows=[]
+rows=[]; kinds=[]
+LEVEL = argv[2] if len(argv) > 2 else "few"
 for si in range(24):
-  task = grounding.make_scene("few", 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
+  task = grounding.make_scene(LEVEL, 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
   pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels, tcfg.view_max_pixels)
   q = [("locate", "x", "y", 0)]
   enc = chat.tokenize_conversation(tok, grounding.scene_messages(q), [grid])
   rows.append({"input_ids": enc["input_ids"], "loss_mask": enc["loss_mask"], "pixel_values": pv.astype(np.float32), "image_grid_thw": np.stack([grid]).astype(np.int64)})
+  cover = image_lib.token_boxes(np.asarray([o.box for o in task.objects]), grid)
+  kinds.append(np.where(cover >= 0, np.asarray([tcfg.shapes.index(o.shape) for o in task.objects])[cover], -1))
 bc = batch_lib.BatchConfig(batch_size=len(rows), pad_token_id=mcfg.text.pad_token_id)
 b = batch_lib.collate_sft(rows, mcfg, bc, seq_len=96, num_patches=64)
 emb = np.asarray(model.encode_images(b.inputs.pixel_values, b.inputs.vision))   # [b, t, d]
@@ -60,3 +63,12 @@ Xf = np.c_[emb[fit], np.ones(fit.sum())]
 Wp = np.linalg.solve(Xf.T @ Xf + 1e-3 * np.eye(Xf.shape[1]), Xf.T @ rc[fit].astype(np.float64))   # ridge: few tokens
 pred = np.rint(np.c_[emb[held], np.ones(held.sum())] @ Wp)
 print("position probe (held-out shape tokens): cell exact %.3f on %d tokens" % (np.all(pred == rc[held], -1).mean(), held.sum()))
+# kind: a ridge probe from shape tokens to the kind of the shape that covers most of them (fit / scored as the cell's)
+kind = np.stack(kinds)[:, :emb.shape[1]]
+K = len(tcfg.shapes)
+fitk, heldk = fit & (kind >= 0), held & (kind >= 0)
+Xk = np.c_[emb[fitk], np.ones(fitk.sum())]
+Wk = np.linalg.solve(Xk.T @ Xk + 1e-3 * np.eye(Xk.shape[1]), Xk.T @ np.eye(K)[kind[fitk]])
+acc = (np.argmax(np.c_[emb[heldk], np.ones(heldk.sum())] @ Wk, -1) == kind[heldk]).mean()
+print("kind probe (held-out shape tokens): %.3f on %d tokens (the commonest kind: %.3f)" % (
+    acc, heldk.sum(), np.bincount(kind[heldk], minlength=K).max() / max(heldk.sum(), 1)))
