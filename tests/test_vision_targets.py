@@ -219,8 +219,8 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
         assert int(cell) == grounding.grid_cell(task.objects[j].box)
         assert grounding_probe.iou(tools.parse_action(call).bbox, task.objects[j].box) > 0.8
         assert tools.parse_action(answer).bbox == tools.parse_action(call).bbox   # the agent's parser reads past it
-    firsts.add(task.objects[[q for q in questions if q[0] == "locate"][0][3]].is_target
-               if any(q[0] == "locate" for q in questions) else None)
+    located = [j for kind, _, _, j in questions if kind == "locate"]
+    firsts.add(task.objects[located[0]].is_target if located else None)
     ex = grounding.scene_example(task, tokenizer, cfg, tcfg, rng, cell_only=True)
     full = grounding.scene_example(task, tokenizer, cfg, tcfg, np.random.default_rng(i))
     np.testing.assert_array_equal(ex["input_ids"], full["input_ids"])

@@ -159,7 +159,8 @@ class GroundingProbe:
     read = [self._prompt(view(t, target(t).zoom_path[-1]), grounding.READ_QUESTION) for t in tasks]
     on_target, on_object, iou50, reads, cells = [], [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 20 + 2 * self.cell_first)):
-      cells.append(text.strip()[:1] == str(grounding.grid_cell(t.target_box)))
+      if self.cell_first:
+        cells.append(text.strip()[:1] == str(grounding.grid_cell(t.target_box)))
       action = tools.parse_action(tools.truncate_at_stop(text))
       box = action.bbox if isinstance(action, tools.ToolCall) else None
       on_target.append(box is not None and diagnostics.centre_in(t.target_box, box))

@@ -55,7 +55,8 @@ class FeatureTargetConfig:
 
 
 def object_direction(dim: int, seed: int) -> jax.Array:
-  """float32 [dim], norm ~1: the fixed direction every shape token shares."""
+  """float32 [dim], norm ~1: the fixed direction every shape token shares (a draw scaled by 1 / sqrt(dim), not
+  normalised like `train.sft.objectness_direction`: the measured recipe's target, docs/miniature.md session 11)."""
   return jax.random.normal(jax.random.PRNGKey(seed), (dim,), jnp.float32) / math.sqrt(dim)
 
 

@@ -54,7 +54,8 @@ Env switches (all optional):
                      ("What digit is on the <name>?", no crop), else its box; level "bigread" (3-4 shapes 36-44 view px,
                      digits legible in the full view): answers the scene narrows without the question (recall3's LABELS)
   EX_INIT=dir       start from the params of a run's checkpoint directory (e.g. RUNS/P1/ckpt/pretrain: a tower trained
-                     alone), the optimizer fresh (`model.init_from` needs a config.json or a preset)
+                     alone), the optimizer fresh (what P2 / P2b ran with; the package's `model.init_from` now does the
+                     same for an Orbax directory)
   EX_STATS=1         at every probe: image-token norm, cosines, and teacher-forced where with images swapped
 """
 import dataclasses
@@ -152,8 +153,7 @@ if E("EX_CELLFIRST"):
 
   def locate_answer(box, decimals, cell_first=False):
     """The box's 3 x 3 grid cell (1-9, one digit token: recall3's ANS1) before the `<grounding>` call."""
-    col, row = (min(2, int(3 * (box[0] + box[2]) / 2)), min(2, int(3 * (box[1] + box[3]) / 2)))
-    return f"{1 + 3 * row + col} " + _before_cellfirst_answer(box, decimals)
+    return f"{grounding.grid_cell(box)} " + _before_cellfirst_answer(box, decimals)
 
   grounding.locate_answer = locate_answer
 
