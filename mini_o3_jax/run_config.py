@@ -265,7 +265,9 @@ class PretrainVisionStage:
   """The `pretrain_vision` stage (`config.pretrain_vision`): the tower alone on feature targets.
 
   chroma_floor / saliency_power: `processing.image.token_colours`' options (which tokens are canvas,
-  how sharply the saliency falls off); palette: the scenes' colours, RGB in [0, 1].
+  how sharply the saliency falls off); palette: the scenes' colours, RGB in [0, 1]; shape_tokens: which
+  tokens carry the shape-kind term, "cover" (every token a shape's box covers most of) or "centre" (the
+  token holding the shape's centre).
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -275,6 +277,11 @@ class PretrainVisionStage:
   palette: tuple[tuple[float, float, float], ...]
   chroma_floor: float = 0.08
   saliency_power: float = 4.0
+  shape_tokens: str = "cover"
+
+  def __post_init__(self):
+    if self.shape_tokens not in ("cover", "centre"):
+      raise ValueError(f"pretrain_vision.targets.shape_tokens must be 'cover' or 'centre', got {self.shape_tokens!r}")
 
 
 def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVisionStage:
@@ -288,7 +295,7 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
                                            "shape_scale")),
-      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power"))
+      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"))
 
 
 @dataclasses.dataclass(frozen=True)

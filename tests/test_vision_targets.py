@@ -93,6 +93,18 @@ def test_token_boxes_pick_the_box_that_covers_most_of_each_token():
   assert image_lib.token_boxes(np.zeros((0, 4)), (2, 4, 4)).tolist() == [-1] * 8
 
 
+def test_token_centres_mark_the_token_holding_each_box_centre():
+  # a 4 x 4 token grid: box 0's centre (0.3, 0.2) is in token (0, 1), box 1's (0.9, 0.85) in (3, 3); box 2's
+  # centre lies on the image's right edge (x = 1.0), clipped into the last column, row 2
+  boxes = np.array([[0.1, 0.1, 0.5, 0.3], [0.8, 0.7, 1.0, 1.0], [1.0, 0.5, 1.0, 0.7]])
+  got = image_lib.token_centres(boxes, (1, 8, 8)).reshape(4, 4)
+  want = np.full((4, 4), -1)
+  want[0, 1], want[3, 3], want[2, 3] = 0, 1, 2
+  assert got.tolist() == want.tolist()
+  assert image_lib.token_centres(boxes, (2, 8, 8)).tolist() == got.ravel().tolist() * 2   # every frame alike
+  assert image_lib.token_centres(np.zeros((0, 4)), (1, 4, 4)).tolist() == [-1] * 4
+
+
 # ------------------------------------------------------------------------------------------ the math
 
 def test_feature_targets_and_loss_match_numpy():
@@ -278,6 +290,18 @@ def test_feature_target_batch_from_rows(tokenizer):
       if len(centre_in) == 1:        # a token whose centre one shape's box holds is that shape's
         assert batch.image_shape[r, t] == tcfg.shapes.index(centre_in[0].shape)
     assert np.all(batch.image_shape[r, tokens:] == -1)
+  # shape_tokens="centre": the kind only on the token holding each shape's centre
+  centre = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, bcfg), rows, mcfg,
+                                               dataclasses.replace(stage, shape_tokens="centre"))
+  for r, row in enumerate(rows):
+    task = grounding.make_scene("few", r, tcfg)
+    th, tw = row["image_grid_thw"][0][1] // 2, row["image_grid_thw"][0][2] // 2
+    want = np.full(tokens, -1)
+    for o in task.objects:
+      want[int(th * (o.box[1] + o.box[3]) / 2) * tw + int(tw * (o.box[0] + o.box[2]) / 2)] = tcfg.shapes.index(o.shape)
+    np.testing.assert_array_equal(centre.image_shape[r, :tokens], want)
+  with pytest.raises(ValueError, match="shape_tokens"):
+    dataclasses.replace(stage, shape_tokens="middle")
 
 
 def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):

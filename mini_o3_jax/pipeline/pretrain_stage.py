@@ -79,7 +79,8 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
     saliency[r, :len(s)], colour[r, :len(k)] = s, k
     cell[r, :len(s)] = image_lib.token_cells(e["image_grid_thw"], v.spatial_merge_size)
     if len(e.get("object_boxes", ())):
-      covering = image_lib.token_boxes(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
+      which = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
+      covering = which(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
       shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
                              image_shape=shape)

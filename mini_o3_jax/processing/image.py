@@ -331,6 +331,18 @@ def token_boxes(boxes: np.ndarray, grid_thw: Sequence[int], merge_size: int = 2)
   return np.tile(best, t).astype(np.int32)
 
 
+def token_centres(boxes: np.ndarray, grid_thw: Sequence[int], merge_size: int = 2) -> np.ndarray:
+  """For one image of grid `grid_thw` (t, h, w patches): int32 [t * h * w / merge_size**2], per merged token in
+  processor order the index of the box (relative [x0, y0, x1, y1], float [n, 4]) whose centre it holds (the
+  last such box where several do), -1 where none does."""
+  t, h, w = (int(v) for v in grid_thw)
+  th, tw = h // merge_size, w // merge_size
+  out = np.full(th * tw, -1, np.int32)
+  for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64).reshape(-1, 4)):
+    out[min(th - 1, int(th * (y0 + y1) / 2)) * tw + min(tw - 1, int(tw * (x0 + x1) / 2))] = i
+  return np.tile(out, t)
+
+
 def num_image_tokens(grid_thw: Sequence[int] | np.ndarray, merge_size: int = 2) -> int:
   """Number of `<|image_pad|>` tokens (merged vision tokens) for one image."""
   n = int(np.prod(np.asarray(grid_thw, dtype=np.int64)))

@@ -4,7 +4,12 @@ palette colour's direction (the one EX_COLAUX and EX_ORACLE_COL use) against the
 probe, and the cosine between shape tokens of one colour and of different colours (does the colour dominate?).
 
   EX_...=... PYTHONPATH=. python tools/experiments/issue13/features.py RUNS/NAME [level]
+
+FEAT_N scenes (default 24: the session-11 numbers; the cell / kind probes overfit with so few tokens, use >= 200)
+and FEAT_RIDGE (the probes' ridge, default 1e-3) refine the probes.
+FEAT_STAGE names the checkpoint (default pretrain; pretrain_vision for a tower-only run).
 """
+import os
 import sys, json
 sys.path.insert(0, "tools/experiments/issue13")
 argv=list(sys.argv); sys.argv=sys.argv[:1]
@@ -18,11 +23,12 @@ from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
 w=argv[1]
 cfg = ml_collections.ConfigDict(json.load(open(f"{w}/config.json")))
 config, tok, mcfg, mesh = common.setup(cfg, w)
-model, step = ckpt_lib.restore_model(f"{w}/ckpt/pretrain", mcfg)
+model, step = ckpt_lib.restore_model(f"{w}/ckpt/" + os.environ.get("FEAT_STAGE", "pretrain"), mcfg)
 tcfg = run_config.task_config(config)
-rows=[]; kinds=[]
+rows=[]; kinds=[]; centres=[]
 LEVEL = argv[2] if len(argv) > 2 else "few"
-for si in range(24):
+N = int(os.environ.get("FEAT_N", 24)); RIDGE = float(os.environ.get("FEAT_RIDGE", 1e-3))
+for si in range(N):
   task = grounding.make_scene(LEVEL, 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
   pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels, tcfg.view_max_pixels)
   q = [("locate", "x", "y", 0)]
@@ -30,8 +36,14 @@ for si in range(24):
   rows.append({"input_ids": enc["input_ids"], "loss_mask": enc["loss_mask"], "pixel_values": pv.astype(np.float32), "image_grid_thw": np.stack([grid]).astype(np.int64)})
   cover = image_lib.token_boxes(np.asarray([o.box for o in task.objects]), grid)
   kinds.append(np.where(cover >= 0, np.asarray([tcfg.shapes.index(o.shape) for o in task.objects])[cover], -1))
+  tg = (int(grid[1]) // 2, int(grid[2]) // 2)   # the merged token holding each shape's centre
+  centre = np.zeros(tg[0] * tg[1], bool)
+  for o in task.objects:
+    centre[min(tg[0] - 1, int(tg[0] * (o.box[1] + o.box[3]) / 2)) * tg[1] + min(tg[1] - 1, int(tg[1] * (o.box[0] + o.box[2]) / 2))] = True
+  centres.append(centre)
 bc = batch_lib.BatchConfig(batch_size=len(rows), pad_token_id=mcfg.text.pad_token_id)
-b = batch_lib.collate_sft(rows, mcfg, bc, seq_len=96, num_patches=64)
+gh, gw = int(grid[1]) // 2, int(grid[2]) // 2   # merged tokens per column / row
+b = batch_lib.collate_sft(rows, mcfg, bc, seq_len=80 + gh * gw, num_patches=int(np.prod(grid)))
 emb = np.asarray(model.encode_images(b.inputs.pixel_values, b.inputs.vision))   # [b, t, d]
 pvb = jnp.asarray(b.inputs.pixel_values)
 s = np.asarray(drive.chroma_saliency(pvb)); oh = np.asarray(drive.colour_onehot(pvb))
@@ -55,12 +67,12 @@ m = shape[:, :, None] & shape[:, None, :] & ~np.eye(emb.shape[1], dtype=bool)[No
 print("cos between shape tokens: same colour %.3f, different colour %.3f" % (sim[m & same_col].mean(), sim[m & ~same_col].mean()))
 # position: a ridge probe from shape tokens to their merged-token (row, column), fit on half the scenes
 # and scored on the other half (rounded to the nearest cell): does the token carry where it is?
-cells = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(-1, 2)[:emb.shape[1]]
+cells = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij"), -1).reshape(-1, 2)[:emb.shape[1]]
 rc = np.broadcast_to(cells[None], emb.shape[:2] + (2,))
 half = np.arange(emb.shape[0]) < emb.shape[0] // 2
 fit, held = shape & half[:, None], shape & ~half[:, None]
 Xf = np.c_[emb[fit], np.ones(fit.sum())]
-Wp = np.linalg.solve(Xf.T @ Xf + 1e-3 * np.eye(Xf.shape[1]), Xf.T @ rc[fit].astype(np.float64))   # ridge: few tokens
+Wp = np.linalg.solve(Xf.T @ Xf + RIDGE * np.eye(Xf.shape[1]), Xf.T @ rc[fit].astype(np.float64))   # ridge: few tokens
 pred = np.rint(np.c_[emb[held], np.ones(held.sum())] @ Wp)
 print("position probe (held-out shape tokens): cell exact %.3f on %d tokens" % (np.all(pred == rc[held], -1).mean(), held.sum()))
 # kind: a ridge probe from shape tokens to the kind of the shape that covers most of them (fit / scored as the cell's)
@@ -68,7 +80,16 @@ kind = np.stack(kinds)[:, :emb.shape[1]]
 K = len(tcfg.shapes)
 fitk, heldk = fit & (kind >= 0), held & (kind >= 0)
 Xk = np.c_[emb[fitk], np.ones(fitk.sum())]
-Wk = np.linalg.solve(Xk.T @ Xk + 1e-3 * np.eye(Xk.shape[1]), Xk.T @ np.eye(K)[kind[fitk]])
+Wk = np.linalg.solve(Xk.T @ Xk + RIDGE * np.eye(Xk.shape[1]), Xk.T @ np.eye(K)[kind[fitk]])
 acc = (np.argmax(np.c_[emb[heldk], np.ones(heldk.sum())] @ Wk, -1) == kind[heldk]).mean()
 print("kind probe (held-out shape tokens): %.3f on %d tokens (the commonest kind: %.3f)" % (
     acc, heldk.sum(), np.bincount(kind[heldk], minlength=K).max() / max(heldk.sum(), 1)))
+# kind on the tokens holding a shape's centre only (a shape of 14-18 view px straddles up to 4 merged tokens; the
+# others hold fragments)
+cen = np.stack(centres)[:, :emb.shape[1]]
+fitc, heldc = half[:, None] & cen & (kind >= 0), ~half[:, None] & cen & (kind >= 0)
+Xc = np.c_[emb[fitc], np.ones(fitc.sum())]
+Wc = np.linalg.solve(Xc.T @ Xc + RIDGE * np.eye(Xc.shape[1]), Xc.T @ np.eye(K)[kind[fitc]])
+accc = (np.argmax(np.c_[emb[heldc], np.ones(heldc.sum())] @ Wc, -1) == kind[heldc]).mean()
+print("kind probe, centre tokens: %.3f on %d tokens (the commonest kind: %.3f)" % (
+    accc, heldc.sum(), np.bincount(kind[heldc], minlength=K).max() / max(heldc.sum(), 1)))
