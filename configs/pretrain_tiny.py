@@ -33,9 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
       # a shared object direction + colour_scale * its colour's direction + shape_scale * its shape kind's
       # direction), s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;
-      # the kind's term on the tokens shape_tokens names ("cover": all a shape's box covers most of; "centre").
+      # the kind's term on the tokens shape_tokens names ("cover": all a shape's box covers most of; "centre"),
+      # times s too unless shape_by_saliency is off.
       targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
-                   saliency_power=4.0, shape_tokens="cover")))
+                   saliency_power=4.0, shape_tokens="cover", shape_by_saliency=True)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.

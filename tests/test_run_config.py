@@ -113,8 +113,10 @@ def test_pretrain_vision_stage_reads_its_section(model):
                                               num_shapes=len(run_config.task_config(config).shapes),
                                               position_scale=c.targets.position_scale,
                                               object_scale=c.targets.object_scale,
-                                              colour_scale=c.targets.colour_scale, shape_scale=c.targets.shape_scale)
-  assert (stage.chroma_floor, stage.saliency_power) == (c.targets.chroma_floor, c.targets.saliency_power)
+                                              colour_scale=c.targets.colour_scale, shape_scale=c.targets.shape_scale,
+                                              shape_by_saliency=c.targets.shape_by_saliency)
+  assert (stage.chroma_floor, stage.saliency_power, stage.shape_tokens) == (
+      c.targets.chroma_floor, c.targets.saliency_power, c.targets.shape_tokens)
 
 
 def test_an_orbax_init_from_keeps_the_configs_own_sizes(tmp_path):

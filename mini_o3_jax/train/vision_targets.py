@@ -8,6 +8,7 @@ for each merged token,
   target = s * (position_scale * code(row, col) / sqrt(d) + object_scale * u + colour_scale * v[colour]
                 + shape_scale * w[shape])
 
+(or, with `shape_by_saliency` off, the shape term outside the factor s)
 with s the token's saliency within its colour and `colour` its palette colour (both from its pixels,
 `processing.image.token_colours`), code the fixed 2-D sin-cos code of its cell (`model.vision.
 position_code`), u a fixed "object" direction, v[k] a fixed unit direction per palette colour and w[k] one
@@ -41,7 +42,8 @@ from mini_o3_jax.train.state import Metrics, Params, TrainState
 @dataclasses.dataclass(frozen=True)
 class FeatureTargetConfig:
   """The target's parts (module docstring): scales of the position code, the object direction, the
-  colour direction and the shape-kind direction (0 = no shape term); the seeds of the fixed directions;
+  colour direction and the shape-kind direction (0 = no shape term); whether the shape term too is scaled
+  by the token's saliency (else it is whole wherever a kind is given); the seeds of the fixed directions;
   the palette size and the number of shape kinds."""
   num_colours: int
   num_shapes: int = 0
@@ -49,6 +51,7 @@ class FeatureTargetConfig:
   object_scale: float = 0.4
   colour_scale: float = 0.4
   shape_scale: float = 0.0
+  shape_by_saliency: bool = True
   object_seed: int = 7
   colour_seed: int = 11
   shape_seed: int = 13
@@ -81,7 +84,10 @@ def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, di
     if shape is None:
       raise ValueError("shape_scale > 0 needs each token's shape kind")
     kinds = unit_directions(config.num_shapes, dim, config.shape_seed)[jnp.clip(shape, 0)]       # [b, t, dim]
-    out = out + config.shape_scale * (shape >= 0)[..., None] * kinds
+    kind_term = config.shape_scale * (shape >= 0)[..., None] * kinds
+    if not config.shape_by_saliency:      # the saliency falls off within a shape; its kind does not
+      return s * out + (saliency >= 0)[..., None] * kind_term
+    out = out + kind_term
   return s * out
 
 
