@@ -42,9 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.
       curriculum="0:single=0.3,few=0.7",
       # One locate question a row about a random uniquely named shape, answered by its 3 x 3 cell first;
-      # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after.
+      # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after;
+      # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own.
       questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
-                     cell_first=True, cell_only_steps=1500),
+                     cell_first=True, cell_only_steps=1500, cell_window=False),
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,

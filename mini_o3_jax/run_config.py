@@ -254,7 +254,8 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
       curriculum=grounding.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
-                                                   "question_first", "target_first", "cell_first", "cell_only_steps")),
+                                                   "question_first", "target_first", "cell_first", "cell_only_steps",
+                                                   "cell_window")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
                             "from_stage").items()})

@@ -104,6 +104,9 @@ class GroundingConfig:
   cell_only_steps: (with cell_first) in a `SceneStream`'s first this many steps only the cell digit of
     a locate answer is in the loss (the call stays in the row): the binding phase of the base's recipe,
     the whole answer after it.
+  cell_window: (with cell_first) the call's box is the half-size window around the cell (`cell_window`),
+    not the shape's own box: a coarse first crop that holds the whole shape whenever the cell is right,
+    a function of the cell alone (the agent's next zoom brings the precision).
   """
   locate: int = 6
   name: int = 2
@@ -113,10 +116,13 @@ class GroundingConfig:
   target_first: bool = True
   cell_first: bool = False
   cell_only_steps: int = 0
+  cell_window: bool = False
 
   def __post_init__(self):
     if self.cell_only_steps and not self.cell_first:
       raise ValueError("cell_only_steps needs cell_first (the cell digit is what stays in the loss)")
+    if self.cell_window and not self.cell_first:
+      raise ValueError("cell_window needs cell_first (the window is the cell's)")
 
 
 def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
@@ -150,9 +156,12 @@ def box_text(box: Sequence[float], decimals: int) -> str:
   return ", ".join(f"{v:.{decimals}f}" for v in coldstart.quantize_box(box, decimals))
 
 
-def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False) -> str:
-  call = coldstart.grounding(coldstart.quantize_box(box, decimals), 0, decimals)
-  return f"{grid_cell(box)} {call}" if cell_first else call
+def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False, window: bool = False) -> str:
+  """The answer to "where is ...": the `<grounding>` call on `box`, led by its 3 x 3 cell with `cell_first`;
+  with `window` the call's box is the cell's half-size window instead."""
+  cell = grid_cell(box)
+  call = coldstart.grounding(coldstart.quantize_box(cell_window(cell) if window else box, decimals), 0, decimals)
+  return f"{cell} {call}" if cell_first else call
 
 
 def grid_cell(box: Sequence[float], n: int = 3) -> int:
@@ -160,6 +169,16 @@ def grid_cell(box: Sequence[float], n: int = 3) -> int:
   col = min(n - 1, int(n * (box[0] + box[2]) / 2))
   row = min(n - 1, int(n * (box[1] + box[3]) / 2))
   return 1 + n * row + col
+
+
+def cell_window(cell: int, n: int = 3, side: float = 0.5) -> tuple[float, float, float, float]:
+  """The box [x0, y0, x1, y1] of relative side `side` centred on cell `cell` (1..n*n, row-major) of an n x n
+  grid, shifted inside the image. With side 1/2 on the 3 x 3 grid it holds its whole cell with a margin of
+  1/12 (any shape narrower than that whose centre is in the cell lies inside)."""
+  row, col = divmod(cell - 1, n)
+  centre = np.array([(col + 0.5) / n, (row + 0.5) / n])
+  lo = np.clip(centre - side / 2, 0.0, 1.0 - side)
+  return (float(lo[0]), float(lo[1]), float(lo[0] + side), float(lo[1] + side))
 
 
 def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
@@ -179,7 +198,8 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   if config.target_first:
     order = [target] + [i for i in order if i != target]
   located = [i for i in order if names.count(names[i]) == 1][:config.locate]
-  out = [("locate", locate_question(names[i]), locate_answer(objects[i].box, config.decimals, config.cell_first), i)
+  out = [("locate", locate_question(names[i]),
+          locate_answer(objects[i].box, config.decimals, config.cell_first, config.cell_window), i)
          for i in located]
   # Never both questions about one object: "What is at [its box]?" would hand the locate answer over in
   # the text (and "Where is the <name>?" the name answer), whichever comes first.
