@@ -8,11 +8,12 @@ for each merged token,
   target = s * (position_scale * code(row, col) / sqrt(d) + object_scale * u + colour_scale * v[colour]
                 + shape_scale * w[shape])
 
-(or, with `shape_by_saliency` off, the shape term outside the factor s)
-with s the token's saliency within its colour and `colour` its palette colour (both from its pixels,
-`processing.image.token_colours`), code the fixed 2-D sin-cos code of its cell (`model.vision.
-position_code`), u a fixed "object" direction, v[k] a fixed unit direction per palette colour and w[k] one
-per shape kind (the kind of the scene's shape that covers most of the token; no term where none does). The
+(with `shape_by_saliency` off the shape term is added outside the factor s: a shape's kind does not fade
+towards its edges as its saliency does), with s the token's saliency within its colour and `colour` its
+palette colour (both from its pixels, `processing.image.token_colours`), code the fixed 2-D sin-cos code of
+its cell (`model.vision.position_code`), u a fixed "object" direction, v[k] a fixed unit direction per
+palette colour and w[k] one per shape kind (the kind of the scene's shape that covers most of the token, or
+whose centre it holds; no term where none does; `pretrain_vision.targets.shape_tokens`). The
 loss is the squared error summed over the hidden size, relative to the targets' mean squared norm, and
 averaged over real image tokens; the decoder then trains on the frozen tower (`pretrain_vision` stage,
 `pipeline/pretrain_stage.py`).
