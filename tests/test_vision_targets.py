@@ -134,9 +134,9 @@ def test_feature_targets_and_loss_match_numpy():
     vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, with_kind)
   # shape_by_saliency off: the kind's term whole on every real token that has a kind (none on padding)
   whole = dataclasses.replace(with_kind, shape_by_saliency=False)
-  np.testing.assert_allclose(np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells),
-                                                           d, whole, jnp.asarray(shape))),
-                             want + (saliency >= 0)[..., None] * 0.2 * kinds, atol=1e-6)
+  got_whole = vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, whole,
+                                jnp.asarray(shape))
+  np.testing.assert_allclose(np.asarray(got_whole), want + (saliency >= 0)[..., None] * 0.2 * kinds, atol=1e-6)
 
   emb = rng.normal(size=(b, t, d)).astype(np.float32)
   real = saliency >= 0

@@ -1,9 +1,9 @@
 """The `pretrain_vision` and `pretrain` stages: a tiny base that grounds and reads, trained on fresh synthetic scenes.
 
 `pretrain_vision` trains the tower alone on feature targets (`train.vision_targets`); `pretrain` trains the
-decoder (from that stage's checkpoint with `from_stage`, the tower frozen or not). Rows come from `data.grounding.SceneStream` (a pure function of the step, so a resumed run sees the
-rows it would have seen); the step is the SFT step (next-token loss on the answers only). A
-held-out probe (teacher-forced accuracy per skill, and greedy boxes scored against the scene) runs
+decoder (from that stage's checkpoint with `from_stage`, the tower frozen or not). Rows come from
+`data.grounding.SceneStream` (a pure function of the step, so a resumed run sees the rows it would have
+seen); the step is the SFT step (next-token loss on the answers only). A held-out probe (teacher-forced accuracy per skill, and greedy boxes scored against the scene) runs
 every `eval_every` steps and at the end, and its table lands in WORKDIR/pretrain/skills.json.
 """
 
@@ -69,6 +69,7 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
   cell = np.zeros((b, tokens, 2), np.int32)
   shape = np.full((b, tokens), -1, np.int32)
   mean, std = image_lib.normalization(model_config.model_type)
+  kind_tokens = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
   for r, e in enumerate(examples):
     if e.get("pixel_values") is None:
       continue
@@ -79,8 +80,7 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
     saliency[r, :len(s)], colour[r, :len(k)] = s, k
     cell[r, :len(s)] = image_lib.token_cells(e["image_grid_thw"], v.spatial_merge_size)
     if len(e.get("object_boxes", ())):
-      which = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
-      covering = which(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
+      covering = kind_tokens(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
       shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
                              image_shape=shape)

@@ -79,17 +79,16 @@ def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, di
   b, t = saliency.shape
   code = vision_lib.position_code(cells[..., 0].reshape(-1), cells[..., 1].reshape(-1), dim).reshape(b, t, dim)
   colours = unit_directions(config.num_colours, dim, config.colour_seed)[jnp.clip(colour, 0)]  # [b, t, dim]
-  out = (config.position_scale * code / math.sqrt(dim) + config.object_scale * object_direction(dim, config.object_seed)
-         + config.colour_scale * colours)
+  out = s * (config.position_scale * code / math.sqrt(dim)
+             + config.object_scale * object_direction(dim, config.object_seed) + config.colour_scale * colours)
   if config.shape_scale:
     if shape is None:
       raise ValueError("shape_scale > 0 needs each token's shape kind")
     kinds = unit_directions(config.num_shapes, dim, config.shape_seed)[jnp.clip(shape, 0)]       # [b, t, dim]
-    kind_term = config.shape_scale * (shape >= 0)[..., None] * kinds
-    if not config.shape_by_saliency:      # the saliency falls off within a shape; its kind does not
-      return s * out + (saliency >= 0)[..., None] * kind_term
-    out = out + kind_term
-  return s * out
+    # the saliency falls off within a shape; its kind does not (shape_by_saliency off: whole on real tokens)
+    weight = s if config.shape_by_saliency else (saliency >= 0)[..., None].astype(jnp.float32)
+    out = out + weight * config.shape_scale * (shape >= 0)[..., None] * kinds
+  return out
 
 
 def feature_target_loss(image_embeds: jax.Array, targets: jax.Array, real: jax.Array) -> jax.Array:
