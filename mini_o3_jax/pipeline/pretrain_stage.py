@@ -3,8 +3,9 @@
 `pretrain_vision` trains the tower alone on feature targets (`train.vision_targets`); `pretrain` trains the
 decoder (from that stage's checkpoint with `from_stage`, the tower frozen or not). Rows come from
 `data.grounding.SceneStream` (a pure function of the step, so a resumed run sees the rows it would have
-seen); the step is the SFT step (next-token loss on the answers only). A held-out probe (teacher-forced accuracy per skill, and greedy boxes scored against the scene) runs
-every `eval_every` steps and at the end, and its table lands in WORKDIR/pretrain/skills.json.
+seen); the step is the SFT step (next-token loss on the answers only). A held-out probe (teacher-forced
+accuracy per skill, and greedy boxes scored against the scene) runs every `eval_every` steps and at the
+end, and its table lands in WORKDIR/pretrain/skills.json.
 """
 
 from __future__ import annotations
