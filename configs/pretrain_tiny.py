@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
       steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       curriculum="0:single=0.3,few=0.7", length_buckets=(96,), patch_buckets=(64,),
       checkpoint_every=250, log_every=25,
+      # With model.family="qwen3_vl": its learned position table starts as the sin-cos code times this
+      # (0 = random), the absolute position vision_position_sincos gives the Qwen2.5-VL tower, exportable.
+      position_table_sincos=0.0,
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
       # a shared object direction + colour_scale * its colour's direction + shape_scale * its shape kind's
       # direction), s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;

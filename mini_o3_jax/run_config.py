@@ -146,25 +146,54 @@ def model_config_for_vocabulary(config, vocab_size: int, ids: dict[str, int]) ->
   return mcfg
 
 
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+# Options of the demo's Qwen2.5-VL tower that are not Qwen2.5-VL (model/config.py); none has a Qwen3-VL meaning.
+_QWEN25_EXPERIMENTAL = ("vision_position_table", "vision_position_sincos", "vision_output_centre",
+                        "vision_output_rms", "vision_output_position_code")
+
+
 def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_lib.VLMConfig:
-  """The demo's Qwen2.5-VL, sized by the `model` section (hidden_size, num_layers, vision_depth, ...)."""
-  half = m.hidden_size // m.num_heads // 2
-  # Qwen's (16, 24, 24) split of the rotary half: a quarter temporal, the rest height / width.
-  t_sec = half // 4
-  h_sec = (half - t_sec) // 2
-  text = config_lib.TextConfig(
+  """The demo's model, sized by the `model` section (hidden_size, num_layers, vision_depth, ...), with the
+  structure of `model.family`: Qwen2.5-VL (the default) or Qwen3-VL (qk-norm, interleaved M-RoPE, a tower
+  with a learned absolute position table of `vision_position_grid`^2 entries and DeepStack after the
+  blocks `vision_deepstack` names)."""
+  family = m.get("family", "qwen2_5_vl")
+  if family not in FAMILIES:
+    raise ValueError(f"model.family={family!r}: expected one of {FAMILIES}")
+  head_dim = m.hidden_size // m.num_heads
+  half = head_dim // 2
+  common_text = dict(
       vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-      mrope_section=(t_sec, h_sec, half - t_sec - h_sec),
       rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=None, eos_token_id=ids["eos_token_id"],
       pad_token_id=ids["pad_token_id"])
-  vision = config_lib.VisionConfig(
-      depth=m.vision_depth, hidden_size=m.vision_hidden_size, intermediate_size=m.vision_intermediate_size,
-      num_heads=m.vision_heads, out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,),
-      window_size=56, position_table=m.get("vision_position_table", 0),
-      position_sincos=m.get("vision_position_sincos", 0.0),
-      output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
-      output_position_code=m.get("vision_output_position_code", 0.0))
+  common_vision = dict(depth=m.vision_depth, hidden_size=m.vision_hidden_size,
+                       intermediate_size=m.vision_intermediate_size, num_heads=m.vision_heads,
+                       out_hidden_size=m.hidden_size, patch_size=m.get("vision_patch_size", 14))
+  if family == "qwen3_vl":
+    used = [k for k in _QWEN25_EXPERIMENTAL if m.get(k)]
+    if used:
+      raise ValueError(f"model.family='qwen3_vl' has no {used}: they are options of the Qwen2.5-VL tower "
+                       "(Qwen3-VL's tower has its own learned position table, vision_position_grid)")
+    # Qwen3-VL's (24, 20, 20) split of the rotary half, interleaved: 3/8 temporal, the rest height / width.
+    t_sec = half * 3 // 8
+    h_sec = (half - t_sec) // 2
+    text = config_lib.TextConfig(**common_text, mrope_section=(t_sec, h_sec, half - t_sec - h_sec),
+                                 explicit_head_dim=head_dim, qk_norm=True, qkv_bias=False, o_bias=False,
+                                 mrope_interleaved=True)
+    grid = m.get("vision_position_grid", 8)
+    vision = config_lib.Qwen3VisionConfig(**common_vision, num_position_embeddings=grid * grid,
+                                          deepstack_visual_indexes=tuple(m.get("vision_deepstack", ())))
+  else:
+    # Qwen's (16, 24, 24) split of the rotary half: a quarter temporal, the rest height / width.
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    text = config_lib.TextConfig(**common_text, mrope_section=(t_sec, h_sec, half - t_sec - h_sec))
+    vision = config_lib.VisionConfig(
+        **common_vision, fullatt_block_indexes=(m.vision_depth - 1,), window_size=56,
+        position_table=m.get("vision_position_table", 0), position_sincos=m.get("vision_position_sincos", 0.0),
+        output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
+        output_position_code=m.get("vision_output_position_code", 0.0))
   return config_lib.VLMConfig(
       text=text, vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
       vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
@@ -268,7 +297,9 @@ class PretrainVisionStage:
   chroma_floor / saliency_power: `processing.image.token_colours`' options (which tokens are canvas,
   how sharply the saliency falls off); palette: the scenes' colours, RGB in [0, 1]; shape_tokens: which
   tokens carry the shape-kind term, "cover" (every token a shape's box covers most of) or "centre" (the
-  token holding the shape's centre).
+  token holding the shape's centre); position_table_sincos: a fresh Qwen3-VL tower's learned position
+  table starts as the sin-cos code of its grid times this (0 = its random init): the absolute position a
+  tower needs to bind (docs/miniature.md, session 11), in a form the HF export keeps.
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -279,6 +310,7 @@ class PretrainVisionStage:
   chroma_floor: float = 0.08
   saliency_power: float = 4.0
   shape_tokens: str = "cover"
+  position_table_sincos: float = 0.0
 
   def __post_init__(self):
     if self.shape_tokens not in ("cover", "centre"):
@@ -289,14 +321,20 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
   c = config.pretrain_vision
   world = task_config(config)
   palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in world.palette)
-  return PretrainVisionStage(
+  stage = PretrainVisionStage(
       loop=_loop(c), optimizer=_optimizer(c, train_only_vision=True),
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
       curriculum=grounding.Curriculum.parse(c.curriculum),
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
                                            "shape_scale", "shape_by_saliency")),
-      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"))
+      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"),
+      **_given(c, "position_table_sincos"))
+  if stage.position_table_sincos and model.model_type != "qwen3_vl":
+    raise ValueError("pretrain_vision.position_table_sincos initialises Qwen3-VL's learned position table; this "
+                     f"model is {model.model_type} (set model.family='qwen3_vl', or vision_position_sincos for the "
+                     "Qwen2.5-VL tower's fixed code)")
+  return stage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.model import vlm
+from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage
 from mini_o3_jax import run_config
 from mini_o3_jax.train import batch as batch_lib
@@ -140,10 +141,12 @@ def test_tower_output_centred_rescaled_and_coded_per_image():
   np.testing.assert_allclose(np.asarray(model.encode_images(other, inputs))[:6], coded[:6], atol=1e-6)
 
 
-def test_pretrain_stages_run_the_two_phases_and_export(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_pretrain_stages_run_the_two_phases_and_export(tmp_path, family):
   """The base's recipe through the command line at toy size: the tower alone (the decoder untouched),
-  then the decoder on the frozen tower (the tower untouched), then the HF export. The sin-cos patch code
-  is off here: it has no Qwen2.5-VL equivalent, so a base with it cannot be exported (test_vision_targets)."""
+  then the decoder on the frozen tower (the tower untouched), then the HF export. The Qwen2.5-VL tower runs
+  without the sin-cos patch code (it has no Qwen2.5-VL equivalent, so a base with it cannot be exported:
+  test_vision_targets); the Qwen3-VL tower gets its absolute position from its table, started as that code."""
   env = dict(os.environ, MINI_O3_COMPILE_CACHE="0")
   cmd = [sys.executable, "-m", "mini_o3_jax.main", "--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path),
          "--config.stages=pretrain_vision,pretrain,export_base", "--config.model.vision_position_sincos=0",
@@ -151,11 +154,14 @@ def test_pretrain_stages_run_the_two_phases_and_export(tmp_path):
          "--config.pretrain_vision.checkpoint_every=1",
          "--config.pretrain.steps=2", "--config.pretrain.batch_size=8", "--config.pretrain.eval_every=2",
          "--config.pretrain.probe_scenes=2", "--config.pretrain.probe_levels=('easy',)",
-         "--config.pretrain.checkpoint_every=1"]
+         "--config.pretrain.checkpoint_every=1", f"--config.model.family={family}"]
+  if family == "qwen3_vl":
+    cmd.append("--config.pretrain_vision.position_table_sincos=1.0")
   subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True)
   skills = json.load(open(tmp_path / "pretrain" / "skills.json"))
   assert {"easy/tf_cell", "easy/prior_cell", "easy/tf_where", "easy/on_target", "easy/cell"} <= set(skills)
   config = common.resolve(demo.get_config())
+  config.model.family = family
   tok = common.build_tokenizer(config, str(tmp_path / "tok"))
   mcfg = run_config.model_config(config, tok)
   params = lambda stage, step: ckpt_lib.restore_params(str(tmp_path / "ckpt" / stage / str(step)), mcfg)[0]
@@ -165,8 +171,10 @@ def test_pretrain_stages_run_the_two_phases_and_export(tmp_path):
   vision_2, vision_3, pretrain_2 = params("pretrain_vision", 2), params("pretrain_vision", 3), params("pretrain", 2)
   assert not same(tower(vision_2), tower(vision_3)) and same(decoder(vision_2), decoder(vision_3))
   assert same(tower(vision_3), tower(pretrain_2)) and not same(decoder(vision_3), decoder(pretrain_2))
+  if family == "qwen3_vl":  # two warm-up steps away from the code
+    code = vision_lib.sincos_position_table(mcfg.vision.grid_per_side, mcfg.vision.hidden_size)
+    np.testing.assert_allclose(np.asarray(vision_2["visual"]["pos_embed"]), np.asarray(code), atol=1e-3)
   base = tmp_path / "base"
   assert (base / "config.json").exists() and (base / "training_summary.json").exists()
-  from mini_o3_jax.model.hf import load_pretrained
   model, cfg = load_pretrained(str(base))
-  assert cfg.vision.depth == demo.get_config().model.vision_depth
+  assert cfg.vision.depth == demo.get_config().model.vision_depth and cfg.model_type == family

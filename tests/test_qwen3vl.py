@@ -13,10 +13,13 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
 from PIL import Image
 
 import hf_reference as ref
+from configs import demo
+from mini_o3_jax import run_config
 from mini_o3_jax.agent import prompts
 from mini_o3_jax.agent.task import Task
 from mini_o3_jax import export as export_lib
@@ -293,3 +296,31 @@ def test_import_hf_tool_accepts_qwen3vl(pair, tmp_path):
   ids, mask, pv, g = _batch([[3, ("img", 0), 4]], GRIDS[1:2], "left", seed=4)
   np.testing.assert_allclose(np.asarray(model(ids, pixel_values=pv, image_grid_thw=g, attention_mask=mask)),
                              ref.hf_logits(hf, ids, mask, pv, g), atol=1e-4)
+
+
+def test_the_demos_sized_qwen3vl_matches_transformers(tmp_path):
+  """`model.family="qwen3_vl"` in the demo's model section (its sizes, 14-pixel patches, an 8 x 8 position
+  table, no DeepStack: the tiny base's form) -> a model whose transformers reload gives the same logits."""
+  config = demo.get_config()
+  config.model.family = "qwen3_vl"
+  ids = dict(image_token_id=ref.IMAGE, video_token_id=ref.VIDEO, vision_start_token_id=ref.VISION_START,
+             vision_end_token_id=ref.VISION_END, eos_token_id=1, pad_token_id=0)
+  cfg = run_config.model_config_for_vocabulary(config, ref.VOCAB, ids)
+  assert cfg.model_type == "qwen3_vl" and cfg.embed_levels == 1 and cfg.text.qk_norm
+  assert (cfg.vision.patch_size, cfg.vision.grid_per_side, cfg.vision.depth) == (14, 8, config.model.vision_depth)
+  ours = vlm.random_model(cfg, seed=5)
+  save_pretrained(ours, cfg, str(tmp_path))
+  hf = transformers.AutoModelForImageTextToText.from_pretrained(str(tmp_path)).eval()
+  rng = np.random.default_rng(5)
+  grids = [[1, 8, 8], [1, 6, 10]]
+  ids_, mask = ref.build_batch([[3, ("img", 0), 4], [("img", 1), 2]], grids, rng)
+  pv = ref.pixel_values(grids, rng, patch=14)
+  got = np.asarray(ours(ids_, pixel_values=pv, image_grid_thw=np.array(grids), attention_mask=mask))
+  np.testing.assert_allclose(got[mask.astype(bool)], ref.hf_logits(hf, ids_, mask, pv, grids)[mask.astype(bool)],
+                             atol=1e-4)
+  config.model.vision_position_sincos = 1.0  # the Qwen2.5-VL tower's option: no meaning here
+  with pytest.raises(ValueError, match="vision_position_sincos"):
+    run_config.model_config_for_vocabulary(config, ref.VOCAB, ids)
+  config.model.family = "qwen4_vl"
+  with pytest.raises(ValueError, match="model.family"):
+    run_config.model_config_for_vocabulary(config, ref.VOCAB, ids)

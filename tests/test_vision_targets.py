@@ -15,12 +15,13 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(__file__))
 import train_worker as W  # noqa: E402
 
-from configs import demo  # noqa: E402
+from configs import demo, pretrain_tiny  # noqa: E402
 from mini_o3_jax import run_config  # noqa: E402
 from mini_o3_jax.agent import tools  # noqa: E402
 from mini_o3_jax.data import grounding, synthetic  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
-from mini_o3_jax.model import vlm  # noqa: E402
+from mini_o3_jax.model import rope, vlm  # noqa: E402
+from mini_o3_jax.model import vision as vision_lib  # noqa: E402
 from mini_o3_jax.model.vision import VisionInputs  # noqa: E402
 from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage  # noqa: E402
 from mini_o3_jax.processing import image as image_lib  # noqa: E402
@@ -216,6 +217,36 @@ def test_position_sincos_is_a_fixed_position_table():
   assert not np.allclose(got, np.asarray(plain.encode_images(pv, inputs)), atol=1e-3)
   with pytest.raises(ValueError, match="position_sincos"):
     coded.config.to_hf_dict()
+
+
+def test_sincos_position_table_gives_the_qwen3_tower_the_patch_code():
+  """A Qwen3-VL table holding the sin-cos code of its 8 x 8 cells hands each patch of an 8 x 8 grid the
+  code of its own (row, column) — the Qwen2.5-VL tower's `position_sincos` input — through the table's
+  bilinear taps, and a 6 x 10 grid the code at its corners; the tower phase starts from it."""
+  d = 64
+  table = np.asarray(vision_lib.sincos_position_table(8, d))                              # [64, d]
+  def added_code(grid):
+    index, weight = rope.position_table_taps(np.array([grid]), 8, 2)
+    pos = rope.vision_patch_positions(np.array([grid]), 2).astype(np.float64)            # [patches, 2]
+    return np.einsum("pk,pkd->pd", weight, table[index]), pos                            # [patches, d]
+
+  added, pos = added_code([1, 8, 8])
+  np.testing.assert_allclose(added, _sincos(pos, d, 10.0), atol=1e-5)
+  added, pos = added_code([1, 6, 10])
+  corners = [np.flatnonzero((pos == c).all(-1))[0] for c in ([0, 0], [5, 9], [0, 9])]
+  np.testing.assert_allclose(added[corners], _sincos(np.array([[0, 0], [7, 7], [0, 7]], np.float64), d, 10.0),
+                             atol=1e-5)
+  config = common.resolve(demo.get_config())
+  config.model.family = "qwen3_vl"
+  ids = run_config.special_ids("small")
+  mcfg = run_config.model_config_for_vocabulary(config, 1024, ids)
+  params = pretrain_stage.sincos_table_params(mcfg, seed=0, scale=0.5)
+  np.testing.assert_allclose(params["visual"]["pos_embed"], 0.5 * _sincos(
+      np.stack(np.divmod(np.arange(64), 8), -1).astype(np.float64), mcfg.vision.hidden_size, 10.0), atol=1e-6)
+  tiny_config = common.resolve(pretrain_tiny.get_config())
+  tiny_config.pretrain_vision.position_table_sincos = 1.0
+  with pytest.raises(ValueError, match="qwen3_vl"):  # the Qwen2.5-VL tower has no table to start
+    run_config.pretrain_vision_stage(tiny_config, run_config.model_config_for_vocabulary(tiny_config, 1024, ids))
 
 
 # ------------------------------------------------------------------------------------------ the rows

@@ -234,7 +234,7 @@ class VisionTower(nnx.Module):
       rows, cols = inputs.patch_positions[:, 0], inputs.patch_positions[:, 1]
       x = x + (self.row_embed[...][rows] + self.col_embed[...][cols]).astype(x.dtype)
     if cfg.position_sincos:
-      code = position_code(inputs.patch_positions[:, 0], inputs.patch_positions[:, 1], x.shape[-1], max_period=10.0)
+      code = position_code(inputs.patch_positions[:, 0], inputs.patch_positions[:, 1], x.shape[-1], PATCH_CODE_PERIOD)
       x = x + (cfg.position_sincos * code).astype(x.dtype)
     cos, sin = rope.vision_cos_sin(inputs.patch_positions, cfg.head_dim, cfg.rope_theta)
     window_block = cfg.window_merged**2 * unit  # the largest possible window, in patches
@@ -252,6 +252,10 @@ class VisionTower(nnx.Module):
     return merged
 
 
+# The patch-level sin-cos code's longest period, in patches (`position_sincos`, `sincos_position_table`).
+PATCH_CODE_PERIOD = 10.0
+
+
 def position_code(rows: jax.Array, cols: jax.Array, dim: int, max_period: float = 4.0) -> jax.Array:
   """A fixed 2-D sin-cos code [n, dim] of integer cells: sin / cos of rows, then of cols, at dim / 4
   frequencies from pi to pi / max_period per cell (zero-padded to `dim`)."""
@@ -261,6 +265,14 @@ def position_code(rows: jax.Array, cols: jax.Array, dim: int, max_period: float 
   c = cols[:, None].astype(jnp.float32) * freqs
   code = jnp.concatenate([jnp.sin(r), jnp.cos(r), jnp.sin(c), jnp.cos(c)], -1)
   return jnp.pad(code, ((0, 0), (0, dim - code.shape[-1])))
+
+
+def sincos_position_table(side: int, dim: int, max_period: float = PATCH_CODE_PERIOD) -> jax.Array:
+  """`position_code` of every cell of a side x side grid, row-major [side * side, dim]: a Qwen3-VL position
+  table that gives a grid of side x side patches the Qwen2.5-VL tower's `position_sincos` code exactly
+  (the table's bilinear taps fall on its entries) and other grids the code stretched to them."""
+  rows, cols = jnp.divmod(jnp.arange(side * side), side)
+  return position_code(rows, cols, dim, max_period)
 
 
 def _normalise_output(merged: jax.Array, inputs: VisionInputs, cfg: VisionConfig) -> jax.Array:

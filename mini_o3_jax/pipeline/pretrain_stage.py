@@ -27,6 +27,8 @@ from mini_o3_jax import progress
 from mini_o3_jax import run_config
 
 from mini_o3_jax.data import grounding
+from mini_o3_jax.model import vision as vision_lib
+from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import common, grounding_probe, sources
 from mini_o3_jax.pipeline.train_stages import make_state, restore_params
 from mini_o3_jax.processing import image as image_lib
@@ -127,6 +129,16 @@ def _train_on_scenes(name: str, workdir: str, state, shardings, step_fn, loop: r
   return state, common.last_metrics(metrics_log.file, metrics), skills
 
 
+def sincos_table_params(mcfg, seed: int, scale: float) -> dict:
+  """A fresh model's parameters (host arrays) whose Qwen3-VL position table is `scale` times the sin-cos code
+  of its grid (`model.vision.sincos_position_table`)."""
+  params = nnx.to_pure_dict(nnx.state(vlm.VLM(mcfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  v = mcfg.vision
+  params["visual"]["pos_embed"] = np.asarray(scale * vision_lib.sincos_position_table(v.grid_per_side, v.hidden_size),
+                                             params["visual"]["pos_embed"].dtype)
+  return jax.tree.map(np.asarray, params)
+
+
 def run_pretrain_vision(config, workdir: str) -> dict:
   """The tower alone on feature targets (`train.vision_targets`), the decoder untouched: the first half
   of the base's recipe; `pretrain` with `from_stage="pretrain_vision"` and a frozen tower follows.
@@ -134,7 +146,10 @@ def run_pretrain_vision(config, workdir: str) -> dict:
   Every step's scenes are fresh, so its loss is already a held-out number."""
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_vision_stage(config, mcfg)
-  init = None if sources.has_checkpoint(workdir, "pretrain_vision") else sources.init_params(config, mcfg, mesh)
+  fresh = not sources.has_checkpoint(workdir, "pretrain_vision")
+  init = sources.init_params(config, mcfg, mesh) if fresh else None
+  if fresh and init is None and stage.position_table_sincos:
+    init = sincos_table_params(mcfg, config.seed, stage.position_table_sincos)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = vision_targets.make_vision_step(stage.targets, tx, mesh, shardings,
                                             learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
