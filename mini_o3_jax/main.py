@@ -67,6 +67,19 @@ def _setup_compile_cache() -> None:
 CHECKPOINT_KEYS = ("model", "tokenizer", "view_pixels")
 
 
+def changed_settings(old: dict, new: dict) -> list[str]:
+  """The `CHECKPOINT_KEYS` whose settings differ between a recorded config and a new one.
+
+  A section's key that the record lacks is not compared: it was added to the config after that run, and
+  new keys default to the behaviour from before them, so an upgrade alone never strands a work directory.
+  """
+  def differs(a, b) -> bool:
+    if isinstance(a, dict):
+      return not isinstance(b, dict) or any(differs(v, b.get(k)) for k, v in a.items())
+    return a != b
+  return [k for k in CHECKPOINT_KEYS if differs(old.get(k), new.get(k))]
+
+
 def record_config(config, workdir: str) -> None:
   """Writes WORKDIR/config.json, after checking that it does not contradict the run already there.
 
@@ -81,7 +94,7 @@ def record_config(config, workdir: str) -> None:
   if os.path.exists(file) and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     with open(file) as f:
       old = json.load(f)
-    changed = [k for k in CHECKPOINT_KEYS if old.get(k) != new.get(k)]
+    changed = changed_settings(old, new)
     if changed:
       details = "; ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)
       raise app.UsageError(f"{workdir} holds checkpoints of a run with other {', '.join(changed)} ({details}); "

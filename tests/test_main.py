@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from configs import demo
+from mini_o3_jax import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,3 +101,16 @@ def test_tool_help_shows_defaults_without_loading_jax(tool):
     assert "(default: 0.9)" in proc.stdout
   if tool == "bench/train_step.py":
     assert "(default: 1,-1,1)" in proc.stdout and "MFU =" in proc.stdout  # defaults and the whole docstring
+
+
+def test_a_rerun_is_compared_on_the_settings_its_record_holds():
+  """config.json of an earlier run lacks the keys added since: they are not compared (their defaults are
+  the old behaviour); a recorded key that changed, or a section that vanished, is."""
+  recorded = {"model": {"hidden_size": 128, "vision": {"depth": 2}}, "tokenizer": {"vocab_size": 1024},
+              "view_pixels": 12544, "seed": 0}
+  upgraded = {"model": {"hidden_size": 128, "vision": {"depth": 2, "grid": 8}, "family": "qwen2_5_vl"},
+              "tokenizer": {"vocab_size": 1024}, "view_pixels": 12544, "seed": 1}
+  assert main_lib.changed_settings(recorded, upgraded) == []
+  assert main_lib.changed_settings(recorded, {**upgraded, "model": {"hidden_size": 64}}) == ["model"]
+  assert main_lib.changed_settings(recorded, {**upgraded, "tokenizer": None, "view_pixels": 1}) == [
+      "tokenizer", "view_pixels"]
