@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
                    saliency_power=4.0, shape_tokens="cover", shape_by_saliency=True)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
-      # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard.
+      # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard, same_colour.
       curriculum="0:single=0.3,few=0.7",
       # One locate question a row about a random uniquely named shape, answered by its 3 x 3 cell first;
       # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after;

@@ -144,7 +144,9 @@ def _check_task(task: syn.SyntheticTask, tier: str, config: syn.SyntheticConfig)
   assert spec.num_lookalikes[0] <= len(looks) <= spec.num_lookalikes[1]
   kinds = {"colour" if o.colour == target.colour else "shape" for o in looks}
   assert task.category == {"none": "unique", "one": f"same_{next(iter(kinds), '')}",
-                           "mixed": "mixed"}[spec.lookalike_kind]
+                           "mixed": "mixed", "colour": "same_colour"}[spec.lookalike_kind]
+  if spec.lookalike_kind == "colour":
+    assert kinds == {"colour"}
   if spec.lookalike_kind == "one":
     assert len(kinds) == 1
   if spec.lookalike_kind == "mixed":
@@ -193,6 +195,19 @@ def test_task_structure(tier):
     task = syn.make_task(tier, i, CFG, "test")
     _check_task(task, tier, CFG)
     _check_label_on_shape(task)
+
+
+def test_same_colour_lookalikes_leave_only_the_kind():
+  """lookalike_kind="colour" (the pretraining's `same_colour` level): every look-alike has the target's colour."""
+  spec = dataclasses.replace(syn.EASY, num_objects=(3, 5), num_lookalikes=(2, 4), lookalike_kind="colour")
+  config = dataclasses.replace(CFG, easy=spec)
+  for i in range(25):
+    task = syn.make_task("easy", i, config, "test")
+    _check_task(task, "easy", config)
+    target = next(o for o in task.objects if o.is_target)
+    assert sum(o.colour == target.colour for o in task.objects) >= 3
+  with pytest.raises(ValueError, match="lookalike_kind"):
+    dataclasses.replace(spec, lookalike_kind="kind")
 
 
 @pytest.mark.parametrize("config", [

@@ -47,6 +47,10 @@ LEVELS: dict[str, synthetic.TierSpec] = {
     "easy": synthetic.EASY,
     "medium": synthetic.MEDIUM,
     "hard": synthetic.HARD,
+    # 3-5 shapes; the target and 2-4 look-alikes share its colour, so mostly only the kind tells them apart (a
+    # rung for binding the kind).
+    "same_colour": dataclasses.replace(synthetic.EASY, num_objects=(3, 5), num_lookalikes=(2, 4),
+                                       lookalike_kind="colour"),
 }
 
 

@@ -38,7 +38,8 @@ class TierSpec:
   Attributes:
     num_objects: inclusive range of shapes per scene, the target included.
     num_lookalikes: inclusive range of shapes sharing the target's colour or shape.
-    lookalike_kind: "none", "one" (all share the colour, or all the shape) or "mixed".
+    lookalike_kind: "none", "one" (all share the colour, or all the shape), "mixed", or "colour" (all share
+      the colour: only the shape's kind tells them apart).
     confusable: look-alikes take a similar colour / shape (red vs orange, circle vs hexagon).
     glyph_full_view_px: upper bound on the digit's height in the full-image view.
     label_at_centre: label at the centre of the shape's box (else anywhere inside the shape).
@@ -51,6 +52,10 @@ class TierSpec:
   glyph_full_view_px: float
   label_at_centre: bool
   zoom_sides: tuple[float, ...]
+
+  def __post_init__(self):
+    if self.lookalike_kind not in ("none", "one", "mixed", "colour"):
+      raise ValueError(f"lookalike_kind {self.lookalike_kind!r}: expected 'none', 'one', 'mixed' or 'colour'")
 
 
 EASY = TierSpec(num_objects=(5, 8), num_lookalikes=(0, 0), lookalike_kind="none",

@@ -166,8 +166,8 @@ def _attributes(rng: np.random.Generator, spec: TierSpec, config: SyntheticConfi
   n_look = min(n_look, n_objects - 1)
   if spec.lookalike_kind == "none":
     kinds, category = [], "unique"
-  elif spec.lookalike_kind == "one":
-    kind = "colour" if rng.random() < 0.5 else "shape"
+  elif spec.lookalike_kind in ("one", "colour"):
+    kind = "colour" if spec.lookalike_kind == "colour" or rng.random() < 0.5 else "shape"
     kinds, category = [kind] * n_look, f"same_{kind}"
   else:
     kinds = ["colour" if rng.random() < 0.5 else "shape" for _ in range(n_look)]
