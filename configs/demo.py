@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
   c.model = ml_collections.ConfigDict(dict(
       # "qwen2_5_vl" or "qwen3_vl" (its tower: a learned position table of vision_position_grid^2 entries,
-      # DeepStack after the vision blocks vision_deepstack names); both export to transformers.
+      # DeepStack after the vision blocks vision_deepstack names), either with transformers' structure.
       family="qwen2_5_vl",
       hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
       vision_hidden_size=64, vision_intermediate_size=128, vision_depth=2, vision_heads=4, vision_patch_size=14,

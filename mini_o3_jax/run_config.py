@@ -167,9 +167,10 @@ def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_l
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
       rope_theta=10000.0, max_position_embeddings=8192, bos_token_id=None, eos_token_id=ids["eos_token_id"],
       pad_token_id=ids["pad_token_id"])
+  patch = m.get("vision_patch_size", 14)
   common_vision = dict(depth=m.vision_depth, hidden_size=m.vision_hidden_size,
                        intermediate_size=m.vision_intermediate_size, num_heads=m.vision_heads,
-                       out_hidden_size=m.hidden_size, patch_size=m.get("vision_patch_size", 14))
+                       out_hidden_size=m.hidden_size, patch_size=patch)
   if family == "qwen3_vl":
     used = [k for k in _QWEN25_EXPERIMENTAL if m.get(k)]
     if used:
@@ -190,7 +191,7 @@ def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_l
     h_sec = (half - t_sec) // 2
     text = config_lib.TextConfig(**common_text, mrope_section=(t_sec, h_sec, half - t_sec - h_sec))
     vision = config_lib.VisionConfig(
-        **common_vision, fullatt_block_indexes=(m.vision_depth - 1,), window_size=56,
+        **common_vision, fullatt_block_indexes=(m.vision_depth - 1,), window_size=4 * patch,  # 2 x 2 tokens
         position_table=m.get("vision_position_table", 0), position_sincos=m.get("vision_position_sincos", 0.0),
         output_centre=m.get("vision_output_centre", False), output_rms=m.get("vision_output_rms", 0.0),
         output_position_code=m.get("vision_output_position_code", 0.0))
