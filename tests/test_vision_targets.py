@@ -360,6 +360,46 @@ def test_feature_target_batch_from_rows(tokenizer):
     dataclasses.replace(stage, shape_tokens="middle")
 
 
+def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
+  """Rows and probe prompts for a Qwen3-VL model are normalised as its image processor does (mean / std 0.5,
+  not CLIP's), and the feature targets read from them are the Qwen2.5-VL model's for the same scenes: each
+  family's pixels are decoded with its own normalisation."""
+  config = common.resolve(demo.get_config())
+  q25 = run_config.model_config(config, tokenizer)
+  config.model.family = "qwen3_vl"
+  q3 = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
+  scenes = [grounding.make_scene("few", i, tcfg) for i in range(2)]
+  rows = {m.model_type: [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i),
+                                                 image=image_lib.settings_for(m)) for i, t in enumerate(scenes)]
+          for m in (q25, q3)}
+  view = synthetic.render_view(scenes[0].image, None, tcfg)
+  want, _ = image_lib.preprocess_image(view, tcfg.view_min_pixels, tcfg.view_max_pixels, **image_lib.settings_for(q3))
+  np.testing.assert_allclose(rows["qwen3_vl"][0]["pixel_values"], want)
+  assert not np.allclose(rows["qwen2_5_vl"][0]["pixel_values"], want, atol=1e-2)
+  stream = grounding.SceneStream(grounding.Curriculum.parse("0:few=1"), gcfg, tcfg, tokenizer, rows=1, seed=0,
+                                 image=image_lib.settings_for(q3))
+  first = stream.rows_for(0)[0]
+  np.testing.assert_allclose(first["pixel_values"], grounding.scene_example(
+      grounding.make_scene("few", 0, tcfg), tokenizer, gcfg, tcfg, np.random.default_rng(0),
+      image=image_lib.settings_for(q3))["pixel_values"])
+  probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
+                                         tokenizer, q3)
+  np.testing.assert_allclose(probe._prompt(view, "where?")[1], want)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
+  patches = int(np.prod(rows["qwen3_vl"][0]["image_grid_thw"], -1).sum())
+  bcfg = batch_lib.BatchConfig(batch_size=2, length_buckets=(128,), patch_buckets=(patches,), pad_token_id=0)
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette)), palette=palette)
+  targets = {m.model_type: pretrain_stage.with_feature_targets(
+      batch_lib.collate_sft(rows[m.model_type], m, bcfg), rows[m.model_type], m, stage) for m in (q25, q3)}
+  a, b = targets["qwen2_5_vl"], targets["qwen3_vl"]
+  np.testing.assert_allclose(b.image_saliency, a.image_saliency, atol=1e-4)
+  np.testing.assert_array_equal(b.image_colour[a.image_saliency > 0], a.image_colour[a.image_saliency > 0])
+  assert (a.image_saliency > 0).any() and (a.image_saliency == 0).any()
+
+
 def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):
   """The `pretrain_vision` stage's scenes (`VISION_SPLIT`) are never the decoder phase's (same seed, same steps)."""
   cur, cfg, tcfg = grounding.Curriculum.parse("0:few=1"), grounding.GroundingConfig(locate=1, name=0, read=0), \

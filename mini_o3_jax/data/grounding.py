@@ -20,7 +20,7 @@ A curriculum walks from one shape on a canvas to the demo's hard tier: `Level`s 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -241,15 +241,16 @@ def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic
 
 def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
-                  cell_only: bool = False) -> dict[str, Any]:
+                  cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes};
-  `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss.
+  `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
+  the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
   `kinds` int [T] is the index in KINDS of the question each answer token belongs to (-1 elsewhere),
   so the skills probe can score each kind separately.
   """
   questions = scene_questions(task, config, rng)
-  processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels)
+  processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels, **(image or {}))
                for v in scene_views(task, questions, task_config)]
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
@@ -290,13 +291,14 @@ def _answer_kinds(loss_mask: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
 class SceneStream:
   """Fresh rows for step `step` of a curriculum: row r of step s is scene s * rows + r of its level.
 
-  Stateless apart from the step, so a resumed run regenerates exactly the rows it would have seen.
+  Stateless apart from the step, so a resumed run regenerates exactly the rows it would have seen. `image`:
+  the model's `preprocess_image` settings, as in `scene_example`.
   """
 
   def __init__(self, curriculum: Curriculum, config: GroundingConfig, task_config: synthetic.SyntheticConfig,
-               tokenizer, rows: int, seed: int, split: str = PRETRAIN_SPLIT):
+               tokenizer, rows: int, seed: int, split: str = PRETRAIN_SPLIT, image: Mapping[str, Any] | None = None):
     self.curriculum, self.config, self.task_config = curriculum, config, task_config
-    self.tokenizer, self.rows, self.seed, self.split = tokenizer, rows, seed, split
+    self.tokenizer, self.rows, self.seed, self.split, self.image = tokenizer, rows, seed, split, image
 
   def rows_for(self, step: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(np.random.SeedSequence([self.seed, step]))
@@ -308,5 +310,5 @@ class SceneStream:
     for r, pick in enumerate(picks):
       task = make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
       out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng,
-                               cell_only=step < self.config.cell_only_steps))
+                               cell_only=step < self.config.cell_only_steps, image=self.image))
     return out

@@ -87,12 +87,14 @@ class GroundingProbe:
     self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
     self.question_first = grounding_config.question_first
     self.cell_first = grounding_config.cell_first
+    self.image = image_lib.settings_for(model_config)
     self.rows, self.tasks = {}, {}
     for level in config.levels:
       rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + grounding.level_salt(level)]))
       tasks = [grounding.make_scene(level, i, task_config, grounding.HELDOUT_SPLIT) for i in range(config.scenes)]
       self.tasks[level] = tasks
-      self.rows[level] = [grounding.scene_example(t, tokenizer, grounding_config, task_config, rng) for t in tasks]
+      self.rows[level] = [grounding.scene_example(t, tokenizer, grounding_config, task_config, rng, image=self.image)
+                          for t in tasks]
 
   def run(self, model, greedy: bool = True) -> dict[str, float]:
     out = {}
@@ -130,7 +132,8 @@ class GroundingProbe:
     return out
 
   def _prompt(self, image, question: str):
-    pv, grid = image_lib.preprocess_image(image, self.task_config.view_min_pixels, self.task_config.view_max_pixels)
+    pv, grid = image_lib.preprocess_image(image, self.task_config.view_min_pixels, self.task_config.view_max_pixels,
+                                          **self.image)
     messages = [{"role": "user", "content": grounding.first_turn(question, self.question_first)}]
     enc = chat.tokenize_conversation(self.tokenizer, messages, [grid], add_generation_prompt=True)
     return enc["input_ids"], pv, grid

@@ -158,7 +158,8 @@ def run_pretrain_vision(config, workdir: str) -> dict:
   # One short question per scene: only the images matter here (no crop images: `read` is off).
   questions = grounding.GroundingConfig(locate=1, name=0, read=0)
   stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
-                                 rows=stage.batch.batch_size, seed=config.seed, split=grounding.VISION_SPLIT)
+                                 rows=stage.batch.batch_size, seed=config.seed, split=grounding.VISION_SPLIT,
+                                 image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
   _, metrics, _ = _train_on_scenes("pretrain_vision", workdir, state, shardings, step_fn, stage.loop, stream,
                                    lambda rows: with_feature_targets(collate_rows(rows), rows, mcfg, stage), mesh)
@@ -183,7 +184,7 @@ def run_pretrain(config, workdir: str) -> dict:
   log.info("pretrain: %d parameters, %d steps of %d fresh scenes", state_lib.count_params(state.params),
            loop.steps, scenes_per_step)
   stream = grounding.SceneStream(stage.curriculum, stage.questions, tcfg, tokenizer, rows=scenes_per_step,
-                                 seed=config.seed)
+                                 seed=config.seed, image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
 
   def collate(rows):

@@ -69,6 +69,7 @@ import threading
 import numpy as np
 
 E = os.environ.get
+from mini_o3_jax.processing import image as image_lib_for_norm
 import jax
 import jax.numpy as jnp
 import optax
@@ -412,9 +413,13 @@ OBJAUX = float(E("EX_OBJAUX", "0"))  # aux loss: projection of each image token 
 SALCOL = float(E("EX_SALCOL", "0"))  # saliency per palette colour (each shape its own maximum), 0 below this chroma
 
 
+# The pixels' normalisation: CLIP's (Qwen2.5-VL) unless EX_MODEL_TYPE=qwen3_vl (features.py sets it from the run).
+PIX_MEAN, PIX_STD = image_lib_for_norm.normalization(E("EX_MODEL_TYPE", "qwen2_5_vl"))
+
+
 def chroma_saliency(pixel_values):
   """[b, p, 1176] normalised patches -> [b, p/4] (token chroma / image max)**4, as the oracle uses."""
-  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  mean, std = jnp.asarray(PIX_MEAN), jnp.asarray(PIX_STD)
   b, p, _ = pixel_values.shape
   x = pixel_values.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * std[None, None, :, None, None] + mean[None, None, :, None, None]
   tok = (x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1)
@@ -456,7 +461,7 @@ def real_tokens(pixel_values):
 def colour_onehot(pixel_values):
   """[b, p, 1176] normalised patches -> [b, p/4, K] one-hot of the palette colour nearest each token's
   chroma^2-weighted mean RGB (for background tokens this is an arbitrary colour, weighted by s ~ 0 below)."""
-  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  mean, std = jnp.asarray(PIX_MEAN), jnp.asarray(PIX_STD)
   b, p, _ = pixel_values.shape
   x = pixel_values.reshape(b, p, 3, 2, 196)[:, :, :, 0] * std[None, None, :, None] + mean[None, None, :, None]
   x = x.reshape(b, p // 4, 4, 3, 196).transpose(0, 1, 3, 2, 4).reshape(b, p // 4, 3, 4 * 196)   # [b, t, 3, px]
@@ -491,7 +496,7 @@ def pointer_loss(h, inputs, targets, maskf, image_token_id, tokens_per_row):
 
 def chroma_tokens(pixel_values):
   """[b, p, 1176] -> [b, p/4] mean chroma of each merged token (no normalisation)."""
-  mean = jnp.asarray([0.48145466, 0.4578275, 0.40821073]); std = jnp.asarray([0.26862954, 0.26130258, 0.27577711])
+  mean, std = jnp.asarray(PIX_MEAN), jnp.asarray(PIX_STD)
   b, p, _ = pixel_values.shape
   x = pixel_values.reshape(b, p, 3, 2, 14, 14)[:, :, :, 0] * std[None, None, :, None, None] + mean[None, None, :, None, None]
   return jax.lax.stop_gradient((x.max(2) - x.min(2)).mean((-1, -2)).reshape(b, p // 4, 4).mean(-1))

@@ -23,6 +23,7 @@ from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
 w=argv[1]
 cfg = ml_collections.ConfigDict(json.load(open(f"{w}/config.json")))
 config, tok, mcfg, mesh = common.setup(cfg, w)
+drive.PIX_MEAN, drive.PIX_STD = image_lib.normalization(mcfg.model_type)  # the run's family
 model, step = ckpt_lib.restore_model(f"{w}/ckpt/" + os.environ.get("FEAT_STAGE", "pretrain"), mcfg)
 tcfg = run_config.task_config(config)
 rows=[]; kinds=[]; centres=[]
@@ -30,7 +31,8 @@ LEVEL = argv[2] if len(argv) > 2 else "few"
 N = int(os.environ.get("FEAT_N", 24)); RIDGE = float(os.environ.get("FEAT_RIDGE", 1e-3))
 for si in range(N):
   task = grounding.make_scene(LEVEL, 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
-  pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels, tcfg.view_max_pixels)
+  pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
+                                        tcfg.view_max_pixels, **image_lib.settings_for(mcfg))
   q = [("locate", "x", "y", 0)]
   enc = chat.tokenize_conversation(tok, grounding.scene_messages(q), [grid])
   rows.append({"input_ids": enc["input_ids"], "loss_mask": enc["loss_mask"], "pixel_values": pv.astype(np.float32), "image_grid_thw": np.stack([grid]).astype(np.int64)})
