@@ -1,4 +1,4 @@
-"""The tiny base the demo starts from: the demo's Qwen2.5-VL taught to ground and read first.
+"""The tiny base the demo starts from: a demo-sized Qwen3-VL taught to ground and read first.
 
   python -m mini_o3_jax.main --config configs/pretrain_tiny.py --workdir DIR
 
@@ -7,9 +7,9 @@ image token, its position and its colour where a shape is and nothing on the can
 vision_targets.py`); `pretrain` then trains the decoder on the frozen tower with questions about the
 scene's objects (`data/grounding.py`): where is the <colour shape> (its 3 x 3 cell, then a `<grounding>`
 box), what is at a box, what digit a legible crop shows. The held-out probe (`pipeline/grounding_probe.py`)
-logs the skills; `export_base` writes the base as an HF directory. The defaults are the measured binding
-phase (docs/miniature.md, session 11: the named shape's cell on held-out few scenes); the box, the read
-skill and the demo's cluttered tiers are the recipe's next rungs.
+logs the skills; `export_base` writes the base as an HF Qwen3-VL directory (WORKDIR/base). The defaults are
+the measured binding phase (docs/miniature.md, sessions 11 and 13: the named shape's cell on held-out few
+scenes); the box, the read skill and the demo's cluttered tiers are the recipe's next rungs.
 """
 
 import ml_collections
@@ -20,19 +20,20 @@ from configs import demo
 def get_config() -> ml_collections.ConfigDict:
   c = demo.get_config()
   # Two phases (docs/miniature.md, session 11): the tower alone on feature targets, then the decoder on the
-  # frozen tower. `export_base` writes the base as an HF Qwen2.5-VL directory, which a tower with the
-  # sin-cos patch code below cannot be (it has no Qwen2.5-VL equivalent): add it to a run without the code.
-  c.stages = ("pretrain_vision", "pretrain")
-  # Absolute position inside the tower, so it can emit a position only where a shape is (experimental:
-  # not in Qwen2.5-VL, model/config.py).
-  c.model.vision_position_sincos = 1.0
+  # frozen tower; then the HF export.
+  c.stages = ("pretrain_vision", "pretrain", "export_base")
+  # The tower needs absolute position to emit a position only where a shape is (session 11): Qwen3-VL's
+  # learned table, started as a sin-cos code of the patch grid (pretrain_vision.position_table_sincos).
+  # With family="qwen2_5_vl" set vision_position_sincos=1 instead (a fixed code with no Qwen2.5-VL
+  # equivalent: such a base cannot be exported) and position_table_sincos=0.
+  c.model.family = "qwen3_vl"
   c.pretrain_vision = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       curriculum="0:single=0.3,few=0.7", length_buckets=(96,), patch_buckets=(64,),
       checkpoint_every=250, log_every=25,
       # With model.family="qwen3_vl": its learned position table starts as the sin-cos code times this
       # (0 = random), the absolute position vision_position_sincos gives the Qwen2.5-VL tower, exportable.
-      position_table_sincos=0.0,
+      position_table_sincos=1.0,
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
       # a shared object direction + colour_scale * its colour's direction + shape_scale * its shape kind's
       # direction), s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;

@@ -100,10 +100,13 @@ def test_pretrain_stage_reads_its_section(model):
   assert stage.from_stage == "" and stage.step.train_vision and not stage.optimizer.freeze_vision
 
 
-def test_pretrain_vision_stage_reads_its_section(model):
+def test_pretrain_vision_stage_reads_its_section():
   config = common.resolve(pretrain_tiny.get_config())
   c = config.pretrain_vision
+  model = config_lib.tiny_qwen3(1024, **{k: IDS[k] for k in ("image_token_id", "video_token_id",
+                                                             "vision_start_token_id", "vision_end_token_id")})
   stage = run_config.pretrain_vision_stage(config, model)
+  assert stage.position_table_sincos == c.position_table_sincos
   assert stage.loop == run_config.Loop(steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every)
   assert stage.optimizer.train_only_vision and not stage.optimizer.freeze_vision and stage.optimizer.lr == c.lr
   assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
