@@ -30,7 +30,7 @@ for si in range(48):
   names = [grounding.object_name(o) for o in task.objects]
   cells = [int(grounding.locate_answer(o.box, 2).split()[0]) for o in task.objects]
   pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
-                                        tcfg.view_max_pixels)
+                                        tcfg.view_max_pixels, **image_lib.settings_for(mcfg))
   for oi, o in enumerate(task.objects):
     if names.count(names[oi]) != 1:
       continue
