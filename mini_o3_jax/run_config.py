@@ -147,9 +147,6 @@ def model_config_for_vocabulary(config, vocab_size: int, ids: dict[str, int]) ->
 
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
-# Options of the demo's Qwen2.5-VL tower that are not Qwen2.5-VL (model/config.py); none has a Qwen3-VL meaning.
-_QWEN25_EXPERIMENTAL = ("vision_position_table", "vision_position_sincos", "vision_output_centre",
-                        "vision_output_rms", "vision_output_position_code")
 
 
 def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_lib.VLMConfig:
@@ -172,7 +169,8 @@ def _sized_model(m, vocab_size: int, ids: dict[str, int], run: dict) -> config_l
                        intermediate_size=m.vision_intermediate_size, num_heads=m.vision_heads,
                        out_hidden_size=m.hidden_size, patch_size=patch)
   if family == "qwen3_vl":
-    used = [k for k in _QWEN25_EXPERIMENTAL if m.get(k)]
+    # The demo's Qwen2.5-VL tower options (model/config.py); none has a Qwen3-VL meaning.
+    used = [f"vision_{k}" for k in config_lib.EXPERIMENTAL_VISION_OPTIONS if m.get(f"vision_{k}")]
     if used:
       raise ValueError(f"model.family='qwen3_vl' has no {used}: they are options of the Qwen2.5-VL tower "
                        "(Qwen3-VL's tower has its own learned position table, vision_position_grid)")

@@ -82,8 +82,7 @@ class VisionConfig(_PatchGeometry):
   @property
   def experimental(self) -> tuple[str, ...]:
     """The experimental (non-Qwen2.5-VL) options in use."""
-    names = ("position_table", "position_sincos", "output_centre", "output_rms", "output_position_code")
-    return tuple(n for n in names if getattr(self, n))
+    return tuple(n for n in EXPERIMENTAL_VISION_OPTIONS if getattr(self, n))
 
   @property
   def deepstack_levels(self) -> int:
@@ -93,6 +92,11 @@ class VisionConfig(_PatchGeometry):
   def window_merged(self) -> int:
     """Window side in merged tokens."""
     return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+# `VisionConfig`'s options that are not Qwen2.5-VL (the demo's `model` section names them `vision_<option>`).
+EXPERIMENTAL_VISION_OPTIONS = ("position_table", "position_sincos", "output_centre", "output_rms",
+                               "output_position_code")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,7 +69,6 @@ import threading
 import numpy as np
 
 E = os.environ.get
-from mini_o3_jax.processing import image as image_lib_for_norm
 import jax
 import jax.numpy as jnp
 import optax
@@ -81,6 +80,7 @@ from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm as vlm_lib
 from mini_o3_jax.pipeline import grounding_probe, sources
+from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
 from mini_o3_jax.train import forward as forward_lib
@@ -346,10 +346,14 @@ if E("EX_TILES"):
   synthetic._place_boxes = place_boxes
 
 
+# The pixels' normalisation: Qwen2.5-VL's (CLIP's); probes of another family's run set the run's (features.py).
+PIX_MEAN, PIX_STD = image_lib.normalization("qwen2_5_vl")
+
+
 # ------------------------------------------------------------------ H2: oracle image features
 if E("EX_ORACLE"):
-  MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
-  STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+  MEAN = np.asarray(PIX_MEAN, np.float32)
+  STD = np.asarray(PIX_STD, np.float32)
   OBJ_W = float(E("EX_ORACLE_OBJ", "1.0"))
   POS_W = float(E("EX_ORACLE_POS", "1.0"))
 
@@ -411,10 +415,6 @@ PEN = float(E("EX_PEN", "0"))
 WHERE_W = float(E("EX_WHERE_W", "0"))
 OBJAUX = float(E("EX_OBJAUX", "0"))  # aux loss: projection of each image token on a fixed direction = its chroma saliency
 SALCOL = float(E("EX_SALCOL", "0"))  # saliency per palette colour (each shape its own maximum), 0 below this chroma
-
-
-# The pixels' normalisation: CLIP's (Qwen2.5-VL) unless EX_MODEL_TYPE=qwen3_vl (features.py sets it from the run).
-PIX_MEAN, PIX_STD = image_lib_for_norm.normalization(E("EX_MODEL_TYPE", "qwen2_5_vl"))
 
 
 def chroma_saliency(pixel_values):
