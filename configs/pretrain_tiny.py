@@ -1,4 +1,4 @@
-"""The tiny base the demo starts from: a demo-sized Qwen3-VL taught to ground and read first.
+"""The tiny base the demo starts from: a demo-sized Qwen3-VL taught to ground first.
 
   python -m mini_o3_jax.main --config configs/pretrain_tiny.py --workdir DIR
 
@@ -6,10 +6,10 @@ Fresh synthetic scenes every step (never repeated). `pretrain_vision` trains the
 image token, its position and its colour where a shape is and nothing on the canvas (`train/
 vision_targets.py`); `pretrain` then trains the decoder on the frozen tower with questions about the
 scene's objects (`data/grounding.py`): where is the <colour shape> (its 3 x 3 cell, then a `<grounding>`
-box), what is at a box, what digit a legible crop shows. The held-out probe (`pipeline/grounding_probe.py`)
-logs the skills; `export_base` writes the base as an HF Qwen3-VL directory (WORKDIR/base). The defaults are
-the measured binding phase (docs/miniature.md, sessions 11 and 13: the named shape's cell on held-out few
-scenes); the box, the read skill and the demo's cluttered tiers are the recipe's next rungs.
+box). Named phases (`pipeline/phases.py`) run those stages again with other settings: the shape's kind
+added to the tower, the decoder on scenes that need it, the first crop as a window. The held-out probe
+(`pipeline/grounding_probe.py`) logs the skills; `export_base` writes the base as an HF Qwen3-VL directory
+(WORKDIR/base). docs/miniature.md (sessions 11-14) measures each rung; the read skill is not in it yet.
 """
 
 import ml_collections
@@ -19,37 +19,44 @@ from configs import demo
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo.get_config()
-  # Two phases (docs/miniature.md, session 11): the tower alone on feature targets, then the decoder on the
-  # frozen tower; then the HF export.
-  c.stages = ("pretrain_vision", "pretrain", "export_base")
+  # The measured order of rungs (docs/miniature.md, sessions 11-13): the tower alone on feature targets
+  # without the shape's kind; the decoder bound to it (the named shape's cell) on the frozen tower; the kind
+  # added to the tower with the decoder untouched (phase "kind"); the decoder on scenes where only the kind
+  # tells shapes apart ("same_colour"); the first crop as the cell's half-size window ("window"); the export.
+  c.stages = ("pretrain_vision", "pretrain", "pretrain_vision/kind", "pretrain/same_colour", "pretrain/window",
+              "export_base")
   # The tower needs absolute position to emit a position only where a shape is (session 11): Qwen3-VL's
   # learned table, started as a sin-cos code of the patch grid (pretrain_vision.position_table_sincos).
   # With family="qwen2_5_vl" set vision_position_sincos=1 instead (a fixed code with no Qwen2.5-VL
   # equivalent: such a base cannot be exported) and position_table_sincos=0.
   c.model.family = "qwen3_vl"
+  # A 64-wide, 2-layer tower cannot hold the kind beside position, object and colour; 128 x 4 can (session 12).
+  c.model.vision_depth, c.model.vision_hidden_size, c.model.vision_intermediate_size = 4, 128, 256
   c.pretrain_vision = ml_collections.ConfigDict(dict(
-      steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
-      curriculum="0:single=0.3,few=0.7", length_buckets=(96,), patch_buckets=(64,),
+      steps=2000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
+      curriculum="0:few=0.3,easy=0.3,medium=0.2,hard=0.2", length_buckets=(96,), patch_buckets=(64,),
       checkpoint_every=250, log_every=25,
       # With model.family="qwen3_vl": its learned position table starts as the sin-cos code times this
       # (0 = random), the absolute position vision_position_sincos gives the Qwen2.5-VL tower, exportable.
       position_table_sincos=1.0,
+      from_stage="",  # a run name: start from its checkpoint (the "kind" phase re-tunes a bound model's tower)
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
-      # a shared object direction + colour_scale * its colour's direction + shape_scale * its shape kind's
-      # direction), s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;
+      # a shared object direction + colour_scale * its colour's direction) + shape_scale * its shape kind's
+      # direction, s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;
       # the kind's term on the tokens shape_tokens names ("cover": all a shape's box covers most of; "centre"),
-      # times s too unless shape_by_saliency is off.
+      # times s too when shape_by_saliency is on. The kind waits for its phase: a tower that holds it from the
+      # start keeps the decoder from binding (session 12, V0 / V2).
       targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
-                   saliency_power=4.0, shape_tokens="cover", shape_by_saliency=True)))
+                   saliency_power=4.0, shape_tokens="centre", shape_by_saliency=False)))
   c.pretrain = ml_collections.ConfigDict(dict(
-      steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
+      steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard, same_colour.
-      curriculum="0:single=0.3,few=0.7",
+      curriculum="0:single=0.3,few=0.7;500:single=0.1,few=0.4,easy=0.3,medium=0.2",
       # One locate question a row about a random uniquely named shape, answered by its 3 x 3 cell first;
       # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after;
       # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own.
       questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
-                     cell_first=True, cell_only_steps=1500, cell_window=False),
+                     cell_first=True, cell_only_steps=100_000, cell_window=False),
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,
@@ -58,5 +65,19 @@ def get_config() -> ml_collections.ConfigDict:
       # docs/miniature.md H7S); 0 = off. Its target is each image token's colourfulness relative to the
       # image's most colourful token, to this power, times objectness_scale.
       objectness_weight=0.0, objectness_power=4.0, objectness_scale=0.5))
+  # Each phase: its stage's section with these settings changed (mini_o3_jax/pipeline/phases.py).
+  c.phases = ml_collections.ConfigDict(dict(
+      # The bound model's tower (the decoder untouched) learns the kind on the token at each shape's centre.
+      kind=dict(from_stage="pretrain", steps=1500, targets=dict(shape_scale=0.8)),
+      # The decoder where only the kind separates the named shape from its look-alikes (session 13, C1 + C2).
+      same_colour=dict(from_stage="pretrain_vision_kind", steps=2000, lr=5e-4,
+                       curriculum="0:few=0.2,same_colour=0.4,medium=0.2,hard=0.2;"
+                                  "1000:few=0.1,same_colour=0.5,medium=0.2,hard=0.2",
+                       probe_levels=("same_colour", "medium", "hard")),
+      # The whole answer, its box the cell's half-size window: the agent's first crop (session 13, W1).
+      window=dict(from_stage="pretrain_same_colour", steps=600, lr=5e-4,
+                  curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
+                  questions=dict(cell_only_steps=0, cell_window=True),
+                  probe_levels=("few", "medium", "hard"), probe_scenes=96)))
   c.base_export = ml_collections.ConfigDict(dict(out=""))  # "" = WORKDIR/base
   return c

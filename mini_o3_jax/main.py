@@ -16,7 +16,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mini_o3_jax.pipeline import STAGES, common
+from mini_o3_jax.pipeline import STAGES, common, phases
 from mini_o3_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -123,20 +123,24 @@ def main(argv) -> None:
   _setup_compile_cache()
   log = logging.getLogger("mini_o3_jax")
   # `--config.stages=sft,rl` arrives as the one-element tuple ('sft,rl',).
-  stages = [s.strip() for entry in config.stages for s in str(entry).split(",") if s.strip()]
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise app.UsageError(f"unknown stage(s) {unknown}; known: {sorted(STAGES)}")
-  if not stages:
+  runs = phases.runs_of(config.stages)
+  try:
+    phases.check(runs, STAGES, config.get("phases"))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if not runs:
     raise app.UsageError(f"--config.stages names no stage; known: {sorted(STAGES)}")
   record_config(config, workdir)
-  for stage in stages:
-    log.info("stage %s: start", stage)
+  for run in runs:
+    log.info("stage %s: start", run.name)
     start = time.time()
-    result = STAGES[stage](config, workdir)
-    log.info("stage %s: done in %.1f s", stage, time.time() - start)
+    if run.phase:
+      result = STAGES[run.stage](phases.configure(config, run), workdir, name=run.name)
+    else:
+      result = STAGES[run.stage](config, workdir)
+    log.info("stage %s: done in %.1f s", run.name, time.time() - start)
     if result is not None:
-      log.info("stage %s: %s", stage, json.dumps(result, default=str))
+      log.info("stage %s: %s", run.name, json.dumps(result, default=str))
 
 
 if __name__ == "__main__":

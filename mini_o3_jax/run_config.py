@@ -260,8 +260,8 @@ def sft_stage(config, model: config_lib.VLMConfig) -> SFTStage:
 class PretrainStage(SupervisedStage):
   """The `pretrain` stage (`config.pretrain`): the grounding base on fresh synthetic scenes.
 
-  from_stage: start from that stage's checkpoint in the work directory (e.g. "pretrain_vision"),
-  else from `model.init_from` or a fresh init.
+  from_stage: start from that run's checkpoint in the work directory (e.g. "pretrain_vision", or a phase's
+  run name, `pipeline.phases`), else from `model.init_from` or a fresh init.
   """
   curriculum: grounding.Curriculum
   questions: grounding.GroundingConfig
@@ -298,7 +298,9 @@ class PretrainVisionStage:
   tokens carry the shape-kind term, "cover" (every token a shape's box covers most of) or "centre" (the
   token holding the shape's centre); position_table_sincos: a fresh Qwen3-VL tower's learned position
   table starts as the sin-cos code of its grid times this (0 = its random init): the absolute position a
-  tower needs to bind (docs/miniature.md, session 11), in a form the HF export keeps.
+  tower needs to bind (docs/miniature.md, session 11), in a form the HF export keeps; from_stage: start
+  from that run's checkpoint (the whole model: a phase that re-tunes a trained model's tower), as
+  `PretrainStage.from_stage`.
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -310,6 +312,7 @@ class PretrainVisionStage:
   saliency_power: float = 4.0
   shape_tokens: str = "cover"
   position_table_sincos: float = 0.0
+  from_stage: str = ""
 
   def __post_init__(self):
     if self.shape_tokens not in ("cover", "centre"):
@@ -328,7 +331,7 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
                                            "shape_scale", "shape_by_saliency")),
       palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"),
-      **_given(c, "position_table_sincos"))
+      **_given(c, "position_table_sincos", "from_stage"))
   if stage.position_table_sincos and model.model_type != "qwen3_vl":
     raise ValueError("pretrain_vision.position_table_sincos initialises Qwen3-VL's learned position table; this "
                      f"model is {model.model_type} (set model.family='qwen3_vl', or vision_position_sincos for the "

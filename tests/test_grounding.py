@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+from flax import nnx
 import numpy as np
 import pytest
 
@@ -142,26 +143,35 @@ def test_tower_output_centred_rescaled_and_coded_per_image():
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_pretrain_stages_run_the_two_phases_and_export(tmp_path, family):
+def test_pretrain_stages_run_the_recipe_and_export(tmp_path, family):
   """The base's recipe through the command line at toy size: the tower alone (the decoder untouched),
   then the decoder on the frozen tower (the tower untouched), then the HF export. The Qwen2.5-VL tower runs
   without the sin-cos patch code (it has no Qwen2.5-VL equivalent, so a base with it cannot be exported:
-  test_vision_targets); the Qwen3-VL tower gets its absolute position from its table, started as that code."""
+  test_vision_targets); the Qwen3-VL tower gets its absolute position from its table, started as that code,
+  and its recipe goes on with two phases (`pipeline.phases`): the bound model's tower re-tuned with the kind
+  (the decoder untouched), then the decoder on windows from there; the export is the last phase's model."""
   env = dict(os.environ, MINI_O3_COMPILE_CACHE="0")
+  stages = "pretrain_vision,pretrain,export_base"
+  if family == "qwen3_vl":
+    stages = "pretrain_vision,pretrain,pretrain_vision/kind,pretrain/window,export_base"
   cmd = [sys.executable, "-m", "mini_o3_jax.main", "--config", "configs/pretrain_tiny.py", "--workdir", str(tmp_path),
-         "--config.stages=pretrain_vision,pretrain,export_base", "--config.model.vision_position_sincos=0",
+         f"--config.stages={stages}", "--config.model.vision_position_sincos=0",
+         "--config.model.vision_depth=2", "--config.model.vision_hidden_size=64",
+         "--config.model.vision_intermediate_size=128",
          "--config.pretrain_vision.steps=3", "--config.pretrain_vision.batch_size=8",
          "--config.pretrain_vision.checkpoint_every=1",
          "--config.pretrain.steps=2", "--config.pretrain.batch_size=8", "--config.pretrain.eval_every=2",
          "--config.pretrain.probe_scenes=2", "--config.pretrain.probe_levels=('easy',)",
-         "--config.pretrain.checkpoint_every=1", f"--config.model.family={family}"]
+         "--config.pretrain.checkpoint_every=1", f"--config.model.family={family}",
+         "--config.phases.kind.steps=2", "--config.phases.window.steps=2", "--config.phases.window.probe_scenes=2",
+         "--config.phases.window.from_stage=pretrain_vision_kind"]
   if family == "qwen2_5_vl":  # its tower has no table to start from the code
     cmd.append("--config.pretrain_vision.position_table_sincos=0")
   subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True)
   skills = json.load(open(tmp_path / "pretrain" / "skills.json"))
   assert {"easy/tf_cell", "easy/prior_cell", "easy/tf_where", "easy/on_target", "easy/cell"} <= set(skills)
   config = common.resolve(demo.get_config())
-  config.model.family = family
+  config.model.update(family=family, vision_depth=2, vision_hidden_size=64, vision_intermediate_size=128)
   tok = common.build_tokenizer(config, str(tmp_path / "tok"))
   mcfg = run_config.model_config(config, tok)
   params = lambda stage, step: ckpt_lib.restore_params(str(tmp_path / "ckpt" / stage / str(step)), mcfg)[0]
@@ -171,10 +181,26 @@ def test_pretrain_stages_run_the_two_phases_and_export(tmp_path, family):
   vision_2, vision_3, pretrain_2 = params("pretrain_vision", 2), params("pretrain_vision", 3), params("pretrain", 2)
   assert not same(tower(vision_2), tower(vision_3)) and same(decoder(vision_2), decoder(vision_3))
   assert same(tower(vision_3), tower(pretrain_2)) and not same(decoder(vision_3), decoder(pretrain_2))
-  if family == "qwen3_vl":  # two warm-up steps away from the code
-    code = vision_lib.sincos_position_table(mcfg.vision.grid_per_side, mcfg.vision.hidden_size)
-    np.testing.assert_allclose(np.asarray(vision_2["visual"]["pos_embed"]), np.asarray(code), atol=1e-3)
   base = tmp_path / "base"
   assert (base / "config.json").exists() and (base / "training_summary.json").exists()
+  summary = json.load(open(base / "training_summary.json"))
   model, cfg = load_pretrained(str(base))
-  assert cfg.vision.depth == demo.get_config().model.vision_depth and cfg.model_type == family
+  assert cfg.vision.depth == 2 and cfg.model_type == family
+  exported = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if family == "qwen2_5_vl":
+    assert summary["exported_run"] == "pretrain" and [r["run"] for r in summary["runs"]] == ["pretrain_vision", "pretrain"]
+    assert same(jax.tree.leaves(exported), jax.tree.leaves(pretrain_2))
+    return
+  code = vision_lib.sincos_position_table(mcfg.vision.grid_per_side, mcfg.vision.hidden_size)
+  np.testing.assert_allclose(np.asarray(vision_2["visual"]["pos_embed"]), np.asarray(code), atol=1e-3)  # 2 warm-up steps
+  kind_2, window_2 = params("pretrain_vision_kind", 2), params("pretrain_window", 2)
+  assert not same(tower(pretrain_2), tower(kind_2)) and same(decoder(pretrain_2), decoder(kind_2))
+  assert same(tower(kind_2), tower(window_2)) and not same(decoder(kind_2), decoder(window_2))
+  assert same(jax.tree.leaves(exported), jax.tree.leaves(window_2))
+  assert summary["exported_run"] == "pretrain_window"
+  runs = {r["run"]: r for r in summary["runs"]}
+  assert list(runs) == ["pretrain_vision", "pretrain", "pretrain_vision_kind", "pretrain_window"]
+  assert runs["pretrain_vision_kind"]["targets"]["shape_scale"] == 0.8 and runs["pretrain_vision"]["targets"]["shape_scale"] == 0
+  assert runs["pretrain_window"]["questions"]["cell_window"] and not runs["pretrain"]["questions"]["cell_window"]
+  assert (tmp_path / "pretrain_window" / "skills.json").exists() and (base / "skills.json").read_text() == (
+      tmp_path / "pretrain_window" / "skills.json").read_text()

@@ -32,7 +32,7 @@ def test_smoke_config_runs_end_to_end(tmp_path):
 def test_unknown_stage_is_a_clear_error(tmp_path):
   proc = _run(["--config", "configs/smoke.py", "--workdir", str(tmp_path), "--config.stages=('nope',)"], tmp_path)
   assert proc.returncode != 0
-  assert "unknown stage(s) ['nope']" in proc.stderr
+  assert "unknown stage 'nope'" in proc.stderr
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

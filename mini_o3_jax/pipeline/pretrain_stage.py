@@ -29,7 +29,7 @@ from mini_o3_jax import run_config
 from mini_o3_jax.data import grounding
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm
-from mini_o3_jax.pipeline import common, grounding_probe, sources
+from mini_o3_jax.pipeline import common, grounding_probe, phases, sources
 from mini_o3_jax.pipeline.train_stages import make_state, restore_params
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
@@ -139,52 +139,61 @@ def sincos_table_params(mcfg, seed: int, scale: float) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def run_pretrain_vision(config, workdir: str) -> dict:
+def _start_params(config, workdir: str, name: str, from_stage: str, mcfg, mesh):
+  """A run's first parameters: None when it resumes its own checkpoint, else the `from_stage` run's last,
+  else `model.init_from`'s (None: a fresh init)."""
+  if sources.has_checkpoint(workdir, name):
+    return None
+  if from_stage:
+    log.info("%s: starts from the %s run's checkpoint", name, from_stage)
+    return restore_params(workdir, from_stage, mcfg, mesh)
+  return sources.init_params(config, mcfg, mesh)
+
+
+def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> dict:
   """The tower alone on feature targets (`train.vision_targets`), the decoder untouched: the first half
-  of the base's recipe; `pretrain` with `from_stage="pretrain_vision"` and a frozen tower follows.
+  of the base's recipe; `pretrain` with `from_stage="pretrain_vision"` and a frozen tower follows. As a
+  phase (`pipeline.phases`) from a trained model, it re-tunes that model's tower.
 
   Every step's scenes are fresh, so its loss is already a held-out number."""
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_vision_stage(config, mcfg)
-  fresh = not sources.has_checkpoint(workdir, "pretrain_vision")
-  init = sources.init_params(config, mcfg, mesh) if fresh else None
+  fresh = not sources.has_checkpoint(workdir, name)
+  init = _start_params(config, workdir, name, stage.from_stage, mcfg, mesh)
   if fresh and init is None and stage.position_table_sincos:
     init = sincos_table_params(mcfg, config.seed, stage.position_table_sincos)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = vision_targets.make_vision_step(stage.targets, tx, mesh, shardings,
                                             learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
-  log.info("pretrain_vision: %d steps of %d fresh scenes, the tower alone", stage.loop.steps,
-           stage.batch.batch_size)
+  log.info("%s: %d steps of %d fresh scenes, the tower alone", name, stage.loop.steps, stage.batch.batch_size)
   # One short question per scene: only the images matter here (no crop images: `read` is off).
   questions = grounding.GroundingConfig(locate=1, name=0, read=0)
   stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
-                                 rows=stage.batch.batch_size, seed=config.seed, split=grounding.VISION_SPLIT,
+                                 rows=stage.batch.batch_size, seed=config.seed,
+                                 split=phases.scene_split(grounding.VISION_SPLIT, name, "pretrain_vision"),
                                  image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
-  _, metrics, _ = _train_on_scenes("pretrain_vision", workdir, state, shardings, step_fn, stage.loop, stream,
+  _, metrics, _ = _train_on_scenes(name, workdir, state, shardings, step_fn, stage.loop, stream,
                                    lambda rows: with_feature_targets(collate_rows(rows), rows, mcfg, stage), mesh)
   return {"steps": stage.loop.steps, "final_loss": metrics.get("loss")}
 
 
-def run_pretrain(config, workdir: str) -> dict:
+def run_pretrain(config, workdir: str, name: str = "pretrain") -> dict:
+  """The decoder (the tower frozen or not) on questions about fresh scenes, probed on held-out ones; its
+  table lands in WORKDIR/<name>/skills.json."""
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_stage(config, mcfg)
   loop, scenes_per_step = stage.loop, stage.batch.batch_size
   tcfg = run_config.task_config(config)
-  if sources.has_checkpoint(workdir, "pretrain"):
-    init = None
-  elif stage.from_stage:
-    init = restore_params(workdir, stage.from_stage, mcfg, mesh)
-    log.info("pretrain: starts from the %s stage's checkpoint", stage.from_stage)
-  else:
-    init = sources.init_params(config, mcfg, mesh)
+  init = _start_params(config, workdir, name, stage.from_stage, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
-  log.info("pretrain: %d parameters, %d steps of %d fresh scenes", state_lib.count_params(state.params),
+  log.info("%s: %d parameters, %d steps of %d fresh scenes", name, state_lib.count_params(state.params),
            loop.steps, scenes_per_step)
   stream = grounding.SceneStream(stage.curriculum, stage.questions, tcfg, tokenizer, rows=scenes_per_step,
-                                 seed=config.seed, image=image_lib.settings_for(mcfg))
+                                 seed=config.seed, split=phases.scene_split(grounding.PRETRAIN_SPLIT, name, "pretrain"),
+                                 image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
 
   def collate(rows):
@@ -194,37 +203,52 @@ def run_pretrain(config, workdir: str) -> dict:
                                           seq_len=max(stage.batch.length_buckets),
                                           num_patches=max(stage.batch.patch_buckets))
   probe = grounding_probe.GroundingProbe(probe_cfg, stage.questions, tcfg, tokenizer, mcfg, seed=config.seed)
-  state, metrics, skills = _train_on_scenes("pretrain", workdir, state, shardings, step_fn, loop, stream, collate, mesh,
+  state, metrics, skills = _train_on_scenes(name, workdir, state, shardings, step_fn, loop, stream, collate, mesh,
                                             probe, stage.greedy_every_eval)
   if not skills:
     skills = probe.run(state.model(), greedy=True)
-  with open(common.path(workdir, "pretrain", "skills.json"), "w") as f:
+  with open(common.path(workdir, name, "skills.json"), "w") as f:
     json.dump(skills, f, indent=2)
   return {"steps": loop.steps, "final_loss": metrics.get("loss"), "skills": grounding_probe.format_skills(skills)}
 
 
 def run_export_base(config, workdir: str) -> dict:
-  """The pretrained base as an HF directory (WORKDIR/base, or `base_export.out`) with its skills and summary.
+  """The pretrained base as an HF directory (WORKDIR/base, or `base_export.out`) with its skills and summary:
+  the last `pretrain` run of `config.stages` (a phase's, when the recipe ends in one), and every training
+  run of the recipe in training_summary.json.
 
   This is the directory the demo's `model.init_from` names (the repository ships one: assets/tiny_base).
   """
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
-  params = restore_params(workdir, "pretrain", mcfg, mesh)
+  runs = phases.runs_of(config.stages)
+  source = phases.last_run(runs, "pretrain")
+  params = restore_params(workdir, source, mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   model = nnx.merge(graphdef, params)
   out = config.base_export.get("out") or os.path.join(workdir, "base")
   min_pixels, max_pixels = run_config.pixel_budget(config)
   export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
-  skills_file = os.path.join(workdir, "pretrain", "skills.json")
-  summary = {"steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size, "seed": config.seed,
-             "curriculum": config.pretrain.curriculum, "questions": config.pretrain.questions.to_dict(),
-             "view_pixels": config.view_pixels, "parameters": state_lib.count_params(params)}
-  rows = common.read_jsonl(os.path.join(workdir, "metrics", "pretrain.jsonl"))
-  if rows:
-    summary.update(final_loss=rows[-1].get("loss"), wall_time_s=rows[-1].get("time_s"))
+  summary = {"seed": config.seed, "view_pixels": config.view_pixels, "parameters": state_lib.count_params(params),
+             "exported_run": source,
+             "runs": [_run_summary(phases.configure(config, r), workdir, r) for r in runs if r.stage in phases.PHASED]}
   with open(os.path.join(out, "training_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  skills_file = os.path.join(workdir, source, "skills.json")
   if os.path.exists(skills_file):
     with open(skills_file) as f, open(os.path.join(out, "skills.json"), "w") as g:
       g.write(f.read())
-  return {"path": out}
+  return {"path": out, "run": source}
+
+
+def _run_summary(config, workdir: str, run: phases.StageRun) -> dict:
+  """A training run's settings and how it ended, as the base's training_summary.json lists it."""
+  section = config[run.stage]
+  out = {"run": run.name, **{k: section.get(k) for k in ("steps", "batch_size", "lr", "curriculum", "from_stage")}}
+  if run.stage == "pretrain":
+    out["questions"] = section.questions.to_dict()
+  else:
+    out["targets"] = section.targets.to_dict()
+  rows = common.read_jsonl(os.path.join(workdir, "metrics", f"{run.name}.jsonl"))
+  if rows:
+    out.update(final_loss=rows[-1].get("loss"), wall_time_s=rows[-1].get("time_s"))
+  return out
