@@ -46,8 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
       # the kind's term on the tokens shape_tokens names ("cover": all a shape's box covers most of; "centre"),
       # times s too when shape_by_saliency is on. The kind waits for its phase: a tower that holds it from the
       # start keeps the decoder from binding (session 12, V0 / V2).
+      # digit_scale: a read question's crop comes with each scene, and the token holding its digit's centre
+      # gets digit_scale * that digit's direction (the decoder's read skill needs the digit in the features).
       targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
-                   saliency_power=4.0, shape_tokens="centre", shape_by_saliency=False)))
+                   saliency_power=4.0, shape_tokens="centre", shape_by_saliency=False, digit_scale=0.0)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard, same_colour.

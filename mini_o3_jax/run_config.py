@@ -329,7 +329,7 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
       curriculum=grounding.Curriculum.parse(c.curriculum),
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
-                                           "shape_scale", "shape_by_saliency")),
+                                           "shape_scale", "shape_by_saliency", "digit_scale")),
       palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"),
       **_given(c, "position_table_sincos", "from_stage"))
   if stage.position_table_sincos and model.model_type != "qwen3_vl":

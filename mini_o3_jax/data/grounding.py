@@ -239,10 +239,26 @@ def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic
   return views
 
 
+def read_glyphs(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig) -> np.ndarray:
+  """float32 [reads, 4]: per read question, its shape's digit (glyph) box relative to that question's crop
+  view (`scene_views`), where the tower's digit target places the digit."""
+  out = []
+  for kind, _, _, i in questions:
+    if kind == "read":
+      obj = task.objects[i]
+      crop = obj.zoom_path[-1]
+      x0, y0, x1, y1 = synthetic.project_box(obj.detail_box, crop, task.image.size, task_config)
+      cx0, cy0, cx1, cy1 = synthetic.pixel_box(crop, task.image.size)
+      w, h = synthetic.view_size((cx1 - cx0, cy1 - cy0), task_config)
+      out.append((x0 / w, y0 / h, x1 / w, y1 / h))
+  return np.asarray(out, np.float32).reshape(-1, 4)
+
+
 def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
                   cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes};
+  """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes,
+  read_glyphs, read_digits};
   `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
   the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
@@ -267,6 +283,10 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       # the scene's shapes (for the tower's feature targets: which token shows which kind)
       "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
+      # each read question's digit and where it sits in its crop (the tower's digit target)
+      "read_glyphs": read_glyphs(task, questions, task_config),
+      "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],
+                                np.int32),
   }
 
 

@@ -62,8 +62,9 @@ def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: floa
 def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
                          stage: run_config.PretrainVisionStage) -> batch_lib.SFTBatch:
   """`batch` with the tower's feature targets' inputs (`train.vision_targets`): per merged image token its
-  saliency within its colour (-1 on padding), its palette colour, its (row, column) cell and the kind of
-  the row's scene shape that covers most of it (-1: none, and on every later image of the row)."""
+  saliency within its colour (-1 on padding), its palette colour, its (row, column) cell, the kind of
+  the row's scene shape that covers most of it (-1: none, and on every later image of the row) and, on a
+  read question's crop, the digit whose centre it holds (-1 elsewhere)."""
   v = model_config.vision
   b, num_patches = batch.inputs.pixel_values.shape[:2]
   tokens = num_patches // v.merge_unit
@@ -71,6 +72,7 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
   colour = np.zeros((b, tokens), np.int32)
   cell = np.zeros((b, tokens, 2), np.int32)
   shape = np.full((b, tokens), -1, np.int32)
+  digit = np.full((b, tokens), -1, np.int32)
   mean, std = image_lib.normalization(model_config.model_type)
   kind_tokens = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
   for r, e in enumerate(examples):
@@ -85,8 +87,13 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
     if len(e.get("object_boxes", ())):
       covering = kind_tokens(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
       shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
+    grids = np.asarray(e["image_grid_thw"]).reshape(-1, 3)
+    starts = np.cumsum([0] + [int(np.prod(g)) // v.merge_unit for g in grids])
+    for j, (glyph, d) in enumerate(zip(e.get("read_glyphs", ()), e.get("read_digits", ())), start=1):
+      holds = image_lib.token_centres(glyph[None], grids[j], v.spatial_merge_size) >= 0
+      digit[r, starts[j]:starts[j + 1]][holds] = d
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
-                             image_shape=shape)
+                             image_shape=shape, image_digit=digit)
 
 
 def _train_on_scenes(name: str, workdir: str, state, shardings, step_fn, loop: run_config.Loop,
@@ -166,8 +173,9 @@ def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> 
   step_fn = vision_targets.make_vision_step(stage.targets, tx, mesh, shardings,
                                             learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
   log.info("%s: %d steps of %d fresh scenes, the tower alone", name, stage.loop.steps, stage.batch.batch_size)
-  # One short question per scene: only the images matter here (no crop images: `read` is off).
-  questions = grounding.GroundingConfig(locate=1, name=0, read=0)
+  # One short question per scene: only the images matter here; with the digit target, a read question
+  # too, for its crop (where the digit is legible).
+  questions = grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0))
   stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
                                  rows=stage.batch.batch_size, seed=config.seed,
                                  split=phases.scene_split(grounding.VISION_SPLIT, name, "pretrain_vision"),

@@ -51,7 +51,8 @@ class SFTBatch:
   [0, 1] and -1 on padding tokens (the target of `sft.SFTConfig.objectness_weight`; None = absent);
   image_colour: optional int32 [batch, patches / merge_unit] each token's palette colour and
   image_cell: optional int32 [batch, patches / merge_unit, 2] its (row, column) in its image's merged
-  grid and image_shape: optional int32 [batch, patches / merge_unit] the kind of the shape it shows (-1: none)
+  grid, image_shape: optional int32 [batch, patches / merge_unit] the kind of the shape it shows (-1: none)
+  and image_digit: optional int32 [batch, patches / merge_unit] the digit of the label it shows (-1: none)
   (with image_saliency, the tower's feature targets: `train.vision_targets`)."""
   inputs: ModelInputs
   loss_mask: Any
@@ -59,6 +60,7 @@ class SFTBatch:
   image_colour: Any = None
   image_cell: Any = None
   image_shape: Any = None
+  image_digit: Any = None
 
 
 @jax.tree_util.register_dataclass

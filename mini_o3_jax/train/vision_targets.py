@@ -9,7 +9,9 @@ for each merged token,
                 + shape_scale * w[shape])
 
 (with `shape_by_saliency` off the shape term is added outside the factor s: a shape's kind does not fade
-towards its edges as its saliency does), with s the token's saliency within its colour and `colour` its
+towards its edges as its saliency does), plus digit_scale * z[digit] on the token holding the centre of a
+legible label's digit (a read crop's: the decoder's `read` questions need the digit, which nothing else in
+the target keeps), with s the token's saliency within its colour and `colour` its
 palette colour (both from its pixels, `processing.image.token_colours`), code the fixed 2-D sin-cos code of
 its cell (`model.vision.position_code`), u a fixed "object" direction, v[k] a fixed unit direction per
 palette colour and w[k] one per shape kind (the kind of the scene's shape that covers most of the token, or
@@ -40,12 +42,15 @@ from mini_o3_jax.train import state as state_lib
 from mini_o3_jax.train.state import Metrics, Params, TrainState
 
 
+NUM_DIGITS = 10
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureTargetConfig:
   """The target's parts (module docstring): scales of the position code, the object direction, the
-  colour direction and the shape-kind direction (0 = no shape term); whether the shape term too is scaled
-  by the token's saliency (else it is whole wherever a kind is given); the seeds of the fixed directions;
-  the palette size and the number of shape kinds."""
+  colour direction, the shape-kind direction (0 = no shape term) and the digit's (0 = none); whether the
+  shape term too is scaled by the token's saliency (else it is whole wherever a kind is given); the seeds
+  of the fixed directions; the palette size and the number of shape kinds."""
   num_colours: int
   num_shapes: int = 0
   position_scale: float = 0.5
@@ -53,9 +58,11 @@ class FeatureTargetConfig:
   colour_scale: float = 0.4
   shape_scale: float = 0.0
   shape_by_saliency: bool = True
+  digit_scale: float = 0.0
   object_seed: int = 7
   colour_seed: int = 11
   shape_seed: int = 13
+  digit_seed: int = 17
 
 
 def object_direction(dim: int, seed: int) -> jax.Array:
@@ -71,10 +78,12 @@ def unit_directions(num: int, dim: int, seed: int) -> jax.Array:
 
 
 def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, dim: int,
-                    config: FeatureTargetConfig, shape: jax.Array | None = None) -> jax.Array:
+                    config: FeatureTargetConfig, shape: jax.Array | None = None,
+                    digit: jax.Array | None = None) -> jax.Array:
   """float32 [batch, tokens, dim] targets (module docstring) from saliency float [batch, tokens] (< 0 on
-  padding, treated as 0), colour int [batch, tokens], cells int [batch, tokens, 2] (row, column) and, with
-  `shape_scale`, shape int [batch, tokens] (-1: no shape covers the token)."""
+  padding, treated as 0), colour int [batch, tokens], cells int [batch, tokens, 2] (row, column), with
+  `shape_scale` shape int [batch, tokens] (-1: no shape covers the token) and with `digit_scale` digit int
+  [batch, tokens] (-1: no legible digit's centre)."""
   s = jnp.maximum(saliency.astype(jnp.float32), 0.0)[..., None]                    # [b, t, 1]
   b, t = saliency.shape
   code = vision_lib.position_code(cells[..., 0].reshape(-1), cells[..., 1].reshape(-1), dim).reshape(b, t, dim)
@@ -88,6 +97,11 @@ def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, di
     # the saliency falls off within a shape; its kind does not (shape_by_saliency off: whole on real tokens)
     weight = s if config.shape_by_saliency else (saliency >= 0)[..., None].astype(jnp.float32)
     out = out + weight * config.shape_scale * (shape >= 0)[..., None] * kinds
+  if config.digit_scale:
+    if digit is None:
+      raise ValueError("digit_scale > 0 needs each token's digit")
+    digits = unit_directions(NUM_DIGITS, dim, config.digit_seed)[jnp.clip(digit, 0)]              # [b, t, dim]
+    out = out + config.digit_scale * ((digit >= 0) & (saliency >= 0))[..., None] * digits
   return out
 
 
@@ -113,7 +127,7 @@ def vision_loss_and_grads(config: FeatureTargetConfig, graphdef, params: Params,
     model = nnx.merge(graphdef, p)
     emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)   # [batch, tokens, dim]
     targets = feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1], config,
-                              batch.image_shape)
+                              batch.image_shape, batch.image_digit)
     return feature_target_loss(emb, targets, batch.image_saliency >= 0)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
