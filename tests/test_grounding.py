@@ -204,3 +204,11 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path, family):
   assert runs["pretrain_window"]["questions"]["cell_window"] and not runs["pretrain"]["questions"]["cell_window"]
   assert (tmp_path / "pretrain_window" / "skills.json").exists() and (base / "skills.json").read_text() == (
       tmp_path / "pretrain_window" / "skills.json").read_text()
+  # the export's own check: the window phase's probe on the directory read back, redone from its record
+  check = json.load(open(base / "skills_check.json"))
+  assert check["questions"]["cell_window"] and check["levels"] == ["few", "medium", "hard"] and check["scenes"] == 8
+  again = grounding_probe.probe_export(
+      str(base), grounding.GroundingConfig(**check["questions"]), run_config.task_config(config),
+      grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
+                                  num_patches=check["num_patches"]), seed=check["seed"])
+  assert again == check["skills"] and {"hard/tf_cell", "hard/on_target", "hard/read"} <= set(again)

@@ -28,9 +28,11 @@ from flax import nnx
 from mini_o3_jax.agent import tools
 from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.eval import diagnostics
+from mini_o3_jax.model import hf
 from mini_o3_jax.pipeline import probe as probe_lib
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.processing import tokenizer as tok_lib
 from mini_o3_jax.sampler import generate
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
@@ -176,6 +178,15 @@ class GroundingProbe:
     if self.cell_first:  # the cell the answer starts with: the target's?
       out["cell"] = float(np.mean(cells))
     return out
+
+
+def probe_export(path: str, questions: grounding.GroundingConfig, task_config: synthetic.SyntheticConfig,
+                 config: ProbeConfig, seed: int) -> dict[str, float]:
+  """The probe's table (greedy included) for an exported base, read back from its directory's files alone:
+  its config, weights, tokenizer and chat template."""
+  model, model_config = hf.load_pretrained(path)
+  return GroundingProbe(config, questions, task_config, tok_lib.load_tokenizer(path), model_config,
+                        seed=seed).run(model, greedy=True)
 
 
 def format_skills(skills: dict[str, float]) -> str:

@@ -245,7 +245,25 @@ def run_export_base(config, workdir: str) -> dict:
   if os.path.exists(skills_file):
     with open(skills_file) as f, open(os.path.join(out, "skills.json"), "w") as g:
       g.write(f.read())
-  return {"path": out, "run": source}
+  check = _check_export(out, config, mcfg, next((r for r in runs if r.name == source), phases.StageRun("pretrain")))
+  return {"path": out, "run": source, "check": grounding_probe.format_skills(check["skills"])}
+
+
+def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
+  """Probes the export read back from `out` on `base_export.check_scenes` held-out scenes per level of
+  the exported run's probe and records the table and how to redo it in out/skills_check.json: a copy of
+  the directory must reproduce it (tests/test_tiny_base.py)."""
+  stage = run_config.pretrain_stage(phases.configure(config, run), mcfg)
+  check = {"seed": config.seed, "view_pixels": config.view_pixels, "levels": list(stage.probe_levels),
+           "scenes": config.base_export.get("check_scenes", 8), "seq_len": max(stage.batch.length_buckets),
+           "num_patches": max(stage.batch.patch_buckets), "questions": dataclasses.asdict(stage.questions)}
+  probe_cfg = grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"],
+                                          seq_len=check["seq_len"], num_patches=check["num_patches"])
+  check["skills"] = grounding_probe.probe_export(out, stage.questions, run_config.task_config(config), probe_cfg,
+                                                 seed=config.seed)
+  with open(os.path.join(out, "skills_check.json"), "w") as f:
+    json.dump(check, f, indent=2)
+  return check
 
 
 def _run_summary(config, workdir: str, run: phases.StageRun) -> dict:
