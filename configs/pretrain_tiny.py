@@ -81,5 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
                   curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
                   questions=dict(cell_only_steps=0, cell_window=True),
                   probe_levels=("few", "medium", "hard"), probe_scenes=96)))
-  c.base_export = ml_collections.ConfigDict(dict(out=""))  # "" = WORKDIR/base
+  # out: "" = WORKDIR/base; check_scenes: held-out scenes per level of the probe the export redoes on
+  # its own files (skills_check.json: what a copy of the directory must reproduce).
+  c.base_export = ml_collections.ConfigDict(dict(out="", check_scenes=8))
   return c

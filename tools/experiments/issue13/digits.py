@@ -1,0 +1,58 @@
+"""Does a run's tower hold the digit of a read crop? Ridge probe on the token holding the glyph's centre.
+
+  PYTHONPATH=. python tools/experiments/issue13/digits.py RUN_DIR [STAGE=pretrain_vision] [LEVEL=medium] [N=300]
+
+Encodes N held-out scenes' target crops (the read question's view), takes the merged token holding the
+digit's centre, fits a ridge classifier on half and scores the other half (chance ~10 %).
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+from configs import pretrain_tiny
+from mini_o3_jax import run_config
+from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.model.vision import VisionInputs
+from mini_o3_jax.pipeline import common
+from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.train import checkpoint as ckpt_lib
+from mini_o3_jax.train import state as state_lib
+from flax import nnx
+
+run = sys.argv[1]
+stage = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
+level = sys.argv[3] if len(sys.argv) > 3 else "medium"
+n = int(sys.argv[4]) if len(sys.argv) > 4 else 300
+config = pretrain_tiny.get_config()
+recorded = json.load(open(os.path.join(run, "config.json")))
+config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
+config = common.resolve(config)
+tok = common.build_tokenizer(config, run)
+mcfg = run_config.model_config(config, tok)
+params, step = ckpt_lib.restore_params(os.path.join(run, "ckpt", stage), mcfg)
+graphdef, _ = state_lib.abstract_model(mcfg)
+model = nnx.merge(graphdef, params)
+tcfg = run_config.task_config(config)
+settings = image_lib.settings_for(mcfg)
+feats, digits = [], []
+for i in range(n):
+  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  obj = next(o for o in task.objects if o.is_target)
+  questions = [("read", "", "", task.objects.index(obj))]
+  view = synthetic.render_view(task.image, obj.zoom_path[-1], tcfg)
+  pv, grid = image_lib.preprocess_image(view, tcfg.view_min_pixels, tcfg.view_max_pixels, **settings)
+  glyph = grounding.read_glyphs(task, questions, tcfg)
+  token = int(np.flatnonzero(image_lib.token_centres(glyph, grid, mcfg.vision.spatial_merge_size) >= 0)[0])
+  emb = np.asarray(model.encode_images(pv, VisionInputs.build(np.asarray([grid]), mcfg.vision)))
+  feats.append(emb[0, token] if emb.ndim == 3 else emb[token])
+  digits.append(int(obj.digit))
+x, y = np.asarray(feats), np.asarray(digits)
+h = n // 2
+onehot = np.eye(10)[y[:h]]
+xa = np.concatenate([x, np.ones((n, 1))], 1)
+w = np.linalg.solve(xa[:h].T @ xa[:h] + 1e-2 * np.eye(xa.shape[1]), xa[:h].T @ onehot)
+acc = float(np.mean(np.argmax(xa[h:] @ w, 1) == y[h:]))
+print(f"{run} {stage} step {step}: digit on the glyph token, held-out {level} crops: {100 * acc:.0f} % "
+      f"(commonest {100 * np.bincount(y[h:]).max() / (n - h):.0f} %), token norm {np.linalg.norm(x, axis=1).mean():.2f}")
