@@ -39,8 +39,8 @@ SAFE_SINGLE = "model.safetensors"
 # holding only these (config.json among them) is a previous export, which a new one may replace.
 EXPORT_FILE = re.compile(
     r"(config|generation_config|preprocessor_config|tokenizer|tokenizer_config|special_tokens_map|"
-    r"added_tokens|vocab|chat_template|skills|skills_check|training_summary)\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
-    r"model\.safetensors\.index\.json|merges\.txt|chat_template\.jinja")
+    r"added_tokens|vocab|chat_template|skills|skills_check|training_summary)\.json|"
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|merges\.txt|chat_template\.jinja")
 
 _TEXT_LAYER = {name: "self_attn." + name for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")}
 _VISION_BLOCK = {"qkv": "attn.qkv", "proj": "attn.proj"}

@@ -225,7 +225,8 @@ def run_export_base(config, workdir: str) -> dict:
   the last `pretrain` run of `config.stages` (a phase's, when the recipe ends in one), and every training
   run of the recipe in training_summary.json.
 
-  This is the directory the demo's `model.init_from` names (the repository ships one: assets/tiny_base).
+  This is the directory a run's `model.init_from` names to start from the base (the repository does not
+  ship one yet: docs/miniature.md).
   """
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   runs = phases.runs_of(config.stages)
