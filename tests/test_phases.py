@@ -14,8 +14,8 @@ def test_stages_parse_into_runs_with_their_own_names():
       ("pretrain_vision", "", "pretrain_vision"), ("pretrain", "", "pretrain"),
       ("pretrain_vision", "kind", "pretrain_vision_kind"), ("pretrain", "window", "pretrain_window"),
       ("export_base", "", "export_base")]
-  assert phases.last_run(runs, "pretrain") == "pretrain_window"
-  assert phases.last_run(runs[:1], "pretrain") == "pretrain"
+  assert phases.last_run(runs, "pretrain").name == "pretrain_window"
+  assert phases.last_run(runs[:1], "pretrain").name == "pretrain"
 
 
 @pytest.mark.parametrize("stages, message", [

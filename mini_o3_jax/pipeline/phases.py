@@ -83,10 +83,9 @@ def _merge(section: ml_collections.ConfigDict, changes: Mapping[str, Any], where
       section[key] = value
 
 
-def last_run(runs: Iterable[StageRun], stage: str) -> str:
-  """The name of the last run of `stage` among `runs` (`stage` itself if none runs)."""
-  names = [r.name for r in runs if r.stage == stage]
-  return names[-1] if names else stage
+def last_run(runs: Iterable[StageRun], stage: str) -> StageRun:
+  """The last run of `stage` among `runs` (the stage's own run if none is listed)."""
+  return ([r for r in runs if r.stage == stage] or [StageRun(stage)])[-1]
 
 
 def scene_split(base_split: str, run_name: str, stage: str) -> str:

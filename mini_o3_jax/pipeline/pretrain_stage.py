@@ -146,10 +146,10 @@ def sincos_table_params(mcfg, seed: int, scale: float) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def _start_params(config, workdir: str, name: str, from_stage: str, mcfg, mesh):
-  """A run's first parameters: None when it resumes its own checkpoint, else the `from_stage` run's last,
-  else `model.init_from`'s (None: a fresh init)."""
-  if sources.has_checkpoint(workdir, name):
+def _start_params(config, workdir: str, name: str, fresh: bool, from_stage: str, mcfg, mesh):
+  """A run's first parameters: None when it resumes its own checkpoint (not `fresh`), else the `from_stage`
+  run's last, else `model.init_from`'s (None: a fresh init)."""
+  if not fresh:
     return None
   if from_stage:
     log.info("%s: starts from the %s run's checkpoint", name, from_stage)
@@ -166,7 +166,7 @@ def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> 
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.pretrain_vision_stage(config, mcfg)
   fresh = not sources.has_checkpoint(workdir, name)
-  init = _start_params(config, workdir, name, stage.from_stage, mcfg, mesh)
+  init = _start_params(config, workdir, name, fresh, stage.from_stage, mcfg, mesh)
   if fresh and init is None and stage.position_table_sincos:
     init = sincos_table_params(mcfg, config.seed, stage.position_table_sincos)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
@@ -193,7 +193,7 @@ def run_pretrain(config, workdir: str, name: str = "pretrain") -> dict:
   stage = run_config.pretrain_stage(config, mcfg)
   loop, scenes_per_step = stage.loop, stage.batch.batch_size
   tcfg = run_config.task_config(config)
-  init = _start_params(config, workdir, name, stage.from_stage, mcfg, mesh)
+  init = _start_params(config, workdir, name, not sources.has_checkpoint(workdir, name), stage.from_stage, mcfg, mesh)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
@@ -230,7 +230,8 @@ def run_export_base(config, workdir: str) -> dict:
   """
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   runs = phases.runs_of(config.stages)
-  source = phases.last_run(runs, "pretrain")
+  exported = phases.last_run(runs, "pretrain")
+  source = exported.name
   params = restore_params(workdir, source, mcfg, mesh)
   graphdef, _ = state_lib.abstract_model(mcfg)
   model = nnx.merge(graphdef, params)
@@ -246,14 +247,14 @@ def run_export_base(config, workdir: str) -> dict:
   if os.path.exists(skills_file):
     with open(skills_file) as f, open(os.path.join(out, "skills.json"), "w") as g:
       g.write(f.read())
-  check = _check_export(out, config, mcfg, next((r for r in runs if r.name == source), phases.StageRun("pretrain")))
+  check = _check_export(out, config, mcfg, exported)
   return {"path": out, "run": source, "check": grounding_probe.format_skills(check["skills"])}
 
 
 def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
   """Probes the export read back from `out` on `base_export.check_scenes` held-out scenes per level of
   the exported run's probe and records the table and how to redo it in out/skills_check.json: a copy of
-  the directory must reproduce it (tests/test_tiny_base.py)."""
+  the directory must reproduce it (`grounding_probe.probe_export` with the recorded settings)."""
   stage = run_config.pretrain_stage(phases.configure(config, run), mcfg)
   check = {"seed": config.seed, "view_pixels": config.view_pixels, "levels": list(stage.probe_levels),
            "scenes": config.base_export.get("check_scenes", 8), "seq_len": max(stage.batch.length_buckets),
