@@ -62,7 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
       source="synthetic",  # or "collected": the `coldstart` stage's output in collected_dir
       collected_dir="",
       sft_tasks=dict(easy=150, medium=300, hard=450),  # scripted cold-start trajectories per tier
-      max_tokens=768))  # longer trajectories (rare 10-turn searches) are dropped
+      max_tokens=768,  # longer trajectories (rare 10-turn searches) are dropped
+      # The scripted explorer's first crop (data/coldstart.py): "region" (a shape's zoom path) or
+      # "cell_window" (its 3 x 3 cell named, then that cell's half-size window: the pretrained base's answer).
+      first_crop="region"))
 
   c.sft = ml_collections.ConfigDict(dict(
       steps=200, batch_size=16, lr=2e-3, warmup_steps=10, end_lr_ratio=0.05, weight_decay=0.01,

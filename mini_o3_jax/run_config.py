@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
@@ -56,6 +56,11 @@ def task_config(config) -> synthetic.SyntheticConfig:
     return synthetic.SyntheticConfig(seed=config.get("seed", 0))
   return synthetic.SyntheticConfig(view_min_pixels=config.view_pixels, view_max_pixels=config.view_pixels,
                                    seed=config.get("seed", 0))
+
+
+def explorer_config(config) -> coldstart.ExplorerConfig:
+  """The scripted cold start's explorer: its first crop as `data.first_crop` says (the pattern mix fixed)."""
+  return coldstart.ExplorerConfig(**_given(config.get("data", {}), "first_crop"))
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -167,6 +167,8 @@ _TINY_PRETRAIN = [
     "--config.pretrain.probe_levels=('single',)", "--config.pretrain.probe_scenes=2",
     "--config.pretrain.log_every=1", "--config.pretrain.checkpoint_every=1", "--config.pretrain.eval_every=100",
     "--config.pretrain.from_stage=",  # the pretrain stage alone, from a fresh init (not the tower stage's)
+    "--config.model.vision_depth=1", "--config.model.vision_hidden_size=64",  # the demo's tower compiles faster
+    "--config.model.vision_intermediate_size=128",
 ]
 
 

@@ -1,5 +1,7 @@
 """Scripted cold-start trajectories: valid protocol text, correct answers, legible final zooms."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -8,9 +10,10 @@ from mini_o3_jax.agent import trajectory as trajectory_lib
 from mini_o3_jax.data import coldstart, drawing, synthetic
 
 
-@pytest.fixture(scope="module")
-def trajectories():
-  return {tier: list(coldstart.scripted_coldstart(tier, 24, split="train")) for tier in synthetic.TIERS}
+@pytest.fixture(scope="module", params=coldstart.FIRST_CROPS)
+def trajectories(request):
+  explorer = coldstart.ExplorerConfig(first_crop=request.param)
+  return {tier: list(coldstart.scripted_coldstart(tier, 24, split="train", config=explorer)) for tier in synthetic.TIERS}
 
 
 def test_trajectories_follow_the_protocol(trajectories):
@@ -44,11 +47,43 @@ def test_pattern_mix_and_lengths(trajectories):
   hard = coldstart.summarize(trajectories["hard"])
   assert set(hard["patterns"]) == set(coldstart.PATTERNS)
   turns = [t.num_turns for trajs in trajectories.values() for t in trajs]
-  assert min(turns) == 2 and 1 <= max(turns) <= 10
+  # the shortest: zoom, answer (window, zoom, answer with the window first); a 3-turn detour per look-alike
+  shortest = 2 if trajectories_first_crop(trajectories) == "region" else 3
+  assert min(turns) == shortest and max(turns) <= 10
   wrong = [t for t in trajectories["hard"] if t.metadata["pattern"] == "trial_and_error"]
   assert wrong
   for t in wrong:  # each wrong zoom is followed by a thought that says so and goes back
     assert sum("not the" in turn.text for turn in t.turns) == len(t.metadata["wrong_zooms"])
+
+
+def trajectories_first_crop(trajectories) -> str:
+  return "cell_window" if "in cell" in trajectories["easy"][0].turns[0].text else "region"
+
+
+def test_window_first_crop_names_the_cell_and_crops_its_window():
+  """The base's first crop (`first_crop="cell_window"`): each shape visited is named with the grid cell of
+  its box in the thought, cropped to that cell's window, then zoomed to where its digit is legible."""
+  explorer = coldstart.ExplorerConfig(first_crop="cell_window")
+  visits = 0
+  for tier in ("medium", "hard"):
+    for t in coldstart.scripted_coldstart(tier, 24, split="train", config=explorer):
+      task = synthetic.make_task(tier, synthetic.parse_task_id(t.id)[2], synthetic.SyntheticConfig(), "train")
+      calls = t.actions[:-1]
+      assert len(calls) % 2 == 0  # window, then zoom, for each shape visited
+      for k in range(0, len(calls), 2):
+        thought = t.turns[k].text
+        name, cell = re.search(r"There is a (\w+ \w+) in cell (\d)\.", thought).groups()
+        # a look-alike may share its name with another shape: one of that name is in the named cell
+        named = [o for o in task.objects if f"{o.colour} {o.shape}" == name and coldstart.grid_cell(o.box) == int(cell)]
+        assert named
+        assert calls[k].source_index == 0
+        assert calls[k].bbox == pytest.approx(list(coldstart.cell_window(int(cell))), abs=0.005)
+        region = tuple(t.metadata["regions"][k])
+        assert any(coldstart.contains(region, o.zoom_path[-1]) for o in named) or calls[k + 1].source_index == 0
+        visits += 1
+      assert name == f"{task.objects[[o.is_target for o in task.objects].index(True)].colour} " \
+                     f"{task.objects[[o.is_target for o in task.objects].index(True)].shape}"
+  assert visits > 48  # look-alikes visited too (trial and error)
 
 
 def test_deterministic():

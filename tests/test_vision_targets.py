@@ -19,7 +19,7 @@ import train_worker as W  # noqa: E402
 from configs import demo, pretrain_tiny  # noqa: E402
 from mini_o3_jax import run_config  # noqa: E402
 from mini_o3_jax.agent import tools  # noqa: E402
-from mini_o3_jax.data import grounding, synthetic  # noqa: E402
+from mini_o3_jax.data import coldstart, grounding, synthetic  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
 from mini_o3_jax.model import rope, vlm  # noqa: E402
 from mini_o3_jax.model import vision as vision_lib  # noqa: E402
@@ -263,28 +263,28 @@ def test_sincos_position_table_gives_the_qwen3_tower_the_patch_code():
 # ------------------------------------------------------------------------------------------ the rows
 
 def test_cell_window_holds_every_small_box_whose_centre_is_in_its_cell():
-  assert grounding.cell_window(5) == (0.25, 0.25, 0.75, 0.75)
-  assert grounding.cell_window(1) == (0.0, 0.0, 0.5, 0.5)          # shifted inside the image, not cut
-  assert grounding.cell_window(6) == (0.5, 0.25, 1.0, 0.75)
+  assert coldstart.cell_window(5) == (0.25, 0.25, 0.75, 0.75)
+  assert coldstart.cell_window(1) == (0.0, 0.0, 0.5, 0.5)          # shifted inside the image, not cut
+  assert coldstart.cell_window(6) == (0.5, 0.25, 1.0, 0.75)
   rng = np.random.default_rng(0)
   for _ in range(2000):
     side = rng.uniform(0.01, 1 / 6, size=2)                        # up to 1/6 wide: the window's margin is 1/12
     lo = rng.uniform(0, 1 - side)
     box = [lo[0], lo[1], lo[0] + side[0], lo[1] + side[1]]
-    w = grounding.cell_window(grounding.grid_cell(box))
+    w = coldstart.cell_window(coldstart.grid_cell(box))
     assert w[0] <= box[0] + 1e-9 and w[1] <= box[1] + 1e-9 and box[2] <= w[2] + 1e-9 and box[3] <= w[3] + 1e-9
     assert np.isclose(w[2] - w[0], 0.5) and np.isclose(w[3] - w[1], 0.5)
   # the answer's call carries the window, as the agent's parser reads it
   answer = grounding.locate_answer([0.7, 0.1, 0.8, 0.2], 2, cell_first=True, window=True)
   assert answer.startswith("3 ")
-  assert tools.parse_action(answer).bbox == pytest.approx(list(grounding.cell_window(3)))
+  assert tools.parse_action(answer).bbox == pytest.approx(list(coldstart.cell_window(3)))
   with pytest.raises(ValueError, match="cell_window needs cell_first"):
     grounding.GroundingConfig(cell_window=True)
 
 
 def test_cell_first_answers_and_cell_only_loss(tokenizer):
   tcfg = synthetic.SyntheticConfig()
-  assert [grounding.grid_cell(b) for b in ([0, 0, 0.1, 0.1], [0.4, 0.4, 0.6, 0.6], [0.9, 0.1, 1.0, 0.3],
+  assert [coldstart.grid_cell(b) for b in ([0, 0, 0.1, 0.1], [0.4, 0.4, 0.6, 0.6], [0.9, 0.1, 1.0, 0.3],
                                            [0.0, 0.7, 0.2, 1.0])] == [1, 5, 3, 7]
   cfg = grounding.GroundingConfig(locate=2, name=1, read=0, cell_first=True, cell_only_steps=3, target_first=False)
   firsts = set()
@@ -295,7 +295,7 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
     for kind, _, answer, j in questions:
       if kind == "locate":
         cell, call = answer.split(" ", 1)
-        assert int(cell) == grounding.grid_cell(task.objects[j].box)
+        assert int(cell) == coldstart.grid_cell(task.objects[j].box)
         assert grounding_probe.iou(tools.parse_action(call).bbox, task.objects[j].box) > 0.8
         assert tools.parse_action(answer).bbox == tools.parse_action(call).bbox   # the agent's parser reads past it
     located = [j for kind, _, _, j in questions if kind == "locate"]

@@ -7,6 +7,9 @@ protocol's exact text format:
   trial_and_error  zoom onto look-alikes first (read them, see they are not the target, say so and go
                    back to the original image), then find the target; the recoveries the paper credits
                    for test-time turn scaling.
+With `first_crop="cell_window"` every search starts as the pretrained base answers "where is ...?"
+(`data.grounding`): the thought names the 3 x 3 cell that holds the shape, the first crop is that cell's
+half-size window, the next one the shape's legible zoom.
 Every turn restates the goal (goal maintenance). The tool calls are executed by the real crop tool
 (`agent.execute_turn`), so the observations are exactly what the sampler would produce.
 """
@@ -37,6 +40,8 @@ _ZOOM_IN = "Its digit is too small to read here, so I zoom in on it"
 _ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further."
 _THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
 _GO_BACK = "I go back to the original image and look elsewhere. "
+_IN_CELL = "in cell"
+FIRST_CROPS = ("region", "cell_window")
 Box = tuple[float, float, float, float]
 
 
@@ -50,6 +55,8 @@ class ExplorerConfig:
   coarse_first_prob: probability that a wrong zoom goes through the look-alike's coarse region first.
   decimals: box coordinates are written with this many decimals, rounded outwards.
   seed: base seed; trajectory i uses a generator seeded by (seed, task id).
+  first_crop: "region" (a shape's zoom path from the original) or "cell_window" (its grid cell named,
+    then that cell's half-size window, then its legible zoom: the pretrained base's first crop).
   """
   pattern_weights: tuple[tuple[str, float], ...] = (("direct", 0.25), ("depth_first", 0.25),
                                                     ("trial_and_error", 0.5))
@@ -57,6 +64,11 @@ class ExplorerConfig:
   coarse_first_prob: float = 0.3
   decimals: int = 2
   seed: int = 0
+  first_crop: str = "region"
+
+  def __post_init__(self):
+    if self.first_crop not in FIRST_CROPS:
+      raise ValueError(f"unknown first_crop {self.first_crop!r}; expected one of {FIRST_CROPS}")
 
 
 def quantize_box(box: Sequence[float], decimals: int) -> Box:
@@ -74,6 +86,27 @@ def quantize_box(box: Sequence[float], decimals: int) -> Box:
     start = min(max(start, 0.0), 1.0 - side)
     out.append((round(start, decimals), round(start + side, decimals)))
   return (out[0][0], out[1][0], out[0][1], out[1][1])
+
+
+def grid_cell(box: Sequence[float], n: int = 3) -> int:
+  """The cell (1..n*n, row-major) of an n x n grid over the image that holds the box's centre."""
+  col = min(n - 1, int(n * (box[0] + box[2]) / 2))
+  row = min(n - 1, int(n * (box[1] + box[3]) / 2))
+  return 1 + n * row + col
+
+
+def cell_window(cell: int, n: int = 3, side: float = 0.5) -> Box:
+  """The box [x0, y0, x1, y1] of relative side `side` centred on cell `cell` (1..n*n, row-major) of an n x n
+  grid, shifted inside the image. With side 1/2 on the 3 x 3 grid it holds its whole cell with a margin of
+  1/12 (any shape narrower than that whose centre is in the cell lies inside)."""
+  row, col = divmod(cell - 1, n)
+  centre = np.array([(col + 0.5) / n, (row + 0.5) / n])
+  lo = np.clip(centre - side / 2, 0.0, 1.0 - side)
+  return (float(lo[0]), float(lo[1]), float(lo[0] + side), float(lo[1] + side))
+
+
+def contains(outer: Box, inner: Box) -> bool:
+  return outer[0] <= inner[0] and outer[1] <= inner[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
 
 
 def relative_to(box: Box, parent: Box | None) -> Box:
@@ -148,11 +181,20 @@ def _goal(task: synthetic.SyntheticTask) -> str:
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
-                 lead: str = "") -> int:
+                 lead: str = "", window: bool = False) -> int:
   """Zooms from the original to where `obj`'s digit is legible; returns the last observation's index.
 
-  `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one).
+  `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one). With
+  `window` the first crop is the window of `obj`'s grid cell, named in the thought; the legible zoom is
+  then taken from that window's observation (from the original where it reaches past the window).
   """
+  if window:
+    cell = grid_cell(obj.box)
+    source = ep.zoom(f"{lead}{goal} {_THERE_IS} {_name(obj)} {_IN_CELL} {cell}. {_REGION_FIRST}.", cell_window(cell))
+    detail = obj.zoom_path[-1]
+    if not contains(ep.region[source], detail):
+      source = 0
+    return ep.zoom(f"{goal} The {_name(obj)} {_ZOOM_FURTHER}", detail, source)
   path = obj.zoom_path if depth_first else obj.zoom_path[-1:]
   source = 0
   for level, box in enumerate(path):
@@ -175,6 +217,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   if pattern == "trial_and_error" and not decoys:
     pattern = "depth_first"
   goal = _goal(task)
+  window = config.first_crop == "cell_window"
   ep = _Episode(task, config.decimals)
   ep.traj.metadata["pattern"] = pattern
   lead = ""
@@ -183,14 +226,14 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
     for i in rng.permutation(len(decoys))[:n_wrong]:
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
-      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead)
+      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window)
       lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
               f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
     depth_first = len(target.zoom_path) > 1 and rng.random() < 0.5
   else:
     depth_first = pattern == "depth_first"
-  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead)
+  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window)
   return ep.answer(f"{ANSWER_PREFIX} {_name(target)} is {task.answer}.")
 
 

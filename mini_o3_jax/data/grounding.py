@@ -163,26 +163,10 @@ def box_text(box: Sequence[float], decimals: int) -> str:
 def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False, window: bool = False) -> str:
   """The answer to "where is ...": the `<grounding>` call on `box`, led by its 3 x 3 cell with `cell_first`;
   with `window` the call's box is the cell's half-size window instead."""
-  cell = grid_cell(box)
-  call = coldstart.grounding(coldstart.quantize_box(cell_window(cell) if window else box, decimals), 0, decimals)
+  cell = coldstart.grid_cell(box)
+  call = coldstart.grounding(coldstart.quantize_box(coldstart.cell_window(cell) if window else box, decimals), 0,
+                             decimals)
   return f"{cell} {call}" if cell_first else call
-
-
-def grid_cell(box: Sequence[float], n: int = 3) -> int:
-  """The cell (1..n*n, row-major) of an n x n grid over the image that holds the box's centre."""
-  col = min(n - 1, int(n * (box[0] + box[2]) / 2))
-  row = min(n - 1, int(n * (box[1] + box[3]) / 2))
-  return 1 + n * row + col
-
-
-def cell_window(cell: int, n: int = 3, side: float = 0.5) -> tuple[float, float, float, float]:
-  """The box [x0, y0, x1, y1] of relative side `side` centred on cell `cell` (1..n*n, row-major) of an n x n
-  grid, shifted inside the image. With side 1/2 on the 3 x 3 grid it holds its whole cell with a margin of
-  1/12 (any shape narrower than that whose centre is in the cell lies inside)."""
-  row, col = divmod(cell - 1, n)
-  centre = np.array([(col + 0.5) / n, (row + 0.5) / n])
-  lo = np.clip(centre - side / 2, 0.0, 1.0 - side)
-  return (float(lo[0]), float(lo[1]), float(lo[0] + side), float(lo[1] + side))
 
 
 def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,

@@ -100,11 +100,17 @@ def build_tokenizer(config, workdir: str):
   """The demo's small BPE (special tokens first, protocol phrases as single tokens), saved in workdir.
 
   With `config.tokenizer.kind = "qwen"`, the real Qwen2.5 tokenizer instead (built offline, not saved).
+  A `model.init_from` HF directory with a tokenizer (the pretrained base) brings its own: its ids are
+  the ones its weights were trained on.
   """
   if config.tokenizer.get("kind", "small") == "qwen":
     return tok_lib.build_qwen_tokenizer()
   out = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(out, "tokenizer.json")):
+    return tok_lib.load_tokenizer(out)
+  init_from = config.model.get("init_from") or ""
+  if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")):
+    tok_lib.load_tokenizer(init_from).save_pretrained(out)
     return tok_lib.load_tokenizer(out)
   corpus = []
   for tier in synthetic.TIERS:

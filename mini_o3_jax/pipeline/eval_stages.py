@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # model name in the report -> (checkpoint stage, answers at once?)
 MODELS = {"no_tools": ("sft", True), "sft": ("sft", False), "rl": ("rl", False),
-          "rl_no_overturn_mask": ("rl_no_mask", False)}
+          "rl_no_overturn_mask": ("rl_no_mask", False), "rl_no_coldstart": ("rl_no_coldstart", False)}
 DIRECT_ANSWER = f"<think>{prompts.DIRECT_ANSWER_THOUGHT}</think>\n<answer>"
 
 
@@ -59,11 +59,14 @@ def _load_model(workdir: str, stage: str | None, config, mcfg, mesh):
   return nnx.merge(graphdef, params)
 
 
-def _eval_models(config) -> list[tuple[str, str | None, bool]]:
-  """(report name, checkpoint stage or None for `config.model.init_from`, answers at once?)."""
-  if config.model.get("init_from"):
+def _eval_models(config, workdir: str) -> list[tuple[str, str | None, bool]]:
+  """(report name, checkpoint stage or None for `config.model.init_from`, answers at once?): the models this
+  work directory trained, else (an evaluation of a model trained elsewhere) `model.init_from`'s."""
+  models = [(name, stage, at_once) for name, (stage, at_once) in MODELS.items()]
+  trained = [m for m in models if sources.has_checkpoint(workdir, m[1])]
+  if not trained and config.model.get("init_from"):
     return [(config.eval.get("model_name", "model"), None, False)]
-  return [(name, stage, at_once) for name, (stage, at_once) in MODELS.items()]
+  return trained or models
 
 
 def _eval_sets(config, tcfg):
@@ -96,7 +99,7 @@ def run_eval(config, workdir: str) -> dict:
   tcfg = None if c.get("benchmarks") else run_config.task_config(config)
   judge = common.judge()
   rows, summary, skill_trajs = [], {}, None
-  for name, stage, at_once in _eval_models(config):
+  for name, stage, at_once in _eval_models(config, workdir):
     if stage is not None and not sources.has_checkpoint(workdir, stage):
       log.warning("eval: no %s checkpoint, skipping model %s", stage, name)
       continue
@@ -134,7 +137,8 @@ def run_eval(config, workdir: str) -> dict:
     if tcfg is not None and not at_once and c.get("skills_per_tier", 0):
       if skill_trajs is None:  # the same held-out trajectories for every model
         skill_trajs = [t for tier in c.tiers
-                       for t in train_stages.scripted_views(tier, c.skills_per_tier, "test", tcfg)]
+                       for t in train_stages.scripted_views(tier, c.skills_per_tier, "test", tcfg,
+                                                            run_config.explorer_config(config))]
       _write_skills(config, workdir, name, model, tokenizer, mcfg, skill_trajs)
     if events is not None:
       events.close()

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from mini_o3_jax.agent import tools
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.eval import diagnostics
 from mini_o3_jax.model import hf
 from mini_o3_jax.pipeline import probe as probe_lib
@@ -165,7 +165,7 @@ class GroundingProbe:
     on_target, on_object, iou50, reads, cells = [], [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 20 + 2 * self.cell_first)):
       if self.cell_first:
-        cells.append(text.strip()[:1] == str(grounding.grid_cell(t.target_box)))
+        cells.append(text.strip()[:1] == str(coldstart.grid_cell(t.target_box)))
       action = tools.parse_action(tools.truncate_at_stop(text))
       box = action.bbox if isinstance(action, tools.ToolCall) else None
       on_target.append(box is not None and diagnostics.centre_in(t.target_box, box))

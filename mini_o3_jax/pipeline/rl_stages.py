@@ -1,4 +1,8 @@
-"""The RL stages: GRPO from the SFT model, with over-turn masking (`rl`) and without (`rl_no_mask`).
+"""The RL stages: GRPO from the SFT model, with over-turn masking (`rl`) and without (`rl_no_mask`), and
+the paper's "no cold start" ablation: the same RL straight from `model.init_from` (`rl_no_coldstart`).
+
+An RL stage starts from this work directory's SFT checkpoint when there is one, else from
+`model.init_from` (an SFT model trained elsewhere); `rl_no_coldstart` always from `model.init_from`.
 
 Each step: `prompts_per_step` tasks, `group_size` sampled trajectories each (training turn limit
 `max_turns`), reward 1 for a correct answer and 0 otherwise, then jitted GRPO updates whose loss masks
@@ -114,16 +118,34 @@ def draw_batch(config, sampler, reward_fn: Callable[[Any], float], step: int,
   return rollouts.RolloutBatch([e for g in kept for e in g], stats)
 
 
-def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool) -> dict:
+def start_from(workdir: str, name: str, from_sft: bool, init_from: str) -> str:
+  """Where RL stage `name` starts: "resume" (its own checkpoint), "sft" (this work directory's SFT model)
+  or "init_from" (`model.init_from`: an SFT model trained elsewhere, or the base for `rl_no_coldstart`)."""
+  if sources.has_checkpoint(workdir, name):
+    return "resume"
+  if from_sft and (sources.has_checkpoint(workdir, "sft") or not init_from):
+    return "sft"
+  if not init_from:
+    raise ValueError(f"stage {name!r} starts from model.init_from, which is not set")
+  return "init_from"
+
+
+def _start_params(config, workdir: str, name: str, from_sft: bool, mcfg, mesh):
+  """The parameters an RL stage starts from (None when it resumes: its checkpoint restores them)."""
+  where = start_from(workdir, name, from_sft, config.model.get("init_from") or "")
+  log.info("%s: starts from %s", name, {"resume": "its checkpoint", "sft": "this run's SFT model",
+                                        "init_from": config.model.get("init_from")}[where])
+  if where == "sft":
+    return train_stages.restore_params(workdir, "sft", mcfg, mesh)
+  return sources.init_params(config, mcfg, mesh) if where == "init_from" else None
+
+
+def _run_rl(config, workdir: str, *, name: str, overturn_masking: bool, from_sft: bool = True) -> dict:
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   stage = run_config.rl_stage(config, mcfg, overturn_masking=overturn_masking)
   loop = stage.loop
-  if config.model.get("init_from"):  # a model from elsewhere (not needed when resuming)
-    sft_params = None if sources.has_checkpoint(workdir, name) else sources.init_params(config, mcfg, mesh)
-  else:
-    sft_params = train_stages.restore_params(workdir, "sft", mcfg, mesh)
   state, shardings, tx = train_stages.make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed,
-                                                 params=sft_params)
+                                                 params=_start_params(config, workdir, name, from_sft, mcfg, mesh))
   step_fn = rl_step.make_rl_step(stage.step, tx, mesh, shardings,
                                  learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
   logprob_fn = rl_step.make_logprob_fn(stage.step, state.graphdef, mesh) if stage.recompute_old_logprobs else None
@@ -174,3 +196,7 @@ def run_rl(config, workdir: str) -> dict:
 
 def run_rl_no_mask(config, workdir: str) -> dict:
   return _run_rl(config, workdir, name="rl_no_mask", overturn_masking=False)
+
+
+def run_rl_no_coldstart(config, workdir: str) -> dict:
+  return _run_rl(config, workdir, name="rl_no_coldstart", overturn_masking=True, from_sft=False)

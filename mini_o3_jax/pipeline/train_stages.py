@@ -37,16 +37,18 @@ def coldstart_trajectories(config) -> Sequence:
   """
   if not sources.is_synthetic(config.data):
     return sources.sft_trajectories(config)
-  tcfg = run_config.task_config(config)
+  tcfg, explorer = run_config.task_config(config), run_config.explorer_config(config)
   out = []
   for tier, n in config.data.sft_tasks.items():
-    out += progress.bar(scripted_views(tier, n, "train", tcfg), total=n, desc=f"cold-start {tier}", leave=False)
+    out += progress.bar(scripted_views(tier, n, "train", tcfg, explorer), total=n, desc=f"cold-start {tier}",
+                        leave=False)
   return out
 
 
-def scripted_views(tier: str, n: int, split: str, tcfg) -> Iterator:
+def scripted_views(tier: str, n: int, split: str, tcfg,
+                   explorer: coldstart.ExplorerConfig = coldstart.ExplorerConfig()) -> Iterator:
   """Scripted trajectories of (tier, split) with every image replaced by the view the model sees."""
-  for traj in coldstart.scripted_coldstart(tier, n, split=split, task_config=tcfg):
+  for traj in coldstart.scripted_coldstart(tier, n, split=split, task_config=tcfg, config=explorer):
     views = [synthetic.render_view(im, None, tcfg) for im in traj.images]
     yield dataclasses.replace(traj, images=views, metadata=dict(traj.metadata))
 
@@ -59,7 +61,7 @@ def run_data(config, workdir: str) -> dict:
   summary = {}
   for tier in synthetic.TIERS:
     trajs = list(coldstart.scripted_coldstart(tier, min(40, config.data.sft_tasks[tier]), split="train",
-                                              task_config=tcfg))
+                                              task_config=tcfg, config=run_config.explorer_config(config)))
     summary[tier] = coldstart.summarize(trajs)
     longest = max(trajs, key=lambda t: t.num_turns)
     report.render_trajectory(longest, target_box=synthetic.task_from_id(longest.id, tcfg).target_box,

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mini_o3_jax.data import drawing, grounding, synthetic
+from mini_o3_jax.data import coldstart, drawing, grounding, synthetic
 from mini_o3_jax.model import attention as attn_lib
 from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
@@ -154,7 +154,7 @@ if E("EX_CELLFIRST"):
 
   def locate_answer(box, decimals, cell_first=False):
     """The box's 3 x 3 grid cell (1-9, one digit token: recall3's ANS1) before the `<grounding>` call."""
-    return f"{grounding.grid_cell(box)} " + _before_cellfirst_answer(box, decimals)
+    return f"{coldstart.grid_cell(box)} " + _before_cellfirst_answer(box, decimals)
 
   grounding.locate_answer = locate_answer
 

@@ -1,0 +1,54 @@
+"""The demo started from a pretrained base (`model.init_from`): which model each stage starts from and
+evaluates, and the base's own tokenizer."""
+
+import pytest
+
+from configs import demo
+from mini_o3_jax.pipeline import common, eval_stages, rl_stages
+from mini_o3_jax.processing import tokenizer as tok_lib
+
+
+def _saved_step(workdir, stage, step=2):
+  (workdir / "ckpt" / stage / str(step)).mkdir(parents=True)
+
+
+def test_rl_starts_from_this_runs_sft_else_init_from(tmp_path):
+  base = str(tmp_path / "base")
+  start = lambda name, from_sft=True, init_from=base: rl_stages.start_from(str(tmp_path), name, from_sft, init_from)
+  # no SFT here: an SFT model trained elsewhere (init_from); without one, this run's (missing) SFT is asked for
+  assert start("rl") == "init_from" and start("rl", init_from="") == "sft"
+  _saved_step(tmp_path, "sft")
+  # the demo from the base: SFT started from init_from, RL from that SFT, the ablation from the base itself
+  assert start("rl") == "sft" and start("rl_no_mask") == "sft"
+  assert start("rl_no_coldstart", from_sft=False) == "init_from"
+  with pytest.raises(ValueError, match="rl_no_coldstart.*model.init_from, which is not set"):
+    start("rl_no_coldstart", from_sft=False, init_from="")
+  _saved_step(tmp_path, "rl")
+  assert start("rl") == "resume"
+
+
+def test_eval_models_are_the_runs_own_else_init_from(tmp_path):
+  config = demo.get_config()
+  names = lambda: [(name, stage) for name, stage, _ in eval_stages._eval_models(config, str(tmp_path))]
+  assert [n for n, _ in names()] == list(eval_stages.MODELS)  # nothing trained, no init_from: each warned about
+  config.model.init_from = str(tmp_path / "elsewhere")
+  assert names() == [("model", None)]  # an evaluation of a model trained elsewhere
+  _saved_step(tmp_path, "sft")
+  _saved_step(tmp_path, "rl_no_coldstart")
+  assert names() == [("no_tools", "sft"), ("sft", "sft"), ("rl_no_coldstart", "rl_no_coldstart")]
+
+
+def test_a_base_brings_its_tokenizer(tmp_path):
+  """The base's ids are the ones its weights learnt: a run from it uses its tokenizer, not one built from this
+  run's seed (which draws another corpus)."""
+  config = common.resolve(demo.get_config())
+  config.seed = 0
+  base = common.build_tokenizer(config, str(tmp_path / "base"))
+  config.seed = 1
+  assert common.build_tokenizer(config, str(tmp_path / "fresh")).get_vocab() != base.get_vocab()
+  config.model.init_from = str(tmp_path / "base" / "tokenizer")
+  run = common.build_tokenizer(config, str(tmp_path / "run"))
+  assert run.get_vocab() == base.get_vocab()
+  text = "<think>I need the digit on the red circle. There is a red circle in cell 5.</think>"
+  resumed = tok_lib.load_tokenizer(tmp_path / "run" / "tokenizer")  # kept in the run: a resume reads it
+  assert resumed.get_vocab() == base.get_vocab() and resumed.encode(text) == base.encode(text) == run.encode(text)
