@@ -140,6 +140,13 @@ def test_claims_are_checked_with_their_thresholds_and_noise():
   assert "difference +15.0" in checked[3][2] and "within noise" in checked[3][2]
   no_rl = [r for r in rows if not r["model"].startswith("rl")]
   assert [holds for _, holds, _ in claims.check_claims(no_rl)] == [True, None, None, None]
+  # The no-cold-start ablation, where it ran: fewer turns and a worse answer than RL after SFT (45% at 5 turns).
+  ablation = rows + [_row("rl_no_coldstart", "hard", 32, 0.05, mean_turns=1.1)]
+  claim, holds, numbers = claims.check_claims(ablation)[4]
+  assert claim.startswith("Cold start matters") and holds
+  assert "no cold start: mean turns 1.10, accuracy 5.0; after SFT: 5.00, 45.0" in numbers and "difference +40.0" in numbers
+  longer = rows + [_row("rl_no_coldstart", "hard", 32, 0.05, mean_turns=6.0)]
+  assert claims.check_claims(longer)[4][1] is False
 
 
 @pytest.mark.parametrize("correct,n", [(0, 20), (5, 20), (17, 20), (120, 200)])

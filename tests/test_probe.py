@@ -1,5 +1,6 @@
 """The skills probe: token kinds of the scripted protocol, and per-kind teacher-forced accuracy."""
 
+import collections
 import importlib.util
 import json
 import os
@@ -34,6 +35,14 @@ def test_token_kinds_of_a_scripted_turn():
   assert "2" in got["other"] and " pink" in got["other"]
 
 
+def test_token_kinds_of_a_named_cell():
+  pieces = ["<think>", "I need the digit on the", " red", " cross", ". There is a", " red", " cross", " in", " cell",
+            " ", "5", ".", "</think>", "<think>", "The digit on the", " red", " cross", " is", " ", "5", "."]
+  kinds = probe.token_kinds(pieces, [1] * len(pieces))
+  assert [p for p, k in zip(pieces, kinds) if k == "cell"] == ["5"] and kinds[10] == "cell"
+  assert kinds[19] == "read"  # the same digit read off a crop
+
+
 def test_token_kinds_of_a_multi_token_goal_phrase():
   pieces = ["<think>", "I need", " the digit", " on the", " blue", " hex", "agon", "."]
   kinds = probe.token_kinds(pieces, [1] * len(pieces))
@@ -49,7 +58,9 @@ def demo_parts(tmp_path_factory):
   tokenizer = common.build_tokenizer(config, str(tmp_path_factory.mktemp("tok")))
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
-  trajs = [t for tier in ("medium", "hard") for t in train_stages.scripted_views(tier, 2, "test", tcfg)]
+  window = coldstart.ExplorerConfig(first_crop="cell_window")
+  trajs = [t for tier in ("medium", "hard") for explorer in (coldstart.ExplorerConfig(), window)
+           for t in train_stages.scripted_views(tier, 2, "test", tcfg, explorer)]
   return config, tokenizer, mcfg, trajs
 
 
@@ -59,7 +70,6 @@ def test_kind_accuracy_matches_a_per_example_forward(demo_parts):
   model = vlm.random_model(mcfg, seed=3, std=0.3)
   example_cfg = loader.ExampleConfig(min_pixels=config.view_pixels, max_pixels=config.view_pixels)
   got = probe.kind_accuracy(model, tokenizer, trajs, example_cfg, mcfg, probe.ProbeConfig(seq_len=768, batch_size=3))
-  import collections
   hits = {k: 0 for k in probe.KINDS}
   seen = {k: collections.Counter() for k in probe.KINDS}
   counts = {k: 0 for k in probe.KINDS}
@@ -72,7 +82,7 @@ def test_kind_accuracy_matches_a_per_example_forward(demo_parts):
         hits[kinds[t]] += int(np.argmax(logits[t - 1]) == ids[t])
         counts[kinds[t]] += 1
         seen[kinds[t]][ids[t]] += 1
-  assert counts["goal"] >= 2 * len(trajs) and 0 < counts["box_xy"] < counts["box_rest"]
+  assert counts["goal"] >= 2 * len(trajs) and 0 < counts["box_xy"] < counts["box_rest"] and counts["cell"] >= 4
   for k in probe.KINDS:
     assert got[f"n_{k}"] == counts[k]
     assert got[k] == pytest.approx(hits[k] / counts[k], abs=1e-9), k

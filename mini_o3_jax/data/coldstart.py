@@ -40,7 +40,7 @@ _ZOOM_IN = "Its digit is too small to read here, so I zoom in on it"
 _ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further."
 _THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
 _GO_BACK = "I go back to the original image and look elsewhere. "
-_IN_CELL = "in cell"
+CELL_PHRASE = "in cell"  # the window-first explorer names the cell after it (the skills probe keys on it)
 FIRST_CROPS = ("region", "cell_window")
 Box = tuple[float, float, float, float]
 
@@ -190,7 +190,7 @@ def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool,
   """
   if window:
     cell = grid_cell(obj.box)
-    source = ep.zoom(f"{lead}{goal} {_THERE_IS} {_name(obj)} {_IN_CELL} {cell}. {_REGION_FIRST}.", cell_window(cell))
+    source = ep.zoom(f"{lead}{goal} {_THERE_IS} {_name(obj)} {CELL_PHRASE} {cell}. {_REGION_FIRST}.", cell_window(cell))
     detail = obj.zoom_path[-1]
     if not contains(ep.region[source], detail):
       source = 0

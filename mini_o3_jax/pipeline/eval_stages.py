@@ -207,9 +207,11 @@ def run_report(config, workdir: str) -> dict:
   report.plot_turn_scaling(os.path.join(workdir, "turn_scaling.png"), rows,
                            train_turn_limit=metrics.get("settings", {}).get("train_turn_limit"))
   checked = claims.check_claims(rows)
+  start = (f"started from the pretrained base {config.model.init_from}" if config.model.get("init_from")
+           else "trained from scratch")
   lines = ["# mini_o3_jax demo report", "",
-           "Synthetic visual search (digits legible only after zooming), a ~1M-parameter Qwen2.5-VL trained "
-           "from scratch: scripted cold-start SFT, then GRPO with and without over-turn masking.", "",
+           f"Synthetic visual search (digits legible only after zooming), a tiny {config.model.family} {start}: "
+           "scripted cold-start SFT, then GRPO with and without over-turn masking.", "",
            "Settings: " + ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items()), "",
            "## Accuracy (%) by test-time turn budget", "", report.accuracy_grid(rows), "",
            "![turn scaling](turn_scaling.png)", "", "## The paper's claims in miniature", ""]
@@ -227,7 +229,8 @@ def run_report(config, workdir: str) -> dict:
             _diagnostics_table(workdir, config.eval.tiers, run_config.task_config(config))]
   lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
             "goal: copying the target's colour and shape from the question; box_xy: the tenths digits of a crop's "
-            "x0, y0 (where to look); box_rest: its other coordinate digits; read: digits read off a crop; other: the "
+            "x0, y0 (where to look); box_rest: its other coordinate digits; cell: the grid cell named before a window-first "
+            "search's first crop (where to look); read: digits read off a crop; other: the "
             "protocol's fixed wording. In brackets: the score of always writing the most frequent token (a "
             "policy that ignores the question and the image). See mini_o3_jax/pipeline/probe.py.", "", _skills_table(workdir)]
   lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",

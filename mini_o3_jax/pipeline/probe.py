@@ -6,7 +6,8 @@ The scripted cold-start trajectories need four kinds of tokens beyond the protoc
   box_xy      the tenths digits of a crop's x0 and y0 (where to look, to a tenth of the image or crop);
   box_rest    the other digits of a crop's coordinates (hundredths; x1, y1 follow from x0, y0 and the size);
   read        a digit written outside a box: read off a crop ("... with the digit 7", "... is 7",
-              <answer>7</answer>).
+              <answer>7</answer>);
+  cell        the grid cell a window-first search names before its first crop ("... in cell| 5").
 
 Sampled evaluations mix them: a policy that never names the target also never crops it. Running the
 model over correct trajectories of the test split (teacher forcing) and scoring its next-token argmax
@@ -30,9 +31,10 @@ from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import forward as forward_lib
 from mini_o3_jax.train import losses
 
-KINDS = ("goal", "box_xy", "box_rest", "read", "other")
+KINDS = ("goal", "box_xy", "box_rest", "cell", "read", "other")
 GOAL_PHRASE = coldstart.GOAL_PREFIX
 GOAL_WORDS = 2  # colour, shape
+CELL_PHRASE = coldstart.CELL_PHRASE
 
 
 def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | None]:
@@ -41,7 +43,7 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
   A goal is the two words after GOAL_PHRASE, whether the phrase is one token or several; a coordinate
   digit is a digit token between '[' and ']' in the assistant's text (the bbox list), box_xy when it is
   the first or second digit that follows a token ending in '.' in that list (x0's and y0's tenths); any
-  other digit token ("7" or "7.") is read (but an observation's index).
+  other digit token ("7" or "7.") is read (but an observation's index), or cell right after CELL_PHRASE.
   """
   kinds: list[str | None] = []
   text_so_far = ""
@@ -57,6 +59,8 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
           tenths = prev.endswith(".")
           kind = "box_xy" if tenths and tenths_seen < 2 else "box_rest"
           tenths_seen += tenths
+      elif piece.strip().rstrip(".").isdigit() and text_so_far.rstrip().endswith(CELL_PHRASE):
+        kind = "cell"
       elif piece.strip().rstrip(".").isdigit() and not prev.endswith("observation_"):
         kind = "read"  # "7" or, where the vocabulary merges them, "7."
       else:
