@@ -7,9 +7,10 @@ image token, its position and its colour where a shape is and nothing on the can
 vision_targets.py`); `pretrain` then trains the decoder on the frozen tower with questions about the
 scene's objects (`data/grounding.py`): where is the <colour shape> (its 3 x 3 cell, then a `<grounding>`
 box). Named phases (`pipeline/phases.py`) run those stages again with other settings: the shape's kind
-added to the tower, the decoder on scenes that need it, the first crop as a window. The held-out probe
+and a legible crop's digit added to the tower, the decoder on scenes that need the kind, the first crop as
+a window and reading. `tools/pretrain_base.sh WORKDIR` runs the same recipe on two cores. The held-out probe
 (`pipeline/grounding_probe.py`) logs the skills; `export_base` writes the base as an HF Qwen3-VL directory
-(WORKDIR/base). docs/miniature.md (sessions 11-14) measures each rung; the read skill is not in it yet.
+(WORKDIR/base). docs/miniature.md (sessions 11-15) measures each rung.
 """
 
 import ml_collections
@@ -19,14 +20,16 @@ from configs import demo
 
 def get_config() -> ml_collections.ConfigDict:
   c = demo.get_config()
-  # The measured order of rungs (docs/miniature.md, sessions 11-13): the tower alone on feature targets
+  # The measured order of rungs (docs/miniature.md, sessions 11-15): the tower alone on feature targets
   # without the shape's kind; the decoder bound to it (the named shape's cell) on the frozen tower; the kind
-  # added to the tower with the decoder untouched (phase "kind"); the decoder on scenes where only the kind
-  # tells shapes apart ("same_colour"); the first crop as the cell's half-size window ("window"); the export.
-  # Then the read skill: the digit of a legible crop added to the tower ("digits"), the decoder taught to read
-  # it beside the window-locate question it keeps.
-  c.stages = ("pretrain_vision", "pretrain", "pretrain_vision/kind", "pretrain/same_colour", "pretrain/window",
-              "pretrain_vision/digits", "pretrain/read", "export_base")
+  # added to that tower ("kind", the decoder untouched); the digit of a legible crop added too ("digits");
+  # the bound decoder on the kind tower, on scenes where only the kind tells shapes apart ("same_colour");
+  # the first crop as the cell's half-size window, and reading, on the digits tower ("window"); the export.
+  # A tower phase trains the tower alone, so "kind" and "digits" can run beside the decoder's phases (the
+  # decoder's phases take the tower with `vision_from`): tools/pretrain_base.sh runs the recipe on two cores,
+  # listed here in an order one process can run.
+  c.stages = ("pretrain_vision", "pretrain", "pretrain_vision/kind", "pretrain_vision/digits",
+              "pretrain/same_colour", "pretrain/window", "export_base")
   # The tower needs absolute position to emit a position only where a shape is (session 11): Qwen3-VL's
   # learned table, started as a sin-cos code of the patch grid (pretrain_vision.position_table_sincos).
   # With family="qwen2_5_vl" set vision_position_sincos=1 instead (a fixed code with no Qwen2.5-VL
@@ -64,36 +67,33 @@ def get_config() -> ml_collections.ConfigDict:
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,
-      from_stage="pretrain_vision", freeze_vision=True,
+      # vision_from: the tower from that run (a tower phase trained beside the decoder's, joined here).
+      from_stage="pretrain_vision", vision_from="", freeze_vision=True,
       # Experimental (issue 13), training-only: weight of the objectness auxiliary loss (train/sft.py;
       # docs/miniature.md H7S); 0 = off. Its target is each image token's colourfulness relative to the
       # image's most colourful token, to this power, times objectness_scale.
       objectness_weight=0.0, objectness_power=4.0, objectness_scale=0.5))
   # Each phase: its stage's section with these settings changed (mini_o3_jax/pipeline/phases.py).
   c.phases = ml_collections.ConfigDict(dict(
-      # The bound model's tower (the decoder untouched) learns the kind on the token at each shape's centre;
-      # 2,500 steps: at 1,500 it keeps the kind for 70 % of shapes and the decoder never binds it (session 14).
-      kind=dict(from_stage="pretrain", steps=2500, targets=dict(shape_scale=0.8)),
-      # The decoder where only the kind separates the named shape from its look-alikes (session 13, C1 + C2).
-      same_colour=dict(from_stage="pretrain_vision_kind", steps=2500, lr=5e-4,
+      # The tower learns the kind on the token at each shape's centre (2,500 steps: at 1,500 it keeps the
+      # kind for 70 % of shapes and the decoder never binds it, session 14).
+      kind=dict(from_stage="pretrain_vision", steps=2500, targets=dict(shape_scale=0.8)),
+      # The tower keeps the kind and learns each legible crop's digit on its glyph's token: a term of 3.0, since
+      # one token of a row's 32 carries it (0.8 is not learnt, session 14). Each row brings a crop: 128 patches.
+      digits=dict(from_stage="pretrain_vision_kind", steps=500, patch_buckets=(128,), length_buckets=(128,),
+                  curriculum="0:few=0.5,medium=0.5", targets=dict(shape_scale=0.8, digit_scale=3.0)),
+      # The bound decoder on the kind tower where only the kind separates the named shape from its
+      # look-alikes (session 13, C1 + C2).
+      same_colour=dict(from_stage="pretrain", vision_from="pretrain_vision_kind", steps=2500, lr=5e-4,
                        curriculum="0:few=0.2,same_colour=0.4,medium=0.2,hard=0.2;"
                                   "1000:few=0.1,same_colour=0.5,medium=0.2,hard=0.2",
                        probe_levels=("same_colour", "medium", "hard")),
-      # The whole answer, its box the cell's half-size window: the agent's first crop (session 13, W1).
-      window=dict(from_stage="pretrain_same_colour", steps=600, lr=5e-4,
+      # The whole answer, its box the cell's half-size window (the agent's first crop, session 13's W1), and
+      # read questions on a legible crop, on the digits tower.
+      window=dict(from_stage="pretrain_same_colour", vision_from="pretrain_vision_digits", steps=800, lr=5e-4,
                   curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
-                  questions=dict(cell_only_steps=0, cell_window=True),
-                  probe_levels=("few", "medium", "hard"), probe_scenes=96),
-      # The tower keeps the kind and learns each legible crop's digit on its glyph's token, the decoder
-      # untouched; a term of 3.0, since one token of a row's 32 carries it (0.8 is not learnt: session 14).
-      # Each row brings a crop beside its scene: 128 patches.
-      digits=dict(from_stage="pretrain_window", steps=500, patch_buckets=(128,), length_buckets=(128,),
-                  curriculum="0:few=0.5,medium=0.5", targets=dict(shape_scale=0.8, digit_scale=3.0)),
-      # Read questions beside the window-locate one, so the first crop is kept while reading is learnt.
-      read=dict(from_stage="pretrain_vision_digits", steps=600, lr=5e-4, patch_buckets=(128,),
-                length_buckets=(128,), curriculum="0:few=0.2,same_colour=0.2,medium=0.3,hard=0.3",
-                questions=dict(read=1, cell_only_steps=0, cell_window=True),
-                probe_levels=("few", "medium", "hard"), probe_scenes=96)))
+                  questions=dict(read=1, cell_only_steps=0, cell_window=True), patch_buckets=(128,),
+                  length_buckets=(128,), probe_levels=("few", "medium", "hard"), probe_scenes=96)))
   # out: "" = WORKDIR/base; check_scenes: held-out scenes per level of the probe the export redoes on
   # its own files (skills_check.json: what a copy of the directory must reproduce).
   c.base_export = ml_collections.ConfigDict(dict(out="", check_scenes=8))

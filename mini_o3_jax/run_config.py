@@ -267,6 +267,8 @@ class PretrainStage(SupervisedStage):
 
   from_stage: start from that run's checkpoint in the work directory (e.g. "pretrain_vision", or a phase's
   run name, `pipeline.phases`), else from `model.init_from` or a fresh init.
+  vision_from: the tower from that run's checkpoint instead of from_stage's: a tower phase re-tunes only
+  the tower, so it can run beside the decoder's phases and join them here (the same weights as in line).
   """
   curriculum: grounding.Curriculum
   questions: grounding.GroundingConfig
@@ -275,6 +277,7 @@ class PretrainStage(SupervisedStage):
   probe_scenes: int = 64
   greedy_every_eval: bool = False  # greedy boxes at every probe (else only at the end)
   from_stage: str = ""
+  vision_from: str = ""
 
 
 def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
@@ -291,7 +294,7 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
                                                    "cell_window")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
-                            "from_stage").items()})
+                            "from_stage", "vision_from").items()})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,15 +146,24 @@ def sincos_table_params(mcfg, seed: int, scale: float) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def _start_params(config, workdir: str, name: str, fresh: bool, from_stage: str, mcfg, mesh):
+def _start_params(config, workdir: str, name: str, fresh: bool, from_stage: str, mcfg, mesh,
+                  vision_from: str = ""):
   """A run's first parameters: None when it resumes its own checkpoint (not `fresh`), else the `from_stage`
-  run's last, else `model.init_from`'s (None: a fresh init)."""
+  run's last, else `model.init_from`'s (None: a fresh init); the tower from the `vision_from` run's last."""
   if not fresh:
     return None
   if from_stage:
     log.info("%s: starts from the %s run's checkpoint", name, from_stage)
-    return restore_params(workdir, from_stage, mcfg, mesh)
-  return sources.init_params(config, mcfg, mesh)
+    params = restore_params(workdir, from_stage, mcfg, mesh)
+  else:
+    params = sources.init_params(config, mcfg, mesh)
+  if vision_from:
+    if params is None:
+      raise ValueError(f"{name}: vision_from={vision_from!r} needs a model to put the tower in (from_stage or "
+                       "model.init_from)")
+    log.info("%s: its tower from the %s run's checkpoint", name, vision_from)
+    params = {**params, "visual": restore_params(workdir, vision_from, mcfg, mesh)["visual"]}
+  return params
 
 
 def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> dict:
@@ -193,7 +202,8 @@ def run_pretrain(config, workdir: str, name: str = "pretrain") -> dict:
   stage = run_config.pretrain_stage(config, mcfg)
   loop, scenes_per_step = stage.loop, stage.batch.batch_size
   tcfg = run_config.task_config(config)
-  init = _start_params(config, workdir, name, not sources.has_checkpoint(workdir, name), stage.from_stage, mcfg, mesh)
+  init = _start_params(config, workdir, name, not sources.has_checkpoint(workdir, name), stage.from_stage, mcfg, mesh,
+                       stage.vision_from)
   state, shardings, tx = make_state(config, mcfg, stage.optimizer, mesh, seed=config.seed, params=init)
   step_fn = sft_lib.make_sft_step(stage.step, tx, mesh, shardings,
                                   learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
@@ -271,7 +281,8 @@ def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
 def _run_summary(config, workdir: str, run: phases.StageRun) -> dict:
   """A training run's settings and how it ended, as the base's training_summary.json lists it."""
   section = config[run.stage]
-  out = {"run": run.name, **{k: section.get(k) for k in ("steps", "batch_size", "lr", "curriculum", "from_stage")}}
+  keys = ("steps", "batch_size", "lr", "curriculum", "from_stage", "vision_from")
+  out = {"run": run.name, **{k: section.get(k) for k in keys}}
   if run.stage == "pretrain":
     out["questions"] = section.questions.to_dict()
   else:
