@@ -145,10 +145,11 @@ def test_tower_output_centred_rescaled_and_coded_per_image():
 def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
   """The base's recipe through the command line at toy size: the tower alone (the decoder untouched),
   then the decoder on the frozen tower (the tower untouched), then two phases (`pipeline.phases`): the
-  bound model's tower re-tuned with the kind (the decoder untouched), then the decoder on windows from
-  there; the HF export is the last phase's model, and its own check is redone from its files. The tower
-  gets its absolute position from Qwen3-VL's table, started as the sin-cos patch code. (A Qwen2.5-VL base
-  runs the same stages: the family changes the model only, whose export is test_hf's and test_qwen3vl's.)"""
+  tower re-tuned with the kind (the decoder untouched), then the bound decoder joined to that tower
+  (`vision_from`) on windows and read questions; the HF export is the last phase's model, and its own
+  check is redone from its files. The tower gets its absolute position from Qwen3-VL's table, started as
+  the sin-cos patch code. (A Qwen2.5-VL base runs the same stages: the family changes the model only, whose
+  export is test_hf's and test_qwen3vl's.)"""
   env = dict(os.environ, MINI_O3_COMPILE_CACHE="0")
   family = "qwen3_vl"
   stages = "pretrain_vision,pretrain,pretrain_vision/kind,pretrain/window,export_base"
@@ -162,7 +163,8 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
          "--config.pretrain.probe_scenes=2", "--config.pretrain.probe_levels=('easy',)",
          "--config.pretrain.checkpoint_every=1", f"--config.model.family={family}",
          "--config.phases.kind.steps=2", "--config.phases.window.steps=2", "--config.phases.window.probe_scenes=2",
-         "--config.phases.window.from_stage=pretrain_vision_kind", "--config.phases.window.probe_levels=('medium',)",
+         "--config.phases.window.from_stage=pretrain", "--config.phases.window.vision_from=pretrain_vision_kind",
+         "--config.phases.window.probe_levels=('medium',)",
          "--config.base_export.check_scenes=2", "--config.xla_flags=--xla_backend_optimization_level=0"]
   subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True)
   skills = json.load(open(tmp_path / "pretrain" / "skills.json"))
@@ -187,14 +189,19 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
   code = vision_lib.sincos_position_table(mcfg.vision.grid_per_side, mcfg.vision.hidden_size)
   np.testing.assert_allclose(np.asarray(vision_2["visual"]["pos_embed"]), np.asarray(code), atol=1e-3)  # 2 warm-up steps
   kind_2, window_2 = params("pretrain_vision_kind", 2), params("pretrain_window", 2)
-  assert not same(tower(pretrain_2), tower(kind_2)) and same(decoder(pretrain_2), decoder(kind_2))
-  assert same(tower(kind_2), tower(window_2)) and not same(decoder(kind_2), decoder(window_2))
+  assert not same(tower(vision_3), tower(kind_2)) and same(decoder(vision_3), decoder(kind_2))
+  assert same(tower(kind_2), tower(window_2)) and not same(decoder(pretrain_2), decoder(window_2))
+  # the window phase started from the bound decoder and the kind tower
+  joined = pretrain_stage._start_params(config, str(tmp_path), "pretrain_window", True, "pretrain", mcfg, None,
+                                        vision_from="pretrain_vision_kind")
+  assert same(decoder(joined), decoder(pretrain_2)) and same(tower(joined), tower(kind_2))
   assert same(jax.tree.leaves(exported), jax.tree.leaves(window_2))
   assert summary["exported_run"] == "pretrain_window"
   runs = {r["run"]: r for r in summary["runs"]}
   assert list(runs) == ["pretrain_vision", "pretrain", "pretrain_vision_kind", "pretrain_window"]
   assert runs["pretrain_vision_kind"]["targets"]["shape_scale"] == 0.8 and runs["pretrain_vision"]["targets"]["shape_scale"] == 0
   assert runs["pretrain_window"]["questions"]["cell_window"] and not runs["pretrain"]["questions"]["cell_window"]
+  assert runs["pretrain_window"]["vision_from"] == "pretrain_vision_kind" and runs["pretrain_window"]["questions"]["read"]
   assert (tmp_path / "pretrain_window" / "skills.json").exists() and (base / "skills.json").read_text() == (
       tmp_path / "pretrain_window" / "skills.json").read_text()
   # the export's own check: the window phase's probe on the directory read back, redone from its record
@@ -204,4 +211,4 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
       str(base), grounding.GroundingConfig(**check["questions"]), run_config.task_config(config),
       grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
                                   num_patches=check["num_patches"]), seed=check["seed"])
-  assert again == check["skills"] and {"medium/tf_cell", "medium/on_target", "medium/read"} <= set(again)
+  assert again == check["skills"] and {"medium/tf_cell", "medium/tf_read", "medium/on_target", "medium/read"} <= set(again)
