@@ -35,11 +35,12 @@ def test_a_phase_changes_only_its_settings_and_refuses_unknown_ones():
   runs = {r.name: r for r in phases.runs_of(config.stages)}
   phases.check(runs.values(), STAGES, config.phases)
   kind = phases.configure(config, runs["pretrain_vision_kind"]).pretrain_vision
-  assert kind.targets.shape_scale == 0.8 and kind.from_stage == "pretrain"
+  assert kind.targets.shape_scale == 0.8 and kind.from_stage == "pretrain_vision"
   assert kind.targets.position_scale == config.pretrain_vision.targets.position_scale   # merged, not replaced
   assert kind.curriculum == config.pretrain_vision.curriculum and config.pretrain_vision.targets.shape_scale == 0
   window = phases.configure(config, runs["pretrain_window"]).pretrain
   assert window.questions.cell_window and window.questions.cell_first and window.from_stage == "pretrain_same_colour"
+  assert window.vision_from == "pretrain_vision_digits" and window.questions.read == 1 and not config.pretrain.vision_from
   assert phases.configure(config, runs["pretrain"]) is config
   config.phases.kind.targets.shape_scal = 1.0
   with pytest.raises(ValueError, match=r"phases.kind.targets.shape_scal: the stage's section has no such setting"):

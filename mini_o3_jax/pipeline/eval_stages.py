@@ -193,7 +193,9 @@ def _skills_table(workdir: str) -> str:
         d = json.load(f)
       rows.append({"model": name, **{k: f"{100 * d[k]:.0f} ({100 * d[f'prior_{k}']:.0f})"
                                      for k in probe.KINDS if k in d}})
-  return report.markdown_table(rows, ["model", *probe.KINDS]) if rows else "(not measured)"
+  kinds = [k for k in probe.KINDS if any(k in r for r in rows)]  # "cell" only where a search names it
+  rows = [{**{k: "" for k in kinds}, **r} for r in rows]
+  return report.markdown_table(rows, ["model", *kinds]) if rows else "(not measured)"
 
 
 def run_report(config, workdir: str) -> dict:
