@@ -71,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
       steps=200, batch_size=16, lr=2e-3, warmup_steps=10, end_lr_ratio=0.05, weight_decay=0.01,
       # Similar lengths per batch and patches padded to the length bucket: one compile per bucket.
       group_by_length=True, length_buckets=(160, 256, 384, 512, 768), patches_follow_length=True,
-      patch_buckets=(768,), checkpoint_every=50, log_every=10))
+      patch_buckets=(768,), checkpoint_every=50, log_every=10,
+      train_vision=True))  # False: the tower frozen (no backward through it)
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=4, prompts_per_step=4, group_size=4, tiers=("medium", "hard"), max_turns=6, max_context=1024,

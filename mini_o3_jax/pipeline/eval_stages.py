@@ -231,8 +231,8 @@ def run_report(config, workdir: str) -> dict:
             _diagnostics_table(workdir, config.eval.tiers, run_config.task_config(config))]
   lines += ["", "## Skills: teacher-forced next-token accuracy (%) on correct test-split trajectories", "",
             "goal: copying the target's colour and shape from the question; box_xy: the tenths digits of a crop's "
-            "x0, y0 (where to look); box_rest: its other coordinate digits; cell: the grid cell named before a window-first "
-            "search's first crop (where to look); read: digits read off a crop; other: the "
+            "x0, y0 (where to look); box_rest: its other coordinate digits; cell: the grid cell named before a "
+            "window-first search's first crop (where to look); read: digits read off a crop; other: the "
             "protocol's fixed wording. In brackets: the score of always writing the most frequent token (a "
             "policy that ignores the question and the image). See mini_o3_jax/pipeline/probe.py.", "", _skills_table(workdir)]
   lines += ["", "## All rows", "", report.markdown_table(rows, ["model", "tier", "max_turns", "n", "accuracy",
