@@ -111,7 +111,7 @@ def build_tokenizer(config, workdir: str):
   init_from = config.model.get("init_from") or ""
   if init_from and os.path.isfile(os.path.join(init_from, "tokenizer.json")):
     tok_lib.load_tokenizer(init_from).save_pretrained(out)
-    return tok_lib.load_tokenizer(out)
+    return tok_lib.load_tokenizer(out)  # read back: the same object a resumed stage reads
   corpus = []
   for tier in synthetic.TIERS:
     for traj in coldstart.scripted_coldstart(tier, 40, split="train", task_config=run_config.task_config(config)):

@@ -132,9 +132,10 @@ def start_from(workdir: str, name: str, from_sft: bool, init_from: str) -> str:
 
 def _start_params(config, workdir: str, name: str, from_sft: bool, mcfg, mesh):
   """The parameters an RL stage starts from (None when it resumes: its checkpoint restores them)."""
-  where = start_from(workdir, name, from_sft, config.model.get("init_from") or "")
+  init_from = config.model.get("init_from") or ""
+  where = start_from(workdir, name, from_sft, init_from)
   log.info("%s: starts from %s", name, {"resume": "its checkpoint", "sft": "this run's SFT model",
-                                        "init_from": config.model.get("init_from")}[where])
+                                        "init_from": init_from}[where])
   if where == "sft":
     return train_stages.restore_params(workdir, "sft", mcfg, mesh)
   return sources.init_params(config, mcfg, mesh) if where == "init_from" else None
