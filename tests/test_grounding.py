@@ -19,7 +19,7 @@ from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.model import vlm
 from mini_o3_jax.model.hf import load_pretrained
-from mini_o3_jax.pipeline import common, grounding_probe, pretrain_stage
+from mini_o3_jax.pipeline import base_card, common, grounding_probe, pretrain_stage
 from mini_o3_jax import run_config
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import checkpoint as ckpt_lib
@@ -212,3 +212,7 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
       grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
                                   num_patches=check["num_patches"]), seed=check["seed"])
   assert again == check["skills"] and {"medium/tf_cell", "medium/tf_read", "medium/on_target", "medium/read"} <= set(again)
+  # the model card: the recorded files as tables, the reproducing command with this seed
+  card = (base / "README.md").read_text()
+  assert card == base_card.model_card(summary, json.load(open(base / "skills.json")), check, probe_scenes=2)
+  assert "| pretrain_window | pretrain | pretrain_vision_kind | 2 | 8 | 0.0005 |" in card and "--config.seed=0" in card

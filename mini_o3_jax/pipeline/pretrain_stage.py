@@ -29,7 +29,7 @@ from mini_o3_jax import run_config
 from mini_o3_jax.data import grounding
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm
-from mini_o3_jax.pipeline import common, grounding_probe, phases, sources
+from mini_o3_jax.pipeline import base_card, common, grounding_probe, phases, sources
 from mini_o3_jax.pipeline.train_stages import make_state, restore_params
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
@@ -235,8 +235,8 @@ def run_export_base(config, workdir: str) -> dict:
   the last `pretrain` run of `config.stages` (a phase's, when the recipe ends in one), and every training
   run of the recipe in training_summary.json.
 
-  This is the directory a run's `model.init_from` names to start from the base (the repository does not
-  ship one yet: docs/miniature.md).
+  This is the directory a run's `model.init_from` names to start from the base; README.md is its model card
+  (`base_card`).
   """
   config, tokenizer, mcfg, mesh = common.setup(config, workdir)
   runs = phases.runs_of(config.stages)
@@ -253,11 +253,18 @@ def run_export_base(config, workdir: str) -> dict:
              "runs": [_run_summary(phases.configure(config, r), workdir, r) for r in runs if r.stage in phases.PHASED]}
   with open(os.path.join(out, "training_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  # The exported run's own probe (its probe_scenes a level) when it ran one; else the check's, on fewer scenes.
+  skills, probe_scenes = None, None
   skills_file = os.path.join(workdir, source, "skills.json")
   if os.path.exists(skills_file):
-    with open(skills_file) as f, open(os.path.join(out, "skills.json"), "w") as g:
-      g.write(f.read())
+    with open(skills_file) as f:
+      skills = json.load(f)
+    with open(os.path.join(out, "skills.json"), "w") as f:
+      json.dump(skills, f, indent=2)
+    probe_scenes = phases.configure(config, exported).pretrain.probe_scenes
   check = _check_export(out, config, mcfg, exported)
+  with open(os.path.join(out, "README.md"), "w") as f:
+    f.write(base_card.model_card(summary, skills or check["skills"], check, probe_scenes))
   return {"path": out, "run": source, "check": grounding_probe.format_skills(check["skills"])}
 
 

@@ -1,0 +1,75 @@
+"""README.md of an exported base: the model card a person reads on opening the directory (or its hub page).
+
+Written from the files beside it (training_summary.json, skills.json, skills_check.json), so it says what they
+record and nothing else: what the model is, the command that reproduces it, its held-out skills, its runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mini_o3_jax.eval import report
+
+# The probe's columns a reader needs (grounding_probe.py): the greedy answer's first crop, cell and digit,
+# then the teacher-forced rates with their constant-guess priors.
+_GREEDY = (("on_target", "first crop holds the target"), ("cell", "names its 3 x 3 cell"),
+           ("read", "reads a legible crop's digit"), ("iou50", "box IoU >= 0.5"))
+_FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read")
+
+RECIPE_COMMAND = "tools/pretrain_base.sh WORKDIR --config.seed={seed}"
+ONE_PROCESS_COMMAND = "python -m mini_o3_jax.main --config configs/pretrain_tiny.py --workdir WORKDIR --config.seed={seed}"
+
+
+def _skills_rows(skills: dict[str, float], keys) -> list[dict[str, Any]]:
+  levels = list(dict.fromkeys(k.split("/")[0] for k in skills))
+  return [{"level": level, **{k: f"{100 * skills[f'{level}/{k}']:.0f} %" for k in keys if f"{level}/{k}" in skills}}
+          for level in levels]
+
+
+def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scenes: int | None) -> str:
+  """The card's markdown. `probe_scenes`: held-out scenes a level behind `skills` (None: not recorded)."""
+  seed = summary["seed"]
+  greedy = [k for k, _ in _GREEDY if any(s.endswith("/" + k) for s in skills)]
+  forced = [k for k in _FORCED if any(s.endswith("/" + k) for s in skills)]
+  runs = [{"run": r["run"], "from": r.get("from_stage") or "-", "tower from": r.get("vision_from") or "-",
+           "steps": r["steps"], "batch": r["batch_size"], "lr": f"{r['lr']:g}",
+           "final loss": "-" if r.get("final_loss") is None else f"{r['final_loss']:.4f}",
+           "wall s": "-" if r.get("wall_time_s") is None else f"{r['wall_time_s']:.0f}"} for r in summary["runs"]]
+  scenes = f"{probe_scenes} held-out scenes a level" if probe_scenes else "held-out scenes"
+  lines = [
+      "---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text",
+      "tags: [mini-o3, qwen3_vl, visual-search, synthetic]", "---", "",
+      "# mini_o3_jax tiny base",
+      "",
+      f"A {summary['parameters'] / 1e6:.2f} M-parameter Qwen3-VL (transformers' `Qwen3VLForConditionalGeneration`) "
+      "pretrained by mini_o3_jax on its procedural visual-search world to ground and read before any agent data: "
+      "asked where a named shape is, it names the shape's 3 x 3 cell and answers a `bbox_2d` crop of that cell's "
+      "half-size window; shown a legible crop, it reads the digit on it. The demo's cold start, SFT and GRPO start "
+      f"from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
+      "",
+      "Reproduce (fixed seed; every run resumes after a kill):",
+      "",
+      "```bash",
+      RECIPE_COMMAND.format(seed=seed) + "   # two cores: tower phases beside decoder phases",
+      ONE_PROCESS_COMMAND.format(seed=seed) + "   # the same runs, one process",
+      "```",
+      "",
+      f"## Skills (greedy, {scenes}, the exported run's probe)",
+      "",
+      "Levels: few = 2-4 shapes, medium and hard = the demo's cluttered tiers with look-alikes.",
+      "",
+      report.markdown_table(_skills_rows(skills, greedy), ["level", *greedy]),
+      "",
+      "Teacher-forced, with the constant-guess prior beside each:",
+      "",
+      report.markdown_table(_skills_rows(skills, forced), ["level", *forced]),
+      "",
+      f"`skills_check.json`: the same probe on {check['scenes']} scenes a level, read back from this directory's "
+      "files alone; a copy must reproduce it (`mini_o3_jax.pipeline.grounding_probe.probe_export`).",
+      "",
+      f"## Training runs (exported: `{summary['exported_run']}`)",
+      "",
+      report.markdown_table(runs, list(runs[0])),
+      "",
+  ]
+  return "\n".join(lines)
