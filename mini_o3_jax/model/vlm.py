@@ -194,10 +194,6 @@ def _jit_forward(model: VLM, inputs: ModelInputs) -> jax.Array:
   return model.forward(inputs)
 
 
-def count_params(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def random_model(config: VLMConfig, seed: int = 0, std: float = 0.05) -> VLM:
   """A model with random weights drawn on the host: N(0, std), norm scales 1 + N(0, 2*std).
 
