@@ -13,7 +13,7 @@ from mini_o3_jax.eval import report
 # The probe's columns a reader needs (grounding_probe.py): the greedy answer's first crop, cell and digit,
 # then the teacher-forced rates with their constant-guess priors.
 _GREEDY = (("on_target", "first crop holds the target"), ("cell", "names its 3 x 3 cell"),
-           ("read", "reads a legible crop's digit"), ("iou50", "box IoU >= 0.5"))
+           ("read", "answers a legible crop's digit as `<answer>d</answer>`"), ("iou50", "box IoU >= 0.5"))
 _FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read")
 
 RECIPE_COMMAND = "tools/pretrain_base.sh WORKDIR --config.seed={seed}"
@@ -43,9 +43,9 @@ def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scene
       "",
       f"A {summary['parameters'] / 1e6:.2f} M-parameter Qwen3-VL (transformers' `Qwen3VLForConditionalGeneration`) "
       "pretrained by mini_o3_jax on its procedural visual-search world to ground and read before any agent data: "
-      "asked where a named shape is, it names the shape's 3 x 3 cell and answers a `bbox_2d` crop of that cell's "
-      "half-size window; shown a legible crop, it reads the digit on it. The demo's cold start, SFT and GRPO start "
-      f"from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
+      "asked where a named shape is, it is taught to name the shape's 3 x 3 cell and answer a `bbox_2d` crop of "
+      "that cell's half-size window; shown a legible crop, to read the digit on it. The tables below say how well "
+      f"it does. The demo's cold start, SFT and GRPO are meant to start from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
       "",
       "Reproduce (fixed seed; every run resumes after a kill):",
       "",
@@ -56,7 +56,8 @@ def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scene
       "",
       f"## Skills (greedy, {scenes}, the exported run's probe)",
       "",
-      "Levels: few = 2-4 shapes, medium and hard = the demo's cluttered tiers with look-alikes.",
+      "Levels: few = 2-4 shapes, medium and hard = the demo's cluttered tiers with look-alikes. Columns: "
+      + "; ".join(f"{k}: {what}" for k, what in _GREEDY if k in greedy) + ".",
       "",
       report.markdown_table(_skills_rows(skills, greedy), ["level", *greedy]),
       "",
