@@ -207,10 +207,7 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
   # the export's own check: the window phase's probe on the directory read back, redone from its record
   check = json.load(open(base / "skills_check.json"))
   assert check["questions"]["cell_window"] and check["levels"] == ["medium"] and check["scenes"] == 2
-  again = grounding_probe.probe_export(
-      str(base), grounding.GroundingConfig(**check["questions"]), run_config.task_config(config),
-      grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
-                                  num_patches=check["num_patches"]), seed=check["seed"])
+  again = grounding_probe.redo_check(str(base), check, run_config.task_config(config))
   assert again == check["skills"] and {"medium/tf_cell", "medium/tf_read", "medium/on_target", "medium/read"} <= set(again)
   # the model card: the recorded files as tables, the reproducing command with this seed
   card = (base / "README.md").read_text()

@@ -9,7 +9,6 @@ import pytest
 
 from configs import pretrain_tiny
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding
 from mini_o3_jax.model.hf import load_pretrained
 from mini_o3_jax.pipeline import base_card, common, grounding_probe, phases
 from mini_o3_jax.processing.tokenizer import load_tokenizer
@@ -57,10 +56,7 @@ def test_probe_from_the_files_redoes_the_recorded_skills(recipe):
   """The export's own check, redone here: every rate within one scene of the record (another machine's float
   rounding may flip a near-tie of the greedy answer)."""
   check = _read("skills_check.json")
-  again = grounding_probe.probe_export(
-      BASE, grounding.GroundingConfig(**check["questions"]), run_config.task_config(recipe),
-      grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
-                                  num_patches=check["num_patches"]), seed=check["seed"])
+  again = grounding_probe.redo_check(BASE, check, run_config.task_config(recipe))
   assert set(again) == set(check["skills"])
   for key, value in check["skills"].items():
     assert abs(again[key] - value) <= 1 / check["scenes"] + 1e-9, key

@@ -189,5 +189,13 @@ def probe_export(path: str, questions: grounding.GroundingConfig, task_config: s
                         seed=seed).run(model, greedy=True)
 
 
+def redo_check(path: str, check: dict, task_config: synthetic.SyntheticConfig) -> dict[str, float]:
+  """`probe_export` with the settings an export's skills_check.json records (`check`): what a copy of the
+  directory must reproduce."""
+  probe = ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
+                      num_patches=check["num_patches"])
+  return probe_export(path, grounding.GroundingConfig(**check["questions"]), task_config, probe, seed=check["seed"])
+
+
 def format_skills(skills: dict[str, float]) -> str:
   return " ".join(f"{k}={100 * v:.0f}" for k, v in skills.items() if not k.split("/")[-1].startswith("prior"))

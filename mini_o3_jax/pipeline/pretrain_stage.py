@@ -276,10 +276,7 @@ def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
   check = {"seed": config.seed, "view_pixels": config.view_pixels, "levels": list(stage.probe_levels),
            "scenes": config.base_export.get("check_scenes", 8), "seq_len": max(stage.batch.length_buckets),
            "num_patches": max(stage.batch.patch_buckets), "questions": dataclasses.asdict(stage.questions)}
-  probe_cfg = grounding_probe.ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"],
-                                          seq_len=check["seq_len"], num_patches=check["num_patches"])
-  check["skills"] = grounding_probe.probe_export(out, stage.questions, run_config.task_config(config), probe_cfg,
-                                                 seed=config.seed)
+  check["skills"] = grounding_probe.redo_check(out, check, run_config.task_config(config))
   with open(os.path.join(out, "skills_check.json"), "w") as f:
     json.dump(check, f, indent=2)
   return check
