@@ -67,6 +67,29 @@ def test_rows_answer_from_the_scene(tokenizer):
   assert np.all((ex["kinds"] >= 0) == (ex["loss_mask"] == 1))
 
 
+def test_probe_asks_as_training_rows_ask(tokenizer):
+  """The greedy probe's questions are a training row's first turn: the locate question after the scene, the
+  read question after the scene and then the crop (a crop alone in the first turn is a prompt the base never
+  saw: it answers `<answer>` and a digit, then a box)."""
+  tcfg = synthetic.SyntheticConfig()
+  mcfg = run_config.model_config(common.resolve(demo.get_config()), tokenizer)
+  probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1),
+                                         grounding.GroundingConfig(locate=0, name=0, read=1), tcfg, tokenizer, mcfg)
+  task = probe.tasks["few"][0]
+  for kind, gcfg in (("read", grounding.GroundingConfig(locate=0, name=0, read=1)),
+                     ("locate", grounding.GroundingConfig(locate=1, name=0, read=0, target_first=True))):
+    row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image)
+    _, question, _, i = grounding.scene_questions(task, gcfg, np.random.default_rng(0))[0]
+    views = [synthetic.render_view(task.image, None, tcfg)]
+    views += [synthetic.render_view(task.image, task.objects[i].zoom_path[-1], tcfg)] if kind == "read" else []
+    ids, pixels, grids = probe._prompt(views, question, kind)
+    answer_start = int(np.argmax(row["loss_mask"]))
+    np.testing.assert_array_equal(ids, row["input_ids"][:answer_start])
+    np.testing.assert_array_equal(pixels, row["pixel_values"])
+    np.testing.assert_array_equal(grids, row["image_grid_thw"])
+    assert len(grids) == (2 if kind == "read" else 1)
+
+
 def test_pretrain_saliency_finds_the_shape(tokenizer):
   """The objectness target of a `single` scene's batch: 1 on a token that overlaps the shape, in [0, 1] on
   every real token, -1 on padding tokens and rows."""

@@ -197,9 +197,10 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   return [out[j] for j in rng.permutation(len(out))]
 
 
-def first_turn(question: str, question_first: bool) -> list[dict[str, Any]]:
-  """The first user turn's content: the scene's image and the question, in the configured order."""
-  return scene_messages([("locate", question, "", -1)], question_first)[0]["content"]
+def first_turn(question: str, question_first: bool, kind: str = "locate") -> list[dict[str, Any]]:
+  """The first user turn's content as a row opening with a `kind` question has it: the scene's image (and a
+  read question's crop after it) and the question, in the configured order."""
+  return scene_messages([(kind, question, "", -1)], question_first)[0]["content"]
 
 
 def scene_messages(questions, question_first: bool = False) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ from mini_o3_jax.eval import report
 # The probe's columns a reader needs (grounding_probe.py): the greedy answer's first crop, cell and digit,
 # then the teacher-forced rates with their constant-guess priors.
 _GREEDY = (("on_target", "first crop holds the target"), ("cell", "names its 3 x 3 cell"),
-           ("read", "answers a legible crop's digit as `<answer>d</answer>`"), ("iou50", "box IoU >= 0.5"))
+           ("read", "answers a legible crop's digit, the crop shown after its scene, as `<answer>d</answer>`"),
+           ("read_digit", "its first digit is the crop's, whatever the form"), ("iou50", "box IoU >= 0.5"))
 _FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read")
 
 RECIPE_COMMAND = "tools/pretrain_base.sh WORKDIR --config.seed={seed}"

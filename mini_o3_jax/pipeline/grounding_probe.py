@@ -12,8 +12,10 @@ Greedy (the numbers the base is judged by): the target of each held-out scene is
 ("Where is the <target>?"), the box is decoded by the sampler and parsed by the agent's own parser,
 and `on_target` counts boxes that contain the target's centre (a crop there shows the target),
 `on_object` boxes that contain any shape's centre (localising some shape, named or not: on_object high
-with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` the digit decoded from
-the target's legible crop; `cell` (with `cell_first`) answers that start with the target's grid cell.
+with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` answers that are exactly
+`<answer>d</answer>` with the digit of the target's legible crop, asked as training asks it (the scene, then
+the crop: the agent too reads a crop after the original image), `read_digit` answers whose first digit is that
+digit whatever their form; `cell` (with `cell_first`) answers that start with the target's grid cell.
 """
 
 from __future__ import annotations
@@ -133,12 +135,14 @@ class GroundingProbe:
     out.update({f"prior_{k}": max(seen[k].values()) / counts[k] for k in ROLES if counts[k]})
     return out
 
-  def _prompt(self, image, question: str):
-    pv, grid = image_lib.preprocess_image(image, self.task_config.view_min_pixels, self.task_config.view_max_pixels,
-                                          **self.image)
-    messages = [{"role": "user", "content": grounding.first_turn(question, self.question_first)}]
-    enc = chat.tokenize_conversation(self.tokenizer, messages, [grid], add_generation_prompt=True)
-    return enc["input_ids"], pv, grid
+  def _prompt(self, images, question: str, kind: str = "locate"):
+    """(input ids, pixel values, [images, 3] grids) of a first turn asking `question` about `images`."""
+    processed = [image_lib.preprocess_image(im, self.task_config.view_min_pixels, self.task_config.view_max_pixels,
+                                            **self.image) for im in images]
+    messages = [{"role": "user", "content": grounding.first_turn(question, self.question_first, kind)}]
+    grids = [g for _, g in processed]
+    enc = chat.tokenize_conversation(self.tokenizer, messages, grids, add_generation_prompt=True)
+    return enc["input_ids"], np.concatenate([pv for pv, _ in processed]), np.stack(grids)
 
   def _generate(self, model, prompts, max_new_tokens: int) -> list[str]:
     texts = []
@@ -149,7 +153,7 @@ class GroundingProbe:
       mask = np.zeros_like(ids)
       for r, (p, _, _) in enumerate(chunk):  # left padding
         ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
-      out = generate(model, ids, mask, np.concatenate([c[1] for c in chunk]), np.stack([c[2] for c in chunk]),
+      out = generate(model, ids, mask, np.concatenate([c[1] for c in chunk]), np.concatenate([c[2] for c in chunk]),
                      max_new_tokens=max_new_tokens, temperature=0.0,
                      pad_token_id=self.model_config.text.pad_token_id)
       texts += [self.tokenizer.decode(out.tokens[r, :out.lengths[r]], skip_special_tokens=False)
@@ -159,10 +163,11 @@ class GroundingProbe:
   def greedy(self, model, tasks) -> dict[str, float]:
     view = lambda t, box: synthetic.render_view(t.image, box, self.task_config)
     target = lambda t: next(o for o in t.objects if o.is_target)
-    locate = [self._prompt(view(t, None), grounding.locate_question(grounding.object_name(target(t))))
+    locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
               for t in tasks]
-    read = [self._prompt(view(t, target(t).zoom_path[-1]), grounding.READ_QUESTION) for t in tasks]
-    on_target, on_object, iou50, reads, cells = [], [], [], [], []
+    read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])], grounding.READ_QUESTION, "read")
+            for t in tasks]
+    on_target, on_object, iou50, reads, read_digits, cells = [], [], [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 20 + 2 * self.cell_first)):
       if self.cell_first:
         cells.append(text.strip()[:1] == str(coldstart.grid_cell(t.target_box)))
@@ -172,9 +177,10 @@ class GroundingProbe:
       on_object.append(box is not None and any(diagnostics.centre_in(o.box, box) for o in t.objects))
       iou50.append(box is not None and iou(box, t.target_box) >= 0.5)
     for t, text in zip(tasks, self._generate(model, read, 8)):
-      reads.append(f"<answer>{t.answer}</answer>" in text)
+      reads.append(tools.truncate_at_stop(text).strip() == f"<answer>{t.answer}</answer>")
+      read_digits.append(next((c for c in text if c.isdigit()), None) == t.answer)
     out = {"on_target": float(np.mean(on_target)), "on_object": float(np.mean(on_object)),
-           "iou50": float(np.mean(iou50)), "read": float(np.mean(reads))}
+           "iou50": float(np.mean(iou50)), "read": float(np.mean(reads)), "read_digit": float(np.mean(read_digits))}
     if self.cell_first:  # the cell the answer starts with: the target's?
       out["cell"] = float(np.mean(cells))
     return out
