@@ -2,6 +2,7 @@
 
 import json
 import random
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -167,12 +168,16 @@ BAD_CALLS = [
     ('{"bbox_2d": [0.1, 0.2, 0.3, 0.4], "source": 1}', '"source" must be a string'),
     ('{"bbox_2d": [0.1, 0.2, 0.3, 0.4], "source": "original_image"}' + " " * 3000, None),
     ("x" * 5000, "too long"),
+    ('{"bbox_2d": [0.5, 0.2, 0.3, 0.4or 1], "source": "original_image"}', "not valid JSON"),  # a run-on number
 ]
 
 
 @pytest.mark.parametrize("payload, fragment", BAD_CALLS)
 def test_bad_calls_become_tool_call_errors(payload, fragment):
-  action = tools.parse_action(f"<think>t</think><grounding>{payload}</grounding>")
+  with warnings.catch_warnings(record=True) as caught:  # the error turn says what is wrong, nothing else
+    warnings.simplefilter("always")
+    action = tools.parse_action(f"<think>t</think><grounding>{payload}</grounding>")
+  assert not caught, [str(w.message) for w in caught]
   if fragment is None:  # Surrounding whitespace is fine.
     assert isinstance(action, ToolCall)
     return

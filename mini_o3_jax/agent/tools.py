@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from typing import Any, Sequence, Union
 
 from PIL import Image
@@ -176,8 +177,11 @@ def _load_payload(payload: str) -> Any:
   except json.JSONDecodeError as e:
     json_error = e
   try:
-    # Literals only (no names, calls or operators besides +/- on numbers), so this never runs code.
-    return ast.literal_eval(text)
+    # Literals only (no names, calls or operators besides +/- on numbers), so this never runs code. A
+    # model's malformed payload ("0.5.3") would make the compiler warn on stderr; its error turn says it.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", SyntaxWarning)
+      return ast.literal_eval(text)
   except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
     raise ToolError(f"the content of <grounding> is not valid JSON ({json_error.msg} at character "
                     f"{json_error.pos}); write {CALL_EXAMPLE} inside it.") from None
