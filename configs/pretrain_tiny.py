@@ -61,9 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
       curriculum="0:single=0.3,few=0.7;500:single=0.1,few=0.4,easy=0.3,medium=0.2",
       # One locate question a row about a random uniquely named shape, answered by its 3 x 3 cell first;
       # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after;
-      # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own.
+      # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own;
+      # answer_form="agent": the answers are the agent's own turns (data/grounding.py), "short" the cell and call.
       questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
-                     cell_first=True, cell_only_steps=100_000, cell_window=False),
+                     cell_first=True, cell_only_steps=100_000, cell_window=False, answer_form="short"),
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,
@@ -89,11 +90,13 @@ def get_config() -> ml_collections.ConfigDict:
                                   "1000:few=0.1,same_colour=0.5,medium=0.2,hard=0.2",
                        probe_levels=("same_colour", "medium", "hard")),
       # The whole answer, its box the cell's half-size window (the agent's first crop, session 13's W1), and
-      # read questions on a legible crop, on the digits tower.
+      # read questions on a legible crop, on the digits tower; both answers in the agent's own words (its
+      # window-first turn, its final turn: session 17), which the cold start's SFT then meets unchanged.
       window=dict(from_stage="pretrain_same_colour", vision_from="pretrain_vision_digits", steps=800, lr=5e-4,
                   curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
-                  questions=dict(read=1, cell_only_steps=0, cell_window=True), patch_buckets=(128,),
-                  length_buckets=(128,), probe_levels=("few", "medium", "hard"), probe_scenes=96)))
+                  questions=dict(read=1, cell_only_steps=0, cell_window=True, answer_form="agent"),
+                  patch_buckets=(128,), length_buckets=(144,), probe_levels=("few", "medium", "hard"),
+                  probe_scenes=96)))
   # out: "" = WORKDIR/base; check_scenes: held-out scenes per level of the probe the export redoes on
   # its own files (skills_check.json: what a copy of the directory must reproduce).
   c.base_export = ml_collections.ConfigDict(dict(out="", check_scenes=8))

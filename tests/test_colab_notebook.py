@@ -1,7 +1,7 @@
-"""tpu/colab_demo.ipynb runs top to bottom on CPU in quick mode and shows the plot, a trajectory, the report."""
+"""tpu/colab_demo.ipynb: valid, committed with a full run's outputs; its run in quick mode on CPU (the plot, a
+trajectory, the report) is in tests/test_demo.py, on the quick demo's work directory."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -58,39 +58,5 @@ def test_notebook_is_committed_with_the_outputs_of_a_full_cpu_run():
   assert reports and "Accuracy (%) by test-time turn budget" in reports[-1]["data"]["text/markdown"]
 
 
-@pytest.mark.slow
-def test_notebook_runs_the_quick_demo_on_cpu(tmp_path, monkeypatch):
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  for cell in nb.cells:  # the committed outputs are the full run's; these must come from this one
-    if cell.cell_type == "code":
-      cell.outputs, cell.execution_count = [], None
-  workdir = tmp_path / "demo"
-  # Quick mode, this checkout (so the install cell finds the package and installs nothing), CPU; the RL
-  # stages are left out (test_demo.py runs every stage of the same quick demo): the notebook's cells are
-  # what is tested here.
-  _parameters_cell(nb).source = "\n".join([
-      "QUICK = True", "REPO_URL = ''", f"REPO_DIR = {str(ROOT)!r}", f"WORKDIR = {str(workdir)!r}", "PLATFORM = 'cpu'",
-      "EXTRA_FLAGS = [\"--config.stages=('data','sft','eval','report','export')\"]"])
-  _register_kernel(tmp_path, monkeypatch)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
-  env["JAX_PLATFORMS"] = "cpu"
-  client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=1500,
-                                   resources={"metadata": {"path": str(tmp_path)}})
-  client.execute(env=env)  # raises CellExecutionError if any cell fails
-
-  code = [c for c in nb.cells if c.cell_type == "code"]
-  assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-  text = "".join(o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream")
-  assert "mini_o3_jax is installed already" in text
-  assert "devices: [CpuDevice" in text
-  assert "stage report: done" in text and "done in" in text
-  assert "gold answer" in text and "final answer:" in text
-  assert "after" in text and "turn(s), stop reason" in text  # the in-process agent's episode
-  assert "the runs: [" in text or any(_outputs(c, "text/html") for c in code)  # %tensorboard, or its runs
-  images = [c for c in code if _outputs(c, "image/png")]
-  assert len(images) == 3, "the turn-scaling plot, one evaluated trajectory, the in-process agent's trajectory"
-  reports = [o for c in code for o in _outputs(c, "text/markdown")]
-  assert reports and "Accuracy (%) by test-time turn budget" in reports[-1]["data"]["text/markdown"]
-  for f in ("turn_scaling.png", "report.md", "metrics.json"):
-    assert (workdir / f).exists(), f
-  assert list((workdir / "eval").glob("*/*_0.png"))
+# The notebook run top to bottom (quick mode, CPU) is tests/test_demo.py's test_notebook_runs_the_quick_demo_on_cpu:
+# it shares the quick demo's run there (its cells on a copy of that work directory), in the same worker.

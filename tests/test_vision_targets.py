@@ -433,7 +433,7 @@ def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
       image=image_lib.settings_for(q3))["pixel_values"])
   probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
                                          tokenizer, q3)
-  np.testing.assert_allclose(probe._prompt(view, "where?")[1], want)
+  np.testing.assert_allclose(probe._prompt([view], "where?")[1], want)
   palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
   patches = int(np.prod(rows["qwen3_vl"][0]["image_grid_thw"], -1).sum())
   bcfg = batch_lib.BatchConfig(batch_size=2, length_buckets=(128,), patch_buckets=(patches,), pad_token_id=0)

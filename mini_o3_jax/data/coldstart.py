@@ -137,6 +137,32 @@ def grounding(box: Box, source: int, decimals: int) -> str:
   return f'<grounding>{{"bbox_2d": [{coords}], "source": "{name}"}}</grounding>'
 
 
+def goal_thought(name: str) -> str:
+  """The sentence every thought restating the goal opens with."""
+  return f"{GOAL_PREFIX} {name}."
+
+
+def window_thought(goal: str, name: str, cell: int, lead: str = "") -> str:
+  """The thought of a window-first crop: the goal (`goal_thought`), the shape `name` seen in 3 x 3 cell `cell`
+  (the target or a look-alike), its region first. The grounding base answers "where is the <name>?" with it
+  (`data.grounding`, answer_form="agent"), so the agent's first crop is a turn the base already writes."""
+  return f"{lead}{goal} {_THERE_IS} {name} {CELL_PHRASE} {cell}. {_REGION_FIRST}."
+
+
+def answer_thought(name: str, digit: str) -> str:
+  """The final thought: the digit read on the named shape."""
+  return f"{ANSWER_PREFIX} {name} is {digit}."
+
+
+def turn_text(thought: str, action: str) -> str:
+  """An assistant turn: the thought, then the call or the answer."""
+  return f"<think>{thought}</think>\n{action}"
+
+
+def answer_text(answer: str) -> str:
+  return f"<answer>{answer}</answer>"
+
+
 class _Episode:
   """Builds a trajectory turn by turn, running every tool call through the real crop tool."""
 
@@ -148,7 +174,7 @@ class _Episode:
   def zoom(self, thought: str, box: Box, source: int = 0) -> int:
     """Crops `box` (relative to the original) out of image `source`; returns the new image's index."""
     rel = quantize_box(relative_to(box, self.region[source]), self.decimals)
-    text = f"<think>{thought}</think>\n{grounding(rel, source, self.decimals)}"
+    text = turn_text(thought, grounding(rel, source, self.decimals))
     turn, image = agent.execute_turn(text, self.traj.images)
     if image is None:
       raise RuntimeError(f"scripted zoom failed on {self.task.id}: {turn.error}")
@@ -164,7 +190,7 @@ class _Episode:
     return turn.observation_index
 
   def answer(self, thought: str) -> agent.Trajectory:
-    self.traj.turns.append(agent.Turn(f"<think>{thought}</think>\n<answer>{self.task.answer}</answer>"))
+    self.traj.turns.append(agent.Turn(turn_text(thought, answer_text(self.task.answer))))
     self.traj.stop_reason = "answer"
     # Where each observation came from, in original coordinates (for checks and viewers).
     self.traj.metadata["regions"] = [list(self.region[i]) for i in range(1, len(self.traj.images))]
@@ -177,7 +203,7 @@ def _name(obj: synthetic.SceneObject) -> str:
 
 def _goal(task: synthetic.SyntheticTask) -> str:
   target = next(o for o in task.objects if o.is_target)
-  return f"{GOAL_PREFIX} {_name(target)}."
+  return goal_thought(_name(target))
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
@@ -190,7 +216,7 @@ def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool,
   """
   if window:
     cell = grid_cell(obj.box)
-    source = ep.zoom(f"{lead}{goal} {_THERE_IS} {_name(obj)} {CELL_PHRASE} {cell}. {_REGION_FIRST}.", cell_window(cell))
+    source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell))
     detail = obj.zoom_path[-1]
     if not contains(ep.region[source], detail):
       source = 0
@@ -234,7 +260,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   else:
     depth_first = pattern == "depth_first"
   _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window)
-  return ep.answer(f"{ANSWER_PREFIX} {_name(target)} is {task.answer}.")
+  return ep.answer(answer_thought(_name(target), task.answer))
 
 
 def scripted_coldstart(tier: str, n: int, split: str = "train",

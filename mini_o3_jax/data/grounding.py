@@ -9,7 +9,10 @@ budget, followed by short chat turns about its objects, each of one kind:
   read    a legible crop (the shape's last zoom)  -> its digit, "<answer>3</answer>"
 
 The locate answer is the protocol's own `<grounding>` call, written as the scripted cold start writes
-its boxes, so the skill transfers to the agent's first crop without a change of format. Scenes come
+its boxes, so the skill transfers to the agent's first crop without a change of format. With
+answer_form="agent" the locate and read answers are the agent's own turns, word for word as the scripted
+explorer writes them (`coldstart`): the window-first crop's thought and call, and the final thought and
+answer, so the cold start's SFT meets the base's skills in the context they were learnt in. Scenes come
 from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
 splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
 
@@ -38,7 +41,8 @@ NAME_PREFIX = "What is at ["
 READ_QUESTION = "What digit is on the label?"
 _LOCATE = LOCATE_PREFIX + " {name}?"
 _NAME = NAME_PREFIX + "{box}]?"
-_READ = READ_QUESTION
+_READ_NAMED = "What digit is on the {name}?"  # answer_form="agent": the final thought names the shape
+ANSWER_FORMS = ("short", "agent")
 
 # Scene recipes below the demo's tiers: the first rungs of the curriculum.
 LEVELS: dict[str, synthetic.TierSpec] = {
@@ -111,6 +115,9 @@ class GroundingConfig:
   cell_window: (with cell_first) the call's box is the half-size window around the cell (`cell_window`),
     not the shape's own box: a coarse first crop that holds the whole shape whenever the cell is right,
     a function of the cell alone (the agent's next zoom brings the precision).
+  answer_form: "short" (the cell digit then the call; `<answer>d</answer>`) or "agent" (with cell_window: the
+    scripted explorer's window-first turn, its cell named in the thought, and its final turn; the read
+    question names the shape, as the final thought does).
   """
   locate: int = 6
   name: int = 2
@@ -121,8 +128,15 @@ class GroundingConfig:
   cell_first: bool = False
   cell_only_steps: int = 0
   cell_window: bool = False
+  answer_form: str = "short"
 
   def __post_init__(self):
+    if self.answer_form not in ANSWER_FORMS:
+      raise ValueError(f"unknown answer_form {self.answer_form!r}; expected one of {ANSWER_FORMS}")
+    if self.answer_form == "agent" and not (self.cell_first and self.cell_window) or (
+        self.answer_form == "agent" and self.cell_only_steps):
+      raise ValueError('answer_form="agent" writes the window-first turn: it needs cell_first and cell_window, '
+                       "and the whole answer in the loss (cell_only_steps=0)")
     if self.cell_only_steps and not self.cell_first:
       raise ValueError("cell_only_steps needs cell_first (the cell digit is what stays in the loss)")
     if self.cell_window and not self.cell_first:
@@ -160,13 +174,29 @@ def box_text(box: Sequence[float], decimals: int) -> str:
   return ", ".join(f"{v:.{decimals}f}" for v in coldstart.quantize_box(box, decimals))
 
 
-def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False, window: bool = False) -> str:
+def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False, window: bool = False,
+                  agent_turn_for: str = "") -> str:
   """The answer to "where is ...": the `<grounding>` call on `box`, led by its 3 x 3 cell with `cell_first`;
-  with `window` the call's box is the cell's half-size window instead."""
+  with `window` the call's box is the cell's half-size window instead. `agent_turn_for` (a shape's name, with
+  `window`): the scripted explorer's window-first turn for that shape instead, its cell named in the thought."""
   cell = coldstart.grid_cell(box)
   call = coldstart.grounding(coldstart.quantize_box(coldstart.cell_window(cell) if window else box, decimals), 0,
                              decimals)
+  if agent_turn_for:
+    name = agent_turn_for
+    return coldstart.turn_text(coldstart.window_thought(coldstart.goal_thought(name), name, cell), call)
   return f"{cell} {call}" if cell_first else call
+
+
+def read_question(name: str, answer_form: str = "short") -> str:
+  return _READ_NAMED.format(name=name) if answer_form == "agent" else READ_QUESTION
+
+
+def read_answer(name: str, digit: str, answer_form: str = "short") -> str:
+  """A legible crop's digit: `<answer>d</answer>`, or (answer_form="agent") the explorer's final turn."""
+  if answer_form == "agent":
+    return coldstart.turn_text(coldstart.answer_thought(name, digit), coldstart.answer_text(digit))
+  return coldstart.answer_text(digit)
 
 
 def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
@@ -186,14 +216,18 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   if config.target_first:
     order = [target] + [i for i in order if i != target]
   located = [i for i in order if names.count(names[i]) == 1][:config.locate]
+  agent = config.answer_form == "agent"
   out = [("locate", locate_question(names[i]),
-          locate_answer(objects[i].box, config.decimals, config.cell_first, config.cell_window), i)
+          locate_answer(objects[i].box, config.decimals, config.cell_first, config.cell_window,
+                        agent_turn_for=names[i] if agent else ""), i)
          for i in located]
   # Never both questions about one object: "What is at [its box]?" would hand the locate answer over in
   # the text (and "Where is the <name>?" the name answer), whichever comes first.
   out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
           for i in [i for i in order if i not in located][:config.name]]
-  out += [("read", _READ, f"<answer>{objects[i].digit}</answer>", i) for i in order[:config.read]]
+  out += [("read", read_question(names[i], config.answer_form), read_answer(names[i], objects[i].digit,
+                                                                            config.answer_form), i)
+          for i in order[:config.read]]
   return [out[j] for j in rng.permutation(len(out))]
 
 

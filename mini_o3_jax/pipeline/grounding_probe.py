@@ -1,27 +1,29 @@
 """What the grounding base can do, on held-out scenes: per-skill accuracy and greedy boxes.
 
 Teacher-forced (cheap, every `eval_every` steps), per answer-token role:
-  cell   the 3 x 3 grid cell a `cell_first` locate answer starts with (the binding the decoder learns);
+  cell   the 3 x 3 grid cell a `cell_first` locate answer starts with, or (answer_form="agent") its thought
+         names (the binding the decoder learns);
   where  the tenths digit of x0 and y0 of a located box (the coarse position: where to look);
   box    the box's other digits (its fine position and size);
   name   the name of the shape at a given box;
-  read   the digit of a legible crop;
+  read   the digit of a legible crop (the first digit of the answer);
 each beside `prior_<role>`, the accuracy of always writing the role's most frequent token.
 
 Greedy (the numbers the base is judged by): the target of each held-out scene is asked for alone
 ("Where is the <target>?"), the box is decoded by the sampler and parsed by the agent's own parser,
 and `on_target` counts boxes that contain the target's centre (a crop there shows the target),
 `on_object` boxes that contain any shape's centre (localising some shape, named or not: on_object high
-with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` answers that are exactly
-`<answer>d</answer>` with the digit of the target's legible crop, asked as training asks it (the scene, then
-the crop: the agent too reads a crop after the original image), `read_digit` answers whose first digit is that
-digit whatever their form; `cell` (with `cell_first`) answers that start with the target's grid cell.
+with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` answers the agent's parser
+takes for a final answer with the digit of the target's legible crop, asked as training asks it (the scene,
+then the crop: the agent too reads a crop after the original image), `read_digit` answers whose first digit is
+that digit whatever their form; `cell` (with `cell_first`) answers that name the target's grid cell.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,19 +53,24 @@ class ProbeConfig:
   num_patches: int = 192
 
 
+_NAMED_CELL = coldstart.CELL_PHRASE + " "  # an agent-form locate answer's thought names the cell after it
+
+
 def token_roles(pieces, kinds) -> list[str | None]:
   """Per token, its role in ROLES (None outside answers). pieces: decoded tokens; kinds: KINDS index."""
   roles: list[str | None] = [None] * len(pieces)
-  coord, digits_seen = -1, 0
+  coord, digits_seen, answer = -1, 0, ""
   for t, (piece, kind) in enumerate(zip(pieces, kinds)):
     if kind < 0:
-      coord = -1
+      coord, answer = -1, ""
       continue
+    answer, before = answer + piece, answer
     name = grounding.KINDS[kind]
-    if name != "locate":
-      roles[t] = name if name != "read" or piece.strip().isdigit() else None
+    if name != "locate":  # a read answer's digit is its first (the agent form repeats it in <answer>)
+      first_digit = piece.strip().isdigit() and not any(c.isdigit() for c in before)
+      roles[t] = name if name != "read" or first_digit else None
       continue
-    if (t == 0 or kinds[t - 1] != kind) and piece.strip().isdigit():  # a cell_first answer's first token
+    if piece.strip().isdigit() and (not before or before.endswith(_NAMED_CELL)):  # the cell, first or named
       roles[t] = "cell"
       continue
     if piece.endswith("0.") or piece.endswith("1.") or piece.endswith("1.00"):
@@ -91,6 +98,7 @@ class GroundingProbe:
     self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
     self.question_first = grounding_config.question_first
     self.cell_first = grounding_config.cell_first
+    self.answer_form = grounding_config.answer_form
     self.image = image_lib.settings_for(model_config)
     self.rows, self.tasks = {}, {}
     for level in config.levels:
@@ -165,19 +173,23 @@ class GroundingProbe:
     target = lambda t: next(o for o in t.objects if o.is_target)
     locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
               for t in tasks]
-    read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])], grounding.READ_QUESTION, "read")
+    read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])],
+                         grounding.read_question(grounding.object_name(target(t)), self.answer_form), "read")
             for t in tasks]
+    agent = self.answer_form == "agent"
     on_target, on_object, iou50, reads, read_digits, cells = [], [], [], [], [], []
-    for t, text in zip(tasks, self._generate(model, locate, 20 + 2 * self.cell_first)):
+    for t, text in zip(tasks, self._generate(model, locate, 40 if agent else 20 + 2 * self.cell_first)):
       if self.cell_first:
-        cells.append(text.strip()[:1] == str(coldstart.grid_cell(t.target_box)))
+        named = re.search(re.escape(_NAMED_CELL) + r"(\d)", text) if agent else None
+        cell = named.group(1) if named else ("" if agent else text.strip()[:1])
+        cells.append(cell == str(coldstart.grid_cell(t.target_box)))
       action = tools.parse_action(tools.truncate_at_stop(text))
       box = action.bbox if isinstance(action, tools.ToolCall) else None
       on_target.append(box is not None and diagnostics.centre_in(t.target_box, box))
       on_object.append(box is not None and any(diagnostics.centre_in(o.box, box) for o in t.objects))
       iou50.append(box is not None and iou(box, t.target_box) >= 0.5)
-    for t, text in zip(tasks, self._generate(model, read, 8)):
-      reads.append(tools.truncate_at_stop(text).strip() == f"<answer>{t.answer}</answer>")
+    for t, text in zip(tasks, self._generate(model, read, 20 if agent else 8)):
+      reads.append(tools.parse_action(tools.truncate_at_stop(text)) == tools.FinalAnswer(t.answer))
       read_digits.append(next((c for c in text if c.isdigit()), None) == t.answer)
     out = {"on_target": float(np.mean(on_target)), "on_object": float(np.mean(on_object)),
            "iou50": float(np.mean(iou50)), "read": float(np.mean(reads)), "read_digit": float(np.mean(read_digits))}

@@ -29,7 +29,7 @@ for si, t in enumerate(tasks):
   view = grounding.synthetic.render_view(t.image, None, tcfg)
   for oi, o in enumerate(t.objects):
     if names.count(names[oi]) == 1:
-      prompts.append(probe._prompt(view, grounding.locate_question(names[oi]))); meta.append((si, oi))
+      prompts.append(probe._prompt([view], grounding.locate_question(names[oi]))); meta.append((si, oi))
 texts = probe._generate(model, prompts, int(os.environ.get("BIND_TOKENS", 20)))
 hit = []; picks = collections.defaultdict(list)
 for (si, oi), text in zip(meta, texts):
