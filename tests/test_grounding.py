@@ -13,7 +13,7 @@ import pytest
 
 from configs import demo
 from mini_o3_jax.agent import tools
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model.vision import VisionInputs
@@ -65,6 +65,36 @@ def test_rows_answer_from_the_scene(tokenizer):
   assert ex["pixel_values"].shape[0] == int(np.prod(ex["image_grid_thw"], -1).sum())
   # Every answer span is labelled with its kind; nothing outside the loss mask is.
   assert np.all((ex["kinds"] >= 0) == (ex["loss_mask"] == 1))
+
+
+def test_agent_form_rows_are_the_explorers_turns(tokenizer):
+  """answer_form="agent": a locate answer is the scripted explorer's window-first turn for that shape (its cell
+  named in the thought, the call on the cell's window) and a read answer its final turn; the probe's roles find
+  the named cell and the read digit in them."""
+  tcfg = synthetic.SyntheticConfig()
+  gcfg = grounding.GroundingConfig(locate=2, name=0, read=1, cell_first=True, cell_window=True, answer_form="agent")
+  task = grounding.make_scene("medium", 5, tcfg)
+  questions = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
+  for kind, question, answer, i in questions:
+    obj, name = task.objects[i], grounding.object_name(task.objects[i])
+    assert name in question
+    action = tools.parse_action(answer)
+    if kind == "locate":
+      cell = coldstart.grid_cell(obj.box)
+      assert f"{coldstart.GOAL_PREFIX} {name}." in answer and f"{name} {coldstart.CELL_PHRASE} {cell}." in answer
+      assert action.source_index == 0 and action.bbox == pytest.approx(coldstart.cell_window(cell))
+    else:
+      assert answer.startswith(f"<think>{coldstart.ANSWER_PREFIX} {name} is {obj.digit}.</think>")
+      assert action == tools.FinalAnswer(obj.digit)
+  row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0))
+  ids = [int(t) for t in row["input_ids"]]
+  roles = grounding_probe.token_roles([tokenizer.decode([t]) for t in ids], row["kinds"])
+  cells = [tokenizer.decode([ids[t]]).strip() for t, r in enumerate(roles) if r == "cell"]
+  reads = [tokenizer.decode([ids[t]]).strip() for t, r in enumerate(roles) if r == "read"]
+  assert cells == [str(coldstart.grid_cell(task.objects[i].box)) for k, _, _, i in questions if k == "locate"]
+  assert reads == [task.objects[i].digit for k, _, _, i in questions if k == "read"]
+  with pytest.raises(ValueError, match="cell_window"):
+    grounding.GroundingConfig(cell_first=True, answer_form="agent")
 
 
 def test_probe_asks_as_training_rows_ask(tokenizer):
