@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
       length_stop="wrong", loss_aggregation="seq_mean_token_mean", dynamic_sampling=False,
       dynamic_sampling_max_rounds=4, recompute_old_logprobs=False, ppo_epochs=1, mini_batches=1,
       length_buckets=(512, 1024), patch_buckets=(448,),  # 7 images x 64 patches: one vision shape
+      train_vision=True,  # False: the tower frozen (no backward through it), as SFT's train_vision
       # The sampler (`run_config.rollout_config`; unset keys keep `sampler.RolloutConfig`'s defaults).
       chunk_buckets=(32, 64, 128), patch_buckets_per_image=(64,), decode_steps=8))
 

@@ -57,7 +57,9 @@ def test_pattern_mix_and_lengths(trajectories):
 
 
 def trajectories_first_crop(trajectories) -> str:
-  return "cell_window" if "in cell" in trajectories["easy"][0].turns[0].text else "region"
+  """"region", or a window-first explorer's ("cell_window" names the cell, "cell_reflex" opens with it)."""
+  first = trajectories["easy"][0].turns[0].text
+  return "region" if first.startswith("<think>") and "in cell" not in first else "window"
 
 
 def test_window_first_crop_names_the_cell_and_crops_its_window():
@@ -84,6 +86,21 @@ def test_window_first_crop_names_the_cell_and_crops_its_window():
       assert name == f"{task.objects[[o.is_target for o in task.objects].index(True)].colour} " \
                      f"{task.objects[[o.is_target for o in task.objects].index(True)].shape}"
   assert visits > 48  # look-alikes visited too (trial and error)
+
+
+def test_reflex_first_crop_and_answer_are_the_bases_short_answers():
+  """`first_crop="cell_reflex"`: the same searches as "cell_window", but the first turn is the base's short
+  locate answer (the cell digit, then the window's call) and the last its read answer (`<answer>d</answer>`);
+  the turns between keep their thoughts, word for word."""
+  for tier in ("medium", "hard"):
+    window = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="cell_window"))
+    reflex = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="cell_reflex"))
+    for w, r in zip(window, reflex):
+      cell = re.search(r"in cell (\d)\.", w.turns[0].text).group(1)
+      call = w.turns[0].text.split("\n", 1)[1]
+      assert r.turns[0].text == f"{cell} {call}" and r.actions[0] == w.actions[0]
+      assert r.turns[-1].text == f"<answer>{w.gold}</answer>" and r.actions[-1] == w.actions[-1]
+      assert [t.text for t in r.turns[1:-1]] == [t.text for t in w.turns[1:-1]]
 
 
 def test_deterministic():

@@ -1,11 +1,16 @@
 """The demo started from a pretrained base (`model.init_from`): which model each stage starts from and
 evaluates, and the base's own tokenizer."""
 
+import json
+import os
+
 import pytest
 
 from configs import demo
 from mini_o3_jax.pipeline import common, eval_stages, rl_stages
 from mini_o3_jax.processing import tokenizer as tok_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _saved_step(workdir, stage, step=2):
@@ -52,3 +57,16 @@ def test_a_base_brings_its_tokenizer(tmp_path):
   text = "<think>I need the digit on the red circle. There is a red circle in cell 5.</think>"
   resumed = tok_lib.load_tokenizer(tmp_path / "run" / "tokenizer")  # kept in the run: a resume reads it
   assert resumed.get_vocab() == base.get_vocab() and resumed.encode(text) == base.encode(text) == run.encode(text)
+
+
+def test_report_names_the_bases_family(tmp_path):
+  """A demo started from the shipped base (a Qwen3-VL) says so, whatever the config's own family."""
+  config = demo.get_config()
+  config.model.init_from = os.path.join(REPO, "assets", "tiny_base")
+  assert config.model.family == "qwen2_5_vl"
+  row = {"model": "sft", "tier": "medium", "max_turns": 4, "n": 2, "accuracy": 0.5, "accuracy_low": 0.1,
+         "accuracy_high": 0.9, "mean_turns": 3.0, "mean_turns_correct": 3.0, "overturn_rate": 0.0, "answer_rate": 1.0,
+         "tool_error_rate": 0.0}
+  (tmp_path / "metrics.json").write_text(json.dumps({"eval": [row]}))
+  eval_stages.run_report(config, str(tmp_path))
+  assert "a tiny qwen3_vl started from the pretrained base" in (tmp_path / "report.md").read_text()

@@ -43,6 +43,15 @@ def test_token_kinds_of_a_named_cell():
   assert kinds[19] == "read"  # the same digit read off a crop
 
 
+def test_token_kinds_of_a_reflex_first_crop():
+  """first_crop="cell_reflex": the first turn opens with the cell digit (no thought), the last is the answer."""
+  pieces = ["<|im_start|>", "assistant", "\n", "5", " ", '<grounding>{"bbox_2d": [', "0.", "2", "5", "<|im_end|>",
+            "<|im_start|>", "assistant", "\n", "<answer>", "7", "</answer>"]
+  mask = [0, 0, 0] + [1] * 7 + [0, 0, 0] + [1] * 3
+  kinds = probe.token_kinds(pieces, mask)
+  assert kinds[3] == "cell" and kinds[14] == "read" and kinds[7] == "box_xy"
+
+
 def test_token_kinds_of_a_multi_token_goal_phrase():
   pieces = ["<think>", "I need", " the digit", " on the", " blue", " hex", "agon", "."]
   kinds = probe.token_kinds(pieces, [1] * len(pieces))

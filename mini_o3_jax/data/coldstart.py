@@ -9,7 +9,10 @@ protocol's exact text format:
                    for test-time turn scaling.
 With `first_crop="cell_window"` every search starts as the pretrained base answers "where is ...?"
 (`data.grounding`): the thought names the 3 x 3 cell that holds the shape, the first crop is that cell's
-half-size window, the next one the shape's legible zoom.
+half-size window, the next one the shape's legible zoom. `first_crop="cell_reflex"` writes the search's first
+crop and its final answer exactly as the base answers "where is ...?" and "what digit ...?" (the cell digit, then
+the window's call; `<answer>d</answer>`), with no thought: the turns where the base's skills are used, in the
+form it learnt them; every other turn thinks as above.
 Every turn restates the goal (goal maintenance). The tool calls are executed by the real crop tool
 (`agent.execute_turn`), so the observations are exactly what the sampler would produce.
 """
@@ -41,7 +44,7 @@ _ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further.
 _THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
 _GO_BACK = "I go back to the original image and look elsewhere. "
 CELL_PHRASE = "in cell"  # the window-first explorer names the cell after it (the skills probe keys on it)
-FIRST_CROPS = ("region", "cell_window")
+FIRST_CROPS = ("region", "cell_window", "cell_reflex")
 Box = tuple[float, float, float, float]
 
 
@@ -56,7 +59,8 @@ class ExplorerConfig:
   decimals: box coordinates are written with this many decimals, rounded outwards.
   seed: base seed; trajectory i uses a generator seeded by (seed, task id).
   first_crop: "region" (a shape's zoom path from the original) or "cell_window" (its grid cell named,
-    then that cell's half-size window, then its legible zoom: the pretrained base's first crop).
+    then that cell's half-size window, then its legible zoom: the pretrained base's first crop), or
+    "cell_reflex" (as "cell_window", the first crop and the final answer in the base's own short answers).
   """
   pattern_weights: tuple[tuple[str, float], ...] = (("direct", 0.25), ("depth_first", 0.25),
                                                     ("trial_and_error", 0.5))
@@ -171,10 +175,12 @@ class _Episode:
     self.traj = agent.Trajectory(question=task.question, images=[task.image], gold=task.answer, id=task.id)
     self.region: dict[int, Box | None] = {0: None}  # image index -> its region of the original
 
-  def zoom(self, thought: str, box: Box, source: int = 0) -> int:
-    """Crops `box` (relative to the original) out of image `source`; returns the new image's index."""
+  def zoom(self, thought: str, box: Box, source: int = 0, reflex_cell: int | None = None) -> int:
+    """Crops `box` (relative to the original) out of image `source`; returns the new image's index. With
+    `reflex_cell` the turn is the base's short locate answer instead: that cell, then the call."""
     rel = quantize_box(relative_to(box, self.region[source]), self.decimals)
-    text = turn_text(thought, grounding(rel, source, self.decimals))
+    call = grounding(rel, source, self.decimals)
+    text = turn_text(thought, call) if reflex_cell is None else f"{reflex_cell} {call}"
     turn, image = agent.execute_turn(text, self.traj.images)
     if image is None:
       raise RuntimeError(f"scripted zoom failed on {self.task.id}: {turn.error}")
@@ -189,8 +195,10 @@ class _Episode:
                                            parent[0] + x1 / w * pw, parent[1] + y1 / h * ph)
     return turn.observation_index
 
-  def answer(self, thought: str) -> agent.Trajectory:
-    self.traj.turns.append(agent.Turn(turn_text(thought, answer_text(self.task.answer))))
+  def answer(self, thought: str, reflex: bool = False) -> agent.Trajectory:
+    """The final turn (`reflex`: the answer alone, as the base answers a read question)."""
+    final = answer_text(self.task.answer)
+    self.traj.turns.append(agent.Turn(final if reflex else turn_text(thought, final)))
     self.traj.stop_reason = "answer"
     # Where each observation came from, in original coordinates (for checks and viewers).
     self.traj.metadata["regions"] = [list(self.region[i]) for i in range(1, len(self.traj.images))]
@@ -207,16 +215,18 @@ def _goal(task: synthetic.SyntheticTask) -> str:
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
-                 lead: str = "", window: bool = False) -> int:
+                 lead: str = "", window: bool = False, reflex: bool = False) -> int:
   """Zooms from the original to where `obj`'s digit is legible; returns the last observation's index.
 
   `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one). With
   `window` the first crop is the window of `obj`'s grid cell, named in the thought; the legible zoom is
-  then taken from that window's observation (from the original where it reaches past the window).
+  then taken from that window's observation (from the original where it reaches past the window); with
+  `reflex` the window's turn is the base's short answer unless it recovers from a wrong zoom (`lead`).
   """
   if window:
     cell = grid_cell(obj.box)
-    source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell))
+    source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell),
+                     reflex_cell=cell if reflex and not lead else None)
     detail = obj.zoom_path[-1]
     if not contains(ep.region[source], detail):
       source = 0
@@ -243,7 +253,8 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   if pattern == "trial_and_error" and not decoys:
     pattern = "depth_first"
   goal = _goal(task)
-  window = config.first_crop == "cell_window"
+  window = config.first_crop in ("cell_window", "cell_reflex")
+  reflex = config.first_crop == "cell_reflex"
   ep = _Episode(task, config.decimals)
   ep.traj.metadata["pattern"] = pattern
   lead = ""
@@ -252,15 +263,15 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
     for i in rng.permutation(len(decoys))[:n_wrong]:
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
-      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window)
+      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window, reflex=reflex)
       lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
               f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
     depth_first = len(target.zoom_path) > 1 and rng.random() < 0.5
   else:
     depth_first = pattern == "depth_first"
-  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window)
-  return ep.answer(answer_thought(_name(target), task.answer))
+  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window, reflex=reflex)
+  return ep.answer(answer_thought(_name(target), task.answer), reflex=reflex)
 
 
 def scripted_coldstart(tier: str, n: int, split: str = "train",

@@ -198,6 +198,15 @@ def _skills_table(workdir: str) -> str:
   return report.markdown_table(rows, ["model", *kinds]) if rows else "(not measured)"
 
 
+def _model_family(config) -> str:
+  """The family of the run's model: a base it starts from names its own (config.json's model_type)."""
+  hf_file = run_config.hf_config_file(config.model.get("init_from") or "")
+  if hf_file is None:
+    return config.model.family
+  with open(hf_file) as f:
+    return json.load(f)["model_type"]
+
+
 def run_report(config, workdir: str) -> dict:
   config = common.resolve(config)
   metrics_file = os.path.join(workdir, "metrics.json")
@@ -211,8 +220,9 @@ def run_report(config, workdir: str) -> dict:
   checked = claims.check_claims(rows)
   start = (f"started from the pretrained base {config.model.init_from}" if config.model.get("init_from")
            else "trained from scratch")
+  family = _model_family(config)
   lines = ["# mini_o3_jax demo report", "",
-           f"Synthetic visual search (digits legible only after zooming), a tiny {config.model.family} {start}: "
+           f"Synthetic visual search (digits legible only after zooming), a tiny {family} {start}: "
            "scripted cold-start SFT, then GRPO with and without over-turn masking.", "",
            "Settings: " + ", ".join(f"{k}={v}" for k, v in metrics.get("settings", {}).items()), "",
            "## Accuracy (%) by test-time turn budget", "", report.accuracy_grid(rows), "",

@@ -7,7 +7,8 @@ The scripted cold-start trajectories need four kinds of tokens beyond the protoc
   box_rest    the other digits of a crop's coordinates (hundredths; x1, y1 follow from x0, y0 and the size);
   read        a digit written outside a box: read off a crop ("... with the digit 7", "... is 7",
               <answer>7</answer>);
-  cell        the grid cell a window-first search names before its first crop ("... in cell| 5").
+  cell        the grid cell a window-first search names before its first crop ("... in cell| 5"), or opens its
+              first turn with (`first_crop="cell_reflex"`: "|5 <grounding>...").
 
 Sampled evaluations mix them: a policy that never names the target also never crops it. Running the
 model over correct trajectories of the test split (teacher forcing) and scoring its next-token argmax
@@ -35,6 +36,7 @@ KINDS = ("goal", "box_xy", "box_rest", "cell", "read", "other")
 GOAL_PHRASE = coldstart.GOAL_PREFIX
 GOAL_WORDS = 2  # colour, shape
 CELL_PHRASE = coldstart.CELL_PHRASE
+TURN_START = "<|im_start|>assistant\n"  # a `cell_reflex` first crop opens its turn with the cell
 
 
 def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | None]:
@@ -43,7 +45,8 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
   A goal is the two words after GOAL_PHRASE, whether the phrase is one token or several; a coordinate
   digit is a digit token between '[' and ']' in the assistant's text (the bbox list), box_xy when it is
   the first or second digit that follows a token ending in '.' in that list (x0's and y0's tenths); any
-  other digit token ("7" or "7.") is read (but an observation's index), or cell right after CELL_PHRASE.
+  other digit token ("7" or "7.") is read (but an observation's index), or cell right after CELL_PHRASE or as
+  a turn's first token.
   """
   kinds: list[str | None] = []
   text_so_far = ""
@@ -59,8 +62,9 @@ def token_kinds(pieces: Sequence[str], loss_mask: Sequence[int]) -> list[str | N
           tenths = prev.endswith(".")
           kind = "box_xy" if tenths and tenths_seen < 2 else "box_rest"
           tenths_seen += tenths
-      elif piece.strip().rstrip(".").isdigit() and text_so_far.rstrip().endswith(CELL_PHRASE):
-        kind = "cell"
+      elif piece.strip().rstrip(".").isdigit() and (text_so_far.rstrip().endswith(CELL_PHRASE)
+                                                    or text_so_far.endswith(TURN_START)):
+        kind = "cell"  # named in a thought, or a reflex first crop's leading digit
       elif piece.strip().rstrip(".").isdigit() and not prev.endswith("observation_"):
         kind = "read"  # "7" or, where the vocabulary merges them, "7."
       else:
