@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
       # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own;
       # answer_form="agent": the answers are the agent's own turns (data/grounding.py), "short" the cell and call.
       questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
-                     cell_first=True, cell_only_steps=100_000, cell_window=False, answer_form="short"),
+                     cell_first=True, cell_only_steps=100_000, cell_window=False, answer_form="short",
+                     prompt_form="short"),
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,
@@ -90,12 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
                                   "1000:few=0.1,same_colour=0.5,medium=0.2,hard=0.2",
                        probe_levels=("same_colour", "medium", "hard")),
       # The whole answer, its box the cell's half-size window (the agent's first crop, session 13's W1), and
-      # read questions on a legible crop, on the digits tower; both answers in the agent's own words (its
-      # window-first turn, its final turn: session 17), which the cold start's SFT then meets unchanged.
+      # read questions on a legible crop, on the digits tower, asked as the agent is asked (its instructions and
+      # task question; the crop as the call's observation: session 17) and answered in the base's short form
+      # (answers in the agent's words do not keep the skills in 800 steps: session 17).
       window=dict(from_stage="pretrain_same_colour", vision_from="pretrain_vision_digits", steps=800, lr=5e-4,
                   curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
-                  questions=dict(read=1, cell_only_steps=0, cell_window=True, answer_form="agent"),
-                  patch_buckets=(128,), length_buckets=(144,), probe_levels=("few", "medium", "hard"),
+                  questions=dict(read=1, cell_only_steps=0, cell_window=True, prompt_form="agent"),
+                  patch_buckets=(128,), length_buckets=(128,), probe_levels=("few", "medium", "hard"),
                   probe_scenes=96)))
   # out: "" = WORKDIR/base; check_scenes: held-out scenes per level of the probe the export redoes on
   # its own files (skills_check.json: what a copy of the directory must reproduce).

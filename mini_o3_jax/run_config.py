@@ -291,7 +291,7 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
       curriculum=grounding.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
                                                    "question_first", "target_first", "cell_first", "cell_only_steps",
-                                                   "cell_window", "answer_form")),
+                                                   "cell_window", "answer_form", "prompt_form")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
                             "from_stage", "vision_from").items()})

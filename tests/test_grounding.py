@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mini_o3_jax.agent import tools
+from mini_o3_jax.agent import prompts, tools
 from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
@@ -95,6 +95,33 @@ def test_agent_form_rows_are_the_explorers_turns(tokenizer):
   assert reads == [task.objects[i].digit for k, _, _, i in questions if k == "read"]
   with pytest.raises(ValueError, match="cell_window"):
     grounding.GroundingConfig(cell_first=True, answer_form="agent")
+
+
+def test_agent_prompt_rows_ask_as_the_agent_is_asked(tokenizer):
+  """prompt_form="agent": the locate question is a search's first user turn (the instructions, a task question
+  naming the shape), the read crop comes back as that call's observation; the probe's read prompt is such a
+  row up to its read answer."""
+  tcfg = synthetic.SyntheticConfig()
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, cell_first=True, cell_window=True, prompt_form="agent")
+  task = grounding.make_scene("medium", 7, tcfg)
+  (k0, q0, a0, i0), (k1, q1, a1, i1) = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
+  target = task.objects[i0]
+  assert (k0, k1) == ("locate", "read") and i0 == i1 and target.is_target
+  assert q0.startswith(prompts.INSTRUCTIONS) and f"{target.colour} {target.shape}" in q0
+  assert q1 == prompts.observation_turn(0, 1) and a1 == f"<answer>{target.digit}</answer>"
+  assert a0 == grounding.locate_answer(target.box, 2, cell_first=True, window=True)
+  messages = grounding.scene_messages(grounding.scene_questions(task, gcfg, np.random.default_rng(0)))
+  assert [c["type"] for c in messages[2]["content"]] == ["text", "image", "text"]  # the observation turn
+  mcfg = run_config.model_config(common.resolve(demo.get_config()), tokenizer)
+  probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
+                                         tokenizer, mcfg)
+  row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image)
+  ids, pixels, grids = probe._agent_prompt(task, True, np.random.default_rng(0))
+  read_start = int(np.flatnonzero(row["kinds"] == grounding.KINDS.index("read"))[0])
+  np.testing.assert_array_equal(ids, row["input_ids"][:read_start])
+  np.testing.assert_array_equal(pixels, row["pixel_values"])
+  with pytest.raises(ValueError, match="name=0"):
+    grounding.GroundingConfig(name=1, prompt_form="agent")
 
 
 def test_probe_asks_as_training_rows_ask(tokenizer):

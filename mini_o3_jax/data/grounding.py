@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mini_o3_jax.agent import prompts
 from mini_o3_jax.data import coldstart, synthetic
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
@@ -43,6 +44,7 @@ _LOCATE = LOCATE_PREFIX + " {name}?"
 _NAME = NAME_PREFIX + "{box}]?"
 _READ_NAMED = "What digit is on the {name}?"  # answer_form="agent": the final thought names the shape
 ANSWER_FORMS = ("short", "agent")
+PROMPT_FORMS = ("short", "agent")
 
 # Scene recipes below the demo's tiers: the first rungs of the curriculum.
 LEVELS: dict[str, synthetic.TierSpec] = {
@@ -118,6 +120,9 @@ class GroundingConfig:
   answer_form: "short" (the cell digit then the call; `<answer>d</answer>`) or "agent" (with cell_window: the
     scripted explorer's window-first turn, its cell named in the thought, and its final turn; the read
     question names the shape, as the final thought does).
+  prompt_form: "short" (the questions above) or "agent" (the agent's own user turns: a locate question is the
+    first turn of a search for that shape's digit, the instructions and a task question naming it; a read
+    question's crop comes as the observation of the call before it; locate questions first, then reads).
   """
   locate: int = 6
   name: int = 2
@@ -129,8 +134,14 @@ class GroundingConfig:
   cell_only_steps: int = 0
   cell_window: bool = False
   answer_form: str = "short"
+  prompt_form: str = "short"
 
   def __post_init__(self):
+    if self.prompt_form not in PROMPT_FORMS:
+      raise ValueError(f"unknown prompt_form {self.prompt_form!r}; expected one of {PROMPT_FORMS}")
+    if self.prompt_form == "agent" and (self.name or (self.read and not self.locate)):
+      raise ValueError('prompt_form="agent" asks locate questions, then reads as their calls\' observations: '
+                       "it needs name=0 and a locate question before any read")
     if self.answer_form not in ANSWER_FORMS:
       raise ValueError(f"unknown answer_form {self.answer_form!r}; expected one of {ANSWER_FORMS}")
     if self.answer_form == "agent" and not (self.cell_first and self.cell_window) or (
@@ -228,7 +239,26 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   out += [("read", read_question(names[i], config.answer_form), read_answer(names[i], objects[i].digit,
                                                                             config.answer_form), i)
           for i in order[:config.read]]
+  if config.prompt_form == "agent":
+    return as_agent_turns(out, objects, rng)
   return [out[j] for j in rng.permutation(len(out))]
+
+
+def as_agent_turns(questions, objects: Sequence[synthetic.SceneObject],
+                   rng: np.random.Generator) -> list[tuple[str, str, str, int]]:
+  """`questions` (locate and read) asked as the agent's user turns, locate questions first: a locate question
+  becomes the first turn of a search for its shape's digit (the instructions, a task question naming the
+  shape); a read question the observation turn returning its crop after the call before it."""
+  turns = []
+  for kind, _, answer, i in questions:
+    if kind == "locate":
+      template = synthetic.QUESTIONS[rng.integers(len(synthetic.QUESTIONS))]
+      task_question = template.format(colour=objects[i].colour, shape=objects[i].shape)
+      turns.append((kind, prompts.question_prompt(task_question), answer, i))
+  reads = [q for q in questions if q[0] == "read"]
+  for k, (kind, _, answer, i) in enumerate(reads):
+    turns.append((kind, prompts.observation_turn(len(turns) - 1, k + 1), answer, i))
+  return turns
 
 
 def first_turn(question: str, question_first: bool, kind: str = "locate") -> list[dict[str, Any]]:
@@ -239,12 +269,16 @@ def first_turn(question: str, question_first: bool, kind: str = "locate") -> lis
 
 def scene_messages(questions, question_first: bool = False) -> list[dict[str, Any]]:
   """The chat: the scene in the first user turn, then one user / assistant pair per question; a read
-  question brings its crop as an image of its own."""
+  question brings its crop as an image of its own (where its text has the image placeholder, an observation
+  turn's, there)."""
   messages = []
   for n, (kind, question, answer, _) in enumerate(questions):
     images = [{"type": "image"}] * ((n == 0) + (kind == "read"))  # the scene first, then the crop
     text = [{"type": "text", "text": question}]
     content = text + images if question_first and n == 0 else images + text
+    if n and kind == "read" and prompts.IMAGE_PLACEHOLDER in question:
+      head, tail = question.split(prompts.IMAGE_PLACEHOLDER)
+      content = [{"type": "text", "text": head}, *images, {"type": "text", "text": tail}]
     messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
   return messages
 

@@ -67,7 +67,7 @@ _SIMILAR_SHAPES = {
     "hexagon": ("circle", "square"),
     "cross": ("square", "diamond"),
 }
-_QUESTIONS = (
+QUESTIONS = (  # the task's question, naming its target: one of these
     "What is the digit written on the {colour} {shape}?",
     "Which digit is printed on the {colour} {shape}?",
     "Read the digit on the label of the {colour} {shape}.",
@@ -322,7 +322,7 @@ def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig()
   target = objects[0]
   candidates = [o.box for o in objects if o.is_lookalike]
   order = rng.permutation(len(candidates))
-  question = _QUESTIONS[rng.integers(len(_QUESTIONS))].format(colour=target.colour,
+  question = QUESTIONS[rng.integers(len(QUESTIONS))].format(colour=target.colour,
                                                                shape=target.shape)
   return SyntheticTask(
       id=task_id(tier, split, index), image=image, question=question, answer=target.digit,

@@ -99,6 +99,7 @@ class GroundingProbe:
     self.question_first = grounding_config.question_first
     self.cell_first = grounding_config.cell_first
     self.answer_form = grounding_config.answer_form
+    self.grounding_config = grounding_config
     self.image = image_lib.settings_for(model_config)
     self.rows, self.tasks = {}, {}
     for level in config.levels:
@@ -143,11 +144,12 @@ class GroundingProbe:
     out.update({f"prior_{k}": max(seen[k].values()) / counts[k] for k in ROLES if counts[k]})
     return out
 
-  def _prompt(self, images, question: str, kind: str = "locate"):
-    """(input ids, pixel values, [images, 3] grids) of a first turn asking `question` about `images`."""
+  def _prompt(self, images, question: str, kind: str = "locate", messages=None):
+    """(input ids, pixel values, [images, 3] grids) of a first turn asking `question` about `images` (or of the
+    chat `messages`, ending in a user turn)."""
     processed = [image_lib.preprocess_image(im, self.task_config.view_min_pixels, self.task_config.view_max_pixels,
                                             **self.image) for im in images]
-    messages = [{"role": "user", "content": grounding.first_turn(question, self.question_first, kind)}]
+    messages = messages or [{"role": "user", "content": grounding.first_turn(question, self.question_first, kind)}]
     grids = [g for _, g in processed]
     enc = chat.tokenize_conversation(self.tokenizer, messages, grids, add_generation_prompt=True)
     return enc["input_ids"], np.concatenate([pv for pv, _ in processed]), np.stack(grids)
@@ -168,14 +170,27 @@ class GroundingProbe:
                 for r in range(len(chunk))]
     return texts
 
+  def _agent_prompt(self, task, read: bool, rng: np.random.Generator):
+    """The target's questions as prompt_form="agent" rows ask them: the search's first turn, and for `read` its
+    call answered (the gold answer) and the crop returned as its observation."""
+    cfg = dataclasses.replace(self.grounding_config, locate=1, read=int(read), target_first=True)
+    questions = grounding.scene_questions(task, cfg, rng)
+    messages = grounding.scene_messages(questions, self.question_first)[:-1]
+    return self._prompt(grounding.scene_views(task, questions, self.task_config), "", messages=messages)
+
   def greedy(self, model, tasks) -> dict[str, float]:
     view = lambda t, box: synthetic.render_view(t.image, box, self.task_config)
     target = lambda t: next(o for o in t.objects if o.is_target)
-    locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
+    if self.grounding_config.prompt_form == "agent":
+      rng = np.random.default_rng(0)  # the task question's wording
+      locate = [self._agent_prompt(t, False, rng) for t in tasks]
+      read = [self._agent_prompt(t, True, rng) for t in tasks]
+    else:
+      locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
+                for t in tasks]
+      read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])],
+                           grounding.read_question(grounding.object_name(target(t)), self.answer_form), "read")
               for t in tasks]
-    read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])],
-                         grounding.read_question(grounding.object_name(target(t)), self.answer_form), "read")
-            for t in tasks]
     agent = self.answer_form == "agent"
     on_target, on_object, iou50, reads, read_digits, cells = [], [], [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 40 if agent else 20 + 2 * self.cell_first)):
