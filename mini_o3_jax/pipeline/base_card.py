@@ -13,7 +13,7 @@ from mini_o3_jax.eval import report
 # The probe's columns a reader needs (grounding_probe.py): the greedy answer's first crop, cell and digit,
 # then the teacher-forced rates with their constant-guess priors.
 _GREEDY = (("on_target", "first crop holds the target"), ("cell", "names its 3 x 3 cell"),
-           ("read", "answers a legible crop's digit, the crop shown after its scene, as `<answer>d</answer>`"),
+           ("read", "answers a legible crop's digit, asked as its training asks, as `<answer>d</answer>`"),
            ("read_digit", "its first digit is the crop's, whatever the form"), ("iou50", "box IoU >= 0.5"))
 _FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read")
 
@@ -30,6 +30,9 @@ def _skills_rows(skills: dict[str, float], keys) -> list[dict[str, Any]]:
 def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scenes: int | None) -> str:
   """The card's markdown. `probe_scenes`: held-out scenes a level behind `skills` (None: not recorded)."""
   seed = summary["seed"]
+  asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
+           "digit; the crop returned as the observation of its call), so a search's first crop and final answer "
+           "in the demo (`data.first_crop=\"cell_reflex\"`) are turns it writes already. " if check["questions"].get("prompt_form") == "agent" else "")
   greedy = [k for k, _ in _GREEDY if any(s.endswith("/" + k) for s in skills)]
   forced = [k for k in _FORCED if any(s.endswith("/" + k) for s in skills)]
   runs = [{"run": r["run"], "from": r.get("from_stage") or "-", "tower from": r.get("vision_from") or "-",
@@ -46,7 +49,7 @@ def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scene
       "pretrained by mini_o3_jax on its procedural visual-search world to ground and read before any agent data: "
       "asked where a named shape is, it is taught to name the shape's 3 x 3 cell and answer a `bbox_2d` crop of "
       "that cell's half-size window; shown a legible crop, to read the digit on it. The tables below say how well "
-      f"it does. The demo's cold start, SFT and GRPO are meant to start from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
+      f"it does. {asked}The demo's cold start, SFT and GRPO are meant to start from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
       "",
       "Reproduce (fixed seed; every run resumes after a kill):",
       "",
