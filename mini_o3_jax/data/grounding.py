@@ -12,7 +12,9 @@ The locate answer is the protocol's own `<grounding>` call, written as the scrip
 its boxes, so the skill transfers to the agent's first crop without a change of format. With
 answer_form="agent" the locate and read answers are the agent's own turns, word for word as the scripted
 explorer writes them (`coldstart`): the window-first crop's thought and call, and the final thought and
-answer, so the cold start's SFT meets the base's skills in the context they were learnt in. Scenes come
+answer (a bound decoder does not carry its skills over to them in 800 steps: docs/miniature.md, session 17).
+With prompt_form="agent" the questions are asked as the agent is asked (its instructions and a task question;
+the read crop as the observation of the call), the answers short: the recipe's window phase. Scenes come
 from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
 splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
 
@@ -144,8 +146,7 @@ class GroundingConfig:
                        "it needs name=0 and a locate question before any read")
     if self.answer_form not in ANSWER_FORMS:
       raise ValueError(f"unknown answer_form {self.answer_form!r}; expected one of {ANSWER_FORMS}")
-    if self.answer_form == "agent" and not (self.cell_first and self.cell_window) or (
-        self.answer_form == "agent" and self.cell_only_steps):
+    if self.answer_form == "agent" and not (self.cell_first and self.cell_window and not self.cell_only_steps):
       raise ValueError('answer_form="agent" writes the window-first turn: it needs cell_first and cell_window, '
                        "and the whole answer in the loss (cell_only_steps=0)")
     if self.cell_only_steps and not self.cell_first:
