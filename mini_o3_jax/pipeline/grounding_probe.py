@@ -10,13 +10,14 @@ Teacher-forced (cheap, every `eval_every` steps), per answer-token role:
 each beside `prior_<role>`, the accuracy of always writing the role's most frequent token.
 
 Greedy (the numbers the base is judged by): the target of each held-out scene is asked for alone
-("Where is the <target>?"), the box is decoded by the sampler and parsed by the agent's own parser,
-and `on_target` counts boxes that contain the target's centre (a crop there shows the target),
-`on_object` boxes that contain any shape's centre (localising some shape, named or not: on_object high
-with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` answers the agent's parser
-takes for a final answer with the digit of the target's legible crop, asked as training asks it (the scene,
-then the crop: the agent too reads a crop after the original image), `read_digit` answers whose first digit is
-that digit whatever their form; `cell` (with `cell_first`) answers that name the target's grid cell.
+("Where is the <target>?", or the agent's first turn with prompt_form="agent"), the box is decoded by the
+sampler and parsed by the agent's own parser, and `on_target` counts boxes that contain the target's centre (a
+crop there shows the target), `on_object` boxes that contain any shape's centre (localising some shape, named or
+not: on_object high with on_target low is a binding failure), `iou50` boxes with IoU >= 0.5; `read` answers the
+agent's parser takes for a final answer with the digit of the target's legible crop, asked as training asks it
+(the scene, then the crop; with prompt_form="agent" the crop as the observation of the located call),
+`read_digit` answers whose first digit is that digit whatever their form; `cell` (with `cell_first`) answers
+that name the target's grid cell.
 """
 
 from __future__ import annotations
