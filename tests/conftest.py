@@ -2,6 +2,7 @@
 
 XLA_FLAGS must be set before jax is imported anywhere, hence module level here.
 """
+import collections
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -38,8 +39,6 @@ LONG_FILES = (
 
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONG_FILES)}
-  count = {}
-  for item in items:
-    count[item.path.name] = count.get(item.path.name, 0) + 1
+  count = collections.Counter(item.path.name for item in items)
   # A stable sort on a key that is the same for every test of a file keeps each file's tests together.
   items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path.name]))

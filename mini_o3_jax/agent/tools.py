@@ -178,7 +178,7 @@ def _load_payload(payload: str) -> Any:
     json_error = e
   try:
     # Literals only (no names, calls or operators besides +/- on numbers), so this never runs code. A
-    # model's malformed payload ("0.5.3") would make the compiler warn on stderr; its error turn says it.
+    # model's run-on number ("0.4or 1") would make the compiler warn on stderr; its error turn says it.
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", SyntaxWarning)
       return ast.literal_eval(text)

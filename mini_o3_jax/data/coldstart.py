@@ -167,6 +167,11 @@ def answer_text(answer: str) -> str:
   return f"<answer>{answer}</answer>"
 
 
+def cell_call(cell: int, call: str) -> str:
+  """The grounding base's short locate answer: the 3 x 3 cell's digit, then the call."""
+  return f"{cell} {call}"
+
+
 class _Episode:
   """Builds a trajectory turn by turn, running every tool call through the real crop tool."""
 
@@ -180,7 +185,7 @@ class _Episode:
     `reflex_cell` the turn is the base's short locate answer instead: that cell, then the call."""
     rel = quantize_box(relative_to(box, self.region[source]), self.decimals)
     call = grounding(rel, source, self.decimals)
-    text = turn_text(thought, call) if reflex_cell is None else f"{reflex_cell} {call}"
+    text = turn_text(thought, call) if reflex_cell is None else cell_call(reflex_cell, call)
     turn, image = agent.execute_turn(text, self.traj.images)
     if image is None:
       raise RuntimeError(f"scripted zoom failed on {self.task.id}: {turn.error}")

@@ -197,7 +197,7 @@ def locate_answer(box: Sequence[float], decimals: int, cell_first: bool = False,
   if agent_turn_for:
     name = agent_turn_for
     return coldstart.turn_text(coldstart.window_thought(coldstart.goal_thought(name), name, cell), call)
-  return f"{cell} {call}" if cell_first else call
+  return coldstart.cell_call(cell, call) if cell_first else call
 
 
 def read_question(name: str, answer_form: str = "short") -> str:

@@ -30,9 +30,11 @@ def _skills_rows(skills: dict[str, float], keys) -> list[dict[str, Any]]:
 def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scenes: int | None) -> str:
   """The card's markdown. `probe_scenes`: held-out scenes a level behind `skills` (None: not recorded)."""
   seed = summary["seed"]
-  asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
-           "digit; the crop returned as the observation of its call), so a search's first crop and final answer "
-           "in the demo (`data.first_crop=\"cell_reflex\"`) are turns it writes already. " if check["questions"].get("prompt_form") == "agent" else "")
+  asked = ""
+  if check["questions"].get("prompt_form") == "agent":
+    asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
+             "digit; the crop returned as the observation of its call), so a search's first crop and final answer "
+             "in the demo (`data.first_crop=\"cell_reflex\"`) are turns it writes already. ")
   greedy = [k for k, _ in _GREEDY if any(s.endswith("/" + k) for s in skills)]
   forced = [k for k in _FORCED if any(s.endswith("/" + k) for s in skills)]
   runs = [{"run": r["run"], "from": r.get("from_stage") or "-", "tower from": r.get("vision_from") or "-",

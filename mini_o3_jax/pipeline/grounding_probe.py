@@ -99,7 +99,6 @@ class GroundingProbe:
     self.config, self.tokenizer, self.model_config, self.task_config = config, tokenizer, model_config, task_config
     self.question_first = grounding_config.question_first
     self.cell_first = grounding_config.cell_first
-    self.answer_form = grounding_config.answer_form
     self.grounding_config = grounding_config
     self.image = image_lib.settings_for(model_config)
     self.rows, self.tasks = {}, {}
@@ -145,12 +144,15 @@ class GroundingProbe:
     out.update({f"prior_{k}": max(seen[k].values()) / counts[k] for k in ROLES if counts[k]})
     return out
 
-  def _prompt(self, images, question: str, kind: str = "locate", messages=None):
-    """(input ids, pixel values, [images, 3] grids) of a first turn asking `question` about `images` (or of the
-    chat `messages`, ending in a user turn)."""
+  def _prompt(self, images, question: str, kind: str = "locate"):
+    """(input ids, pixel values, [images, 3] grids) of a first turn asking `question` about `images`."""
+    content = grounding.first_turn(question, self.question_first, kind)
+    return self._encode(images, [{"role": "user", "content": content}])
+
+  def _encode(self, images, messages):
+    """(input ids, pixel values, [images, 3] grids) of the chat `messages` (ending in a user turn) on `images`."""
     processed = [image_lib.preprocess_image(im, self.task_config.view_min_pixels, self.task_config.view_max_pixels,
                                             **self.image) for im in images]
-    messages = messages or [{"role": "user", "content": grounding.first_turn(question, self.question_first, kind)}]
     grids = [g for _, g in processed]
     enc = chat.tokenize_conversation(self.tokenizer, messages, grids, add_generation_prompt=True)
     return enc["input_ids"], np.concatenate([pv for pv, _ in processed]), np.stack(grids)
@@ -177,9 +179,10 @@ class GroundingProbe:
     cfg = dataclasses.replace(self.grounding_config, locate=1, read=int(read), target_first=True)
     questions = grounding.scene_questions(task, cfg, rng)
     messages = grounding.scene_messages(questions, self.question_first)[:-1]
-    return self._prompt(grounding.scene_views(task, questions, self.task_config), "", messages=messages)
+    return self._encode(grounding.scene_views(task, questions, self.task_config), messages)
 
   def greedy(self, model, tasks) -> dict[str, float]:
+    answer_form = self.grounding_config.answer_form
     view = lambda t, box: synthetic.render_view(t.image, box, self.task_config)
     target = lambda t: next(o for o in t.objects if o.is_target)
     if self.grounding_config.prompt_form == "agent":
@@ -190,9 +193,9 @@ class GroundingProbe:
       locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
                 for t in tasks]
       read = [self._prompt([view(t, None), view(t, target(t).zoom_path[-1])],
-                           grounding.read_question(grounding.object_name(target(t)), self.answer_form), "read")
+                           grounding.read_question(grounding.object_name(target(t)), answer_form), "read")
               for t in tasks]
-    agent = self.answer_form == "agent"
+    agent = answer_form == "agent"
     on_target, on_object, iou50, reads, read_digits, cells = [], [], [], [], [], []
     for t, text in zip(tasks, self._generate(model, locate, 40 if agent else 20 + 2 * self.cell_first)):
       if self.cell_first:
