@@ -291,7 +291,8 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
       curriculum=grounding.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
                                                    "question_first", "target_first", "cell_first", "cell_only_steps",
-                                                   "cell_window", "answer_form", "prompt_form")),
+                                                   "cell_window", "answer_form", "prompt_form", "zoom",
+                                                   "read_jitter")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
                             "from_stage", "vision_from").items()})
@@ -308,7 +309,10 @@ class PretrainVisionStage:
   table starts as the sin-cos code of its grid times this (0 = its random init): the absolute position a
   tower needs to bind (docs/miniature.md, session 11), in a form the HF export keeps; from_stage: start
   from that run's checkpoint (the whole model: a phase that re-tunes a trained model's tower), as
-  `PretrainStage.from_stage`.
+  `PretrainStage.from_stage`; digit_tokens: which tokens of a read crop carry its digit, "centre" (the one holding
+  the glyph's centre) or "core" (every token the glyph's central half touches: a glyph off the crop's centre
+  straddles tokens); read_jitter: how far a read question's crop strays from the legible crop
+  (`grounding.GroundingConfig.read_jitter`).
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -319,12 +323,16 @@ class PretrainVisionStage:
   chroma_floor: float = 0.08
   saliency_power: float = 4.0
   shape_tokens: str = "cover"
+  digit_tokens: str = "centre"
   position_table_sincos: float = 0.0
   from_stage: str = ""
+  read_jitter: float = 0.0
 
   def __post_init__(self):
     if self.shape_tokens not in ("cover", "centre"):
       raise ValueError(f"pretrain_vision.targets.shape_tokens must be 'cover' or 'centre', got {self.shape_tokens!r}")
+    if self.digit_tokens not in ("centre", "core"):
+      raise ValueError(f"pretrain_vision.targets.digit_tokens must be 'centre' or 'core', got {self.digit_tokens!r}")
 
 
 def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVisionStage:
@@ -338,8 +346,8 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
                                            "shape_scale", "shape_by_saliency", "digit_scale")),
-      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens"),
-      **_given(c, "position_table_sincos", "from_stage"))
+      palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens", "digit_tokens"),
+      **_given(c, "position_table_sincos", "from_stage", "read_jitter"))
   if stage.position_table_sincos and model.model_type != "qwen3_vl":
     raise ValueError("pretrain_vision.position_table_sincos initialises Qwen3-VL's learned position table; this "
                      f"model is {model.model_type} (set model.family='qwen3_vl', or vision_position_sincos for the "

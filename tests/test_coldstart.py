@@ -57,7 +57,7 @@ def test_pattern_mix_and_lengths(trajectories):
 
 
 def trajectories_first_crop(trajectories) -> str:
-  """"region", or a window-first explorer's ("cell_window" names the cell, "cell_reflex" opens with it)."""
+  """"region", or a window-first explorer's ("cell_window" names the cell, the reflex ones open with it)."""
   first = trajectories["easy"][0].turns[0].text
   return "region" if first.startswith("<think>") and "in cell" not in first else "window"
 
@@ -101,6 +101,30 @@ def test_reflex_first_crop_and_answer_are_the_bases_short_answers():
       assert r.turns[0].text == f"{cell} {call}" and r.actions[0] == w.actions[0]
       assert r.turns[-1].text == f"<answer>{w.gold}</answer>" and r.actions[-1] == w.actions[-1]
       assert [t.text for t in r.turns[1:-1]] == [t.text for t in w.turns[1:-1]]
+
+
+def test_zoom_reflex_writes_the_bases_direct_search():
+  """`first_crop="zoom_reflex"`: as "cell_reflex", and the legible zoom inside the first window is the base's
+  short answer too (the cell of the window it is centred in, then the same call); a direct search is exactly
+  `reflex_search`'s calls; recoveries keep their thoughts."""
+  for tier in ("medium", "hard"):
+    cell = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="cell_reflex"))
+    zoom = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="zoom_reflex"))
+    for c, z in zip(cell, zoom):
+      assert z.turns[0].text == c.turns[0].text and z.actions == c.actions
+      second = z.actions[1]
+      if second.source == "observation_1":
+        call = c.turns[1].text.split("\n", 1)[1]
+        assert z.turns[1].text == f"{coldstart.grid_cell(second.bbox)} {call}"
+      else:  # the legible zoom reaches past the window: taken from the original, with its thought
+        assert z.turns[1].text == c.turns[1].text
+      assert [t.text for t in z.turns[2:]] == [t.text for t in c.turns[2:]]
+      if z.metadata["pattern"] != "trial_and_error" and second.source == "observation_1":
+        task = synthetic.task_from_id(z.id, synthetic.SyntheticConfig())
+        search = coldstart.reflex_search(task, next(o for o in task.objects if o.is_target), 2)
+        assert [t.text for t in z.turns[:2]] == list(search.calls)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(z.images[1:], search.observations))
+        assert coldstart.contains(search.regions[1], task.detail_box)
 
 
 def test_deterministic():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from mini_o3_jax import agent as agent_lib
 from mini_o3_jax.agent import prompts, tools
 from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model import config as config_lib
@@ -116,12 +117,76 @@ def test_agent_prompt_rows_ask_as_the_agent_is_asked(tokenizer):
   probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
                                          tokenizer, mcfg)
   row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image)
-  ids, pixels, grids = probe._agent_prompt(task, True, np.random.default_rng(0))
+  ids, pixels, grids = probe._agent_prompt(task, "read", np.random.default_rng(0))
   read_start = int(np.flatnonzero(row["kinds"] == grounding.KINDS.index("read"))[0])
   np.testing.assert_array_equal(ids, row["input_ids"][:read_start])
   np.testing.assert_array_equal(pixels, row["pixel_values"])
   with pytest.raises(ValueError, match="name=0"):
     grounding.GroundingConfig(name=1, prompt_form="agent")
+
+
+def test_zoom_rows_are_the_bases_direct_search(tokenizer):
+  """zoom=1: a row is the base's direct search on the located shape (`coldstart.reflex_search`): the window's
+  call; the window returned as observation 1 and the call on the legible zoom inside it; that zoom returned as
+  observation 2 and its digit. The views are the crop tool's own observations, the tower's digit target sits on
+  the third image, and the probe's zoom prompt is such a row up to the zoom's answer."""
+  tcfg = synthetic.SyntheticConfig()
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
+                                   prompt_form="agent", target_first=True)
+  mcfg = run_config.model_config(common.resolve(demo.get_config()), tokenizer)
+  probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
+                                         tokenizer, mcfg)
+  for n, level in enumerate(("medium", "hard")):
+    task = grounding.make_scene(level, n, tcfg)
+    questions = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
+    obj = task.objects[questions[0][3]]
+    assert [q[0] for q in questions] == ["locate", "zoom", "read"] and obj.is_target
+    assert {q[3] for q in questions} == {questions[0][3]}
+    search = coldstart.reflex_search(task, obj, 2)
+    assert [q[2] for q in questions] == [*search.calls, f"<answer>{obj.digit}</answer>"]
+    assert [q[1] for q in questions[1:]] == [prompts.observation_turn(0, 1), prompts.observation_turn(1, 2)]
+    images = [task.image]  # the calls, run by the agent's tool, return the observations
+    for call, observation in zip(search.calls, search.observations):
+      _, image = agent_lib.execute_turn(call, images)
+      assert np.array_equal(np.asarray(image), np.asarray(observation))
+      images.append(image)
+    zoom_call = tools.parse_action(search.calls[1])
+    assert zoom_call.source == "observation_1" and search.calls[1].startswith(f"{coldstart.grid_cell(zoom_call.bbox)} ")
+    assert coldstart.contains(search.regions[1], obj.detail_box)  # the zoom holds the digit
+    views = grounding.scene_views(task, questions, tcfg)
+    for view, observation in zip(views[1:], search.observations):
+      np.testing.assert_array_equal(np.asarray(view), np.asarray(synthetic.render_view(observation, None, tcfg)))
+    row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image)
+    assert row["read_images"].tolist() == [2] and len(row["image_grid_thw"]) == 3
+    roles = grounding_probe.token_roles([tokenizer.decode([i]) for i in row["input_ids"]], row["kinds"])
+    zoom_tokens = np.flatnonzero(row["kinds"] == grounding.KINDS.index("zoom"))
+    assert roles[zoom_tokens[0]] == "zoom_cell" and roles.count("zoom_cell") == 1 and roles.count("zoom_box") >= 4
+    ids, pixels, _ = probe._agent_prompt(task, "zoom", np.random.default_rng(0))
+    np.testing.assert_array_equal(ids, row["input_ids"][:zoom_tokens[0]])
+    np.testing.assert_array_equal(pixels, row["pixel_values"][:len(pixels)])
+  with pytest.raises(ValueError, match="zoom"):
+    grounding.GroundingConfig(locate=1, name=0, zoom=1, cell_first=True, cell_window=True)
+
+
+def test_jittered_read_crops_hold_the_digit_and_stray():
+  """read_jitter: each crop holds the digit's glyph 2 px inside its edges, is a square within the jitter of the
+  legible crop's side, is the same on every call, and the digit is not always at its centre."""
+  tcfg = synthetic.SyntheticConfig()
+  offsets, sides = [], []
+  for n in range(40):
+    task = grounding.make_scene(("few", "medium", "hard")[n % 3], n, tcfg)
+    w, h = task.image.size
+    for i, obj in enumerate(task.objects[:3]):
+      crop = grounding.read_crop(task, i, 0.12)
+      assert crop == grounding.read_crop(task, i, 0.12) and grounding.read_crop(task, i) == obj.zoom_path[-1]
+      x0, y0, x1, y1 = synthetic.pixel_box(crop, (w, h))
+      gx0, gy0, gx1, gy1 = synthetic.pixel_box(obj.detail_box, (w, h))
+      assert x0 + 2 <= gx0 and gx1 + 2 <= x1 and y0 + 2 <= gy0 and gy1 + 2 <= y1 and x1 - x0 == y1 - y0
+      legible = synthetic.pixel_box(obj.zoom_path[-1], (w, h))
+      sides.append((x1 - x0) / (legible[2] - legible[0]))
+      offsets.append(((gx0 + gx1) / 2 - (x0 + x1) / 2) / (x1 - x0))
+  assert 0.87 <= min(sides) and max(sides) <= 1.13 and np.std(sides) > 0.03
+  assert np.std(offsets) > 0.1  # the digit anywhere in the crop, not at its centre
 
 
 def test_probe_asks_as_training_rows_ask(tokenizer):

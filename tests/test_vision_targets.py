@@ -371,13 +371,15 @@ def test_feature_target_batch_from_rows(tokenizer):
     dataclasses.replace(stage, shape_tokens="middle")
 
 
-def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer):
+@pytest.mark.parametrize("jitter", [0.0, 0.12])
+def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer, jitter):
   """With a read question, the crop's token holding the digit's centre carries the digit (one token a row,
-  none in the scene), and its glyph box is where the glyph lands in the rendered crop."""
+  none in the scene), and its glyph box is where the glyph lands in the rendered crop (the generator's legible
+  crop, or with `read_jitter` one that strays from it)."""
   config = common.resolve(demo.get_config())
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
-  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1)
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=jitter)
   tasks = [grounding.make_scene(level, i, tcfg) for i, level in enumerate(("few", "medium", "hard", "easy"))]
   rows = [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i)) for i, t in enumerate(tasks)]
   bcfg = batch_lib.BatchConfig(batch_size=4, length_buckets=(128,), patch_buckets=(128,),
@@ -397,7 +399,9 @@ def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer):
     w, h = painted.size
     gx0, gy0, gx1, gy1 = np.asarray(task.objects[i].detail_box) * [w, h, w, h]
     PIL.ImageDraw.Draw(painted).rectangle((gx0, gy0, gx1 - 1, gy1 - 1), fill=(255, 0, 255))
-    view = np.asarray(grounding.synthetic.render_view(painted, task.objects[i].zoom_path[-1], tcfg), np.float32)
+    crop = grounding.read_crop(task, i, jitter)
+    assert (crop == task.objects[i].zoom_path[-1]) == (not jitter)
+    view = np.asarray(grounding.synthetic.render_view(painted, crop, tcfg), np.float32)
     ys, xs = np.nonzero((view[..., 0] > 200) & (view[..., 1] < 80) & (view[..., 2] > 200))
     x0, y0, x1, y1 = row["read_glyphs"][0] * np.array([view.shape[1], view.shape[0]] * 2)
     # (the resize blurs the paint by a pixel or two, unevenly where it meets other colours; a token is 28)
@@ -405,6 +409,54 @@ def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer):
     assert x0 - 3 <= xs.min() and xs.max() < x1 + 3 and y0 - 3 <= ys.min() and ys.max() < y1 + 3
     th, tw = row["image_grid_thw"][1][1] // 2, row["image_grid_thw"][1][2] // 2
     assert held[0] - scene_tokens == int(th * (y0 + y1) / 2 / view.shape[0]) * tw + int(tw * (x0 + x1) / 2 / view.shape[1])
+  # a zoom row (the window, then the legible zoom): the digit on the zoom's image, the third, where its glyph is
+  zoom_cfg = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
+                                       prompt_form="agent")
+  task = grounding.make_scene("medium", 3, tcfg)
+  row = grounding.scene_example(task, tokenizer, zoom_cfg, tcfg, np.random.default_rng(0))
+  bcfg = dataclasses.replace(bcfg, length_buckets=(256,), patch_buckets=(256,), batch_size=1)
+  batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg, stage)
+  tokens = [int(np.prod(g)) // 4 for g in row["image_grid_thw"]]
+  (held,) = np.flatnonzero(batch.image_digit[0] >= 0)
+  (i,) = {i for _, _, _, i in grounding.scene_questions(task, zoom_cfg, np.random.default_rng(0))}
+  assert batch.image_digit[0, held] == int(task.objects[i].digit) and row["read_images"].tolist() == [2]
+  th, tw = row["image_grid_thw"][2][1] // 2, row["image_grid_thw"][2][2] // 2
+  x0, y0, x1, y1 = row["read_glyphs"][0]
+  assert held - tokens[0] - tokens[1] == int(th * (y0 + y1) / 2) * tw + int(tw * (x0 + x1) / 2)
+
+
+def test_core_digit_tokens_are_those_the_glyphs_middle_touches(tokenizer):
+  """digit_tokens="core": every crop token the central half of the glyph's box touches carries the digit (a glyph
+  off the crop's centre straddles tokens), the token holding its centre among them, none in the scene."""
+  config = common.resolve(demo.get_config())
+  mcfg = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=0.12)
+  rows = [grounding.scene_example(grounding.make_scene("medium", i, tcfg), tokenizer, gcfg, tcfg,
+                                  np.random.default_rng(i)) for i in range(8)]
+  bcfg = batch_lib.BatchConfig(batch_size=8, length_buckets=(128,), patch_buckets=(128,),
+                               pad_token_id=mcfg.text.pad_token_id)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette)), palette=palette,
+                                         digit_tokens="core")
+  batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, bcfg), rows, mcfg, stage)
+  straddled = 0
+  for r, row in enumerate(rows):
+    scene_tokens = int(np.prod(row["image_grid_thw"][0])) // 4
+    th, tw = row["image_grid_thw"][1][1] // 2, row["image_grid_thw"][1][2] // 2
+    x0, y0, x1, y1 = row["read_glyphs"][0]
+    dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
+    cols = range(int(tw * (x0 + dx)), min(tw - 1, int(np.ceil(tw * (x1 - dx)) - 1)) + 1)
+    rows_ = range(int(th * (y0 + dy)), min(th - 1, int(np.ceil(th * (y1 - dy)) - 1)) + 1)
+    want = sorted(scene_tokens + a * tw + b for a in rows_ for b in cols)
+    held = np.flatnonzero(batch.image_digit[r] >= 0).tolist()
+    assert held == want and set(batch.image_digit[r, held]) == {int(row["read_digits"][0])}
+    assert scene_tokens + int(th * (y0 + y1) / 2) * tw + int(tw * (x0 + x1) / 2) in held
+    straddled += len(held) > 1
+  assert straddled  # some glyph's middle straddles a token boundary
+  with pytest.raises(ValueError, match="digit_tokens"):
+    dataclasses.replace(stage, digit_tokens="all")
 
 
 def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):

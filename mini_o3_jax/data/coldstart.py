@@ -27,6 +27,7 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from mini_o3_jax import agent
 from mini_o3_jax.data import synthetic
@@ -44,7 +45,7 @@ _ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further.
 _THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
 _GO_BACK = "I go back to the original image and look elsewhere. "
 CELL_PHRASE = "in cell"  # the window-first explorer names the cell after it (the skills probe keys on it)
-FIRST_CROPS = ("region", "cell_window", "cell_reflex")
+FIRST_CROPS = ("region", "cell_window", "cell_reflex", "zoom_reflex")
 Box = tuple[float, float, float, float]
 
 
@@ -60,7 +61,8 @@ class ExplorerConfig:
   seed: base seed; trajectory i uses a generator seeded by (seed, task id).
   first_crop: "region" (a shape's zoom path from the original) or "cell_window" (its grid cell named,
     then that cell's half-size window, then its legible zoom: the pretrained base's first crop), or
-    "cell_reflex" (as "cell_window", the first crop and the final answer in the base's own short answers).
+    "cell_reflex" (as "cell_window", the first crop and the final answer in the base's own short answers), or
+    "zoom_reflex" (as "cell_reflex", and the legible zoom inside the window too: `reflex_search`).
   """
   pattern_weights: tuple[tuple[str, float], ...] = (("direct", 0.25), ("depth_first", 0.25),
                                                     ("trial_and_error", 0.5))
@@ -122,6 +124,16 @@ def relative_to(box: Box, parent: Box | None) -> Box:
   return ((box[0] - px0) / w, (box[1] - py0) / h, (box[2] - px0) / w, (box[3] - py0) / h)
 
 
+def crop_region(rel: Box, parent: Box | None, parent_size: tuple[int, int]) -> Box:
+  """The region of the original (relative) that the crop tool takes for `rel` out of an image of PIL size
+  `parent_size` showing region `parent` of the original (None = the original): the tool's whole-pixel box."""
+  parent = parent or (0.0, 0.0, 1.0, 1.0)
+  pw, ph = parent[2] - parent[0], parent[3] - parent[1]
+  w, h = parent_size
+  x0, y0, x1, y1 = agent.tools.pixel_box(rel, (w, h))
+  return (parent[0] + x0 / w * pw, parent[1] + y0 / h * ph, parent[0] + x1 / w * pw, parent[1] + y1 / h * ph)
+
+
 def fixed_phrases() -> tuple[str, ...]:
   """The scripted explorer's fixed wording and the tool-call JSON around its numbers. A phrase never
   swallows the space before a colour, shape or digit: a thought then names the target with the same
@@ -180,24 +192,19 @@ class _Episode:
     self.traj = agent.Trajectory(question=task.question, images=[task.image], gold=task.answer, id=task.id)
     self.region: dict[int, Box | None] = {0: None}  # image index -> its region of the original
 
-  def zoom(self, thought: str, box: Box, source: int = 0, reflex_cell: int | None = None) -> int:
+  def zoom(self, thought: str, box: Box, source: int = 0, reflex: bool = False) -> int:
     """Crops `box` (relative to the original) out of image `source`; returns the new image's index. With
-    `reflex_cell` the turn is the base's short locate answer instead: that cell, then the call."""
+    `reflex` the turn is the base's short locate answer instead: the 3 x 3 cell of the image `source` that the
+    crop is centred in, then the call."""
     rel = quantize_box(relative_to(box, self.region[source]), self.decimals)
     call = grounding(rel, source, self.decimals)
-    text = turn_text(thought, call) if reflex_cell is None else cell_call(reflex_cell, call)
+    text = cell_call(grid_cell(rel), call) if reflex else turn_text(thought, call)
     turn, image = agent.execute_turn(text, self.traj.images)
     if image is None:
       raise RuntimeError(f"scripted zoom failed on {self.task.id}: {turn.error}")
     self.traj.images.append(image)
     self.traj.turns.append(turn)
-    # The crop actually taken (the tool's whole-pixel box), in original coordinates.
-    parent = self.region[source] or (0.0, 0.0, 1.0, 1.0)
-    pw, ph = parent[2] - parent[0], parent[3] - parent[1]
-    w, h = self.traj.images[source].size
-    x0, y0, x1, y1 = agent.tools.pixel_box(rel, (w, h))
-    self.region[turn.observation_index] = (parent[0] + x0 / w * pw, parent[1] + y0 / h * ph,
-                                           parent[0] + x1 / w * pw, parent[1] + y1 / h * ph)
+    self.region[turn.observation_index] = crop_region(rel, self.region[source], self.traj.images[source].size)
     return turn.observation_index
 
   def answer(self, thought: str, reflex: bool = False) -> agent.Trajectory:
@@ -210,6 +217,32 @@ class _Episode:
     return self.traj
 
 
+@dataclasses.dataclass(frozen=True)
+class ReflexSearch:
+  """The grounding base's direct search for one shape, in its short answers, run through the crop tool.
+
+  calls: the window's call (the shape's 3 x 3 cell, then the call on its half-size window) and the legible
+    zoom's (the cell of the window it is centred in, then the call on `observation_1`);
+  observations: the images the two calls return; regions: where each lies in the original (relative).
+  """
+  calls: tuple[str, str]
+  observations: tuple[Image.Image, Image.Image]
+  regions: tuple[Box, Box]
+
+
+def reflex_search(task: synthetic.SyntheticTask, obj: synthetic.SceneObject, decimals: int) -> ReflexSearch | None:
+  """`obj`'s window, then its legible zoom from that window's observation, as "zoom_reflex" trajectories write
+  them; None where the legible zoom reaches past the window (the explorer then zooms from the original)."""
+  ep = _Episode(task, decimals)
+  window = ep.zoom("", cell_window(grid_cell(obj.box)), reflex=True)
+  if not contains(ep.region[window], obj.zoom_path[-1]):
+    return None
+  zoom = ep.zoom("", obj.zoom_path[-1], window, reflex=True)
+  return ReflexSearch(calls=(ep.traj.turns[0].text, ep.traj.turns[1].text),
+                      observations=(ep.traj.images[window], ep.traj.images[zoom]),
+                      regions=(ep.region[window], ep.region[zoom]))
+
+
 def _name(obj: synthetic.SceneObject) -> str:
   return f"{obj.colour} {obj.shape}"
 
@@ -220,22 +253,23 @@ def _goal(task: synthetic.SyntheticTask) -> str:
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
-                 lead: str = "", window: bool = False, reflex: bool = False) -> int:
+                 lead: str = "", window: bool = False, reflex: bool = False, zoom_reflex: bool = False) -> int:
   """Zooms from the original to where `obj`'s digit is legible; returns the last observation's index.
 
   `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one). With
   `window` the first crop is the window of `obj`'s grid cell, named in the thought; the legible zoom is
   then taken from that window's observation (from the original where it reaches past the window); with
-  `reflex` the window's turn is the base's short answer unless it recovers from a wrong zoom (`lead`).
+  `reflex` the window's turn is the base's short answer unless it recovers from a wrong zoom (`lead`), and with
+  `zoom_reflex` too the legible zoom's inside it.
   """
   if window:
     cell = grid_cell(obj.box)
-    source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell),
-                     reflex_cell=cell if reflex and not lead else None)
+    short = reflex and not lead
+    source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell), reflex=short)
     detail = obj.zoom_path[-1]
     if not contains(ep.region[source], detail):
-      source = 0
-    return ep.zoom(f"{goal} The {_name(obj)} {_ZOOM_FURTHER}", detail, source)
+      source, short = 0, False
+    return ep.zoom(f"{goal} The {_name(obj)} {_ZOOM_FURTHER}", detail, source, reflex=short and zoom_reflex)
   path = obj.zoom_path if depth_first else obj.zoom_path[-1:]
   source = 0
   for level, box in enumerate(path):
@@ -258,8 +292,9 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   if pattern == "trial_and_error" and not decoys:
     pattern = "depth_first"
   goal = _goal(task)
-  window = config.first_crop in ("cell_window", "cell_reflex")
-  reflex = config.first_crop == "cell_reflex"
+  window = config.first_crop in ("cell_window", "cell_reflex", "zoom_reflex")
+  reflex = config.first_crop in ("cell_reflex", "zoom_reflex")
+  zoom_reflex = config.first_crop == "zoom_reflex"
   ep = _Episode(task, config.decimals)
   ep.traj.metadata["pattern"] = pattern
   lead = ""
@@ -268,14 +303,16 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
     for i in rng.permutation(len(decoys))[:n_wrong]:
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
-      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window, reflex=reflex)
+      _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window, reflex=reflex,
+                 zoom_reflex=zoom_reflex)
       lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
               f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
     depth_first = len(target.zoom_path) > 1 and rng.random() < 0.5
   else:
     depth_first = pattern == "depth_first"
-  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window, reflex=reflex)
+  _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window, reflex=reflex,
+                 zoom_reflex=zoom_reflex)
   return ep.answer(answer_thought(_name(target), task.answer), reflex=reflex)
 
 

@@ -7,6 +7,7 @@ budget, followed by short chat turns about its objects, each of one kind:
   locate  "Where is the blue diamond?"            -> the crop tool's call on the shape's box
   name    "What is at [0.56, 0.14, 0.72, 0.30]?"  -> "blue diamond"
   read    a legible crop (the shape's last zoom)  -> its digit, "<answer>3</answer>"
+  zoom    the window a locate call returned       -> the call on the shape's legible crop inside it
 
 The locate answer is the protocol's own `<grounding>` call, written as the scripted cold start writes
 its boxes, so the skill transfers to the agent's first crop without a change of format. With
@@ -14,7 +15,9 @@ answer_form="agent" the locate and read answers are the agent's own turns, word 
 explorer writes them (`coldstart`): the window-first crop's thought and call, and the final thought and
 answer (a bound decoder does not carry its skills over to them in 800 steps: docs/miniature.md, session 17).
 With prompt_form="agent" the questions are asked as the agent is asked (its instructions and a task question;
-the read crop as the observation of the call), the answers short: the recipe's window phase. Scenes come
+the read crop as the observation of the call), the answers short: the recipe's window phase. With zoom=1 too a
+row is the base's whole direct search (`coldstart.reflex_search`): the window's call, the legible zoom inside its
+observation, the digit of that zoom's observation, each turn as the agent's tool returns it. Scenes come
 from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
 splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
 
@@ -25,6 +28,7 @@ A curriculum walks from one shape on a canvas to the demo's hard tier: `Level`s 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,7 +38,7 @@ from mini_o3_jax.data import coldstart, synthetic
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 
-KINDS = ("locate", "name", "read")
+KINDS = ("locate", "name", "read", "zoom")
 PRETRAIN_SPLIT = "pretrain"
 VISION_SPLIT = "pretrain_vision"   # the tower's own phase: scenes the decoder's phase never sees again
 HELDOUT_SPLIT = "pretrain_heldout"
@@ -125,6 +129,14 @@ class GroundingConfig:
   prompt_form: "short" (the questions above) or "agent" (the agent's own user turns: a locate question is the
     first turn of a search for that shape's digit, the instructions and a task question naming it; a read
     question's crop comes as the observation of the call before it; locate questions first, then reads).
+  zoom: (with prompt_form="agent", cell_first and cell_window, 0 or 1) the first located shape's window is returned
+    as the observation of its call, and the answer is the call on its legible crop inside that window (the
+    window's 3 x 3 cell that crop is centred in, then the call on `observation_1`); the reads then read that
+    shape's zoom as the tool returns it. Rows where the legible crop reaches past the window ask no zoom.
+  read_jitter: a read question's crop (outside a zoom's search) is the legible crop grown or shrunk by up to this
+    fraction of its side and moved so the digit sits anywhere inside it (2 px from its edges), as the agent's own
+    crops hold it; 0 = the generator's crop, the digit at its centre (a tower taught only there reads nowhere else:
+    docs/miniature.md, session 18).
   """
   locate: int = 6
   name: int = 2
@@ -137,8 +149,17 @@ class GroundingConfig:
   cell_window: bool = False
   answer_form: str = "short"
   prompt_form: str = "short"
+  zoom: int = 0
+  read_jitter: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.read_jitter < 0.5:
+      raise ValueError(f"read_jitter={self.read_jitter}: a fraction of the legible crop's side in [0, 0.5)")
+    if self.zoom not in (0, 1):
+      raise ValueError(f"zoom={self.zoom}: a row asks at most one zoom (the located shape's)")
+    if self.zoom and not (self.prompt_form == "agent" and self.cell_first and self.cell_window and self.locate):
+      raise ValueError('zoom asks for the legible crop inside a located window\'s observation: it needs '
+                       'prompt_form="agent", cell_first, cell_window and a locate question')
     if self.prompt_form not in PROMPT_FORMS:
       raise ValueError(f"unknown prompt_form {self.prompt_form!r}; expected one of {PROMPT_FORMS}")
     if self.prompt_form == "agent" and (self.name or (self.read and not self.locate)):
@@ -237,9 +258,13 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   # the text (and "Where is the <name>?" the name answer), whichever comes first.
   out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
           for i in [i for i in order if i not in located][:config.name]]
+  search = coldstart.reflex_search(task, objects[located[0]], config.decimals) if config.zoom and located else None
+  if search:
+    out.append(("zoom", "", search.calls[1], located[0]))
+  read = [located[0]] * config.read if search else order[:config.read]  # a zoom's reads read its observation
   out += [("read", read_question(names[i], config.answer_form), read_answer(names[i], objects[i].digit,
                                                                             config.answer_form), i)
-          for i in order[:config.read]]
+          for i in read]
   if config.prompt_form == "agent":
     return as_agent_turns(out, objects, rng)
   return [out[j] for j in rng.permutation(len(out))]
@@ -247,17 +272,17 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
 
 def as_agent_turns(questions, objects: Sequence[synthetic.SceneObject],
                    rng: np.random.Generator) -> list[tuple[str, str, str, int]]:
-  """`questions` (locate and read) asked as the agent's user turns, locate questions first: a locate question
-  becomes the first turn of a search for its shape's digit (the instructions, a task question naming the
-  shape); a read question the observation turn returning its crop after the call before it."""
+  """`questions` (locate, zoom and read) asked as the agent's user turns, locate questions first: a locate
+  question becomes the first turn of a search for its shape's digit (the instructions, a task question naming
+  the shape); a zoom, then a read question, the observation turn returning the crop of the call before it."""
   turns = []
   for kind, _, answer, i in questions:
     if kind == "locate":
       template = synthetic.QUESTIONS[rng.integers(len(synthetic.QUESTIONS))]
       task_question = template.format(colour=objects[i].colour, shape=objects[i].shape)
       turns.append((kind, prompts.question_prompt(task_question), answer, i))
-  reads = [q for q in questions if q[0] == "read"]
-  for k, (kind, _, answer, i) in enumerate(reads):
+  observed = [q for kind in ("zoom", "read") for q in questions if q[0] == kind]
+  for k, (kind, _, answer, i) in enumerate(observed):
     turns.append((kind, prompts.observation_turn(len(turns) - 1, k + 1), answer, i))
   return turns
 
@@ -274,35 +299,75 @@ def scene_messages(questions, question_first: bool = False) -> list[dict[str, An
   turn's, there)."""
   messages = []
   for n, (kind, question, answer, _) in enumerate(questions):
-    images = [{"type": "image"}] * ((n == 0) + (kind == "read"))  # the scene first, then the crop
+    observed = kind in ("read", "zoom")
+    images = [{"type": "image"}] * ((n == 0) + observed)  # the scene first, then the crop
     text = [{"type": "text", "text": question}]
     content = text + images if question_first and n == 0 else images + text
-    if n and kind == "read" and prompts.IMAGE_PLACEHOLDER in question:
+    if n and observed and prompts.IMAGE_PLACEHOLDER in question:
       head, tail = question.split(prompts.IMAGE_PLACEHOLDER)
       content = [{"type": "text", "text": head}, *images, {"type": "text", "text": tail}]
     messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
   return messages
 
 
-def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig) -> list:
-  """The views the model sees, in placeholder order: the scene, then each read question's crop (the
-  shape's last zoom, where its digit is legible)."""
+def _searches(task: synthetic.SyntheticTask, questions, decimals: int) -> dict[int, coldstart.ReflexSearch]:
+  """{object index: its reflex search} for the shapes a zoom question asks about."""
+  return {i: coldstart.reflex_search(task, task.objects[i], decimals) for kind, _, _, i in questions if kind == "zoom"}
+
+
+def _observed_crops(task: synthetic.SyntheticTask, questions, config: GroundingConfig):
+  """[(kind, object index, crop image, its region of the original)] per zoom and read question, in order: a
+  zoom's window and a zoomed shape's legible crop as the tool returns them, other reads the shape's last zoom."""
+  searches = _searches(task, questions, config.decimals)
+  out = []
+  for kind, _, _, i in questions:
+    if kind in ("zoom", "read"):
+      if i in searches:
+        step = 0 if kind == "zoom" else 1
+        out.append((kind, i, searches[i].observations[step], searches[i].regions[step]))
+      else:
+        box = read_crop(task, i, config.read_jitter)
+        out.append((kind, i, synthetic.crop_image(task.image, box), box))
+  return out
+
+
+def read_crop(task: synthetic.SyntheticTask, i: int, jitter: float = 0.0) -> coldstart.Box:
+  """The crop a read question about object `i` shows (relative, pixel-aligned): its legible zoom, or with `jitter`
+  a square of that side times a factor in [1 - jitter, 1 + jitter] holding the digit at a random place 2 px from its
+  edges (the agent's zooms, their boxes' sides rounded up, run a few pixels over); a function of the task and `i`."""
+  obj = task.objects[i]
+  if not jitter:
+    return obj.zoom_path[-1]
+  rng = np.random.default_rng([zlib.crc32(task.id.encode()), i])
+  w, h = task.image.size
+  x0, y0, x1, y1 = synthetic.pixel_box(obj.zoom_path[-1], (w, h))
+  gx0, gy0, gx1, gy1 = synthetic.pixel_box(obj.detail_box, (w, h))
+  side = int(round((x1 - x0) * rng.uniform(1.0 - jitter, 1.0 + jitter)))
+  side = min(max(side, max(gx1 - gx0, gy1 - gy0) + 4), w, h)
+  left = int(rng.integers(max(0, gx1 + 2 - side), min(w - side, gx0 - 2) + 1))
+  top = int(rng.integers(max(0, gy1 + 2 - side), min(h - side, gy0 - 2) + 1))
+  return (left / w, top / h, (left + side) / w, (top + side) / h)
+
+
+def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig,
+                config: GroundingConfig = GroundingConfig()) -> list:
+  """The views the model sees, in placeholder order: the scene, then each zoom question's window and each
+  read question's crop (`read_crop`; a zoom's where its written box says: `config`'s decimals)."""
   views = [synthetic.render_view(task.image, None, task_config)]
-  views += [synthetic.render_view(task.image, task.objects[i].zoom_path[-1], task_config)
-            for kind, _, _, i in questions if kind == "read"]
+  views += [synthetic.render_view(crop, None, task_config) for _, _, crop, _ in _observed_crops(task, questions,
+                                                                                                 config)]
   return views
 
 
-def read_glyphs(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig) -> np.ndarray:
+def read_glyphs(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig,
+                config: GroundingConfig = GroundingConfig()) -> np.ndarray:
   """float32 [reads, 4]: per read question, its shape's digit (glyph) box relative to that question's crop
   view (`scene_views`), where the tower's digit target places the digit."""
   out = []
-  for kind, _, _, i in questions:
+  for kind, i, _, region in _observed_crops(task, questions, config):
     if kind == "read":
-      obj = task.objects[i]
-      crop = obj.zoom_path[-1]
-      x0, y0, x1, y1 = synthetic.project_box(obj.detail_box, crop, task.image.size, task_config)
-      cx0, cy0, cx1, cy1 = synthetic.pixel_box(crop, task.image.size)
+      x0, y0, x1, y1 = synthetic.project_box(task.objects[i].detail_box, region, task.image.size, task_config)
+      cx0, cy0, cx1, cy1 = synthetic.pixel_box(region, task.image.size)
       w, h = synthetic.view_size((cx1 - cx0, cy1 - cy0), task_config)
       out.append((x0 / w, y0 / h, x1 / w, y1 / h))
   return np.asarray(out, np.float32).reshape(-1, 4)
@@ -312,7 +377,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
                   cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes,
-  read_glyphs, read_digits};
+  read_glyphs, read_digits, read_images};
   `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
   the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
@@ -321,7 +386,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   """
   questions = scene_questions(task, config, rng)
   processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels, **(image or {}))
-               for v in scene_views(task, questions, task_config)]
+               for v in scene_views(task, questions, task_config, config)]
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
   kinds = _answer_kinds(enc["loss_mask"], [q[0] for q in questions])
@@ -338,9 +403,13 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
       # each read question's digit and where it sits in its crop (the tower's digit target)
-      "read_glyphs": read_glyphs(task, questions, task_config),
+      "read_glyphs": read_glyphs(task, questions, task_config, config),
       "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],
                                 np.int32),
+      # the index among the row's images of each read question's crop (the scene is image 0)
+      "read_images": np.asarray([1 + n for n, (kind, _, _, _) in enumerate(q for q in questions
+                                                                         if q[0] in ("zoom", "read"))
+                                 if kind == "read"], np.int32),
   }
 
 

@@ -14,8 +14,10 @@ from mini_o3_jax.eval import report
 # then the teacher-forced rates with their constant-guess priors.
 _GREEDY = (("on_target", "first crop holds the target"), ("cell", "names its 3 x 3 cell"),
            ("read", "answers a legible crop's digit, asked as its training asks, as `<answer>d</answer>`"),
-           ("read_digit", "its first digit is the crop's, whatever the form"), ("iou50", "box IoU >= 0.5"))
-_FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read")
+           ("read_digit", "its first digit is the crop's, whatever the form"), ("iou50", "box IoU >= 0.5"),
+           ("zoom_hit", "after the window, its zoom holds the digit at a legible size"),
+           ("zoom_cell", "that zoom names the window's cell it is centred in"))
+_FORCED = ("tf_cell", "prior_cell", "tf_read", "prior_read", "tf_zoom_cell", "prior_zoom_cell")
 
 RECIPE_COMMAND = "tools/pretrain_base.sh WORKDIR --config.seed={seed}"
 ONE_PROCESS_COMMAND = "python -m mini_o3_jax.main --config configs/pretrain_tiny.py --workdir WORKDIR --config.seed={seed}"
@@ -31,7 +33,12 @@ def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scene
   """The card's markdown. `probe_scenes`: held-out scenes a level behind `skills` (None: not recorded)."""
   seed = summary["seed"]
   asked = ""
-  if check["questions"].get("prompt_form") == "agent":
+  if check["questions"].get("zoom"):
+    asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
+             "digit), and teaches the whole direct search: the window's call, the legible zoom inside the window's "
+             "observation, the digit of that zoom's observation, so a direct search in the demo "
+             "(`data.first_crop=\"zoom_reflex\"`) is turns it writes already. ")
+  elif check["questions"].get("prompt_form") == "agent":
     asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
              "digit; the crop returned as the observation of its call), so a search's first crop and final answer "
              "in the demo (`data.first_crop=\"cell_reflex\"`) are turns it writes already. ")

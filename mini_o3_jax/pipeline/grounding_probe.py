@@ -7,6 +7,7 @@ Teacher-forced (cheap, every `eval_every` steps), per answer-token role:
   box    the box's other digits (its fine position and size);
   name   the name of the shape at a given box;
   read   the digit of a legible crop (the first digit of the answer);
+  zoom_cell, zoom_box  (with `zoom`) the cell of the window a zoom answer starts with, and its box's digits;
 each beside `prior_<role>`, the accuracy of always writing the role's most frequent token.
 
 Greedy (the numbers the base is judged by): the target of each held-out scene is asked for alone
@@ -17,7 +18,9 @@ not: on_object high with on_target low is a binding failure), `iou50` boxes with
 agent's parser takes for a final answer with the digit of the target's legible crop, asked as training asks it
 (the scene, then the crop; with prompt_form="agent" the crop as the observation of the located call),
 `read_digit` answers whose first digit is that digit whatever their form; `cell` (with `cell_first`) answers
-that name the target's grid cell.
+that name the target's grid cell. With `zoom` the zoom is asked too, after the gold window call and its
+observation: `zoom_hit` counts calls whose crop holds the target's digit at a legible size (no larger than the
+scripted zoom's, one step of the written box's grid allowed), `zoom_cell` those naming the scripted zoom's cell.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from mini_o3_jax.sampler import generate
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import losses
 
-ROLES = ("cell", "where", "box", "name", "read")
+ROLES = ("cell", "where", "box", "name", "read", "zoom_cell", "zoom_box")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,10 @@ def token_roles(pieces, kinds) -> list[str | None]:
       continue
     answer, before = answer + piece, answer
     name = grounding.KINDS[kind]
+    if name == "zoom":  # the window's cell, then the box's digits
+      if piece.strip().isdigit():
+        roles[t] = "zoom_box" if any(c.isdigit() for c in before) else "zoom_cell"
+      continue
     if name != "locate":  # a read answer's digit is its first (the agent form repeats it in <answer>)
       first_digit = piece.strip().isdigit() and not any(c.isdigit() for c in before)
       roles[t] = name if name != "read" or first_digit else None
@@ -173,13 +180,17 @@ class GroundingProbe:
                 for r in range(len(chunk))]
     return texts
 
-  def _agent_prompt(self, task, read: bool, rng: np.random.Generator):
-    """The target's questions as prompt_form="agent" rows ask them: the search's first turn, and for `read` its
-    call answered (the gold answer) and the crop returned as its observation."""
-    cfg = dataclasses.replace(self.grounding_config, locate=1, read=int(read), target_first=True)
+  def _agent_prompt(self, task, kind: str, rng: np.random.Generator):
+    """The target's `kind` question as prompt_form="agent" rows ask it: the search's first turn ("locate"), or
+    after it the gold answers and the observations up to the zoom's or the read's; None where the row asks none."""
+    cfg = dataclasses.replace(self.grounding_config, locate=1, read=int(kind == "read"), target_first=True)
     questions = grounding.scene_questions(task, cfg, rng)
+    asked = next((n for n, q in enumerate(questions) if q[0] == kind), None)
+    if asked is None:
+      return None
+    questions = questions[:asked + 1]
     messages = grounding.scene_messages(questions, self.question_first)[:-1]
-    return self._encode(grounding.scene_views(task, questions, self.task_config), messages)
+    return self._encode(grounding.scene_views(task, questions, self.task_config, cfg), messages)
 
   def greedy(self, model, tasks) -> dict[str, float]:
     answer_form = self.grounding_config.answer_form
@@ -187,8 +198,8 @@ class GroundingProbe:
     target = lambda t: next(o for o in t.objects if o.is_target)
     if self.grounding_config.prompt_form == "agent":
       rng = np.random.default_rng(0)  # the task question's wording
-      locate = [self._agent_prompt(t, False, rng) for t in tasks]
-      read = [self._agent_prompt(t, True, rng) for t in tasks]
+      locate = [self._agent_prompt(t, "locate", rng) for t in tasks]
+      read = [self._agent_prompt(t, "read", rng) for t in tasks]
     else:
       locate = [self._prompt([view(t, None)], grounding.locate_question(grounding.object_name(target(t))))
                 for t in tasks]
@@ -214,7 +225,30 @@ class GroundingProbe:
            "iou50": float(np.mean(iou50)), "read": float(np.mean(reads)), "read_digit": float(np.mean(read_digits))}
     if self.cell_first:  # the cell the answer starts with: the target's?
       out["cell"] = float(np.mean(cells))
+    if self.grounding_config.zoom:
+      out.update(self.greedy_zoom(model, tasks))
     return out
+
+  def greedy_zoom(self, model, tasks) -> dict[str, float]:
+    """zoom_hit and zoom_cell (module docstring) over the tasks whose target's legible crop lies in its window."""
+    rng = np.random.default_rng(1)
+    asked = [(t, p) for t in tasks if (p := self._agent_prompt(t, "zoom", rng)) is not None]
+    hits, cells = [], []
+    decimals = self.grounding_config.decimals
+    for (t, _), text in zip(asked, self._generate(model, [p for _, p in asked], 24)):
+      target = next(o for o in t.objects if o.is_target)
+      gold = coldstart.reflex_search(t, target, decimals)
+      window, zoom = gold.regions
+      cells.append(text.strip()[:1] == gold.calls[1][:1])
+      action = tools.parse_action(tools.truncate_at_stop(text))
+      if not (isinstance(action, tools.ToolCall) and action.source == "observation_1"):
+        hits.append(False)
+        continue
+      region = coldstart.crop_region(action.bbox, window, gold.observations[0].size)
+      step = 10.0**-decimals * (window[2] - window[0])  # one step of the written box, in the original
+      legible = all(region[k + 2] - region[k] <= zoom[k + 2] - zoom[k] + step + 1e-9 for k in (0, 1))
+      hits.append(legible and coldstart.contains(region, target.detail_box))
+    return {"zoom_hit": float(np.mean(hits)), "zoom_cell": float(np.mean(cells))} if asked else {}
 
 
 def probe_export(path: str, questions: grounding.GroundingConfig, task_config: synthetic.SyntheticConfig,

@@ -75,6 +75,7 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
   digit = np.full((b, tokens), -1, np.int32)
   mean, std = image_lib.normalization(model_config.model_type)
   kind_tokens = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
+  digit_tokens = image_lib.token_centres if stage.digit_tokens == "centre" else _core_tokens
   for r, e in enumerate(examples):
     if e.get("pixel_values") is None:
       continue
@@ -89,11 +90,18 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
       shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
     grids = np.asarray(e["image_grid_thw"]).reshape(-1, 3)
     starts = np.cumsum([0] + [int(np.prod(g)) // v.merge_unit for g in grids])
-    for j, (glyph, d) in enumerate(zip(e.get("read_glyphs", ()), e.get("read_digits", ())), start=1):
-      holds = image_lib.token_centres(glyph[None], grids[j], v.spatial_merge_size) >= 0
+    for j, glyph, d in zip(e.get("read_images", ()), e.get("read_glyphs", ()), e.get("read_digits", ())):
+      holds = digit_tokens(glyph[None], grids[j], v.spatial_merge_size) >= 0
       digit[r, starts[j]:starts[j + 1]][holds] = d
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
                              image_shape=shape, image_digit=digit)
+
+
+def _core_tokens(glyphs: np.ndarray, grid_thw, merge_size: int) -> np.ndarray:
+  """`image_lib.token_boxes` of each glyph box's central half: the tokens holding a readable part of it."""
+  x0, y0, x1, y1 = np.asarray(glyphs, np.float64).reshape(-1, 4).T
+  dx, dy = (x1 - x0) / 4, (y1 - y0) / 4
+  return image_lib.token_boxes(np.stack([x0 + dx, y0 + dy, x1 - dx, y1 - dy], -1), grid_thw, merge_size)
 
 
 def _train_on_scenes(name: str, workdir: str, state, shardings, step_fn, loop: run_config.Loop,
@@ -184,7 +192,8 @@ def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> 
   log.info("%s: %d steps of %d fresh scenes, the tower alone", name, stage.loop.steps, stage.batch.batch_size)
   # One short question per scene: only the images matter here; with the digit target, a read question
   # too, for its crop (where the digit is legible).
-  questions = grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0))
+  questions = grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0),
+                                       read_jitter=stage.read_jitter)
   stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
                                  rows=stage.batch.batch_size, seed=config.seed,
                                  split=phases.scene_split(grounding.VISION_SPLIT, name, "pretrain_vision"),
