@@ -168,6 +168,27 @@ def test_zoom_rows_are_the_bases_direct_search(tokenizer):
     grounding.GroundingConfig(locate=1, name=0, zoom=1, cell_first=True, cell_window=True)
 
 
+def test_zoom_score_takes_the_scripted_zoom_and_refuses_what_cannot_be_read():
+  """The probe's zoom_hit: the scripted zoom (its cell or not) holds the digit at a legible size; the whole window,
+  a zoom moved off the digit, and the right box on the wrong image do not; the cell is the answer's first digit."""
+  tcfg = synthetic.SyntheticConfig()
+  for n, level in enumerate(("medium", "hard")):
+    task = grounding.make_scene(level, n, tcfg, grounding.HELDOUT_SPLIT)
+    target = next(o for o in task.objects if o.is_target)
+    gold = coldstart.reflex_search(task, target, 2).calls[1]
+    cell, call = gold.split(" ", 1)
+    box = tools.parse_action(gold).bbox
+    other = str(1 + int(cell) % 9)
+    moved = tuple(min(1.0, max(0.0, v + (0.3 if box[0] < 0.5 else -0.3))) for v in box)
+    assert grounding_probe.score_zoom(gold, task, 2) == (True, True)
+    assert grounding_probe.score_zoom(call, task, 2) == (True, False)
+    assert grounding_probe.score_zoom(f"{other} " + coldstart.grounding((0.0, 0.0, 1.0, 1.0), 1, 2), task, 2) == \
+        (False, False)
+    assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(moved, 1, 2), task, 2) == (False, True)
+    assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(box, 0, 2), task, 2) == (False, True)
+    assert grounding_probe.score_zoom("<answer>3</answer>", task, 2) == (False, False)
+
+
 def test_jittered_read_crops_hold_the_digit_and_stray():
   """read_jitter: each crop holds the digit's glyph 2 px inside its edges, is a square within the jitter of the
   legible crop's side, is the same on every call, and the digit is not always at its centre."""

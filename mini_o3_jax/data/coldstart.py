@@ -304,7 +304,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
       _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window, reflex=reflex,
-                 zoom_reflex=zoom_reflex)
+                   zoom_reflex=zoom_reflex)
       lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
               f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
@@ -312,7 +312,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   else:
     depth_first = pattern == "depth_first"
   _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window, reflex=reflex,
-                 zoom_reflex=zoom_reflex)
+               zoom_reflex=zoom_reflex)
   return ep.answer(answer_thought(_name(target), task.answer), reflex=reflex)
 
 

@@ -390,6 +390,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
   kinds = _answer_kinds(enc["loss_mask"], [q[0] for q in questions])
+  observed = [q[0] for q in questions if q[0] in ("zoom", "read")]  # the kinds of the images after the scene
   loss_mask = _first_token_only(enc["loss_mask"], kinds == KINDS.index("locate")) if cell_only \
       else enc["loss_mask"]
   return {
@@ -407,9 +408,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],
                                 np.int32),
       # the index among the row's images of each read question's crop (the scene is image 0)
-      "read_images": np.asarray([1 + n for n, (kind, _, _, _) in enumerate(q for q in questions
-                                                                         if q[0] in ("zoom", "read"))
-                                 if kind == "read"], np.int32),
+      "read_images": np.asarray([1 + n for n, kind in enumerate(observed) if kind == "read"], np.int32),
   }
 
 

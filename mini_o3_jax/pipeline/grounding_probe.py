@@ -233,22 +233,27 @@ class GroundingProbe:
     """zoom_hit and zoom_cell (module docstring) over the tasks whose target's legible crop lies in its window."""
     rng = np.random.default_rng(1)
     asked = [(t, p) for t in tasks if (p := self._agent_prompt(t, "zoom", rng)) is not None]
-    hits, cells = [], []
-    decimals = self.grounding_config.decimals
-    for (t, _), text in zip(asked, self._generate(model, [p for _, p in asked], 24)):
-      target = next(o for o in t.objects if o.is_target)
-      gold = coldstart.reflex_search(t, target, decimals)
-      window, zoom = gold.regions
-      cells.append(text.strip()[:1] == gold.calls[1][:1])
-      action = tools.parse_action(tools.truncate_at_stop(text))
-      if not (isinstance(action, tools.ToolCall) and action.source == "observation_1"):
-        hits.append(False)
-        continue
-      region = coldstart.crop_region(action.bbox, window, gold.observations[0].size)
-      step = 10.0**-decimals * (window[2] - window[0])  # one step of the written box, in the original
-      legible = all(region[k + 2] - region[k] <= zoom[k + 2] - zoom[k] + step + 1e-9 for k in (0, 1))
-      hits.append(legible and coldstart.contains(region, target.detail_box))
-    return {"zoom_hit": float(np.mean(hits)), "zoom_cell": float(np.mean(cells))} if asked else {}
+    texts = self._generate(model, [p for _, p in asked], 24)
+    scored = [score_zoom(text, t, self.grounding_config.decimals) for (t, _), text in zip(asked, texts)]
+    return {"zoom_hit": float(np.mean([h for h, _ in scored])),
+            "zoom_cell": float(np.mean([c for _, c in scored]))} if asked else {}
+
+
+def score_zoom(text: str, task, decimals: int) -> tuple[bool, bool]:
+  """(hit, cell) of a zoom answer `text` after the gold window of `task`'s target: hit, its call's crop of
+  observation_1 holds the target's digit and is no larger than the scripted zoom's plus one step of the written
+  box's grid (larger crops turn illegible); cell, it starts with the scripted zoom's cell."""
+  target = next(o for o in task.objects if o.is_target)
+  gold = coldstart.reflex_search(task, target, decimals)
+  window, zoom = gold.regions
+  cell = text.strip()[:1] == gold.calls[1][:1]
+  action = tools.parse_action(tools.truncate_at_stop(text))
+  if not (isinstance(action, tools.ToolCall) and action.source == "observation_1"):
+    return False, cell
+  region = coldstart.crop_region(action.bbox, window, gold.observations[0].size)
+  step = 10.0**-decimals * (window[2] - window[0])  # one step of the written box, in the original
+  legible = all(region[k + 2] - region[k] <= zoom[k + 2] - zoom[k] + step + 1e-9 for k in (0, 1))
+  return legible and coldstart.contains(region, target.detail_box), cell
 
 
 def probe_export(path: str, questions: grounding.GroundingConfig, task_config: synthetic.SyntheticConfig,

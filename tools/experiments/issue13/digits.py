@@ -1,9 +1,11 @@
 """Does a run's tower hold the digit of a read crop? Ridge probe on the token holding the glyph's centre.
 
-  PYTHONPATH=. python tools/experiments/issue13/digits.py RUN_DIR [STAGE=pretrain_vision] [LEVEL=medium] [N=300]
+  PYTHONPATH=. [POOLED=1] python tools/experiments/issue13/digits.py RUN_DIR [STAGE=pretrain_vision] [LEVEL=medium]
+      [N=300] [JITTER=0]
 
-Encodes N held-out scenes' target crops (the read question's view), takes the merged token holding the
-digit's centre, fits a ridge classifier on half and scores the other half (chance ~10 %).
+Encodes N held-out scenes' target crops (the read question's view; with JITTER moved as the agent's crops are,
+`grounding.read_crop`), takes the merged token holding the digit's centre (POOLED=1: and the crop's mean token),
+fits a ridge classifier on half and scores the other half (chance ~10 %).
 """
 import json
 import os
@@ -25,6 +27,8 @@ run = sys.argv[1]
 stage = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
 level = sys.argv[3] if len(sys.argv) > 3 else "medium"
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 300
+jitter = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+pooled = os.environ.get("POOLED") == "1"
 config = pretrain_tiny.get_config()
 recorded = json.load(open(os.path.join(run, "config.json")))
 config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
@@ -41,12 +45,13 @@ for i in range(n):
   task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
   obj = next(o for o in task.objects if o.is_target)
   questions = [("read", "", "", task.objects.index(obj))]
-  view = synthetic.render_view(task.image, obj.zoom_path[-1], tcfg)
+  view = synthetic.render_view(task.image, grounding.read_crop(task, task.objects.index(obj), jitter), tcfg)
   pv, grid = image_lib.preprocess_image(view, tcfg.view_min_pixels, tcfg.view_max_pixels, **settings)
-  glyph = grounding.read_glyphs(task, questions, tcfg)
+  glyph = grounding.read_glyphs(task, questions, tcfg, grounding.GroundingConfig(read_jitter=jitter))
   token = int(np.flatnonzero(image_lib.token_centres(glyph, grid, mcfg.vision.spatial_merge_size) >= 0)[0])
   emb = np.asarray(model.encode_images(pv, VisionInputs.build(np.asarray([grid]), mcfg.vision)))
-  feats.append(emb[0, token] if emb.ndim == 3 else emb[token])
+  e = emb[0] if emb.ndim == 3 else emb
+  feats.append(np.concatenate([e[token], e.mean(0)]) if pooled else e[token])
   digits.append(int(obj.digit))
 x, y = np.asarray(feats), np.asarray(digits)
 h = n // 2
@@ -54,5 +59,5 @@ onehot = np.eye(10)[y[:h]]
 xa = np.concatenate([x, np.ones((n, 1))], 1)
 w = np.linalg.solve(xa[:h].T @ xa[:h] + 1e-2 * np.eye(xa.shape[1]), xa[:h].T @ onehot)
 acc = float(np.mean(np.argmax(xa[h:] @ w, 1) == y[h:]))
-print(f"{run} {stage} step {step}: digit on the glyph token, held-out {level} crops: {100 * acc:.0f} % "
+print(f"{run} {stage} step {step} jitter {jitter} pooled {pooled}: digit on the glyph token, held-out {level} crops: {100 * acc:.0f} % "
       f"(commonest {100 * np.bincount(y[h:]).max() / (n - h):.0f} %), token norm {np.linalg.norm(x, axis=1).mean():.2f}")
