@@ -353,18 +353,26 @@ def scene_views(task: synthetic.SyntheticTask, questions, task_config: synthetic
                 config: GroundingConfig = GroundingConfig()) -> list:
   """The views the model sees, in placeholder order: the scene, then each zoom question's window and each
   read question's crop (`read_crop`; a zoom's where its written box says: `config`'s decimals)."""
-  views = [synthetic.render_view(task.image, None, task_config)]
-  views += [synthetic.render_view(crop, None, task_config) for _, _, crop, _ in _observed_crops(task, questions,
-                                                                                                 config)]
-  return views
+  return _views(task, _observed_crops(task, questions, config), task_config)
+
+
+def _views(task: synthetic.SyntheticTask, crops, task_config: synthetic.SyntheticConfig) -> list:
+  """`scene_views` from `_observed_crops`' output."""
+  return [synthetic.render_view(task.image, None, task_config)] + [synthetic.render_view(crop, None, task_config)
+                                                                   for _, _, crop, _ in crops]
 
 
 def read_glyphs(task: synthetic.SyntheticTask, questions, task_config: synthetic.SyntheticConfig,
                 config: GroundingConfig = GroundingConfig()) -> np.ndarray:
   """float32 [reads, 4]: per read question, its shape's digit (glyph) box relative to that question's crop
   view (`scene_views`), where the tower's digit target places the digit."""
+  return _glyphs(task, _observed_crops(task, questions, config), task_config)
+
+
+def _glyphs(task: synthetic.SyntheticTask, crops, task_config: synthetic.SyntheticConfig) -> np.ndarray:
+  """`read_glyphs` from `_observed_crops`' output."""
   out = []
-  for kind, i, _, region in _observed_crops(task, questions, config):
+  for kind, i, _, region in crops:
     if kind == "read":
       x0, y0, x1, y1 = synthetic.project_box(task.objects[i].detail_box, region, task.image.size, task_config)
       cx0, cy0, cx1, cy1 = synthetic.pixel_box(region, task.image.size)
@@ -385,8 +393,9 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   so the skills probe can score each kind separately.
   """
   questions = scene_questions(task, config, rng)
+  crops = _observed_crops(task, questions, config)  # once: the views and the glyph boxes both come from them
   processed = [image_lib.preprocess_image(v, task_config.view_min_pixels, task_config.view_max_pixels, **(image or {}))
-               for v in scene_views(task, questions, task_config, config)]
+               for v in _views(task, crops, task_config)]
   grids = [g for _, g in processed]
   enc = chat.tokenize_conversation(tokenizer, scene_messages(questions, config.question_first), grids)
   kinds = _answer_kinds(enc["loss_mask"], [q[0] for q in questions])
@@ -404,7 +413,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
       # each read question's digit and where it sits in its crop (the tower's digit target)
-      "read_glyphs": read_glyphs(task, questions, task_config, config),
+      "read_glyphs": _glyphs(task, crops, task_config),
       "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],
                                 np.int32),
       # the index among the row's images of each read question's crop (the scene is image 0)
