@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
       # A read question's crop strays from the generator's legible crop by up to this fraction of its side, the
       # digit anywhere inside (grounding.GroundingConfig.read_jitter).
       read_jitter=0.0,
+      read_crops=1,  # with the digit target: read crops (of distinct shapes) a scene's row brings
+      # A row is the base's direct search (the scene, the located shape's window, the legible zoom inside it):
+      # the tower trains on the agent's own observations (run_config.PretrainVisionStage).
+      search_rows=False,
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
       # a shared object direction + colour_scale * its colour's direction) + shape_scale * its shape kind's
       # direction, s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;
@@ -61,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
       # gets digit_scale * that digit's direction (the decoder's read skill needs the digit in the features).
       targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
                    saliency_power=4.0, shape_tokens="centre", shape_by_saliency=False, digit_scale=0.0,
-                   digit_tokens="centre")))
+                   digit_tokens="centre", shape_on_crops=False)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard, same_colour.
@@ -97,6 +101,12 @@ def get_config() -> ml_collections.ConfigDict:
       moved=dict(from_stage="pretrain_vision_digits", steps=500, patch_buckets=(128,), length_buckets=(128,),
                  curriculum="0:few=0.5,medium=0.5", read_jitter=0.12,
                  targets=dict(shape_scale=0.8, digit_scale=3.0, digit_tokens="core")),
+      # The tower on the agent's own observations: each row the base's direct search (the scene, the window the
+      # located shape's call returns, the legible zoom inside it), the kind on every image's shapes and the digit
+      # on the tool's zoom. The scene-only towers fit a window worse than a zero output (session 19).
+      search=dict(from_stage="pretrain_vision_moved", steps=1000, patch_buckets=(208, 256), length_buckets=(192,),
+                  curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4", search_rows=True,
+                  targets=dict(shape_scale=0.8, digit_scale=3.0, digit_tokens="core", shape_on_crops=True)),
       # The bound decoder on the kind tower where only the kind separates the named shape from its
       # look-alikes (session 13, C1 + C2).
       same_colour=dict(from_stage="pretrain", vision_from="pretrain_vision_kind", steps=2500, lr=5e-4,

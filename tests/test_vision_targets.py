@@ -459,6 +459,65 @@ def test_core_digit_tokens_are_those_the_glyphs_middle_touches(tokenizer):
     dataclasses.replace(stage, digit_tokens="all")
 
 
+def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokenizer):
+  """shape_on_crops: a search row's window and zoom carry the kind of every shape whose centre they show, on the
+  token where that centre lands in the rendered crop (found by painting it); without it only the scene does.
+  The row's crop regions are the search's own."""
+  config = common.resolve(demo.get_config())
+  mcfg = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
+  bcfg = batch_lib.BatchConfig(batch_size=1, length_buckets=(256,), patch_buckets=(320,),
+                               pad_token_id=mcfg.text.pad_token_id)
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette)), palette=palette,
+                                         shape_tokens="centre", shape_on_crops=True)
+  checked = 0
+  for i, level in enumerate(("medium", "hard", "few", "medium", "hard")):
+    task = grounding.make_scene(level, i, tcfg)
+    row = grounding.scene_example(task, tokenizer, pretrain_stage.SEARCH_ROWS, tcfg, np.random.default_rng(i))
+    grids = row["image_grid_thw"]
+    if len(grids) < 3:
+      continue
+    (obj,) = {i for _, _, _, i in grounding.scene_questions(task, pretrain_stage.SEARCH_ROWS, np.random.default_rng(i))}
+    search = coldstart.reflex_search(task, task.objects[obj], pretrain_stage.SEARCH_ROWS.decimals)
+    w, h = task.image.size
+    cropped = [np.divide(synthetic.pixel_box(r, (w, h)), (w, h, w, h)) for r in search.regions]
+    np.testing.assert_allclose(row["crop_regions"], cropped, atol=1e-6)
+    np.testing.assert_allclose(row["crop_regions"], search.regions, atol=2 / w)
+    batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg, stage)
+    plain = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg,
+                                                dataclasses.replace(stage, shape_on_crops=False))
+    starts = np.cumsum([0] + [int(np.prod(g)) // 4 for g in grids])
+    np.testing.assert_array_equal(batch.image_shape[0, :starts[1]], plain.image_shape[0, :starts[1]])
+    assert np.all(plain.image_shape[0, starts[1]:] == -1)
+    for j, region in enumerate(search.regions, start=1):
+      th, tw = grids[j][1] // 2, grids[j][2] // 2
+      want, sure = np.full(th * tw, -1), np.ones(th * tw, bool)
+      for o in task.objects:
+        painted = task.image.copy()
+        cx, cy = (o.box[0] + o.box[2]) / 2 * w, (o.box[1] + o.box[3]) / 2 * h
+        r = max(1, round(2 * (region[2] - region[0]) * w / 112))  # ~2 view px, whatever the crop's scale
+        PIL.ImageDraw.Draw(painted).rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 255))
+        view = np.asarray(synthetic.render_view(painted, region, tcfg), np.float32)
+        ys, xs = np.nonzero((view[..., 0] > 180) & (view[..., 1] < 100) & (view[..., 2] > 180))
+        if not len(xs) or not (2 < xs.mean() < view.shape[1] - 3 and 2 < ys.mean() < view.shape[0] - 3):
+          continue  # its centre is not in the crop (or on its very edge, where a pixel's rounding decides)
+        # the centre in tokens (the processor may resize the view: a token is 1 / tw of its width)
+        x, y = (xs.mean() + 0.5) / view.shape[1] * tw, (ys.mean() + 0.5) / view.shape[0] * th
+        dx, dy = tw / view.shape[1], th / view.shape[0]    # a view pixel
+        near = {int(min(th - 1, max(0, y + a * dy))) * tw + int(min(tw - 1, max(0, x + b * dx)))
+                for a in (-1, 1) for b in (-1, 1)}
+        if len(near) > 1:  # on a token boundary: a pixel's rounding decides which token holds the centre
+          sure[list(near)] = False
+          assert tcfg.shapes.index(o.shape) in batch.image_shape[0, starts[j] + np.asarray(sorted(near))]
+          continue
+        want[near.pop()] = tcfg.shapes.index(o.shape)
+      np.testing.assert_array_equal(batch.image_shape[0, starts[j]:starts[j + 1]][sure], want[sure])
+      checked += int(np.sum(want >= 0))
+  assert checked >= 5
+
+
 def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
   """Rows and probe prompts for a Qwen3-VL model are normalised as its image processor does (mean / std 0.5,
   not CLIP's), and the feature targets read from them are the Qwen2.5-VL model's for the same scenes: each
@@ -497,6 +556,29 @@ def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
   np.testing.assert_allclose(b.image_saliency, a.image_saliency, atol=1e-4)
   np.testing.assert_array_equal(b.image_colour[a.image_saliency > 0], a.image_colour[a.image_saliency > 0])
   assert (a.image_saliency > 0).any() and (a.image_saliency == 0).any()
+
+
+def test_tower_rows_ask_what_the_stage_names(tokenizer):
+  """A tower row's questions: one locate (no digit target), the read crops with the digit target, or the base's
+  whole direct search (`search_rows`): the scene, the window and the legible zoom inside it."""
+  tcfg = synthetic.SyntheticConfig()
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=None, curriculum=None,
+                                         targets=vt.FeatureTargetConfig(num_colours=8), palette=(), read_jitter=0.1,
+                                         read_crops=3)
+  assert pretrain_stage.tower_questions(stage) == grounding.GroundingConfig(locate=1, name=0, read=0, read_jitter=0.1)
+  digits = dataclasses.replace(stage, targets=vt.FeatureTargetConfig(num_colours=8, digit_scale=3.0))
+  row = grounding.scene_example(grounding.make_scene("hard", 0, tcfg), tokenizer,
+                                pretrain_stage.tower_questions(digits), tcfg, np.random.default_rng(0))
+  assert len(row["image_grid_thw"]) == 4 and row["read_images"].tolist() == [1, 2, 3]
+  search = pretrain_stage.tower_questions(dataclasses.replace(digits, search_rows=True))
+  task = grounding.make_scene("medium", 1, tcfg)
+  row = grounding.scene_example(task, tokenizer, search, tcfg, np.random.default_rng(0))
+  (i,) = {i for _, _, _, i in grounding.scene_questions(task, search, np.random.default_rng(0))}
+  regions = coldstart.reflex_search(task, task.objects[i], search.decimals).regions
+  np.testing.assert_allclose(row["crop_regions"], regions, atol=2 / task.image.size[0])
+  assert row["read_images"].tolist() == [2] and row["read_digits"].tolist() == [int(task.objects[i].digit)]
+  with pytest.raises(ValueError, match="read_crops"):
+    dataclasses.replace(stage, read_crops=0)
 
 
 def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):

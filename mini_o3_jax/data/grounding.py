@@ -385,7 +385,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
                   cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes,
-  read_glyphs, read_digits, read_images};
+  crop_regions, read_glyphs, read_digits, read_images};
   `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
   the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
@@ -412,6 +412,10 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       # the scene's shapes (for the tower's feature targets: which token shows which kind)
       "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
+      # the region of the scene each later image shows, as the pixels cropped (relative), so the shapes' boxes can
+      # be placed there too
+      "crop_regions": np.asarray([np.divide(synthetic.pixel_box(region, task.image.size), task.image.size * 2)
+                                  for _, _, _, region in crops], np.float32).reshape(-1, 4),
       # each read question's digit and where it sits in its crop (the tower's digit target)
       "read_glyphs": _glyphs(task, crops, task_config),
       "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],

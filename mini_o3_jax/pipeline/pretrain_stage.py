@@ -42,6 +42,11 @@ from mini_o3_jax.train import vision_targets
 log = logging.getLogger(__name__)
 
 
+# A tower row that is the base's direct search: the scene, the located shape's window, the legible zoom inside it.
+SEARCH_ROWS = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
+                                       prompt_form="agent")
+
+
 def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: float) -> batch_lib.SFTBatch:
   """`batch` with `image_saliency` float32 [batch, patches / merge_unit]: each row's merged image tokens'
   saliency (`processing.image.token_saliency` of its pixels), -1 on padding tokens and padding rows."""
@@ -63,8 +68,9 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
                          stage: run_config.PretrainVisionStage) -> batch_lib.SFTBatch:
   """`batch` with the tower's feature targets' inputs (`train.vision_targets`): per merged image token its
   saliency within its colour (-1 on padding), its palette colour, its (row, column) cell, the kind of
-  the row's scene shape that covers most of it (-1: none, and on every later image of the row) and, on a
-  read question's crop, the digit whose centre it holds (-1 elsewhere)."""
+  the row's scene shape that covers most of it or whose centre it holds (`stage.shape_tokens`; -1: none, and on
+  every later image of the row unless `stage.shape_on_crops`: the crops' shapes too, placed by `crop_regions`)
+  and, on a read question's crop, the digit the glyph's tokens show (`stage.digit_tokens`; -1 elsewhere)."""
   v = model_config.vision
   b, num_patches = batch.inputs.pixel_values.shape[:2]
   tokens = num_patches // v.merge_unit
@@ -85,16 +91,35 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
                                    merge_size=v.spatial_merge_size, mean=mean, std=std)
     saliency[r, :len(s)], colour[r, :len(k)] = s, k
     cell[r, :len(s)] = image_lib.token_cells(e["image_grid_thw"], v.spatial_merge_size)
-    if len(e.get("object_boxes", ())):
-      covering = kind_tokens(e["object_boxes"], e["image_grid_thw"][0], v.spatial_merge_size)
-      shape[r, :len(covering)] = np.where(covering >= 0, np.asarray(e["object_shapes"])[covering], -1)
     grids = np.asarray(e["image_grid_thw"]).reshape(-1, 3)
     starts = np.cumsum([0] + [int(np.prod(g)) // v.merge_unit for g in grids])
+    if len(e.get("object_boxes", ())):
+      regions = np.asarray(e.get("crop_regions", np.zeros((0, 4))), np.float64) if stage.shape_on_crops else ()
+      for j, region in enumerate([(0.0, 0.0, 1.0, 1.0), *regions]):
+        boxes, kinds = _boxes_in(region, e["object_boxes"], e["object_shapes"], keep_centred=kind_tokens is
+                                 image_lib.token_centres)
+        if not len(boxes):
+          continue
+        covering = kind_tokens(boxes, grids[j], v.spatial_merge_size)
+        shape[r, starts[j]:starts[j + 1]] = np.where(covering >= 0, kinds[np.clip(covering, 0, None)], -1)
     for j, glyph, d in zip(e.get("read_images", ()), e.get("read_glyphs", ()), e.get("read_digits", ())):
       holds = digit_tokens(glyph[None], grids[j], v.spatial_merge_size) >= 0
       digit[r, starts[j]:starts[j + 1]][holds] = d
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
                              image_shape=shape, image_digit=digit)
+
+
+def _boxes_in(region, boxes, kinds, keep_centred: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The shapes' boxes (relative to the scene) relative to the crop `region` of it, with their kinds: those whose
+  centre the crop holds (`keep_centred`: the kind's token is the one holding it) or that it touches."""
+  x0, y0, x1, y1 = region
+  boxes = (np.asarray(boxes, np.float64).reshape(-1, 4) - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
+  if keep_centred:
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    keep = (cx >= 0) & (cx < 1) & (cy >= 0) & (cy < 1)
+  else:
+    keep = (boxes[:, 2] > 0) & (boxes[:, 0] < 1) & (boxes[:, 3] > 0) & (boxes[:, 1] < 1)
+  return boxes[keep], np.asarray(kinds)[keep]
 
 
 def _core_tokens(glyphs: np.ndarray, grid_thw, merge_size: int) -> np.ndarray:
@@ -174,6 +199,15 @@ def _start_params(config, workdir: str, name: str, fresh: bool, from_stage: str,
   return params
 
 
+def tower_questions(stage: run_config.PretrainVisionStage) -> grounding.GroundingConfig:
+  """What a tower row asks: only its images matter. One short question a scene, and with the digit target read
+  questions too, for their crops (where the digit is legible); or the base's whole direct search."""
+  if stage.search_rows:
+    return SEARCH_ROWS
+  reads = stage.read_crops if stage.targets.digit_scale > 0 else 0
+  return grounding.GroundingConfig(locate=1, name=0, read=reads, read_jitter=stage.read_jitter)
+
+
 def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> dict:
   """The tower alone on feature targets (`train.vision_targets`), the decoder untouched: the first half
   of the base's recipe; `pretrain` with `from_stage="pretrain_vision"` and a frozen tower follows. As a
@@ -190,11 +224,7 @@ def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> 
   step_fn = vision_targets.make_vision_step(stage.targets, tx, mesh, shardings,
                                             learning_rate_fn=opt_lib.make_schedule(stage.optimizer))
   log.info("%s: %d steps of %d fresh scenes, the tower alone", name, stage.loop.steps, stage.batch.batch_size)
-  # One short question per scene: only the images matter here; with the digit target, a read question
-  # too, for its crop (where the digit is legible).
-  questions = grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0),
-                                       read_jitter=stage.read_jitter)
-  stream = grounding.SceneStream(stage.curriculum, questions, run_config.task_config(config), tokenizer,
+  stream = grounding.SceneStream(stage.curriculum, tower_questions(stage), run_config.task_config(config), tokenizer,
                                  rows=stage.batch.batch_size, seed=config.seed,
                                  split=phases.scene_split(grounding.VISION_SPLIT, name, "pretrain_vision"),
                                  image=image_lib.settings_for(mcfg))

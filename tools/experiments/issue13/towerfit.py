@@ -1,0 +1,83 @@
+"""How well does a run's tower fit its feature targets on each image of the agent's direct search?
+
+  PYTHONPATH=. python tools/experiments/issue13/towerfit.py RUN_DIR [STAGE=pretrain_vision] [LEVEL=medium] [N=64]
+      [PHASE=pretrain_vision/moved]
+
+Builds N held-out zoom rows (the scene, the window the located shape's call returns, the legible zoom inside it:
+`grounding.GroundingConfig(zoom=1)`), encodes them and prints, per image of the row, the feature-target loss
+(`train.vision_targets`, position / object / colour terms only: the kind and digit terms exist on the scene and the
+read crop alone) and the loss of the all-zero output (the scale: 1.0 means nothing fitted). The tower is trained on
+scenes and read crops only; a window shows shapes twice as large, cut at its edges.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+from flax import nnx
+
+from configs import pretrain_tiny
+from mini_o3_jax import run_config
+from mini_o3_jax.data import grounding
+from mini_o3_jax.pipeline import common, phases, pretrain_stage
+from mini_o3_jax.processing import image as image_lib
+from mini_o3_jax.train import batch as batch_lib
+from mini_o3_jax.train import checkpoint as ckpt_lib
+from mini_o3_jax.train import state as state_lib
+from mini_o3_jax.train import vision_targets
+
+run = sys.argv[1]
+stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
+level = sys.argv[3] if len(sys.argv) > 3 else "medium"
+n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
+phase = phases.runs_of([sys.argv[5] if len(sys.argv) > 5 else "pretrain_vision/moved"])[0]
+config = pretrain_tiny.get_config()
+recorded = json.load(open(os.path.join(run, "config.json")))
+config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
+config = phases.configure(common.resolve(config), phase)
+tok = common.build_tokenizer(config, run)
+mcfg = run_config.model_config(config, tok)
+params, step = ckpt_lib.restore_params(os.path.join(run, "ckpt", stage_name), mcfg)
+graphdef, _ = state_lib.abstract_model(mcfg)
+model = nnx.merge(graphdef, params)
+stage = run_config.pretrain_vision_stage(config, mcfg)
+every_image = dataclasses.replace(stage, shape_on_crops=True)  # the kind's term on every image's shapes
+tcfg = run_config.task_config(config)
+settings = image_lib.settings_for(mcfg)
+rng = np.random.default_rng(0)
+merge = mcfg.vision.merge_unit
+fit = {}   # image index -> [sum of err, sum of |target|^2, tokens]
+for i in range(n):
+  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  row = grounding.scene_example(task, tok, pretrain_stage.SEARCH_ROWS, tcfg, rng, image=settings)
+  grids = np.asarray(row["image_grid_thw"]).reshape(-1, 3)
+  if len(grids) < 3:
+    continue
+  one = batch_lib.BatchConfig(batch_size=1, length_buckets=(512,), patch_buckets=(int(grids.prod(1).sum()),))
+  batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, one), [row], mcfg, every_image)
+  emb = np.asarray(model.encode_images(batch.inputs.pixel_values, batch.inputs.vision))[0]
+  tgt = np.asarray(vision_targets.feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell,
+                                                  emb.shape[-1], stage.targets, batch.image_shape,
+                                                  batch.image_digit))[0]
+  starts = np.cumsum([0] + [int(g.prod()) // merge for g in grids])
+  for j in range(len(grids)):
+    sl = slice(starts[j], starts[j + 1])
+    acc = fit.setdefault(j, [0.0, 0.0, 0])
+    acc[0] += float(np.sum(np.square(emb[sl] - tgt[sl])))
+    acc[1] += float(np.sum(np.square(tgt[sl])))
+    acc[2] += starts[j + 1] - starts[j]
+trained = grounding.GroundingConfig(locate=1, name=0, read=stage.read_crops if stage.targets.digit_scale else 0,
+                                    read_jitter=stage.read_jitter)
+stream = grounding.SceneStream(stage.curriculum, trained, tcfg, tok, rows=16, seed=1, split=grounding.HELDOUT_SPLIT,
+                               image=settings)
+rows = stream.rows_for(0)
+batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, stage.batch), rows, mcfg, stage)
+emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)
+tgt = vision_targets.feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1],
+                                     stage.targets, batch.image_shape, batch.image_digit)
+print(f"{phase.name}'s own rows: loss {float(vision_targets.feature_target_loss(emb, tgt, batch.image_saliency >= 0)):.3f}")
+names = {0: "scene", 1: "window", 2: "zoom"}
+for j, (err, norm, count) in sorted(fit.items()):
+  print(f"{run} {stage_name} step {step} {level} {names.get(j, j)}: relative loss {err / norm:.3f} "
+        f"({count} tokens)")
