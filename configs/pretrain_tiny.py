@@ -51,7 +51,6 @@ def get_config() -> ml_collections.ConfigDict:
       # A read question's crop strays from the generator's legible crop by up to this fraction of its side, the
       # digit anywhere inside (grounding.GroundingConfig.read_jitter).
       read_jitter=0.0,
-      read_crops=1,  # with the digit target: read crops (of distinct shapes) a scene's row brings
       # A row is the base's direct search (the scene, the located shape's window, the legible zoom inside it):
       # the tower trains on the agent's own observations (run_config.PretrainVisionStage).
       search_rows=False,

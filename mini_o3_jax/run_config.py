@@ -312,11 +312,10 @@ class PretrainVisionStage:
   `PretrainStage.from_stage`; digit_tokens: which tokens of a read crop carry its digit, "centre" (the one holding
   the glyph's centre) or "core" (every token the glyph's central half touches: a glyph off the crop's centre
   straddles tokens); read_jitter: how far a read question's crop strays from the legible crop
-  (`grounding.GroundingConfig.read_jitter`); read_crops: with the digit target, how many read crops (of
-  distinct shapes) each scene's row brings; shape_on_crops: the kind's term on the shapes a crop shows too (not
+  (`grounding.GroundingConfig.read_jitter`); shape_on_crops: the kind's term on the shapes a crop shows too (not
   only the scene's); search_rows: each row is the base's direct search (`grounding.GroundingConfig.zoom`): the
   scene, the window the located shape's call returns and the legible zoom inside it, read, so the tower trains on
-  the agent's own observations (read_jitter and read_crops then unused).
+  the agent's own observations (read_jitter then unused).
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -331,13 +330,10 @@ class PretrainVisionStage:
   position_table_sincos: float = 0.0
   from_stage: str = ""
   read_jitter: float = 0.0
-  read_crops: int = 1
   shape_on_crops: bool = False
   search_rows: bool = False
 
   def __post_init__(self):
-    if self.read_crops < 1:
-      raise ValueError(f"pretrain_vision.read_crops must be >= 1, got {self.read_crops}")
     if self.shape_tokens not in ("cover", "centre"):
       raise ValueError(f"pretrain_vision.targets.shape_tokens must be 'cover' or 'centre', got {self.shape_tokens!r}")
     if self.digit_tokens not in ("centre", "core"):
@@ -357,7 +353,7 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
                                            "shape_scale", "shape_by_saliency", "digit_scale")),
       palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens", "digit_tokens",
                                            "shape_on_crops"),
-      **_given(c, "position_table_sincos", "from_stage", "read_jitter", "read_crops", "search_rows"))
+      **_given(c, "position_table_sincos", "from_stage", "read_jitter", "search_rows"))
   if stage.position_table_sincos and model.model_type != "qwen3_vl":
     raise ValueError("pretrain_vision.position_table_sincos initialises Qwen3-VL's learned position table; this "
                      f"model is {model.model_type} (set model.family='qwen3_vl', or vision_position_sincos for the "

@@ -200,12 +200,12 @@ def _start_params(config, workdir: str, name: str, fresh: bool, from_stage: str,
 
 
 def tower_questions(stage: run_config.PretrainVisionStage) -> grounding.GroundingConfig:
-  """What a tower row asks: only its images matter. One short question a scene, and with the digit target read
-  questions too, for their crops (where the digit is legible); or the base's whole direct search."""
+  """What a tower row asks: only its images matter. One short question a scene, and with the digit target a read
+  question too, for its crop (where the digit is legible); or the base's whole direct search."""
   if stage.search_rows:
     return SEARCH_ROWS
-  reads = stage.read_crops if stage.targets.digit_scale > 0 else 0
-  return grounding.GroundingConfig(locate=1, name=0, read=reads, read_jitter=stage.read_jitter)
+  return grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0),
+                                   read_jitter=stage.read_jitter)
 
 
 def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> dict:

@@ -67,10 +67,8 @@ for i in range(n):
     acc[0] += float(np.sum(np.square(emb[sl] - tgt[sl])))
     acc[1] += float(np.sum(np.square(tgt[sl])))
     acc[2] += starts[j + 1] - starts[j]
-trained = grounding.GroundingConfig(locate=1, name=0, read=stage.read_crops if stage.targets.digit_scale else 0,
-                                    read_jitter=stage.read_jitter)
-stream = grounding.SceneStream(stage.curriculum, trained, tcfg, tok, rows=16, seed=1, split=grounding.HELDOUT_SPLIT,
-                               image=settings)
+stream = grounding.SceneStream(stage.curriculum, pretrain_stage.tower_questions(stage), tcfg, tok, rows=16, seed=1,
+                               split=grounding.HELDOUT_SPLIT, image=settings)
 rows = stream.rows_for(0)
 batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, stage.batch), rows, mcfg, stage)
 emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)
