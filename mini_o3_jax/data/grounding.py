@@ -414,8 +414,8 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
       # the region of the scene each later image shows, as the pixels cropped (relative), so the shapes' boxes can
       # be placed there too
-      "crop_regions": np.asarray([np.divide(synthetic.pixel_box(region, task.image.size), task.image.size * 2)
-                                  for _, _, _, region in crops], np.float32).reshape(-1, 4),
+      "crop_regions": (np.asarray([synthetic.pixel_box(region, task.image.size) for _, _, _, region in crops],
+                                  np.float64).reshape(-1, 4) / np.tile(task.image.size, 2)).astype(np.float32),
       # each read question's digit and where it sits in its crop (the tower's digit target)
       "read_glyphs": _glyphs(task, crops, task_config),
       "read_digits": np.asarray([int(task.objects[i].digit) for kind, _, _, i in questions if kind == "read"],

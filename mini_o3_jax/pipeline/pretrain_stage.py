@@ -96,8 +96,8 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
     if len(e.get("object_boxes", ())):
       regions = np.asarray(e.get("crop_regions", np.zeros((0, 4))), np.float64) if stage.shape_on_crops else ()
       for j, region in enumerate([(0.0, 0.0, 1.0, 1.0), *regions]):
-        boxes, kinds = _boxes_in(region, e["object_boxes"], e["object_shapes"], keep_centred=kind_tokens is
-                                 image_lib.token_centres)
+        boxes, kinds = _boxes_in(region, e["object_boxes"], e["object_shapes"],
+                                 keep_centred=stage.shape_tokens == "centre")
         if not len(boxes):
           continue
         covering = kind_tokens(boxes, grids[j], v.spatial_merge_size)

@@ -7,21 +7,16 @@ Encodes N held-out scenes' target crops (the read question's view; with JITTER m
 `grounding.read_crop`), takes the merged token holding the digit's centre (POOLED=1: and the crop's mean token),
 fits a ridge classifier on half and scores the other half (chance ~10 %).
 """
-import json
 import os
 import sys
 
 import numpy as np
 
-from configs import pretrain_tiny
 from mini_o3_jax import run_config
 from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.pipeline import common
 from mini_o3_jax.processing import image as image_lib
-from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import state as state_lib
-from flax import nnx
+from run_model import load_run, ridge, with_bias
 
 run = sys.argv[1]
 stage = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
@@ -29,15 +24,7 @@ level = sys.argv[3] if len(sys.argv) > 3 else "medium"
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 300
 jitter = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 pooled = os.environ.get("POOLED") == "1"
-config = pretrain_tiny.get_config()
-recorded = json.load(open(os.path.join(run, "config.json")))
-config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
-config = common.resolve(config)
-tok = common.build_tokenizer(config, run)
-mcfg = run_config.model_config(config, tok)
-params, step = ckpt_lib.restore_params(os.path.join(run, "ckpt", stage), mcfg)
-graphdef, _ = state_lib.abstract_model(mcfg)
-model = nnx.merge(graphdef, params)
+config, tok, mcfg, model, step = load_run(run, stage)
 tcfg = run_config.task_config(config)
 settings = image_lib.settings_for(mcfg)
 feats, digits = [], []
@@ -55,9 +42,7 @@ for i in range(n):
   digits.append(int(obj.digit))
 x, y = np.asarray(feats), np.asarray(digits)
 h = n // 2
-onehot = np.eye(10)[y[:h]]
-xa = np.concatenate([x, np.ones((n, 1))], 1)
-w = np.linalg.solve(xa[:h].T @ xa[:h] + 1e-2 * np.eye(xa.shape[1]), xa[:h].T @ onehot)
-acc = float(np.mean(np.argmax(xa[h:] @ w, 1) == y[h:]))
-print(f"{run} {stage} step {step} jitter {jitter} pooled {pooled}: digit on the glyph token, held-out {level} crops: {100 * acc:.0f} % "
-      f"(commonest {100 * np.bincount(y[h:]).max() / (n - h):.0f} %), token norm {np.linalg.norm(x, axis=1).mean():.2f}")
+w = ridge(x[:h], np.eye(10)[y[:h]])
+acc = float(np.mean(np.argmax(with_bias(x[h:]) @ w, 1) == y[h:]))
+print(f"{run} {stage} step {step} jitter {jitter} pooled {pooled}: digit on the glyph token, held-out {level} crops: "
+      f"{100 * acc:.0f} % (commonest {100 * np.bincount(y[h:]).max() / (n - h):.0f} %), token norm {np.linalg.norm(x, axis=1).mean():.2f}")

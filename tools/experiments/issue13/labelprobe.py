@@ -10,36 +10,22 @@ and reports on the other half how often the best-scoring token is that token, be
 shape's centre (what a tower that sees only the shape offers), chance (1 / tokens) and the glyph's height in view
 pixels (legible: 14).
 """
-import json
-import os
 import sys
 
 import numpy as np
-from flax import nnx
 
-from configs import pretrain_tiny
 from mini_o3_jax import run_config
 from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model.vision import VisionInputs
-from mini_o3_jax.pipeline import common
 from mini_o3_jax.processing import image as image_lib
-from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import state as state_lib
+from run_model import load_run, ridge, with_bias
 
 run = sys.argv[1]
 stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
 level = sys.argv[3] if len(sys.argv) > 3 else "medium"
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 200
 view_kind = sys.argv[5] if len(sys.argv) > 5 else "window"
-config = pretrain_tiny.get_config()
-recorded = json.load(open(os.path.join(run, "config.json")))
-config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
-config = common.resolve(config)
-tok = common.build_tokenizer(config, run)
-mcfg = run_config.model_config(config, tok)
-params, step = ckpt_lib.restore_params(os.path.join(run, "ckpt", stage_name), mcfg)
-graphdef, _ = state_lib.abstract_model(mcfg)
-model = nnx.merge(graphdef, params)
+config, tok, mcfg, model, step = load_run(run, stage_name)
 tcfg = run_config.task_config(config)
 settings = image_lib.settings_for(mcfg)
 merge = mcfg.vision.spatial_merge_size
@@ -66,12 +52,9 @@ for i in range(n):
   glyph_px.append(gy1 - gy0)
   feats.append(emb[0] if emb.ndim == 3 else emb)
 h = len(feats) // 2
-x = np.concatenate(feats[:h])
 y = np.concatenate([np.arange(len(f)) == t for f, t in zip(feats[:h], label_token[:h])]).astype(np.float64)
-xa = np.concatenate([x, np.ones((len(x), 1))], 1)
-w = np.linalg.solve(xa.T @ xa + 1e-2 * np.eye(xa.shape[1]), xa.T @ y)
-hits = [int(np.argmax(np.concatenate([f, np.ones((len(f), 1))], 1) @ w) == t)
-        for f, t in zip(feats[h:], label_token[h:])]
+w = ridge(np.concatenate(feats[:h]), y)
+hits = [int(np.argmax(with_bias(f) @ w) == t) for f, t in zip(feats[h:], label_token[h:])]
 same = [int(s == t) for s, t in zip(shape_token[h:], label_token[h:])]
 print(f"{run} {stage_name} step {step} {level} {view_kind}: label token found {100 * np.mean(hits):.0f} %, the "
       f"shape's centre token is the label's {100 * np.mean(same):.0f} %, chance "

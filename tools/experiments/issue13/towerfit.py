@@ -10,37 +10,24 @@ read crop alone) and the loss of the all-zero output (the scale: 1.0 means nothi
 scenes and read crops only; a window shows shapes twice as large, cut at its edges.
 """
 import dataclasses
-import json
-import os
 import sys
 
 import numpy as np
-from flax import nnx
 
-from configs import pretrain_tiny
 from mini_o3_jax import run_config
 from mini_o3_jax.data import grounding
-from mini_o3_jax.pipeline import common, phases, pretrain_stage
+from mini_o3_jax.pipeline import pretrain_stage
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
-from mini_o3_jax.train import checkpoint as ckpt_lib
-from mini_o3_jax.train import state as state_lib
 from mini_o3_jax.train import vision_targets
+from run_model import load_run
 
 run = sys.argv[1]
 stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
 level = sys.argv[3] if len(sys.argv) > 3 else "medium"
 n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-phase = phases.runs_of([sys.argv[5] if len(sys.argv) > 5 else "pretrain_vision/moved"])[0]
-config = pretrain_tiny.get_config()
-recorded = json.load(open(os.path.join(run, "config.json")))
-config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
-config = phases.configure(common.resolve(config), phase)
-tok = common.build_tokenizer(config, run)
-mcfg = run_config.model_config(config, tok)
-params, step = ckpt_lib.restore_params(os.path.join(run, "ckpt", stage_name), mcfg)
-graphdef, _ = state_lib.abstract_model(mcfg)
-model = nnx.merge(graphdef, params)
+phase = sys.argv[5] if len(sys.argv) > 5 else "pretrain_vision/moved"
+config, tok, mcfg, model, step = load_run(run, stage_name, phase)
 stage = run_config.pretrain_vision_stage(config, mcfg)
 every_image = dataclasses.replace(stage, shape_on_crops=True)  # the kind's term on every image's shapes
 tcfg = run_config.task_config(config)
@@ -74,7 +61,7 @@ batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, st
 emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)
 tgt = vision_targets.feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1],
                                      stage.targets, batch.image_shape, batch.image_digit)
-print(f"{phase.name}'s own rows: loss {float(vision_targets.feature_target_loss(emb, tgt, batch.image_saliency >= 0)):.3f}")
+print(f"{phase}'s own rows: loss {float(vision_targets.feature_target_loss(emb, tgt, batch.image_saliency >= 0)):.3f}")
 names = {0: "scene", 1: "window", 2: "zoom"}
 for j, (err, norm, count) in sorted(fit.items()):
   print(f"{run} {stage_name} step {step} {level} {names.get(j, j)}: relative loss {err / norm:.3f} "

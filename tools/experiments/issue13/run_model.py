@@ -1,0 +1,35 @@
+"""A pretraining run's model and a ridge read-out, as the issue-13 probes beside this file use them."""
+import json
+import os
+
+import numpy as np
+
+from configs import pretrain_tiny
+from mini_o3_jax import run_config
+from mini_o3_jax.pipeline import common, phases
+from mini_o3_jax.train import checkpoint as ckpt_lib
+
+
+def load_run(run: str, stage: str, phase: str = ""):
+  """(config, tokenizer, model config, model, step) of RUN's checkpoint of STAGE: `configs/pretrain_tiny.py` with the
+  run's recorded model sizes (and PHASE's settings, e.g. "pretrain_vision/search")."""
+  config = pretrain_tiny.get_config()
+  recorded = json.load(open(os.path.join(run, "config.json")))
+  config.model.update({k: v for k, v in recorded["model"].items() if k in config.model})
+  config = common.resolve(config)
+  if phase:
+    config = phases.configure(config, phases.runs_of([phase])[0])
+  tokenizer = common.build_tokenizer(config, run)
+  mcfg = run_config.model_config(config, tokenizer)
+  model, step = ckpt_lib.restore_model(os.path.join(run, "ckpt", stage), mcfg)
+  return config, tokenizer, mcfg, model, step
+
+
+def with_bias(x: np.ndarray) -> np.ndarray:
+  return np.concatenate([x, np.ones((len(x), 1))], 1)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, lam: float = 1e-2) -> np.ndarray:
+  """Weights (with a bias row) of the ridge regression of y on x; score new rows with `with_bias(x) @ w`."""
+  xa = with_bias(x)
+  return np.linalg.solve(xa.T @ xa + lam * np.eye(xa.shape[1]), xa.T @ y)
