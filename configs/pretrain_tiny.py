@@ -51,9 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
       # A read question's crop strays from the generator's legible crop by up to this fraction of its side, the
       # digit anywhere inside (grounding.GroundingConfig.read_jitter).
       read_jitter=0.0,
-      # A row is the base's direct search (the scene, the located shape's window, the legible zoom inside it):
-      # the tower trains on the agent's own observations (run_config.PretrainVisionStage).
-      search_rows=False,
+      # 1 or 2: a row is the base's direct search (the scene, the located shape's window, with 2 the shape's own zoom
+      # inside it, the legible zoom inside the last): the tower trains on the agent's own observations
+      # (run_config.PretrainVisionStage); 0: a scene and a read crop.
+      search_rows=0,
       # train/vision_targets.py: each token's target is s * (position_scale * its cell's code + object_scale *
       # a shared object direction + colour_scale * its colour's direction) + shape_scale * its shape kind's
       # direction, s its saliency within its colour (0 at or below chroma_floor: the canvas), to saliency_power;
@@ -61,10 +62,13 @@ def get_config() -> ml_collections.ConfigDict:
       # times s too when shape_by_saliency is on. The kind waits for its phase: a tower that holds it from the
       # start keeps the decoder from binding (session 12, V0 / V2).
       # digit_scale: a read question's crop comes with each scene, and the token holding its digit's centre
-      # gets digit_scale * that digit's direction (the decoder's read skill needs the digit in the features).
+      # gets digit_scale * that digit's direction (the decoder's read skill needs the digit in the features);
+      # label_scale: a label too small to read, in a crop that is not read (a window, an object's zoom), gets
+      # label_scale * (its direction + where in its token it lies): the next zoom's place (session 20); centre_scale:
+      # the same on the token holding each shape's centre (a crop around the shape needs its place finer than a token).
       targets=dict(position_scale=0.5, object_scale=0.4, colour_scale=0.4, shape_scale=0.0, chroma_floor=0.08,
                    saliency_power=4.0, shape_tokens="centre", shape_by_saliency=False, digit_scale=0.0,
-                   digit_tokens="centre", shape_on_crops=False)))
+                   digit_tokens="centre", shape_on_crops=False, label_scale=0.0, centre_scale=0.0)))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, end_lr_ratio=0.05, weight_decay=0.01,
       # "first step:level=weight,...; ..."; levels in data/grounding.py: single, few, easy, medium, hard, same_colour.
@@ -105,8 +109,16 @@ def get_config() -> ml_collections.ConfigDict:
       # on the tool's zoom. The scene-only towers fit a window worse than a zero output (session 19: 1.19 -> 0.36
       # relative loss in 500 steps; on it the base reads the tool's own zoom 83-96 % after 200 zoom steps).
       search=dict(from_stage="pretrain_vision_moved", steps=1000, patch_buckets=(208, 256), length_buckets=(192,),
-                  curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4", search_rows=True,
+                  curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4", search_rows=1,
                   targets=dict(shape_scale=0.8, digit_scale=3.0, digit_tokens="core", shape_on_crops=True)),
+      # The same on the search through the shape's own zoom (window -> the shape -> its label: every call asks for
+      # something its image shows; session 20): the tower learns the object's zoom, where the label first shows,
+      # and marks where in its token each label too small to read lies (the next zoom's place) and each shape's centre
+      # (the object's zoom needs its place finer than a token).
+      search_object=dict(from_stage="pretrain_vision_search", steps=500, patch_buckets=(256, 288),
+                         length_buckets=(256,), curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
+                         search_rows=2, targets=dict(shape_scale=0.8, digit_scale=3.0, digit_tokens="core",
+                                                     shape_on_crops=True, label_scale=3.0, centre_scale=1.5)),
       # The bound decoder on the kind tower where only the kind separates the named shape from its
       # look-alikes (session 13, C1 + C2).
       same_colour=dict(from_stage="pretrain", vision_from="pretrain_vision_kind", steps=2500, lr=5e-4,
@@ -130,7 +142,15 @@ def get_config() -> ml_collections.ConfigDict:
                 curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
                 questions=dict(read=1, zoom=1, cell_only_steps=0, cell_window=True, prompt_form="agent"),
                 patch_buckets=(208, 256), length_buckets=(192,), probe_levels=("few", "medium", "hard"),
-                probe_scenes=96)))
+                probe_scenes=96),
+      # The direct search through the shape's own zoom: the window, then the shape (twice its side around it), then
+      # its label's legible zoom from that, then the digit (session 20: from the window the label is 1.6 view px and
+      # where to zoom stays near its prior).
+      object=dict(from_stage="pretrain_zoom", vision_from="pretrain_vision_search_object", steps=600, lr=1e-3,
+                  curriculum="0:few=0.1,same_colour=0.2,medium=0.3,hard=0.4",
+                  questions=dict(read=1, zoom=2, cell_only_steps=0, cell_window=True, prompt_form="agent"),
+                  patch_buckets=(256, 288), length_buckets=(256,), probe_levels=("few", "medium", "hard"),
+                  probe_scenes=96)))
   # out: "" = WORKDIR/base; check_scenes: held-out scenes per level of the probe the export redoes on
   # its own files (skills_check.json: what a copy of the directory must reproduce).
   c.base_export = ml_collections.ConfigDict(dict(out="", check_scenes=8))

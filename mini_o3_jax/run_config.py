@@ -313,9 +313,10 @@ class PretrainVisionStage:
   the glyph's centre) or "core" (every token the glyph's central half touches: a glyph off the crop's centre
   straddles tokens); read_jitter: how far a read question's crop strays from the legible crop
   (`grounding.GroundingConfig.read_jitter`); shape_on_crops: the kind's term on the shapes a crop shows too (not
-  only the scene's); search_rows: each row is the base's direct search (`grounding.GroundingConfig.zoom`): the
-  scene, the window the located shape's call returns and the legible zoom inside it, read, so the tower trains on
-  the agent's own observations (read_jitter then unused).
+  only the scene's); search_rows: 1 or 2, each row is the base's direct search with that many zooms after the window
+  (`grounding.GroundingConfig.zoom`): the scene, the window the located shape's call returns (with 2 the shape's own
+  zoom inside it) and the legible zoom inside the last, read, so the tower trains on the agent's own observations
+  (read_jitter then unused); 0: a scene and a read crop.
   """
   loop: Loop
   optimizer: OptimizerConfig
@@ -331,11 +332,13 @@ class PretrainVisionStage:
   from_stage: str = ""
   read_jitter: float = 0.0
   shape_on_crops: bool = False
-  search_rows: bool = False
+  search_rows: int = 0
 
   def __post_init__(self):
     if self.shape_tokens not in ("cover", "centre"):
       raise ValueError(f"pretrain_vision.targets.shape_tokens must be 'cover' or 'centre', got {self.shape_tokens!r}")
+    if self.search_rows not in (0, 1, 2):
+      raise ValueError(f"pretrain_vision.search_rows must be 0, 1 or 2 (zooms after the window), got {self.search_rows}")
     if self.digit_tokens not in ("centre", "core"):
       raise ValueError(f"pretrain_vision.targets.digit_tokens must be 'centre' or 'core', got {self.digit_tokens!r}")
 
@@ -350,7 +353,8 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
       curriculum=grounding.Curriculum.parse(c.curriculum),
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
-                                           "shape_scale", "shape_by_saliency", "digit_scale")),
+                                           "shape_scale", "shape_by_saliency", "digit_scale", "label_scale",
+                                           "centre_scale")),
       palette=palette, **_given(c.targets, "chroma_floor", "saliency_power", "shape_tokens", "digit_tokens",
                                            "shape_on_crops"),
       **_given(c, "position_table_sincos", "from_stage", "read_jitter", "search_rows"))

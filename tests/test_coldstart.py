@@ -49,9 +49,11 @@ def test_pattern_mix_and_lengths(trajectories):
   hard = coldstart.summarize(trajectories["hard"])
   assert set(hard["patterns"]) == set(coldstart.PATTERNS)
   turns = [t.num_turns for trajs in trajectories.values() for t in trajs]
-  # the shortest: zoom, answer (window, zoom, answer with the window first); a 3-turn detour per look-alike
-  shortest = 2 if trajectories_first_crop(trajectories) == "region" else 3
-  assert min(turns) == shortest and max(turns) <= 10
+  # the shortest: zoom, answer (window, zoom, answer with the window first; window, the shape, its label, answer
+  # through the object); a 3-turn detour per look-alike (4 through the object)
+  first_crop = trajectories_first_crop(trajectories)
+  shortest = {"region": 2, "window": 3, "object": 4}[first_crop]
+  assert min(turns) == shortest and max(turns) <= (13 if first_crop == "object" else 10)  # 3 look-alikes at most
   wrong = [t for t in trajectories["hard"] if t.metadata["pattern"] == "trial_and_error"]
   assert wrong
   for t in wrong:  # each wrong zoom is followed by a thought that says so and goes back
@@ -59,9 +61,12 @@ def test_pattern_mix_and_lengths(trajectories):
 
 
 def trajectories_first_crop(trajectories) -> str:
-  """"region", or a window-first explorer's ("cell_window" names the cell, the reflex ones open with it)."""
-  first = trajectories["easy"][0].turns[0].text
-  return "region" if first.startswith("<think>") and "in cell" not in first else "window"
+  """"region", or a window-first explorer's ("cell_window" names the cell, the reflex ones open with it), or
+  "object" (object_reflex: its easy searches are three short calls, the window's, the shape's and the label's)."""
+  turns = trajectories["easy"][0].turns
+  if sum(re.match(r"\d <grounding>", t.text) is not None for t in turns) == 3:
+    return "object"
+  return "region" if turns[0].text.startswith("<think>") and "in cell" not in turns[0].text else "window"
 
 
 def test_window_first_crop_names_the_cell_and_crops_its_window():
@@ -127,6 +132,37 @@ def test_zoom_reflex_writes_the_bases_direct_search():
         assert [t.text for t in z.turns[:2]] == list(search.calls)
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(z.images[1:], search.observations))
         assert coldstart.contains(search.regions[1], task.detail_box)
+
+
+def test_object_reflex_goes_through_the_shape():
+  """`first_crop="object_reflex"`: zoom_reflex's searches with the call on the shape's `object_zoom` between the
+  window and the legible zoom (in the short form where the window's is); a direct search is exactly
+  `reflex_search(via_object=True)`'s calls and observations, the object's crop holding the whole shape."""
+  for tier in ("medium", "hard"):
+    zoom = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="zoom_reflex"))
+    via = coldstart.scripted_coldstart(tier, 16, config=coldstart.ExplorerConfig(first_crop="object_reflex"))
+    for z, v in zip(zoom, via):
+      assert v.metadata["pattern"] == z.metadata["pattern"] and v.turns[0].text == z.turns[0].text
+      assert v.num_turns > z.num_turns and v.turns[-1].text == z.turns[-1].text
+      if v.metadata["pattern"] == "trial_and_error":
+        continue
+      task = synthetic.task_from_id(v.id, synthetic.SyntheticConfig())
+      target = next(o for o in task.objects if o.is_target)
+      search = coldstart.reflex_search(task, target, 2, via_object=True)
+      assert [t.text for t in v.turns[:-1]] == list(search.calls)
+      assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(v.images[1:], search.observations))
+      assert v.actions[1].source == "observation_1" and v.actions[2].source == "observation_2"
+      assert coldstart.contains(v.metadata["regions"][1], target.box)
+      assert coldstart.contains(v.metadata["regions"][2], task.detail_box)
+
+
+def test_object_zoom_is_twice_the_shape_and_inside_the_image():
+  for box in [(0.4, 0.4, 0.5, 0.5), (0.0, 0.02, 0.12, 0.14), (0.9, 0.85, 1.0, 0.95)]:
+    zoom = coldstart.object_zoom(box)
+    assert coldstart.contains(zoom, box) and coldstart.contains((0.0, 0.0, 1.0, 1.0), zoom)
+    assert zoom[2] - zoom[0] == pytest.approx(2 * (box[2] - box[0]))
+    assert zoom[3] - zoom[1] == pytest.approx(2 * (box[3] - box[1]))
+  assert coldstart.object_zoom((0.4, 0.4, 0.5, 0.5)) == pytest.approx((0.35, 0.35, 0.55, 0.55))
 
 
 def test_deterministic():

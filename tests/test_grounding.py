@@ -125,13 +125,15 @@ def test_agent_prompt_rows_ask_as_the_agent_is_asked(tokenizer):
     grounding.GroundingConfig(name=1, prompt_form="agent")
 
 
-def test_zoom_rows_are_the_bases_direct_search(tokenizer):
+@pytest.mark.parametrize("zooms", [1, 2])
+def test_zoom_rows_are_the_bases_direct_search(tokenizer, zooms):
   """zoom=1: a row is the base's direct search on the located shape (`coldstart.reflex_search`): the window's
   call; the window returned as observation 1 and the call on the legible zoom inside it; that zoom returned as
-  observation 2 and its digit. The views are the crop tool's own observations, the tower's digit target sits on
-  the third image, and the probe's zoom prompt is such a row up to the zoom's answer."""
+  observation 2 and its digit. zoom=2: the call on the shape's own zoom inside the window between them (its
+  observation the next image). The views are the crop tool's own observations, the tower's digit target sits on
+  the last image, and the probe's zoom prompts are such a row up to each zoom's answer."""
   tcfg = synthetic.SyntheticConfig()
-  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
+  gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=zooms, cell_first=True, cell_window=True,
                                    prompt_form="agent", target_first=True)
   mcfg = run_config.model_config(common.resolve(demo.get_config()), tokenizer)
   probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
@@ -140,30 +142,39 @@ def test_zoom_rows_are_the_bases_direct_search(tokenizer):
     task = grounding.make_scene(level, n, tcfg)
     questions = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
     obj = task.objects[questions[0][3]]
-    assert [q[0] for q in questions] == ["locate", "zoom", "read"] and obj.is_target
+    assert [q[0] for q in questions] == ["locate", *["zoom"] * zooms, "read"] and obj.is_target
     assert {q[3] for q in questions} == {questions[0][3]}
-    search = coldstart.reflex_search(task, obj, 2)
+    search = coldstart.reflex_search(task, obj, 2, via_object=zooms == 2)
     assert [q[2] for q in questions] == [*search.calls, f"<answer>{obj.digit}</answer>"]
-    assert [q[1] for q in questions[1:]] == [prompts.observation_turn(0, 1), prompts.observation_turn(1, 2)]
+    assert [q[1] for q in questions[1:]] == [prompts.observation_turn(k, k + 1) for k in range(zooms + 1)]
     images = [task.image]  # the calls, run by the agent's tool, return the observations
     for call, observation in zip(search.calls, search.observations):
       _, image = agent_lib.execute_turn(call, images)
       assert np.array_equal(np.asarray(image), np.asarray(observation))
       images.append(image)
-    zoom_call = tools.parse_action(search.calls[1])
-    assert zoom_call.source == "observation_1" and search.calls[1].startswith(f"{coldstart.grid_cell(zoom_call.bbox)} ")
-    assert coldstart.contains(search.regions[1], obj.detail_box)  # the zoom holds the digit
+    for k, call in enumerate(search.calls[1:], 1):
+      zoom_call = tools.parse_action(call)
+      assert zoom_call.source == f"observation_{k}" and call.startswith(f"{coldstart.grid_cell(zoom_call.bbox)} ")
+    assert coldstart.contains(search.regions[-1], obj.detail_box)  # the last zoom holds the digit
+    if zooms == 2:  # the shape's zoom: the whole shape, twice its side (to the grid the box is written on)
+      region = search.regions[1]
+      assert coldstart.contains(region, obj.box) and coldstart.contains(region, search.regions[2])
+      assert region[2] - region[0] == pytest.approx(2 * (obj.box[2] - obj.box[0]), abs=0.01)
     views = grounding.scene_views(task, questions, tcfg)
+    assert len(views) == len(search.observations) + 1
     for view, observation in zip(views[1:], search.observations):
       np.testing.assert_array_equal(np.asarray(view), np.asarray(synthetic.render_view(observation, None, tcfg)))
     row = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image)
-    assert row["read_images"].tolist() == [2] and len(row["image_grid_thw"]) == 3
+    assert row["read_images"].tolist() == [1 + zooms] and len(row["image_grid_thw"]) == 2 + zooms
     roles = grounding_probe.token_roles([tokenizer.decode([i]) for i in row["input_ids"]], row["kinds"])
     zoom_tokens = np.flatnonzero(row["kinds"] == grounding.KINDS.index("zoom"))
-    assert roles[zoom_tokens[0]] == "zoom_cell" and roles.count("zoom_cell") == 1 and roles.count("zoom_box") >= 4
-    ids, pixels, _ = probe._agent_prompt(task, "zoom", np.random.default_rng(0))
-    np.testing.assert_array_equal(ids, row["input_ids"][:zoom_tokens[0]])
-    np.testing.assert_array_equal(pixels, row["pixel_values"][:len(pixels)])
+    starts = zoom_tokens[np.diff(np.concatenate([[-2], zoom_tokens])) > 1]  # each zoom answer's first token
+    assert len(starts) == zooms and [roles[t] for t in starts] == ["zoom_cell"] * zooms
+    assert roles.count("zoom_cell") == zooms and roles.count("zoom_box") >= 4 * zooms
+    for nth, start in enumerate(starts):
+      ids, pixels, _ = probe._agent_prompt(task, "zoom", np.random.default_rng(0), nth)
+      np.testing.assert_array_equal(ids, row["input_ids"][:start])
+      np.testing.assert_array_equal(pixels, row["pixel_values"][:len(pixels)])
   with pytest.raises(ValueError, match="zoom"):
     grounding.GroundingConfig(locate=1, name=0, zoom=1, cell_first=True, cell_window=True)
 
@@ -187,6 +198,28 @@ def test_zoom_score_takes_the_scripted_zoom_and_refuses_what_cannot_be_read():
     assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(moved, 1, 2), task, 2) == (False, True)
     assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(box, 0, 2), task, 2) == (False, True)
     assert grounding_probe.score_zoom("<answer>3</answer>", task, 2) == (False, False)
+
+
+def test_zoom_scores_through_the_object_take_each_scripted_call():
+  """zoom=2: the object's zoom (after the gold window) hits where the scripted one does and not on the whole window
+  (too large) or on a box off the shape; the legible zoom is scored in the object's observation (observation_2),
+  the scripted call hitting, the whole object's view and the window's own source not."""
+  tcfg = synthetic.SyntheticConfig()
+  for n, level in enumerate(("medium", "hard")):
+    task = grounding.make_scene(level, n, tcfg, grounding.HELDOUT_SPLIT)
+    target = next(o for o in task.objects if o.is_target)
+    search = coldstart.reflex_search(task, target, 2, via_object=True)
+    for nth, gold in enumerate(search.calls[1:]):
+      cell = gold.split(" ", 1)[0]
+      box = tools.parse_action(gold).bbox
+      moved = tuple(min(1.0, max(0.0, v + (0.45 if box[0] < 0.5 else -0.45))) for v in box)
+      assert grounding_probe.score_zoom(gold, task, 2, nth, via_object=True) == (True, True)
+      assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding((0.0, 0.0, 1.0, 1.0), nth + 1, 2), task, 2,
+                                        nth, via_object=True) == (False, True)
+      assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(moved, nth + 1, 2), task, 2, nth,
+                                        via_object=True)[0] is False
+      assert grounding_probe.score_zoom(f"{cell} " + coldstart.grounding(box, nth, 2), task, 2, nth,
+                                        via_object=True) == (False, True)
 
 
 def test_jittered_read_crops_hold_the_digit_and_stray():

@@ -121,10 +121,10 @@ def test_pretrain_vision_stage_reads_its_section():
   assert (stage.chroma_floor, stage.saliency_power, stage.shape_tokens, stage.shape_on_crops) == (
       c.targets.chroma_floor, c.targets.saliency_power, c.targets.shape_tokens, c.targets.shape_on_crops)
   assert (stage.read_jitter, stage.search_rows) == (c.read_jitter, c.search_rows)
-  c.search_rows = True
+  c.search_rows = 1
   c.targets.shape_on_crops = True
   again = run_config.pretrain_vision_stage(config, model)
-  assert (again.search_rows, again.shape_on_crops) == (True, True)
+  assert (again.search_rows, again.shape_on_crops) == (1, True)
 
 
 def test_an_orbax_init_from_keeps_the_configs_own_sizes(tmp_path):

@@ -149,6 +149,29 @@ def test_feature_targets_and_loss_match_numpy():
                              want + 0.7 * digits, atol=1e-6)
   with pytest.raises(ValueError, match="digit"):
     vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, with_digit)
+  # a small label: label_scale * (its direction + 2 dx and 2 dy times two more), on real tokens that hold one
+  here = rng.random((b, t)) < 0.5
+  label = np.concatenate([here[..., None], here[..., None] * rng.uniform(-0.5, 0.5, (b, t, 2))], -1).astype(np.float32)
+  with_label = dataclasses.replace(cfg, label_scale=0.6)
+  lab, lx, ly = np.asarray(vt.unit_directions(3, d, cfg.label_seed))
+  labels = (here & (saliency >= 0))[..., None] * (lab + 2 * label[..., 1:2] * lx + 2 * label[..., 2:3] * ly)
+  np.testing.assert_allclose(np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells),
+                                                           d, with_label, label=jnp.asarray(label))),
+                             want + 0.6 * labels, atol=1e-6)
+  with pytest.raises(ValueError, match="label"):
+    vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, with_label)
+  # a shape's centre: the same form, its own directions, beside the label's
+  with_both = dataclasses.replace(with_label, centre_scale=0.3)
+  c, cx, cy = np.asarray(vt.unit_directions(3, d, cfg.centre_seed))
+  centre = label[::-1].copy()
+  centres = (centre[..., 0] * (saliency >= 0))[..., None] * (c + 2 * centre[..., 1:2] * cx + 2 * centre[..., 2:3] * cy)
+  np.testing.assert_allclose(np.asarray(vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells),
+                                                           d, with_both, label=jnp.asarray(label),
+                                                           centre=jnp.asarray(centre))),
+                             want + 0.6 * labels + 0.3 * centres, atol=1e-6)
+  with pytest.raises(ValueError, match="centre"):
+    vt.feature_targets(jnp.asarray(saliency), jnp.asarray(colour), jnp.asarray(cells), d, with_both,
+                       label=jnp.asarray(label))
 
   emb = rng.normal(size=(b, t, d)).astype(np.float32)
   real = saliency >= 0
@@ -461,8 +484,9 @@ def test_core_digit_tokens_are_those_the_glyphs_middle_touches(tokenizer):
 
 def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokenizer):
   """shape_on_crops: a search row's window and zoom carry the kind of every shape whose centre they show, on the
-  token where that centre lands in the rendered crop (found by painting it); without it only the scene does.
-  The row's crop regions are the search's own."""
+  token where that centre lands in the rendered crop (found by painting it), and with centre_scale that token also
+  carries where in it the centre lies; without shape_on_crops only the scene does. The row's crop regions are the
+  search's own."""
   config = common.resolve(demo.get_config())
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
@@ -470,17 +494,18 @@ def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokeni
   bcfg = batch_lib.BatchConfig(batch_size=1, length_buckets=(256,), patch_buckets=(320,),
                                pad_token_id=mcfg.text.pad_token_id)
   stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
-                                         targets=vt.FeatureTargetConfig(num_colours=len(palette)), palette=palette,
-                                         shape_tokens="centre", shape_on_crops=True)
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette), centre_scale=1.0),
+                                         palette=palette, shape_tokens="centre", shape_on_crops=True)
   checked = 0
-  for i, level in enumerate(("medium", "hard", "few", "medium", "hard")):
+  for i, (level, zooms) in enumerate((("medium", 1), ("hard", 1), ("few", 1), ("medium", 2), ("hard", 2))):
     task = grounding.make_scene(level, i, tcfg)
-    row = grounding.scene_example(task, tokenizer, pretrain_stage.SEARCH_ROWS, tcfg, np.random.default_rng(i))
+    questions = pretrain_stage.search_rows(zooms)
+    row = grounding.scene_example(task, tokenizer, questions, tcfg, np.random.default_rng(i))
     grids = row["image_grid_thw"]
-    if len(grids) < 3:
+    if len(grids) < 2 + zooms:
       continue
-    (obj,) = {i for _, _, _, i in grounding.scene_questions(task, pretrain_stage.SEARCH_ROWS, np.random.default_rng(i))}
-    search = coldstart.reflex_search(task, task.objects[obj], pretrain_stage.SEARCH_ROWS.decimals)
+    (obj,) = {i for _, _, _, i in grounding.scene_questions(task, questions, np.random.default_rng(i))}
+    search = coldstart.reflex_search(task, task.objects[obj], questions.decimals, via_object=zooms == 2)
     w, h = task.image.size
     cropped = [np.divide(synthetic.pixel_box(r, (w, h)), (w, h, w, h)) for r in search.regions]
     np.testing.assert_allclose(row["crop_regions"], cropped, atol=1e-6)
@@ -493,7 +518,7 @@ def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokeni
     assert np.all(plain.image_shape[0, starts[1]:] == -1)
     for j, region in enumerate(search.regions, start=1):
       th, tw = grids[j][1] // 2, grids[j][2] // 2
-      want, sure = np.full(th * tw, -1), np.ones(th * tw, bool)
+      want, sure, offset = np.full(th * tw, -1), np.ones(th * tw, bool), np.zeros((th * tw, 2))
       for o in task.objects:
         painted = task.image.copy()
         cx, cy = (o.box[0] + o.box[2]) / 2 * w, (o.box[1] + o.box[3]) / 2 * h
@@ -512,10 +537,63 @@ def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokeni
           sure[list(near)] = False
           assert tcfg.shapes.index(o.shape) in batch.image_shape[0, starts[j] + np.asarray(sorted(near))]
           continue
-        want[near.pop()] = tcfg.shapes.index(o.shape)
+        token = near.pop()
+        want[token], offset[token] = tcfg.shapes.index(o.shape), (x - int(x) - 0.5, y - int(y) - 0.5)
       np.testing.assert_array_equal(batch.image_shape[0, starts[j]:starts[j + 1]][sure], want[sure])
+      centre = batch.image_centre[0, starts[j]:starts[j + 1]]
+      np.testing.assert_array_equal(centre[sure, 0], (want[sure] >= 0).astype(np.float32))
+      np.testing.assert_allclose(centre[sure, 1:], offset[sure], atol=1.5 * tw / 112)
       checked += int(np.sum(want >= 0))
   assert checked >= 5
+
+
+def test_small_labels_sit_where_the_window_and_the_object_show_them(tokenizer):
+  """label_scale: on a search row through the shape (the scene, the window, the shape's zoom, the legible crop), the
+  window's and the object's views carry (1, dx, dy) on the token where each label's centre lands when painted and
+  rendered, (dx, dy) its offset in the token to a view pixel or so; the scene and the read crop carry none."""
+  config = common.resolve(demo.get_config())
+  mcfg = run_config.model_config(config, tokenizer)
+  tcfg = run_config.task_config(config)
+  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
+  bcfg = batch_lib.BatchConfig(batch_size=1, length_buckets=(256,), patch_buckets=(320,),
+                               pad_token_id=mcfg.text.pad_token_id)
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None, palette=palette,
+                                         targets=vt.FeatureTargetConfig(num_colours=len(palette), label_scale=1.0))
+  questions = pretrain_stage.search_rows(2)
+  checked = 0
+  for i, level in enumerate(("medium", "hard", "medium")):
+    task = grounding.make_scene(level, i, tcfg)
+    row = grounding.scene_example(task, tokenizer, questions, tcfg, np.random.default_rng(i))
+    grids = row["image_grid_thw"]
+    batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg, stage)
+    starts = np.cumsum([0] + [int(np.prod(g)) // 4 for g in grids])
+    label = batch.image_label[0]
+    assert len(grids) == 4 and not label[:starts[1]].any() and not label[starts[3]:].any()
+    w, h = task.image.size
+    for j in (1, 2):
+      region = row["crop_regions"][j - 1]
+      th, tw = grids[j][1] // 2, grids[j][2] // 2
+      want, sure = np.zeros((th * tw, 3), np.float32), np.ones(th * tw, bool)
+      for o in task.objects:
+        painted = task.image.copy()
+        cx, cy = (o.detail_box[0] + o.detail_box[2]) / 2 * w, (o.detail_box[1] + o.detail_box[3]) / 2 * h
+        r = max(1, round(2 * (region[2] - region[0]) * w / 112))
+        PIL.ImageDraw.Draw(painted).rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 255))
+        view = np.asarray(synthetic.render_view(painted, tuple(region), tcfg), np.float32)
+        ys, xs = np.nonzero((view[..., 0] > 180) & (view[..., 1] < 100) & (view[..., 2] > 180))
+        if not len(xs):
+          continue
+        x, y = (xs.mean() + 0.5) / view.shape[1] * tw, (ys.mean() + 0.5) / view.shape[0] * th
+        token = min(th - 1, int(y)) * tw + min(tw - 1, int(x))
+        if not (2 < xs.mean() < view.shape[1] - 3 and 2 < ys.mean() < view.shape[0] - 3):
+          sure[token] = False  # on the crop's very edge: a pixel's rounding decides whether it is in
+          continue
+        want[token] = (1.0, x - int(x) - 0.5, y - int(y) - 0.5)
+      got = label[starts[j]:starts[j + 1]]
+      np.testing.assert_array_equal(got[sure, 0], want[sure, 0])
+      np.testing.assert_allclose(got[sure, 1:], want[sure, 1:], atol=1.5 * tw / 112)
+      checked += int(want[:, 0].sum())
+  assert checked >= 6
 
 
 def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
@@ -567,7 +645,7 @@ def test_tower_rows_ask_what_the_stage_names(tokenizer):
   assert pretrain_stage.tower_questions(stage) == grounding.GroundingConfig(locate=1, name=0, read=0, read_jitter=0.1)
   digits = dataclasses.replace(stage, targets=vt.FeatureTargetConfig(num_colours=8, digit_scale=3.0))
   assert pretrain_stage.tower_questions(digits) == grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=0.1)
-  search = pretrain_stage.tower_questions(dataclasses.replace(digits, search_rows=True))
+  search = pretrain_stage.tower_questions(dataclasses.replace(digits, search_rows=1))
   task = grounding.make_scene("medium", 1, tcfg)
   row = grounding.scene_example(task, tokenizer, search, tcfg, np.random.default_rng(0))
   (i,) = {i for _, _, _, i in grounding.scene_questions(task, search, np.random.default_rng(0))}
@@ -575,6 +653,13 @@ def test_tower_rows_ask_what_the_stage_names(tokenizer):
   assert len(row["image_grid_thw"]) == 3
   np.testing.assert_allclose(row["crop_regions"], regions, atol=2 / task.image.size[0])
   assert row["read_images"].tolist() == [2] and row["read_digits"].tolist() == [int(task.objects[i].digit)]
+  through = pretrain_stage.tower_questions(dataclasses.replace(digits, search_rows=2))  # through the shape's zoom
+  row = grounding.scene_example(task, tokenizer, through, tcfg, np.random.default_rng(0))
+  (i,) = {i for _, _, _, i in grounding.scene_questions(task, through, np.random.default_rng(0))}
+  regions = coldstart.reflex_search(task, task.objects[i], through.decimals, via_object=True).regions
+  assert len(row["image_grid_thw"]) == 4 and len(regions) == 3
+  np.testing.assert_allclose(row["crop_regions"], regions, atol=2 / task.image.size[0])
+  assert row["read_images"].tolist() == [3] and row["read_digits"].tolist() == [int(task.objects[i].digit)]
 
 
 def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):

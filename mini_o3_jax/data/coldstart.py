@@ -12,7 +12,9 @@ With `first_crop="cell_window"` every search starts as the pretrained base answe
 half-size window, the next one the shape's legible zoom. `first_crop="cell_reflex"` writes the search's first
 crop and its final answer exactly as the base answers "where is ...?" and "what digit ...?" (the cell digit, then
 the window's call; `<answer>d</answer>`), with no thought: the turns where the base's skills are used, in the
-form it learnt them; every other turn thinks as above.
+form it learnt them; every other turn thinks as above. `first_crop="object_reflex"` goes through the shape
+itself between the two (`object_zoom`: a crop twice its side around it, where its label first shows), as the
+generator's medium and hard paths do.
 Every turn restates the goal (goal maintenance). The tool calls are executed by the real crop tool
 (`agent.execute_turn`), so the observations are exactly what the sampler would produce.
 """
@@ -45,7 +47,7 @@ _ZOOM_FURTHER = "is here but its digit is still too small, so I zoom in further.
 _THIS_IS, _WITH_DIGIT, _NOT_THE = "This is a", "with the digit", "not the"
 _GO_BACK = "I go back to the original image and look elsewhere. "
 CELL_PHRASE = "in cell"  # the window-first explorer names the cell after it (the skills probe keys on it)
-FIRST_CROPS = ("region", "cell_window", "cell_reflex", "zoom_reflex")
+FIRST_CROPS = ("region", "cell_window", "cell_reflex", "zoom_reflex", "object_reflex")
 Box = tuple[float, float, float, float]
 
 
@@ -62,7 +64,8 @@ class ExplorerConfig:
   first_crop: "region" (a shape's zoom path from the original) or "cell_window" (its grid cell named,
     then that cell's half-size window, then its legible zoom: the pretrained base's first crop), or
     "cell_reflex" (as "cell_window", the first crop and the final answer in the base's own short answers), or
-    "zoom_reflex" (as "cell_reflex", and the legible zoom inside the window too: `reflex_search`).
+    "zoom_reflex" (as "cell_reflex", and the legible zoom inside the window too: `reflex_search`), or
+    "object_reflex" (as "zoom_reflex", through the shape's `object_zoom` between the window and the legible zoom).
   """
   pattern_weights: tuple[tuple[str, float], ...] = (("direct", 0.25), ("depth_first", 0.25),
                                                     ("trial_and_error", 0.5))
@@ -109,6 +112,16 @@ def cell_window(cell: int, n: int = 3, side: float = 0.5) -> Box:
   centre = np.array([(col + 0.5) / n, (row + 0.5) / n])
   lo = np.clip(centre - side / 2, 0.0, 1.0 - side)
   return (float(lo[0]), float(lo[1]), float(lo[0] + side), float(lo[1] + side))
+
+
+def object_zoom(box: Box) -> Box:
+  """The crop around a shape's `box` of twice its side, shifted inside the image: the shape whole and big enough that
+  its label shows (the generator's object zoom, centred; its legible zoom lies inside it unless the image's edge
+  cuts it)."""
+  w, h = box[2] - box[0], box[3] - box[1]
+  x0 = min(max((box[0] + box[2]) / 2 - w, 0.0), 1.0 - 2 * w)
+  y0 = min(max((box[1] + box[3]) / 2 - h, 0.0), 1.0 - 2 * h)
+  return (x0, y0, x0 + 2 * w, y0 + 2 * h)
 
 
 def contains(outer: Box, inner: Box) -> bool:
@@ -221,26 +234,31 @@ class _Episode:
 class ReflexSearch:
   """The grounding base's direct search for one shape, in its short answers, run through the crop tool.
 
-  calls: the window's call (the shape's 3 x 3 cell, then the call on its half-size window) and the legible
-    zoom's (the cell of the window it is centred in, then the call on `observation_1`);
-  observations: the images the two calls return; regions: where each lies in the original (relative).
+  calls: the window's call (the shape's 3 x 3 cell, then the call on its half-size window), with `via_object` the
+  call on the shape's `object_zoom` inside that window's observation, and the legible zoom's (the cell of the
+  image it is made on that the zoom is centred in, then the call on the last observation);
+  observations: the images the calls return; regions: where each lies in the original (relative).
   """
-  calls: tuple[str, str]
-  observations: tuple[Image.Image, Image.Image]
-  regions: tuple[Box, Box]
+  calls: tuple[str, ...]
+  observations: tuple[Image.Image, ...]
+  regions: tuple[Box, ...]
 
 
-def reflex_search(task: synthetic.SyntheticTask, obj: synthetic.SceneObject, decimals: int) -> ReflexSearch | None:
-  """`obj`'s window, then its legible zoom from that window's observation, as "zoom_reflex" trajectories write
-  them; None where the legible zoom reaches past the window (the explorer then zooms from the original)."""
+def reflex_search(task: synthetic.SyntheticTask, obj: synthetic.SceneObject, decimals: int,
+                  via_object: bool = False) -> ReflexSearch | None:
+  """`obj`'s window, (`via_object`: its `object_zoom` from that window's observation,) then its legible zoom from
+  the last observation, as "zoom_reflex" ("object_reflex") trajectories write them; None where the legible zoom
+  reaches past the last observation (the explorer then zooms from the original)."""
   ep = _Episode(task, decimals)
-  window = ep.zoom("", cell_window(grid_cell(obj.box)), reflex=True)
-  if not contains(ep.region[window], obj.zoom_path[-1]):
+  source = ep.zoom("", cell_window(grid_cell(obj.box)), reflex=True)
+  if via_object:
+    source = ep.zoom("", object_zoom(obj.box), source, reflex=True)
+  if not contains(ep.region[source], obj.zoom_path[-1]):
     return None
-  zoom = ep.zoom("", obj.zoom_path[-1], window, reflex=True)
-  return ReflexSearch(calls=(ep.traj.turns[0].text, ep.traj.turns[1].text),
-                      observations=(ep.traj.images[window], ep.traj.images[zoom]),
-                      regions=(ep.region[window], ep.region[zoom]))
+  ep.zoom("", obj.zoom_path[-1], source, reflex=True)
+  images = range(1, len(ep.traj.images))
+  return ReflexSearch(calls=tuple(t.text for t in ep.traj.turns), observations=tuple(ep.traj.images[i] for i in images),
+                      regions=tuple(ep.region[i] for i in images))
 
 
 def _name(obj: synthetic.SceneObject) -> str:
@@ -253,19 +271,24 @@ def _goal(task: synthetic.SyntheticTask) -> str:
 
 
 def _follow_path(ep: _Episode, obj: synthetic.SceneObject, *, depth_first: bool, goal: str,
-                 lead: str = "", window: bool = False, reflex: bool = False, zoom_reflex: bool = False) -> int:
+                 lead: str = "", window: bool = False, reflex: bool = False, zoom_reflex: bool = False,
+                 via_object: bool = False) -> int:
   """Zooms from the original to where `obj`'s digit is legible; returns the last observation's index.
 
   `lead` opens the first thought (what the previous zoom showed, when recovering from a wrong one). With
   `window` the first crop is the window of `obj`'s grid cell, named in the thought; the legible zoom is
   then taken from that window's observation (from the original where it reaches past the window); with
   `reflex` the window's turn is the base's short answer unless it recovers from a wrong zoom (`lead`), and with
-  `zoom_reflex` too the legible zoom's inside it.
+  `zoom_reflex` too the legible zoom's inside it; `via_object` (with `zoom_reflex`) zooms on the shape's
+  `object_zoom` inside the window first, in the short form too.
   """
   if window:
     cell = grid_cell(obj.box)
     short = reflex and not lead
     source = ep.zoom(window_thought(goal, _name(obj), cell, lead), cell_window(cell), reflex=short)
+    if via_object:
+      source = ep.zoom(f"{goal} The {_name(obj)} {_ZOOM_FURTHER}", object_zoom(obj.box), source,
+                       reflex=short and zoom_reflex)
     detail = obj.zoom_path[-1]
     if not contains(ep.region[source], detail):
       source, short = 0, False
@@ -292,9 +315,10 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   if pattern == "trial_and_error" and not decoys:
     pattern = "depth_first"
   goal = _goal(task)
-  window = config.first_crop in ("cell_window", "cell_reflex", "zoom_reflex")
-  reflex = config.first_crop in ("cell_reflex", "zoom_reflex")
-  zoom_reflex = config.first_crop == "zoom_reflex"
+  window = config.first_crop in ("cell_window", "cell_reflex", "zoom_reflex", "object_reflex")
+  reflex = config.first_crop in ("cell_reflex", "zoom_reflex", "object_reflex")
+  zoom_reflex = config.first_crop in ("zoom_reflex", "object_reflex")
+  via_object = config.first_crop == "object_reflex"
   ep = _Episode(task, config.decimals)
   ep.traj.metadata["pattern"] = pattern
   lead = ""
@@ -304,7 +328,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
       decoy = decoys[i]
       coarse = len(decoy.zoom_path) > 1 and rng.random() < config.coarse_first_prob
       _follow_path(ep, decoy, depth_first=coarse, goal=goal, lead=lead, window=window, reflex=reflex,
-                   zoom_reflex=zoom_reflex)
+                   zoom_reflex=zoom_reflex, via_object=via_object)
       lead = (f"{_THIS_IS} {_name(decoy)} {_WITH_DIGIT} {decoy.digit}, {_NOT_THE} {_name(target)}. "
               f"{_GO_BACK}")
       ep.traj.metadata.setdefault("wrong_zooms", []).append(_name(decoy))
@@ -312,7 +336,7 @@ def script_trajectory(task: synthetic.SyntheticTask, pattern: str, rng: np.rando
   else:
     depth_first = pattern == "depth_first"
   _follow_path(ep, target, depth_first=depth_first, goal=goal, lead=lead, window=window, reflex=reflex,
-               zoom_reflex=zoom_reflex)
+               zoom_reflex=zoom_reflex, via_object=via_object)
   return ep.answer(answer_thought(_name(target), task.answer), reflex=reflex)
 
 

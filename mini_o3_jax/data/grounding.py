@@ -17,7 +17,8 @@ answer (a bound decoder does not carry its skills over to them in 800 steps: doc
 With prompt_form="agent" the questions are asked as the agent is asked (its instructions and a task question;
 the read crop as the observation of the call), the answers short: the recipe's window phase. With zoom=1 too a
 row is the base's whole direct search (`coldstart.reflex_search`): the window's call, the legible zoom inside its
-observation, the digit of that zoom's observation, each turn as the agent's tool returns it. Scenes come
+observation, the digit of that zoom's observation, each turn as the agent's tool returns it; with zoom=2 the
+search goes through the shape's own zoom between the window and the legible one. Scenes come
 from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
 splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
 
@@ -27,6 +28,7 @@ A curriculum walks from one shape on a canvas to the demo's hard tier: `Level`s 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import zlib
 from typing import Any, Mapping, Sequence
@@ -129,10 +131,12 @@ class GroundingConfig:
   prompt_form: "short" (the questions above) or "agent" (the agent's own user turns: a locate question is the
     first turn of a search for that shape's digit, the instructions and a task question naming it; a read
     question's crop comes as the observation of the call before it; locate questions first, then reads).
-  zoom: (with prompt_form="agent", cell_first and cell_window, 0 or 1) the first located shape's window is returned
-    as the observation of its call, and the answer is the call on its legible crop inside that window (the
-    window's 3 x 3 cell that crop is centred in, then the call on `observation_1`); the reads then read that
-    shape's zoom as the tool returns it. Rows where the legible crop reaches past the window ask no zoom.
+  zoom: (with prompt_form="agent", cell_first and cell_window, 0, 1 or 2) the first located shape's window is
+    returned as the observation of its call, and the answer is the call on its legible crop inside that window (the
+    window's 3 x 3 cell that crop is centred in, then the call on `observation_1`); with 2 the shape's
+    `coldstart.object_zoom` inside the window first, its observation returned, then the legible crop inside that
+    (`coldstart.reflex_search`); the reads then read that shape's last zoom as the tool returns it. Rows where the
+    legible crop reaches past the image it is asked from ask no zoom.
   read_jitter: a read question's crop (outside a zoom's search) is the legible crop grown or shrunk by up to this
     fraction of its side and moved so the digit sits anywhere inside it (2 px from its edges), as the agent's own
     crops hold it; 0 = the generator's crop, the digit at its centre (a tower taught only there reads nowhere else:
@@ -155,8 +159,9 @@ class GroundingConfig:
   def __post_init__(self):
     if not 0.0 <= self.read_jitter < 0.5:
       raise ValueError(f"read_jitter={self.read_jitter}: a fraction of the legible crop's side in [0, 0.5)")
-    if self.zoom not in (0, 1):
-      raise ValueError(f"zoom={self.zoom}: a row asks at most one zoom (the located shape's)")
+    if self.zoom not in (0, 1, 2):
+      raise ValueError(f"zoom={self.zoom}: a row asks the located shape's legible zoom (1), or its object's zoom "
+                       "and then the legible one (2)")
     if self.zoom and not (self.prompt_form == "agent" and self.cell_first and self.cell_window and self.locate):
       raise ValueError('zoom asks for the legible crop inside a located window\'s observation: it needs '
                        'prompt_form="agent", cell_first, cell_window and a locate question')
@@ -258,9 +263,9 @@ def scene_questions(task: synthetic.SyntheticTask, config: GroundingConfig,
   # the text (and "Where is the <name>?" the name answer), whichever comes first.
   out += [("name", _NAME.format(box=box_text(objects[i].box, config.decimals)), names[i], i)
           for i in [i for i in order if i not in located][:config.name]]
-  search = coldstart.reflex_search(task, objects[located[0]], config.decimals) if config.zoom and located else None
+  search = _search(task, located[0], config.decimals, config.zoom) if config.zoom and located else None
   if search:
-    out.append(("zoom", "", search.calls[1], located[0]))
+    out += [("zoom", "", call, located[0]) for call in search.calls[1:]]
   read = [located[0]] * config.read if search else order[:config.read]  # a zoom's reads read its observation
   out += [("read", read_question(names[i], config.answer_form), read_answer(names[i], objects[i].digit,
                                                                             config.answer_form), i)
@@ -310,20 +315,25 @@ def scene_messages(questions, question_first: bool = False) -> list[dict[str, An
   return messages
 
 
-def _searches(task: synthetic.SyntheticTask, questions, decimals: int) -> dict[int, coldstart.ReflexSearch]:
-  """{object index: its reflex search} for the shapes a zoom question asks about."""
-  return {i: coldstart.reflex_search(task, task.objects[i], decimals) for kind, _, _, i in questions if kind == "zoom"}
+def _search(task: synthetic.SyntheticTask, i: int, decimals: int, zooms: int) -> coldstart.ReflexSearch | None:
+  """Object `i`'s reflex search as a row with `zooms` zoom questions about it asks it (through its object's zoom
+  with 2)."""
+  return coldstart.reflex_search(task, task.objects[i], decimals, via_object=zooms == 2)
 
 
 def _observed_crops(task: synthetic.SyntheticTask, questions, config: GroundingConfig):
-  """[(kind, object index, crop image, its region of the original)] per zoom and read question, in order: a
-  zoom's window and a zoomed shape's legible crop as the tool returns them, other reads the shape's last zoom."""
-  searches = _searches(task, questions, config.decimals)
+  """[(kind, object index, crop image, its region of the original)] per zoom and read question, in order: the
+  images a zoomed shape's search returns before each of its zooms and its read (the window, the object's zoom, the
+  legible crop) as the tool returns them, other reads the shape's `read_crop`."""
+  zooms = collections.Counter(i for kind, _, _, i in questions if kind == "zoom")
+  searches = {i: _search(task, i, config.decimals, n) for i, n in zooms.items()}
+  seen = collections.Counter()  # per zoomed shape, the observations already returned
   out = []
   for kind, _, _, i in questions:
     if kind in ("zoom", "read"):
       if i in searches:
-        step = 0 if kind == "zoom" else 1
+        step = min(seen[i], len(searches[i].observations) - 1)  # every read reads the last
+        seen[i] += 1
         out.append((kind, i, searches[i].observations[step], searches[i].regions[step]))
       else:
         box = read_crop(task, i, config.read_jitter)
@@ -385,7 +395,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
                   cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes,
-  crop_regions, read_glyphs, read_digits, read_images};
+  object_glyphs, crop_regions, read_glyphs, read_digits, read_images};
   `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
   the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
@@ -412,6 +422,7 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
       # the scene's shapes (for the tower's feature targets: which token shows which kind)
       "object_boxes": np.asarray([o.box for o in task.objects], np.float32).reshape(-1, 4),
       "object_shapes": np.asarray([task_config.shapes.index(o.shape) for o in task.objects], np.int32),
+      "object_glyphs": np.asarray([o.detail_box for o in task.objects], np.float32).reshape(-1, 4),
       # the region of the scene each later image shows, as the pixels cropped (relative), so the shapes' boxes can
       # be placed there too
       "crop_regions": (np.asarray([synthetic.pixel_box(region, task.image.size) for _, _, _, region in crops],

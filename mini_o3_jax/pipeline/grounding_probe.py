@@ -20,7 +20,9 @@ agent's parser takes for a final answer with the digit of the target's legible c
 `read_digit` answers whose first digit is that digit whatever their form; `cell` (with `cell_first`) answers
 that name the target's grid cell. With `zoom` the zoom is asked too, after the gold window call and its
 observation: `zoom_hit` counts calls whose crop holds the target's digit at a legible size (no larger than the
-scripted zoom's, one step of the written box's grid allowed), `zoom_cell` those naming the scripted zoom's cell.
+scripted zoom's, one step of the written box's grid allowed), `zoom_cell` those naming the scripted zoom's cell;
+with zoom=2 the object's zoom is asked after the gold window (`object_hit`: the crop holds the whole shape and is no
+larger than the scripted one's plus a step; `object_cell`), and the legible zoom after the gold object's zoom.
 """
 
 from __future__ import annotations
@@ -180,14 +182,16 @@ class GroundingProbe:
                 for r in range(len(chunk))]
     return texts
 
-  def _agent_prompt(self, task, kind: str, rng: np.random.Generator):
-    """The target's `kind` question as prompt_form="agent" rows ask it: the search's first turn ("locate"), or
-    after it the gold answers and the observations up to the zoom's or the read's; None where the row asks none."""
+  def _agent_prompt(self, task, kind: str, rng: np.random.Generator, nth: int = 0):
+    """The target's `nth` question of `kind` as prompt_form="agent" rows ask it: the search's first turn
+    ("locate"), or after it the gold answers and the observations up to that zoom's or the read's; None where the
+    row asks none."""
     cfg = dataclasses.replace(self.grounding_config, locate=1, read=int(kind == "read"), target_first=True)
     questions = grounding.scene_questions(task, cfg, rng)
-    asked = next((n for n, q in enumerate(questions) if q[0] == kind), None)
-    if asked is None:
+    asked = [n for n, q in enumerate(questions) if q[0] == kind]
+    if len(asked) <= nth:
       return None
+    asked = asked[nth]
     questions = questions[:asked + 1]
     messages = grounding.scene_messages(questions, self.question_first)[:-1]
     return self._encode(grounding.scene_views(task, questions, self.task_config, cfg), messages)
@@ -230,30 +234,39 @@ class GroundingProbe:
     return out
 
   def greedy_zoom(self, model, tasks) -> dict[str, float]:
-    """zoom_hit and zoom_cell (module docstring) over the tasks whose target's legible crop lies in its window."""
-    rng = np.random.default_rng(1)
-    asked = [(t, p) for t in tasks if (p := self._agent_prompt(t, "zoom", rng)) is not None]
-    texts = self._generate(model, [p for _, p in asked], 24)
-    scored = [score_zoom(text, t, self.grounding_config.decimals) for (t, _), text in zip(asked, texts)]
-    return {"zoom_hit": float(np.mean([h for h, _ in scored])),
-            "zoom_cell": float(np.mean([c for _, c in scored]))} if asked else {}
+    """zoom_hit and zoom_cell, and with zoom=2 object_hit and object_cell (module docstring), over the tasks whose
+    target's legible crop lies in the image it is asked from."""
+    out = {}
+    via_object = self.grounding_config.zoom == 2
+    for nth, name in enumerate(("object", "zoom") if via_object else ("zoom",)):
+      rng = np.random.default_rng(1)
+      asked = [(t, p) for t in tasks if (p := self._agent_prompt(t, "zoom", rng, nth)) is not None]
+      texts = self._generate(model, [p for _, p in asked], 24)
+      scored = [score_zoom(text, t, self.grounding_config.decimals, nth, via_object) for (t, _), text in zip(asked, texts)]
+      if asked:
+        out.update({f"{name}_hit": float(np.mean([h for h, _ in scored])),
+                    f"{name}_cell": float(np.mean([c for _, c in scored]))})
+    return out
 
 
-def score_zoom(text: str, task, decimals: int) -> tuple[bool, bool]:
-  """(hit, cell) of a zoom answer `text` after the gold window of `task`'s target: hit, its call's crop of
-  observation_1 holds the target's digit and is no larger than the scripted zoom's plus one step of the written
-  box's grid (larger crops turn illegible); cell, it starts with the scripted zoom's cell."""
+def score_zoom(text: str, task, decimals: int, nth: int = 0, via_object: bool = False) -> tuple[bool, bool]:
+  """(hit, cell) of the `nth` zoom answer `text` of the search for `task`'s target (`coldstart.reflex_search`,
+  `via_object` as the rows ask it), after the gold calls before it: hit, its call's crop of the last observation
+  holds what the scripted zoom aims at (the target's digit for the legible zoom, the whole shape for its object's
+  zoom) and is no larger than the scripted zoom's plus one step of the written box's grid (larger crops turn
+  illegible); cell, it starts with the scripted zoom's cell."""
   target = next(o for o in task.objects if o.is_target)
-  gold = coldstart.reflex_search(task, target, decimals)
-  window, zoom = gold.regions
-  cell = text.strip()[:1] == gold.calls[1][:1]
+  gold = coldstart.reflex_search(task, target, decimals, via_object)
+  parent, scripted = gold.regions[nth], gold.regions[nth + 1]
+  cell = text.strip()[:1] == gold.calls[nth + 1][:1]
   action = tools.parse_action(tools.truncate_at_stop(text))
-  if not (isinstance(action, tools.ToolCall) and action.source == "observation_1"):
+  if not (isinstance(action, tools.ToolCall) and action.source == f"observation_{nth + 1}"):
     return False, cell
-  region = coldstart.crop_region(action.bbox, window, gold.observations[0].size)
-  step = 10.0**-decimals * (window[2] - window[0])  # one step of the written box, in the original
-  legible = all(region[k + 2] - region[k] <= zoom[k + 2] - zoom[k] + step + 1e-9 for k in (0, 1))
-  return legible and coldstart.contains(region, target.detail_box), cell
+  region = coldstart.crop_region(action.bbox, parent, gold.observations[nth].size)
+  step = 10.0**-decimals * (parent[2] - parent[0])  # one step of the written box, in the original
+  small = all(region[k + 2] - region[k] <= scripted[k + 2] - scripted[k] + step + 1e-9 for k in (0, 1))
+  aim = target.detail_box if nth + 2 == len(gold.calls) else target.box
+  return small and coldstart.contains(region, aim), cell
 
 
 def probe_export(path: str, questions: grounding.GroundingConfig, task_config: synthetic.SyntheticConfig,

@@ -42,9 +42,11 @@ from mini_o3_jax.train import vision_targets
 log = logging.getLogger(__name__)
 
 
-# A tower row that is the base's direct search: the scene, the located shape's window, the legible zoom inside it.
-SEARCH_ROWS = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
-                                       prompt_form="agent")
+def search_rows(zooms: int = 1) -> grounding.GroundingConfig:
+  """A tower row that is the base's direct search: the scene, the located shape's window, (with 2 `zooms` the shape's
+  own zoom inside it,) the legible zoom inside the last, read."""
+  return grounding.GroundingConfig(locate=1, name=0, read=1, zoom=zooms, cell_first=True, cell_window=True,
+                                   prompt_form="agent")
 
 
 def with_saliency(batch: batch_lib.SFTBatch, examples, model_config, power: float) -> batch_lib.SFTBatch:
@@ -79,6 +81,8 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
   cell = np.zeros((b, tokens, 2), np.int32)
   shape = np.full((b, tokens), -1, np.int32)
   digit = np.full((b, tokens), -1, np.int32)
+  label = np.zeros((b, tokens, 3), np.float32)
+  centre = np.zeros((b, tokens, 3), np.float32)
   mean, std = image_lib.normalization(model_config.model_type)
   kind_tokens = image_lib.token_centres if stage.shape_tokens == "centre" else image_lib.token_boxes
   digit_tokens = image_lib.token_centres if stage.digit_tokens == "centre" else _core_tokens
@@ -102,11 +106,36 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
           continue
         covering = kind_tokens(boxes, grids[j], v.spatial_merge_size)
         shape[r, starts[j]:starts[j + 1]] = np.where(covering >= 0, kinds[np.clip(covering, 0, None)], -1)
+        centre[r, starts[j]:starts[j + 1]] = token_points(boxes, grids[j], v.spatial_merge_size)
     for j, glyph, d in zip(e.get("read_images", ()), e.get("read_glyphs", ()), e.get("read_digits", ())):
       holds = digit_tokens(glyph[None], grids[j], v.spatial_merge_size) >= 0
       digit[r, starts[j]:starts[j + 1]][holds] = d
+    if stage.targets.label_scale and len(e.get("object_glyphs", ())):
+      unread = [j for j in range(1, len(grids)) if j not in set(np.asarray(e.get("read_images", ())).tolist())]
+      for j in unread:  # a window's or an object's view: the labels it shows, too small to read
+        glyphs, _ = _boxes_in(e["crop_regions"][j - 1], e["object_glyphs"], np.zeros(len(e["object_glyphs"])),
+                              keep_centred=True)
+        label[r, starts[j]:starts[j + 1]] = token_points(glyphs, grids[j], v.spatial_merge_size)
   return dataclasses.replace(batch, image_saliency=saliency, image_colour=colour, image_cell=cell,
-                             image_shape=shape, image_digit=digit)
+                             image_shape=shape, image_digit=digit,
+                             image_label=label if stage.targets.label_scale else None,
+                             image_centre=centre if stage.targets.centre_scale else None)
+
+
+def token_points(boxes: np.ndarray, grid_thw, merge_size: int) -> np.ndarray:
+  """float32 [tokens, 3] for one image of grid `grid_thw`: (1, dx, dy) on each merged token holding the centre of
+  a box (relative [x0, y0, x1, y1], float [n, 4]), (dx, dy) in [-0.5, 0.5) the centre's offset from the
+  token's centre in tokens; 0 elsewhere (`image_lib.token_centres`' tokens)."""
+  t, h, w = (int(v) for v in grid_thw)
+  th, tw = h // merge_size, w // merge_size
+  out = np.zeros((th * tw, 3), np.float32)
+  for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
+    if not (0 <= x0 + x1 < 2 and 0 <= y0 + y1 < 2):
+      continue  # its centre lies outside the image
+    x, y = tw * (x0 + x1) / 2, th * (y0 + y1) / 2
+    col, row = min(tw - 1, int(x)), min(th - 1, int(y))
+    out[row * tw + col] = (1.0, x - col - 0.5, y - row - 0.5)
+  return np.tile(out, (t, 1))
 
 
 def _boxes_in(region, boxes, kinds, keep_centred: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +232,7 @@ def tower_questions(stage: run_config.PretrainVisionStage) -> grounding.Groundin
   """What a tower row asks: only its images matter. One short question a scene, and with the digit target a read
   question too, for its crop (where the digit is legible); or the base's whole direct search."""
   if stage.search_rows:
-    return SEARCH_ROWS
+    return search_rows(stage.search_rows)
   return grounding.GroundingConfig(locate=1, name=0, read=int(stage.targets.digit_scale > 0),
                                    read_jitter=stage.read_jitter)
 

@@ -52,7 +52,10 @@ class SFTBatch:
   image_colour: optional int32 [batch, patches / merge_unit] each token's palette colour and
   image_cell: optional int32 [batch, patches / merge_unit, 2] its (row, column) in its image's merged
   grid, image_shape: optional int32 [batch, patches / merge_unit] the kind of the shape it shows (-1: none)
-  and image_digit: optional int32 [batch, patches / merge_unit] the digit of the label it shows (-1: none)
+  and image_digit: optional int32 [batch, patches / merge_unit] the digit of the label it shows (-1: none),
+  image_label: optional float32 [batch, patches / merge_unit, 3] (1, dx, dy) on a token holding the centre of a
+  label too small to read, (dx, dy) in [-0.5, 0.5) where in the token it lies, 0 elsewhere, and image_centre: the
+  same for the shapes' centres
   (with image_saliency, the tower's feature targets: `train.vision_targets`)."""
   inputs: ModelInputs
   loss_mask: Any
@@ -61,6 +64,8 @@ class SFTBatch:
   image_cell: Any = None
   image_shape: Any = None
   image_digit: Any = None
+  image_label: Any = None
+  image_centre: Any = None
 
 
 @jax.tree_util.register_dataclass

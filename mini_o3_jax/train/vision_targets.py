@@ -11,7 +11,11 @@ for each merged token,
 (with `shape_by_saliency` off the shape term is added outside the factor s: a shape's kind does not fade
 towards its edges as its saliency does), plus digit_scale * z[digit] on the token holding the centre of a
 legible label's digit (a read crop's: the decoder's `read` questions need the digit, which nothing else in
-the target keeps), with s the token's saliency within its colour and `colour` its
+the target keeps) and label_scale * (l + 2 dx l_x + 2 dy l_y) on the token holding the centre of a label too small to
+read (a zoom's window or object view: where to zoom next; (dx, dy) where in the token it lies, the precision a
+legible crop of it needs) and centre_scale * (c + 2 dx c_x + 2 dy c_y) on the token holding a shape's centre (where
+in that token the centre lies: a crop around the shape needs its place finer than a token), with s the token's
+saliency within its colour and `colour` its
 palette colour (both from its pixels, `processing.image.token_colours`), code the fixed 2-D sin-cos code of
 its cell (`model.vision.position_code`), u a fixed "object" direction, v[k] a fixed unit direction per
 palette colour and w[k] one per shape kind (the kind of the scene's shape that covers most of the token, or
@@ -48,7 +52,8 @@ NUM_DIGITS = 10
 @dataclasses.dataclass(frozen=True)
 class FeatureTargetConfig:
   """The target's parts (module docstring): scales of the position code, the object direction, the
-  colour direction, the shape-kind direction (0 = no shape term) and the digit's (0 = none); whether the
+  colour direction, the shape-kind direction (0 = no shape term), the digit's (0 = none), the small label's
+  and the shape centre's (0 = none); whether the
   shape term too is scaled by the token's saliency (else it is whole wherever a kind is given); the seeds
   of the fixed directions; the palette size and the number of shape kinds."""
   num_colours: int
@@ -59,10 +64,14 @@ class FeatureTargetConfig:
   shape_scale: float = 0.0
   shape_by_saliency: bool = True
   digit_scale: float = 0.0
+  label_scale: float = 0.0
+  centre_scale: float = 0.0
   object_seed: int = 7
   colour_seed: int = 11
   shape_seed: int = 13
   digit_seed: int = 17
+  label_seed: int = 19
+  centre_seed: int = 23
 
 
 def object_direction(dim: int, seed: int) -> jax.Array:
@@ -79,11 +88,13 @@ def unit_directions(num: int, dim: int, seed: int) -> jax.Array:
 
 def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, dim: int,
                     config: FeatureTargetConfig, shape: jax.Array | None = None,
-                    digit: jax.Array | None = None) -> jax.Array:
+                    digit: jax.Array | None = None, label: jax.Array | None = None,
+                    centre: jax.Array | None = None) -> jax.Array:
   """float32 [batch, tokens, dim] targets (module docstring) from saliency float [batch, tokens] (< 0 on
   padding, treated as 0), colour int [batch, tokens], cells int [batch, tokens, 2] (row, column), with
   `shape_scale` shape int [batch, tokens] (-1: no shape covers the token) and with `digit_scale` digit int
-  [batch, tokens] (-1: no legible digit's centre)."""
+  [batch, tokens] (-1: no legible digit's centre), with `label_scale` label and with `centre_scale` centre, float
+  [batch, tokens, 3] ((1, dx, dy) where a small label's or a shape's centre lies, 0 elsewhere: `point_term`)."""
   s = jnp.maximum(saliency.astype(jnp.float32), 0.0)[..., None]                    # [b, t, 1]
   b, t = saliency.shape
   code = vision_lib.position_code(cells[..., 0].reshape(-1), cells[..., 1].reshape(-1), dim).reshape(b, t, dim)
@@ -102,7 +113,22 @@ def feature_targets(saliency: jax.Array, colour: jax.Array, cells: jax.Array, di
       raise ValueError("digit_scale > 0 needs each token's digit")
     digits = unit_directions(NUM_DIGITS, dim, config.digit_seed)[jnp.clip(digit, 0)]              # [b, t, dim]
     out = out + config.digit_scale * ((digit >= 0) & (saliency >= 0))[..., None] * digits
+  for name, scale, points, seed in (("small label", config.label_scale, label, config.label_seed),
+                                    ("shape centre", config.centre_scale, centre, config.centre_seed)):
+    if scale:
+      if points is None:
+        raise ValueError(f"a {name} scale > 0 needs each token's {name}")
+      out = out + scale * point_term(points, saliency >= 0, dim, seed)
   return out
+
+
+def point_term(points: jax.Array, real: jax.Array, dim: int, seed: int) -> jax.Array:
+  """float32 [batch, tokens, dim]: p + 2 dx p_x + 2 dy p_y on real tokens whose points [batch, tokens, 3] are
+  (1, dx, dy) (a point in the token, (dx, dy) in [-0.5, 0.5) its offset from the token's centre), 0 elsewhere; p,
+  p_x, p_y fixed unit directions drawn from `seed`."""
+  here, offset = points[..., :1] * real[..., None], 2.0 * points[..., 1:]                          # [b, t, 1], [b, t, 2]
+  p, px, py = unit_directions(3, dim, seed)
+  return here * (p + offset[..., :1] * px + offset[..., 1:] * py)
 
 
 def feature_target_loss(image_embeds: jax.Array, targets: jax.Array, real: jax.Array) -> jax.Array:
@@ -127,7 +153,7 @@ def vision_loss_and_grads(config: FeatureTargetConfig, graphdef, params: Params,
     model = nnx.merge(graphdef, p)
     emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)   # [batch, tokens, dim]
     targets = feature_targets(batch.image_saliency, batch.image_colour, batch.image_cell, emb.shape[-1], config,
-                              batch.image_shape, batch.image_digit)
+                              batch.image_shape, batch.image_digit, batch.image_label, batch.image_centre)
     return feature_target_loss(emb, targets, batch.image_saliency >= 0)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
