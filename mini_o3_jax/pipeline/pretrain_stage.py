@@ -72,7 +72,10 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
   saliency within its colour (-1 on padding), its palette colour, its (row, column) cell, the kind of
   the row's scene shape that covers most of it or whose centre it holds (`stage.shape_tokens`; -1: none, and on
   every later image of the row unless `stage.shape_on_crops`: the crops' shapes too, placed by `crop_regions`)
-  and, on a read question's crop, the digit the glyph's tokens show (`stage.digit_tokens`; -1 elsewhere)."""
+  and, on a read question's crop, the digit the glyph's tokens show (`stage.digit_tokens`; -1 elsewhere); with the
+  targets' label_scale, on every later image that is not read (a window, an object's zoom), (1, dx, dy) on the token
+  holding each label's glyph centre (`token_points`), and with centre_scale the same for the shapes' centres on the
+  images their kinds are placed on."""
   v = model_config.vision
   b, num_patches = batch.inputs.pixel_values.shape[:2]
   tokens = num_patches // v.merge_unit
