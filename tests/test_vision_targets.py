@@ -482,20 +482,45 @@ def test_core_digit_tokens_are_those_the_glyphs_middle_touches(tokenizer):
     dataclasses.replace(stage, digit_tokens="all")
 
 
-def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokenizer):
-  """shape_on_crops: a search row's window and zoom carry the kind of every shape whose centre they show, on the
-  token where that centre lands in the rendered crop (found by painting it), and with centre_scale that token also
-  carries where in it the centre lies; without shape_on_crops only the scene does. The row's crop regions are the
-  search's own."""
+def _search_row_setup(tokenizer, **stage_options):
+  """(model config, world config, batch config, a tower stage with `stage_options`) for one search row a batch."""
   config = common.resolve(demo.get_config())
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
   palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
   bcfg = batch_lib.BatchConfig(batch_size=1, length_buckets=(256,), patch_buckets=(320,),
                                pad_token_id=mcfg.text.pad_token_id)
-  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None,
-                                         targets=vt.FeatureTargetConfig(num_colours=len(palette), centre_scale=1.0),
-                                         palette=palette, shape_tokens="centre", shape_on_crops=True)
+  targets = vt.FeatureTargetConfig(num_colours=len(palette), **stage_options.pop("targets", {}))
+  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None, targets=targets,
+                                         palette=palette, **stage_options)
+  return mcfg, tcfg, bcfg, stage
+
+
+def _painted(task, point, region, tcfg):
+  """Where `point` (relative to the scene) lands in the rendered view of `region`, found by painting ~2 view px
+  there: (x, y) in view fractions, one view pixel (width, height) in view fractions, and whether it lies 2 px
+  inside the view's edges (nearer, a pixel's rounding decides whether it is in); None where the view misses it."""
+  w, h = task.image.size
+  painted = task.image.copy()
+  cx, cy = point[0] * w, point[1] * h
+  r = max(1, round(2 * (region[2] - region[0]) * w / 112))  # ~2 view px, whatever the crop's scale
+  PIL.ImageDraw.Draw(painted).rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 255))
+  view = np.asarray(synthetic.render_view(painted, tuple(region), tcfg), np.float32)
+  ys, xs = np.nonzero((view[..., 0] > 180) & (view[..., 1] < 100) & (view[..., 2] > 180))
+  if not len(xs):
+    return None
+  vh, vw = view.shape[:2]
+  inside = 2 < xs.mean() < vw - 3 and 2 < ys.mean() < vh - 3
+  return (xs.mean() + 0.5) / vw, (ys.mean() + 0.5) / vh, (1 / vw, 1 / vh), inside
+
+
+def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokenizer):
+  """shape_on_crops: a search row's window and zoom carry the kind of every shape whose centre they show, on the
+  token where that centre lands in the rendered crop (found by painting it), and with centre_scale that token also
+  carries where in it the centre lies; without shape_on_crops only the scene does. The row's crop regions are the
+  search's own."""
+  mcfg, tcfg, bcfg, stage = _search_row_setup(tokenizer, targets=dict(centre_scale=1.0), shape_tokens="centre",
+                                              shape_on_crops=True)
   checked = 0
   for i, (level, zooms) in enumerate((("medium", 1), ("hard", 1), ("few", 1), ("medium", 2), ("hard", 2))):
     task = grounding.make_scene(level, i, tcfg)
@@ -520,17 +545,12 @@ def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokeni
       th, tw = grids[j][1] // 2, grids[j][2] // 2
       want, sure, offset = np.full(th * tw, -1), np.ones(th * tw, bool), np.zeros((th * tw, 2))
       for o in task.objects:
-        painted = task.image.copy()
-        cx, cy = (o.box[0] + o.box[2]) / 2 * w, (o.box[1] + o.box[3]) / 2 * h
-        r = max(1, round(2 * (region[2] - region[0]) * w / 112))  # ~2 view px, whatever the crop's scale
-        PIL.ImageDraw.Draw(painted).rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 255))
-        view = np.asarray(synthetic.render_view(painted, region, tcfg), np.float32)
-        ys, xs = np.nonzero((view[..., 0] > 180) & (view[..., 1] < 100) & (view[..., 2] > 180))
-        if not len(xs) or not (2 < xs.mean() < view.shape[1] - 3 and 2 < ys.mean() < view.shape[0] - 3):
+        seen = _painted(task, ((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2), region, tcfg)
+        if seen is None or not seen[3]:
           continue  # its centre is not in the crop (or on its very edge, where a pixel's rounding decides)
         # the centre in tokens (the processor may resize the view: a token is 1 / tw of its width)
-        x, y = (xs.mean() + 0.5) / view.shape[1] * tw, (ys.mean() + 0.5) / view.shape[0] * th
-        dx, dy = tw / view.shape[1], th / view.shape[0]    # a view pixel
+        x, y = seen[0] * tw, seen[1] * th
+        dx, dy = seen[2][0] * tw, seen[2][1] * th    # a view pixel
         near = {int(min(th - 1, max(0, y + a * dy))) * tw + int(min(tw - 1, max(0, x + b * dx)))
                 for a in (-1, 1) for b in (-1, 1)}
         if len(near) > 1:  # on a token boundary: a pixel's rounding decides which token holds the centre
@@ -551,14 +571,7 @@ def test_small_labels_sit_where_the_window_and_the_object_show_them(tokenizer):
   """label_scale: on a search row through the shape (the scene, the window, the shape's zoom, the legible crop), the
   window's and the object's views carry (1, dx, dy) on the token where each label's centre lands when painted and
   rendered, (dx, dy) its offset in the token to a view pixel or so; the scene and the read crop carry none."""
-  config = common.resolve(demo.get_config())
-  mcfg = run_config.model_config(config, tokenizer)
-  tcfg = run_config.task_config(config)
-  palette = tuple(tuple(v / 255.0 for v in rgb) for _, rgb in tcfg.palette)
-  bcfg = batch_lib.BatchConfig(batch_size=1, length_buckets=(256,), patch_buckets=(320,),
-                               pad_token_id=mcfg.text.pad_token_id)
-  stage = run_config.PretrainVisionStage(loop=None, optimizer=None, batch=bcfg, curriculum=None, palette=palette,
-                                         targets=vt.FeatureTargetConfig(num_colours=len(palette), label_scale=1.0))
+  mcfg, tcfg, bcfg, stage = _search_row_setup(tokenizer, targets=dict(label_scale=1.0))
   questions = pretrain_stage.search_rows(2)
   checked = 0
   for i, level in enumerate(("medium", "hard", "medium")):
@@ -569,23 +582,18 @@ def test_small_labels_sit_where_the_window_and_the_object_show_them(tokenizer):
     starts = np.cumsum([0] + [int(np.prod(g)) // 4 for g in grids])
     label = batch.image_label[0]
     assert len(grids) == 4 and not label[:starts[1]].any() and not label[starts[3]:].any()
-    w, h = task.image.size
     for j in (1, 2):
       region = row["crop_regions"][j - 1]
       th, tw = grids[j][1] // 2, grids[j][2] // 2
       want, sure = np.zeros((th * tw, 3), np.float32), np.ones(th * tw, bool)
       for o in task.objects:
-        painted = task.image.copy()
-        cx, cy = (o.detail_box[0] + o.detail_box[2]) / 2 * w, (o.detail_box[1] + o.detail_box[3]) / 2 * h
-        r = max(1, round(2 * (region[2] - region[0]) * w / 112))
-        PIL.ImageDraw.Draw(painted).rectangle((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=(255, 0, 255))
-        view = np.asarray(synthetic.render_view(painted, tuple(region), tcfg), np.float32)
-        ys, xs = np.nonzero((view[..., 0] > 180) & (view[..., 1] < 100) & (view[..., 2] > 180))
-        if not len(xs):
+        seen = _painted(task, ((o.detail_box[0] + o.detail_box[2]) / 2, (o.detail_box[1] + o.detail_box[3]) / 2),
+                        region, tcfg)
+        if seen is None:
           continue
-        x, y = (xs.mean() + 0.5) / view.shape[1] * tw, (ys.mean() + 0.5) / view.shape[0] * th
+        x, y = seen[0] * tw, seen[1] * th
         token = min(th - 1, int(y)) * tw + min(tw - 1, int(x))
-        if not (2 < xs.mean() < view.shape[1] - 3 and 2 < ys.mean() < view.shape[0] - 3):
+        if not seen[3]:
           sure[token] = False  # on the crop's very edge: a pixel's rounding decides whether it is in
           continue
         want[token] = (1.0, x - int(x) - 0.5, y - int(y) - 0.5)

@@ -114,7 +114,8 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
       holds = digit_tokens(glyph[None], grids[j], v.spatial_merge_size) >= 0
       digit[r, starts[j]:starts[j + 1]][holds] = d
     if stage.targets.label_scale and len(e.get("object_glyphs", ())):
-      unread = [j for j in range(1, len(grids)) if j not in set(np.asarray(e.get("read_images", ())).tolist())]
+      read = set(np.asarray(e.get("read_images", ())).tolist())
+      unread = [j for j in range(1, len(grids)) if j not in read]
       for j in unread:  # a window's or an object's view: the labels it shows, too small to read
         glyphs, _ = _boxes_in(e["crop_regions"][j - 1], e["object_glyphs"], np.zeros(len(e["object_glyphs"])),
                               keep_centred=True)

@@ -8,7 +8,6 @@ Encodes N held-out scenes' target crops (the read question's view; with JITTER m
 fits a ridge classifier on half and scores the other half (chance ~10 %).
 """
 import os
-import sys
 
 import numpy as np
 
@@ -16,13 +15,9 @@ from mini_o3_jax import run_config
 from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.processing import image as image_lib
-from run_model import load_run, ridge, with_bias
+from run_model import cli_args, load_run, ridge, with_bias
 
-run = sys.argv[1]
-stage = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
-level = sys.argv[3] if len(sys.argv) > 3 else "medium"
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 300
-jitter = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+run, stage, level, n, jitter = cli_args("pretrain_vision", "medium", 300, 0.0)
 pooled = os.environ.get("POOLED") == "1"
 config, tok, mcfg, model, step = load_run(run, stage)
 tcfg = run_config.task_config(config)

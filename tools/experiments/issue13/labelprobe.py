@@ -14,7 +14,6 @@ pixels (legible: 14). Then `placed`: a second ridge fit reads the glyph centre's
 token's features, and a legible crop centred on the best-scoring token plus that offset holds the glyph (its side:
 the generator's legible crop's), beside one centred on the named shape's centre.
 """
-import sys
 
 import numpy as np
 
@@ -22,13 +21,9 @@ from mini_o3_jax import run_config
 from mini_o3_jax.data import coldstart, grounding, synthetic
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.processing import image as image_lib
-from run_model import load_run, ridge, with_bias
+from run_model import cli_args, load_run, ridge, with_bias
 
-run = sys.argv[1]
-stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
-level = sys.argv[3] if len(sys.argv) > 3 else "medium"
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 200
-view_kind = sys.argv[5] if len(sys.argv) > 5 else "window"
+run, stage_name, level, n, view_kind = cli_args("pretrain_vision", "medium", 200, "window")
 config, tok, mcfg, model, step = load_run(run, stage_name)
 tcfg = run_config.task_config(config)
 settings = image_lib.settings_for(mcfg)

@@ -9,7 +9,6 @@ centre (`pretrain_vision.targets.label_scale`), the error of the offset the towe
 (in tokens; a uniform guess: 0.25), the projections on label tokens and on the others (1.0 = the target's), and the
 error of the shape-centre offsets (`centre_scale`). The directions and scales are the `search_object` phase's.
 """
-import sys
 
 import numpy as np
 
@@ -19,12 +18,9 @@ from mini_o3_jax.pipeline import pretrain_stage
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import vision_targets as vt
-from run_model import load_run
+from run_model import cli_args, load_run
 
-run = sys.argv[1]
-stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision_search_object"
-level = sys.argv[3] if len(sys.argv) > 3 else "medium"
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 40
+run, stage_name, level, n = cli_args("pretrain_vision_search_object", "medium", 40)
 config, tok, mcfg, model, step = load_run(run, stage_name, "pretrain_vision/search_object")
 stage = run_config.pretrain_vision_stage(config, mcfg)
 targets = stage.targets

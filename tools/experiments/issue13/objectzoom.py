@@ -6,7 +6,6 @@ Asks the run's decoder (the `object` phase's rows: `GroundingConfig.zoom=2`) for
 window on N held-out scenes, greedy, and prints how often its crop holds the whole shape and the target's glyph, its
 side against the scripted crop's, and the probe's `object_hit` (`grounding_probe.score_zoom`).
 """
-import sys
 
 import numpy as np
 
@@ -14,12 +13,9 @@ from mini_o3_jax import run_config
 from mini_o3_jax.agent import tools
 from mini_o3_jax.data import coldstart, grounding
 from mini_o3_jax.pipeline import grounding_probe
-from run_model import load_run
+from run_model import cli_args, load_run
 
-run = sys.argv[1]
-stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_object"
-level = sys.argv[3] if len(sys.argv) > 3 else "medium"
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 48
+run, stage_name, level, n = cli_args("pretrain_object", "medium", 48)
 config, tok, mcfg, model, step = load_run(run, stage_name, "pretrain/object")
 stage = run_config.pretrain_stage(config, mcfg)
 tcfg = run_config.task_config(config)

@@ -1,6 +1,7 @@
 """A pretraining run's model and a ridge read-out, as the issue-13 probes beside this file use them."""
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -8,6 +9,13 @@ from configs import pretrain_tiny
 from mini_o3_jax import run_config
 from mini_o3_jax.pipeline import common, phases
 from mini_o3_jax.train import checkpoint as ckpt_lib
+
+
+def cli_args(*defaults):
+  """RUN_DIR (the first argument), then the script's optional positional arguments, each given one converted to its
+  default's type."""
+  given = sys.argv[2:]
+  return (sys.argv[1], *(type(d)(given[k]) if k < len(given) else d for k, d in enumerate(defaults)))
 
 
 def load_run(run: str, stage: str, phase: str = ""):

@@ -10,7 +10,6 @@ read crop alone) and the loss of the all-zero output (the scale: 1.0 means nothi
 scenes and read crops only; a window shows shapes twice as large, cut at its edges.
 """
 import dataclasses
-import sys
 
 import numpy as np
 
@@ -20,14 +19,9 @@ from mini_o3_jax.pipeline import pretrain_stage
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from mini_o3_jax.train import vision_targets
-from run_model import load_run
+from run_model import cli_args, load_run
 
-run = sys.argv[1]
-stage_name = sys.argv[2] if len(sys.argv) > 2 else "pretrain_vision"
-level = sys.argv[3] if len(sys.argv) > 3 else "medium"
-n = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-phase = sys.argv[5] if len(sys.argv) > 5 else "pretrain_vision/moved"
-zooms = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+run, stage_name, level, n, phase, zooms = cli_args("pretrain_vision", "medium", 64, "pretrain_vision/moved", 1)
 config, tok, mcfg, model, step = load_run(run, stage_name, phase)
 stage = run_config.pretrain_vision_stage(config, mcfg)
 every_image = dataclasses.replace(stage, shape_on_crops=True)  # the kind's term on every image's shapes
