@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.xla_flags = ""  # added to XLA_FLAGS before the backend starts (the quick preset compiles at -O0)
   c.view_pixels = 112 * 112  # every image (scene and crop) is shown at this budget: 8x8 patches
+  c.label_shade = 0.0  # labels this much darker than their shapes (data.scene.SyntheticConfig.label_shade)
 
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
   c.model = ml_collections.ConfigDict(dict(

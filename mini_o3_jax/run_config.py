@@ -50,12 +50,12 @@ def pixel_budget(config, section=None) -> tuple[int, int]:
 
 
 def task_config(config) -> synthetic.SyntheticConfig:
-  """The synthetic world's config: scenes drawn from the run's seed, viewed at the demo's `view_pixels`
-  (the generator's own view budget when the run has none)."""
-  if "view_pixels" not in config:
-    return synthetic.SyntheticConfig(seed=config.get("seed", 0))
-  return synthetic.SyntheticConfig(view_min_pixels=config.view_pixels, view_max_pixels=config.view_pixels,
-                                   seed=config.get("seed", 0))
+  """The synthetic world's config: scenes drawn from the run's seed, labels shaded by its `label_shade`, viewed at
+  the demo's `view_pixels` (the generator's own view budget when the run has none)."""
+  world = dict(seed=config.get("seed", 0), label_shade=config.get("label_shade", 0.0))
+  if "view_pixels" in config:
+    world.update(view_min_pixels=config.view_pixels, view_max_pixels=config.view_pixels)
+  return synthetic.SyntheticConfig(**world)
 
 
 def explorer_config(config) -> coldstart.ExplorerConfig:

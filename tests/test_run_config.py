@@ -6,7 +6,7 @@ import pytest
 
 from configs import demo, pretrain_tiny
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.rl.config import RLConfig
@@ -143,3 +143,13 @@ def test_an_orbax_init_from_keeps_the_configs_own_sizes(tmp_path):
   config.model.init_from = ""
   with pytest.raises(ValueError, match="expected one of"):
     run_config.model_config_for_vocabulary(config, 1024, IDS)
+
+
+def test_task_config_is_the_runs_world():
+  config = demo.get_config()
+  config.seed, config.label_shade = 3, 0.25
+  world = run_config.task_config(config)
+  assert (world.seed, world.label_shade) == (3, 0.25)
+  assert (world.view_min_pixels, world.view_max_pixels) == (config.view_pixels, config.view_pixels)
+  del config.view_pixels
+  assert run_config.task_config(config) == synthetic.SyntheticConfig(seed=3, label_shade=0.25)

@@ -116,6 +116,32 @@ def test_unknown_tier_and_too_small_scenes_are_rejected():
     syn.make_task("easy", 0, dataclasses.replace(CFG, scene_size_range=(512, 512)))
 
 
+@pytest.mark.parametrize("tier", ["medium", "hard"])
+def test_label_shade_darkens_only_each_label_by_its_fraction(tier):
+  """The same scene with labels 30 % darker: only the plates' pixels change, and each plate's mean colour is 0.7 of
+  what it was (the unshaded plate averages to its shape's colour), channel by channel to rounding."""
+  shade = 0.3
+  for i in range(3):
+    plain = syn.make_task(tier, i, CFG, "test")
+    shaded = syn.make_task(tier, i, dataclasses.replace(CFG, label_shade=shade), "test")
+    assert dataclasses.replace(plain, image=None) == dataclasses.replace(shaded, image=None)
+    a, b = (np.asarray(t.image, np.float64) for t in (plain, shaded))
+    changed = (a != b).any(-1)
+    w, h = plain.image.size
+    covered = np.zeros_like(changed)
+    for obj in plain.objects:
+      x0, y0, x1, y1 = syn.pixel_box(obj.box, (w, h))
+      plate = np.zeros_like(changed)
+      plate[y0:y1, x0:x1] = changed[y0:y1, x0:x1]
+      gx0, gy0, gx1, gy1 = syn.pixel_box(obj.detail_box, (w, h))
+      assert plate[gy0:gy1, gx0:gx1].mean() > 0.2  # the glyph's own ink and paper are redrawn
+      np.testing.assert_allclose(b[plate].mean(0), (1 - shade) * a[plate].mean(0), atol=1.5)
+      covered |= plate
+    assert (covered == changed).all()  # nothing outside a label changed
+  with pytest.raises(ValueError, match="label_shade"):
+    dataclasses.replace(CFG, label_shade=1.0)
+
+
 # ----------------------------------------------------------------------------- structure
 
 
@@ -213,7 +239,8 @@ def test_same_colour_lookalikes_leave_only_the_kind():
 @pytest.mark.parametrize("config", [
     dataclasses.replace(CFG, aspect_range=(0.7, 1.45)),
     dataclasses.replace(CFG, view_min_pixels=56 * 56),  # Qwen's default minimum
-], ids=["non_square", "qwen_min_pixels"])
+    dataclasses.replace(CFG, label_shade=0.3),
+], ids=["non_square", "qwen_min_pixels", "shaded_labels"])
 def test_other_configs_keep_the_invariants(config):
   for tier in syn.TIERS:
     for i in range(6):

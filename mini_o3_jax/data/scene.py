@@ -87,12 +87,20 @@ class SyntheticConfig:
   object_view_px: tuple[float, float] = (14.0, 18.0)  # shape side in the full view
   object_gap_view_px: float = 2.0
   legible_font_view_px: float = 2.0  # view pixels per font cell at the last zoom
+  # How much darker than its shape the label's mean colour is, as a fraction of the shape's colour. At 0 the label's
+  # paper and ink average to the shape's colour, so where the glyph is not resolved the label is a texture with no
+  # mean of its own; above 0 it is also a darker spot at every scale (as a real photograph's label usually is).
+  label_shade: float = 0.0
   easy: TierSpec = EASY
   medium: TierSpec = MEDIUM
   hard: TierSpec = HARD
   palette: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_PALETTE
   shapes: tuple[str, ...] = SHAPES
   seed: int = 0
+
+  def __post_init__(self):
+    if not 0.0 <= self.label_shade < 1.0:
+      raise ValueError(f"label_shade {self.label_shade}: expected a fraction in [0, 1)")
 
   def tier(self, name: str) -> TierSpec:
     if name not in TIERS:

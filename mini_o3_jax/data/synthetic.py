@@ -307,8 +307,9 @@ def make_task(tier: str, index: int, config: SyntheticConfig = SyntheticConfig()
     ml, mr, mt, mb = (int(m) * cell for m in rng.integers(1, 3, size=4))
     plate_w, plate_h = drawing.FONT_W * cell + ml + mr, drawing.FONT_H * cell + mt + mb
     px, py = _label_box(rng, shape, box, plate_w, plate_h, spec.label_at_centre)
-    paper, ink = drawing.label_colours(fill, plate_w * plate_h, drawing.INK_CELLS * cell * cell,
-                                lift=int(rng.integers(50, 71)))
+    label_mean = tuple(int(round(c * (1.0 - config.label_shade))) for c in fill)
+    paper, ink = drawing.label_colours(label_mean, plate_w * plate_h, drawing.INK_CELLS * cell * cell,
+                                       lift=int(rng.integers(50, 71)))
     draw.rectangle((px, py, px + plate_w - 1, py + plate_h - 1), fill=paper)
     gx, gy = px + ml, py + mt
     draw.bitmap((gx, gy), drawing.glyph_mask(digit, cell), fill=ink)
