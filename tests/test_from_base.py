@@ -2,12 +2,15 @@
 evaluates, and the base's own tokenizer."""
 
 import json
+import logging
 import os
+import shutil
 
 import pytest
 
 from configs import demo
-from mini_o3_jax.pipeline import common, eval_stages, rl_stages
+from mini_o3_jax import run_config
+from mini_o3_jax.pipeline import common, eval_stages, rl_stages, sources
 from mini_o3_jax.processing import tokenizer as tok_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +73,22 @@ def test_report_names_the_bases_family(tmp_path):
   (tmp_path / "metrics.json").write_text(json.dumps({"eval": [row]}))
   eval_stages.run_report(config, str(tmp_path))
   assert "a tiny qwen3_vl started from the pretrained base" in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_on_another_world_than_its_base_is_warned(tmp_path, caplog):
+  """A base records the label shade it was trained on; a run started from it on another world says so in its log."""
+  base = os.path.join(REPO, "assets", "tiny_base")
+  assert sources.trained_label_shade(base) == 0.0 and sources.trained_label_shade(str(tmp_path)) is None
+  shaded = tmp_path / "shaded"
+  shutil.copytree(base, shaded)
+  summary = json.load(open(shaded / "training_summary.json"))
+  json.dump({**summary, "label_shade": 0.5}, open(shaded / "training_summary.json", "w"))
+  assert sources.trained_label_shade(str(shaded)) == 0.5
+  config = demo.get_config()
+  mcfg = run_config.model_config(config, tok_lib.load_tokenizer(base))
+  for path, world, warned in ((base, 0.0, False), (str(shaded), 0.0, True), (str(shaded), 0.5, False)):
+    config.model.init_from, config.label_shade = path, world
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      sources.init_params(config, mcfg, None)
+    assert ("trained on labels 0.5 darker" in caplog.text) == warned, (path, world)

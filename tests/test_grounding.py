@@ -395,7 +395,7 @@ def test_pretrain_stages_run_the_recipe_and_export(tmp_path):
                                         vision_from="pretrain_vision_kind")
   assert same(decoder(joined), decoder(pretrain_2)) and same(tower(joined), tower(kind_2))
   assert same(jax.tree.leaves(exported), jax.tree.leaves(window_2))
-  assert summary["exported_run"] == "pretrain_window"
+  assert summary["exported_run"] == "pretrain_window" and summary["label_shade"] == config.label_shade == 0.0
   runs = {r["run"]: r for r in summary["runs"]}
   assert list(runs) == ["pretrain_vision", "pretrain", "pretrain_vision_kind", "pretrain_window"]
   assert runs["pretrain_vision_kind"]["targets"]["shape_scale"] == 0.8 and runs["pretrain_vision"]["targets"]["shape_scale"] == 0

@@ -60,3 +60,17 @@ def test_probe_from_the_files_redoes_the_recorded_skills(recipe):
   assert set(again) == set(check["skills"])
   for key, value in check["skills"].items():
     assert abs(again[key] - value) <= 1 / check["scenes"] + 1e-9, key
+
+
+def test_card_names_a_shaded_world_and_the_search_through_the_shape():
+  """A base trained on shaded labels says so (a run started from it must set the same world); an unshaded one, as
+  the shipped base is, keeps the card as it was. A base whose last run asks both zooms names that search."""
+  summary, check = _read("training_summary.json"), _read("skills_check.json")
+  plain = base_card.model_card(summary, _read("skills.json"), check, None)
+  assert "label_shade" not in plain and summary.get("label_shade", 0.0) == check.get("label_shade", 0.0) == 0.0
+  shaded = base_card.model_card({**summary, "label_shade": 0.5}, _read("skills.json"), check, None)
+  assert "labels are drawn 50 % darker than their shapes (`label_shade=0.5`)" in shaded
+  assert shaded.replace(base_card._world({"label_shade": 0.5}), "") == plain
+  both = {**check, "questions": {**check["questions"], "zoom": 2}}
+  assert "object_reflex" not in plain
+  assert '`data.first_crop="object_reflex"`' in base_card.model_card(summary, _read("skills.json"), both, None)

@@ -29,11 +29,24 @@ def _skills_rows(skills: dict[str, float], keys) -> list[dict[str, Any]]:
           for level in levels]
 
 
+def _world(summary: dict) -> str:
+  shade = summary.get("label_shade", 0.0)
+  if not shade:
+    return ""
+  return (f" Its world's labels are drawn {100 * shade:.0f} % darker than their shapes (`label_shade={shade:g}`): a run "
+          "started from it sets the same.")
+
+
 def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scenes: int | None) -> str:
   """The card's markdown. `probe_scenes`: held-out scenes a level behind `skills` (None: not recorded)."""
   seed = summary["seed"]
   asked = ""
-  if check["questions"].get("zoom"):
+  if check["questions"].get("zoom") == 2:
+    asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
+             "digit), and teaches the whole direct search through the shape: the window's call, the shape's own zoom "
+             "inside the window's observation, the label's legible zoom inside that, the digit of its observation, so "
+             "a direct search in the demo (`data.first_crop=\"object_reflex\"`) is turns it writes already. ")
+  elif check["questions"].get("zoom"):
     asked = ("Its last run asks as the agent is asked (the agent's instructions and a question about the shape's "
              "digit), and teaches the whole direct search: the window's call, the legible zoom inside the window's "
              "observation, the digit of that zoom's observation, so a direct search in the demo "
@@ -58,7 +71,7 @@ def model_card(summary: dict, skills: dict[str, float], check: dict, probe_scene
       "pretrained by mini_o3_jax on its procedural visual-search world to ground and read before any agent data: "
       "asked where a named shape is, it is taught to name the shape's 3 x 3 cell and answer a `bbox_2d` crop of "
       "that cell's half-size window; shown a legible crop, to read the digit on it. The tables below say how well "
-      f"it does. {asked}The demo's cold start, SFT and GRPO are meant to start from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.",
+      f"it does. {asked}The demo's cold start, SFT and GRPO are meant to start from it. Every image (scene or crop) is shown at {summary['view_pixels']} pixels.{_world(summary)}",
       "",
       "Reproduce (fixed seed; every run resumes after a kill):",
       "",

@@ -279,11 +279,12 @@ def probe_export(path: str, questions: grounding.GroundingConfig, task_config: s
 
 
 def redo_check(path: str, check: dict, task_config: synthetic.SyntheticConfig) -> dict[str, float]:
-  """`probe_export` with the settings an export's skills_check.json records (`check`): what a copy of the
-  directory must reproduce."""
+  """`probe_export` with the settings an export's skills_check.json records (`check`), in `task_config`'s world with
+  the recorded label shade: what a copy of the directory must reproduce."""
   probe = ProbeConfig(levels=tuple(check["levels"]), scenes=check["scenes"], seq_len=check["seq_len"],
                       num_patches=check["num_patches"])
-  return probe_export(path, grounding.GroundingConfig(**check["questions"]), task_config, probe, seed=check["seed"])
+  world = dataclasses.replace(task_config, label_shade=check.get("label_shade", 0.0))
+  return probe_export(path, grounding.GroundingConfig(**check["questions"]), world, probe, seed=check["seed"])
 
 
 def format_skills(skills: dict[str, float]) -> str:

@@ -320,7 +320,8 @@ def run_export_base(config, workdir: str) -> dict:
   out = config.base_export.get("out") or os.path.join(workdir, "base")
   min_pixels, max_pixels = run_config.pixel_budget(config)
   export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
-  summary = {"seed": config.seed, "view_pixels": config.view_pixels, "parameters": state_lib.count_params(params),
+  summary = {"seed": config.seed, "view_pixels": config.view_pixels, "label_shade": config.get("label_shade", 0.0),
+             "parameters": state_lib.count_params(params),
              "exported_run": source,
              "runs": [_run_summary(phases.configure(config, r), workdir, r) for r in runs if r.stage in phases.PHASED]}
   with open(os.path.join(out, "training_summary.json"), "w") as f:
@@ -345,7 +346,8 @@ def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
   the exported run's probe and records the table and how to redo it in out/skills_check.json: a copy of
   the directory must reproduce it (`grounding_probe.probe_export` with the recorded settings)."""
   stage = run_config.pretrain_stage(phases.configure(config, run), mcfg)
-  check = {"seed": config.seed, "view_pixels": config.view_pixels, "levels": list(stage.probe_levels),
+  check = {"seed": config.seed, "view_pixels": config.view_pixels, "label_shade": config.get("label_shade", 0.0),
+           "levels": list(stage.probe_levels),
            "scenes": config.base_export.get("check_scenes", 8), "seq_len": max(stage.batch.length_buckets),
            "num_patches": max(stage.batch.patch_buckets), "questions": dataclasses.asdict(stage.questions)}
   check["skills"] = grounding_probe.redo_check(out, check, run_config.task_config(config))

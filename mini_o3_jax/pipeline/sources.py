@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import json
 import logging
 import os
 from typing import Any, Iterator, Sequence
@@ -70,6 +71,16 @@ def has_checkpoint(workdir: str, stage: str) -> bool:
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
 
+def trained_label_shade(path: str) -> float | None:
+  """The label shade of the world an exported base was trained on (its training_summary.json), None when the
+  directory records none (not a base of configs/pretrain_tiny.py)."""
+  summary = os.path.join(path, "training_summary.json")
+  if not os.path.isfile(summary):
+    return None
+  with open(summary) as f:
+    return json.load(f).get("label_shade", 0.0)
+
+
 def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
   """Parameters from `config.model.init_from` (sharded for `mesh`), or None when it is empty."""
   path = config.model.get("init_from") or ""
@@ -77,6 +88,11 @@ def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
     return None
   if is_hf_dir(path):
     log.info("init from the HF checkpoint %s", path)
+    base_shade = trained_label_shade(path)
+    if base_shade is not None and base_shade != config.get("label_shade", 0.0):
+      log.warning("%s was trained on labels %g darker than their shapes; this run's world has label_shade=%g "
+                  "(set --config.label_shade=%g to run on its world)", path, base_shade,
+                  config.get("label_shade", 0.0), base_shade)
     model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat,
                                attention=mcfg.attention, attention_block=mcfg.attention_block)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
