@@ -77,10 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
       # in the first cell_only_steps only the cell is in the loss (the binding phase), the whole answer after;
       # cell_window: the box is the cell's half-size window (a coarse first crop), not the shape's own;
       # answer_form="agent": the answers are the agent's own turns (data/grounding.py), "short" the cell and call;
-      # zoom=1 (with prompt_form="agent"): the legible zoom inside the located window asked too.
+      # zoom=1 (with prompt_form="agent"): the legible zoom inside the located window asked too;
+      # last_zoom_only_steps: the first this many steps train only each row's last zoom call.
       questions=dict(locate=1, name=0, read=0, decimals=2, question_first=False, target_first=False,
                      cell_first=True, cell_only_steps=100_000, cell_window=False, answer_form="short",
-                     prompt_form="short", zoom=0),
+                     prompt_form="short", zoom=0, last_zoom_only_steps=0),
       length_buckets=(96,), patch_buckets=(64,),
       eval_every=250, greedy_every_eval=False, probe_levels=("few", "easy"), probe_scenes=48,
       checkpoint_every=250, log_every=25,

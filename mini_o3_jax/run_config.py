@@ -292,7 +292,7 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
                                                    "question_first", "target_first", "cell_first", "cell_only_steps",
                                                    "cell_window", "answer_form", "prompt_form", "zoom",
-                                                   "read_jitter")),
+                                                   "read_jitter", "last_zoom_only_steps")),
       **{k: tuple(v) if isinstance(v, (list, tuple)) else v
          for k, v in _given(c, "objectness_power", "probe_levels", "probe_scenes", "greedy_every_eval",
                             "from_stage", "vision_from").items()})

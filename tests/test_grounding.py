@@ -175,8 +175,17 @@ def test_zoom_rows_are_the_bases_direct_search(tokenizer, zooms):
       ids, pixels, _ = probe._agent_prompt(task, "zoom", np.random.default_rng(0), nth)
       np.testing.assert_array_equal(ids, row["input_ids"][:start])
       np.testing.assert_array_equal(pixels, row["pixel_values"][:len(pixels)])
+    # last_zoom_only: the same row, only its last call (the legible zoom's) in the loss
+    last = grounding.scene_example(task, tokenizer, gcfg, tcfg, np.random.default_rng(0), image=probe.image,
+                                   last_zoom_only=True)
+    np.testing.assert_array_equal(last["input_ids"], row["input_ids"])
+    trained = np.flatnonzero(last["loss_mask"])
+    assert trained[0] == starts[-1] and set(trained) <= set(np.flatnonzero(row["loss_mask"]))
+    assert tokenizer.decode(row["input_ids"][trained]).strip() == search.calls[-1] + "<|im_end|>"  # and its end
   with pytest.raises(ValueError, match="zoom"):
     grounding.GroundingConfig(locate=1, name=0, zoom=1, cell_first=True, cell_window=True)
+  with pytest.raises(ValueError, match="last_zoom_only_steps needs zoom"):
+    grounding.GroundingConfig(last_zoom_only_steps=10)
 
 
 def test_zoom_score_takes_the_scripted_zoom_and_refuses_what_cannot_be_read():

@@ -137,6 +137,9 @@ class GroundingConfig:
     `coldstart.object_zoom` inside the window first, its observation returned, then the legible crop inside that
     (`coldstart.reflex_search`); the reads then read that shape's last zoom as the tool returns it. Rows where the
     legible crop reaches past the image it is asked from ask no zoom.
+  last_zoom_only_steps: (with zoom) in a `SceneStream`'s first this many steps only each row's last zoom call (the
+    legible crop's: with zoom=2 the label's, made on the shape's own view) is in the loss, the rest of the row its
+    context: the decoder's whole gradient on where the label is.
   read_jitter: a read question's crop (outside a zoom's search) is the legible crop grown or shrunk by up to this
     fraction of its side and moved so the digit sits anywhere inside it (2 px from its edges), as the agent's own
     crops hold it; 0 = the generator's crop, the digit at its centre (a tower taught only there reads nowhere else:
@@ -155,6 +158,7 @@ class GroundingConfig:
   prompt_form: str = "short"
   zoom: int = 0
   read_jitter: float = 0.0
+  last_zoom_only_steps: int = 0
 
   def __post_init__(self):
     if not 0.0 <= self.read_jitter < 0.5:
@@ -175,6 +179,8 @@ class GroundingConfig:
     if self.answer_form == "agent" and not (self.cell_first and self.cell_window and not self.cell_only_steps):
       raise ValueError('answer_form="agent" writes the window-first turn: it needs cell_first and cell_window, '
                        "and the whole answer in the loss (cell_only_steps=0)")
+    if self.last_zoom_only_steps and not self.zoom:
+      raise ValueError("last_zoom_only_steps needs zoom (the last zoom call is what stays in the loss)")
     if self.cell_only_steps and not self.cell_first:
       raise ValueError("cell_only_steps needs cell_first (the cell digit is what stays in the loss)")
     if self.cell_window and not self.cell_first:
@@ -393,10 +399,12 @@ def _glyphs(task: synthetic.SyntheticTask, crops, task_config: synthetic.Synthet
 
 def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingConfig,
                   task_config: synthetic.SyntheticConfig, rng: np.random.Generator,
-                  cell_only: bool = False, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  cell_only: bool = False, image: Mapping[str, Any] | None = None,
+                  last_zoom_only: bool = False) -> dict[str, Any]:
   """One training row: {input_ids, loss_mask, kinds, pixel_values, image_grid_thw, object_boxes, object_shapes,
   object_glyphs, crop_regions, read_glyphs, read_digits, read_images};
-  `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss; `image`:
+  `cell_only` keeps only each locate answer's first token (its cell, with `cell_first`) in the loss;
+  `last_zoom_only` only the row's last zoom answer (`GroundingConfig.last_zoom_only_steps`); `image`:
   the model's `preprocess_image` settings (`processing.image.settings_for`; None: Qwen2.5-VL's).
 
   `kinds` int [T] is the index in KINDS of the question each answer token belongs to (-1 elsewhere),
@@ -412,6 +420,8 @@ def scene_example(task: synthetic.SyntheticTask, tokenizer, config: GroundingCon
   observed = [q[0] for q in questions if q[0] in ("zoom", "read")]  # the kinds of the images after the scene
   loss_mask = _first_token_only(enc["loss_mask"], kinds == KINDS.index("locate")) if cell_only \
       else enc["loss_mask"]
+  if last_zoom_only:
+    loss_mask = _last_span_only(loss_mask, kinds == KINDS.index("zoom"))
   return {
       "id": task.id,
       "input_ids": enc["input_ids"],
@@ -440,6 +450,16 @@ def _first_token_only(loss_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
   """`loss_mask` with each span of `spans` (bool [T], runs of answer tokens) reduced to its first token."""
   starts = spans & ~np.concatenate([[False], spans[:-1]])
   return np.where(spans, starts, loss_mask).astype(loss_mask.dtype)
+
+
+def _last_span_only(loss_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
+  """`loss_mask` on the last run of `spans` (bool [T]) only; all zeros when there is none."""
+  out = np.zeros_like(loss_mask)
+  if spans.any():
+    end = int(np.flatnonzero(spans)[-1]) + 1
+    start = end - int(np.argmin(spans[:end][::-1])) if not spans[:end].all() else 0
+    out[start:end] = loss_mask[start:end]
+  return out
 
 
 def _answer_kinds(loss_mask: np.ndarray, kinds: Sequence[str]) -> np.ndarray:
@@ -476,5 +496,6 @@ class SceneStream:
     for r, pick in enumerate(picks):
       task = make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
       out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng,
-                               cell_only=step < self.config.cell_only_steps, image=self.image))
+                               cell_only=step < self.config.cell_only_steps, image=self.image,
+                               last_zoom_only=step < self.config.last_zoom_only_steps))
     return out
