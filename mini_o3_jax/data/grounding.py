@@ -455,10 +455,11 @@ def _first_token_only(loss_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
 def _last_span_only(loss_mask: np.ndarray, spans: np.ndarray) -> np.ndarray:
   """`loss_mask` on the last run of `spans` (bool [T]) only; all zeros when there is none."""
   out = np.zeros_like(loss_mask)
-  if spans.any():
-    end = int(np.flatnonzero(spans)[-1]) + 1
-    start = end - int(np.argmin(spans[:end][::-1])) if not spans[:end].all() else 0
-    out[start:end] = loss_mask[start:end]
+  at = np.flatnonzero(spans)
+  if len(at):
+    gaps = np.flatnonzero(np.diff(at) > 1)  # the last run starts after the last gap
+    start = at[gaps[-1] + 1] if len(gaps) else at[0]
+    out[start:at[-1] + 1] = loss_mask[start:at[-1] + 1]
   return out
 
 
