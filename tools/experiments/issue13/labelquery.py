@@ -1,9 +1,13 @@
 """Does the decoder know where the label is when it writes the label's call? A ridge read-out of its last hidden state.
 
   PYTHONPATH=. python tools/experiments/issue13/labelquery.py RUN_DIR [STAGE=pretrain_object] [LEVEL=medium] [N=300]
+      [CALL=1]
+
+CALL=1: the label's call (made on the shape's own view, aimed at the glyph); CALL=0: the shape's call (made on the
+window, aimed at the whole shape): the same read-outs with that call's view, aim and scripted side.
 
 Builds N held-out rows of the `object` phase (the search through the shape, teacher-forced), takes the decoder's final
-hidden state where it writes the label's call's first coordinate (the position of its first "0." token, which predicts
+hidden state where it writes the label's call's (CALL=1) first coordinate (the position of its first "0." token, which predicts
 the x0 digit), and fits a ridge read-out of the glyph's centre in the object's view (relative) on two thirds of the
 rows. On the other third it reports how often a crop of the scripted legible size centred there holds the glyph,
 beside the decoder's own teacher-forced box's centre as it writes it and a blind crop at the view's centre: if the
@@ -21,7 +25,7 @@ from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
 from run_model import cli_args, load_run, ridge, with_bias
 
-run, stage_name, level, n = cli_args("pretrain_object", "medium", 300)
+run, stage_name, level, n, call = cli_args("pretrain_object", "medium", 300, 1)
 config, tok, mcfg, model, step = load_run(run, stage_name, "pretrain/object")
 stage = run_config.pretrain_stage(config, mcfg)
 tcfg = run_config.task_config(config)
@@ -38,11 +42,11 @@ for i in range(n):
   zoom = np.flatnonzero(row["kinds"] == grounding.KINDS.index("zoom"))
   if search is None or len(zoom) == 0:
     continue
-  obj = search.regions[1]
-  to_view = lambda b: ((b[0] - obj[0]) / (obj[2] - obj[0]), (b[1] - obj[1]) / (obj[3] - obj[1]),
-                       (b[2] - obj[0]) / (obj[2] - obj[0]), (b[3] - obj[1]) / (obj[3] - obj[1]))
-  g = to_view(target.detail_box)
-  legible = tools.parse_action(search.calls[-1]).bbox
+  view = search.regions[call]  # the image the call is made on
+  to_view = lambda b: ((b[0] - view[0]) / (view[2] - view[0]), (b[1] - view[1]) / (view[3] - view[1]),
+                       (b[2] - view[0]) / (view[2] - view[0]), (b[3] - view[1]) / (view[3] - view[1]))
+  g = to_view(target.detail_box if call == 1 else target.box)
+  legible = tools.parse_action(search.calls[call + 1]).bbox
   rows.append(row)
   centres.append(((g[0] + g[2]) / 2, (g[1] + g[3]) / 2))
   sides.append((legible[2] - legible[0], legible[3] - legible[1]))
@@ -58,8 +62,8 @@ for s in range(0, len(rows), 16):
   ids = np.asarray(batch.inputs.input_ids)
   for r, row in enumerate(chunk):
     zoom = np.flatnonzero(row["kinds"] == grounding.KINDS.index("zoom"))
-    last_start = zoom[np.diff(np.concatenate([[-2], zoom])) > 1][-1]
-    span = [t for t in zoom if t >= last_start]
+    starts = zoom[np.diff(np.concatenate([[-2], zoom])) > 1]
+    span = [t for t in zoom if t >= starts[call] and (call + 1 == len(starts) or t < starts[call + 1])]
     pos = next(t for t in span[1:] if ids[r, t] in zero_dot)
     feats.append(hidden[r, pos])
     # the box as the decoder writes it, teacher-forced token by token
@@ -85,7 +89,7 @@ own = np.mean([holds(written[j], sides[j], glyph_boxes[j]) for j in test])
 blind = np.mean([holds((0.5, 0.5), sides[j], glyph_boxes[j]) for j in test])
 err = lambda p: np.median(np.abs(np.asarray(p) - y[k:]).max(1))
 print(f"{run} {stage_name} step {step} {level}: {len(test)} held-out rows; a legible crop centred on the read-out of "
-      f"the hidden state holds the glyph {100 * read_out:.0f} % (centre error {err(pred):.3f} of the view), on the "
+      f"the hidden state holds its aim {100 * read_out:.0f} % (centre error {err(pred):.3f} of the view), on the "
       f"decoder's own teacher-forced box {100 * own:.0f} % ({err(written[k:]):.3f}), blind at the view's centre "
       f"{100 * blind:.0f} % ({err(np.full_like(pred, 0.5)):.3f})")
 
@@ -93,19 +97,19 @@ print(f"{run} {stage_name} step {step} {level}: {len(test)} held-out rows; a leg
 probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=(), scenes=0, seq_len=256, num_patches=288),
                                        stage.questions, tcfg, tok, mcfg)
 tasks = [grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT) for i in range(n)][-(len(X) - k):]
-asked = [(t, p) for t in tasks if (p := probe._agent_prompt(t, "zoom", np.random.default_rng(1), 1)) is not None]
+asked = [(t, p) for t in tasks if (p := probe._agent_prompt(t, "zoom", np.random.default_rng(1), call)) is not None]
 texts = probe._generate(model, [p for _, p in asked], 28)
 inside, hit, side = [], [], []
 for (task, _), text in zip(asked, texts):
   target = next(o for o in task.objects if o.is_target)
   gold = coldstart.reflex_search(task, target, 2, via_object=True)
-  hit.append(grounding_probe.score_zoom(text, task, 2, 1, via_object=True)[0])
+  hit.append(grounding_probe.score_zoom(text, task, 2, call, via_object=True)[0])
   action = tools.parse_action(tools.truncate_at_stop(text))
-  if not (isinstance(action, tools.ToolCall) and action.source == "observation_2"):
+  if not (isinstance(action, tools.ToolCall) and action.source == f"observation_{call + 1}"):
     inside.append(False)
     continue
-  region = coldstart.crop_region(action.bbox, gold.regions[1], gold.observations[1].size)
-  inside.append(coldstart.contains(region, target.detail_box))
-  side.append((region[2] - region[0]) / (gold.regions[2][2] - gold.regions[2][0]))
-print(f"greedy, the target's search after the gold calls ({len(asked)}): the crop holds the glyph {100 * np.mean(inside):.0f} %, "
+  region = coldstart.crop_region(action.bbox, gold.regions[call], gold.observations[call].size)
+  inside.append(coldstart.contains(region, target.detail_box if call == 1 else target.box))
+  side.append((region[2] - region[0]) / (gold.regions[call + 1][2] - gold.regions[call + 1][0]))
+print(f"greedy, the target's search after the gold calls ({len(asked)}): the crop holds its aim {100 * np.mean(inside):.0f} %, "
       f"zoom_hit {100 * np.mean(hit):.0f} %, side / scripted median {np.median(side):.2f}")
