@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any
 
-from mini_o3_jax.data import coldstart, grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, scene_levels, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.processing import tokenizer as tok_lib
@@ -270,7 +270,7 @@ class PretrainStage(SupervisedStage):
   vision_from: the tower from that run's checkpoint instead of from_stage's: a tower phase re-tunes only
   the tower, so it can run beside the decoder's phases and join them here (the same weights as in line).
   """
-  curriculum: grounding.Curriculum
+  curriculum: scene_levels.Curriculum
   questions: grounding.GroundingConfig
   objectness_power: float = 4.0  # the saliency's exponent (`processing.image.token_saliency`)
   probe_levels: tuple[str, ...] = ("easy", "medium", "hard")
@@ -288,7 +288,7 @@ def pretrain_stage(config, model: config_lib.VLMConfig) -> PretrainStage:
   return PretrainStage(
       loop=_loop(c), optimizer=_optimizer(c), step=step,
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
-      curriculum=grounding.Curriculum.parse(c.curriculum),
+      curriculum=scene_levels.Curriculum.parse(c.curriculum),
       questions=grounding.GroundingConfig(**_given(c.questions, "locate", "name", "read", "decimals",
                                                    "question_first", "target_first", "cell_first", "cell_only_steps",
                                                    "cell_window", "answer_form", "prompt_form", "zoom",
@@ -321,7 +321,7 @@ class PretrainVisionStage:
   loop: Loop
   optimizer: OptimizerConfig
   batch: BatchConfig
-  curriculum: grounding.Curriculum
+  curriculum: scene_levels.Curriculum
   targets: FeatureTargetConfig
   palette: tuple[tuple[float, float, float], ...]
   chroma_floor: float = 0.08
@@ -350,7 +350,7 @@ def pretrain_vision_stage(config, model: config_lib.VLMConfig) -> PretrainVision
   stage = PretrainVisionStage(
       loop=_loop(c), optimizer=_optimizer(c, train_only_vision=True),
       batch=_batches(c, c.batch_size, model, patch_buckets=(128,)),
-      curriculum=grounding.Curriculum.parse(c.curriculum),
+      curriculum=scene_levels.Curriculum.parse(c.curriculum),
       targets=FeatureTargetConfig(num_colours=len(palette), num_shapes=len(world.shapes),
                                   **_given(c.targets, "position_scale", "object_scale", "colour_scale",
                                            "shape_scale", "shape_by_saliency", "digit_scale", "label_scale",

@@ -14,7 +14,7 @@ import pytest
 from configs import demo
 from mini_o3_jax import agent as agent_lib
 from mini_o3_jax.agent import prompts, tools
-from mini_o3_jax.data import coldstart, grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, scene_levels, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model.vision import VisionInputs
@@ -32,17 +32,17 @@ def tokenizer(tmp_path_factory):
 
 
 def test_curriculum_parse_and_mixture():
-  cur = grounding.Curriculum.parse("300:easy=1; 0:single=0.5,few=0.5")
+  cur = scene_levels.Curriculum.parse("300:easy=1; 0:single=0.5,few=0.5")
   assert cur.mixture(0) == (("single", 0.5), ("few", 0.5))
   assert cur.mixture(299) == cur.mixture(0)
   assert cur.mixture(300) == (("easy", 1.0),)
   with pytest.raises(ValueError, match="unknown curriculum level"):
-    grounding.Curriculum.parse("0:nowhere=1")
+    scene_levels.Curriculum.parse("0:nowhere=1")
 
 
 def test_rows_answer_from_the_scene(tokenizer):
   tcfg = synthetic.SyntheticConfig()
-  task = grounding.make_scene("medium", 3, tcfg)
+  task = scene_levels.make_scene("medium", 3, tcfg)
   rng = np.random.default_rng(0)
   questions = grounding.scene_questions(task, grounding.GroundingConfig(), rng)
   names = [grounding.object_name(o) for o in task.objects]
@@ -74,7 +74,7 @@ def test_agent_form_rows_are_the_explorers_turns(tokenizer):
   the named cell and the read digit in them."""
   tcfg = synthetic.SyntheticConfig()
   gcfg = grounding.GroundingConfig(locate=2, name=0, read=1, cell_first=True, cell_window=True, answer_form="agent")
-  task = grounding.make_scene("medium", 5, tcfg)
+  task = scene_levels.make_scene("medium", 5, tcfg)
   questions = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
   for kind, question, answer, i in questions:
     obj, name = task.objects[i], grounding.object_name(task.objects[i])
@@ -104,7 +104,7 @@ def test_agent_prompt_rows_ask_as_the_agent_is_asked(tokenizer):
   row up to its read answer."""
   tcfg = synthetic.SyntheticConfig()
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, cell_first=True, cell_window=True, prompt_form="agent")
-  task = grounding.make_scene("medium", 7, tcfg)
+  task = scene_levels.make_scene("medium", 7, tcfg)
   (k0, q0, a0, i0), (k1, q1, a1, i1) = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
   target = task.objects[i0]
   assert (k0, k1) == ("locate", "read") and i0 == i1 and target.is_target
@@ -139,7 +139,7 @@ def test_zoom_rows_are_the_bases_direct_search(tokenizer, zooms):
   probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
                                          tokenizer, mcfg)
   for n, level in enumerate(("medium", "hard")):
-    task = grounding.make_scene(level, n, tcfg)
+    task = scene_levels.make_scene(level, n, tcfg)
     questions = grounding.scene_questions(task, gcfg, np.random.default_rng(0))
     obj = task.objects[questions[0][3]]
     assert [q[0] for q in questions] == ["locate", *["zoom"] * zooms, "read"] and obj.is_target
@@ -193,7 +193,7 @@ def test_zoom_score_takes_the_scripted_zoom_and_refuses_what_cannot_be_read():
   a zoom moved off the digit, and the right box on the wrong image do not; the cell is the answer's first digit."""
   tcfg = synthetic.SyntheticConfig()
   for n, level in enumerate(("medium", "hard")):
-    task = grounding.make_scene(level, n, tcfg, grounding.HELDOUT_SPLIT)
+    task = scene_levels.make_scene(level, n, tcfg, scene_levels.HELDOUT_SPLIT)
     target = next(o for o in task.objects if o.is_target)
     gold = coldstart.reflex_search(task, target, 2).calls[1]
     cell, call = gold.split(" ", 1)
@@ -215,7 +215,7 @@ def test_zoom_scores_through_the_object_take_each_scripted_call():
   the scripted call hitting, the whole object's view and the window's own source not."""
   tcfg = synthetic.SyntheticConfig()
   for n, level in enumerate(("medium", "hard")):
-    task = grounding.make_scene(level, n, tcfg, grounding.HELDOUT_SPLIT)
+    task = scene_levels.make_scene(level, n, tcfg, scene_levels.HELDOUT_SPLIT)
     target = next(o for o in task.objects if o.is_target)
     search = coldstart.reflex_search(task, target, 2, via_object=True)
     for nth, gold in enumerate(search.calls[1:]):
@@ -237,7 +237,7 @@ def test_jittered_read_crops_hold_the_digit_and_stray():
   tcfg = synthetic.SyntheticConfig()
   offsets, sides = [], []
   for n in range(40):
-    task = grounding.make_scene(("few", "medium", "hard")[n % 3], n, tcfg)
+    task = scene_levels.make_scene(("few", "medium", "hard")[n % 3], n, tcfg)
     w, h = task.image.size
     for i, obj in enumerate(task.objects[:3]):
       crop = grounding.read_crop(task, i, 0.12)
@@ -280,7 +280,7 @@ def test_pretrain_saliency_finds_the_shape(tokenizer):
   every real token, -1 on padding tokens and rows."""
   tcfg = synthetic.SyntheticConfig()
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
-  tasks = [grounding.make_scene("single", i, tcfg) for i in range(8)]
+  tasks = [scene_levels.make_scene("single", i, tcfg) for i in range(8)]
   rows = [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i)) for i, t in enumerate(tasks)]
   mcfg = run_config.model_config(demo.get_config(), tokenizer)
   patches = int(np.prod(rows[0]["image_grid_thw"], -1).sum())
@@ -305,7 +305,7 @@ def test_pretrain_saliency_finds_the_shape(tokenizer):
 
 
 def test_stream_is_fresh_and_reproducible(tokenizer):
-  cur = grounding.Curriculum.parse("0:few=1")
+  cur = scene_levels.Curriculum.parse("0:few=1")
   stream = grounding.SceneStream(cur, grounding.GroundingConfig(), synthetic.SyntheticConfig(), tokenizer, rows=2,
                                  seed=0)
   a, b = stream.rows_for(5), stream.rows_for(5)
@@ -314,7 +314,7 @@ def test_stream_is_fresh_and_reproducible(tokenizer):
   later = {r["id"] for r in stream.rows_for(6)}
   assert not later & {r["id"] for r in a}
   # Pretraining scenes never come from the agent's splits.
-  assert all(f"-{grounding.PRETRAIN_SPLIT}-" in r["id"] for r in a)
+  assert all(f"-{scene_levels.PRETRAIN_SPLIT}-" in r["id"] for r in a)
 
 
 def test_experimental_tower_options_are_not_exported_as_qwen25vl():

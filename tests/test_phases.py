@@ -3,7 +3,7 @@
 import pytest
 
 from configs import pretrain_tiny
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax import run_config
 from mini_o3_jax.pipeline import STAGES, phases
 
@@ -48,8 +48,8 @@ def test_a_phase_changes_only_its_settings_and_refuses_unknown_ones():
 
 
 def test_each_phase_draws_scenes_of_its_own():
-  assert phases.scene_split(grounding.PRETRAIN_SPLIT, "pretrain", "pretrain") == grounding.PRETRAIN_SPLIT
-  splits = [phases.scene_split(grounding.PRETRAIN_SPLIT, n, "pretrain") for n in ("pretrain", "pretrain_a", "pretrain_b")]
+  assert phases.scene_split(scene_levels.PRETRAIN_SPLIT, "pretrain", "pretrain") == scene_levels.PRETRAIN_SPLIT
+  splits = [phases.scene_split(scene_levels.PRETRAIN_SPLIT, n, "pretrain") for n in ("pretrain", "pretrain_a", "pretrain_b")]
   world = run_config.task_config(pretrain_tiny.get_config())
-  scenes = [[o.box for o in grounding.make_scene("medium", 0, world, s).objects] for s in splits]
+  scenes = [[o.box for o in scene_levels.make_scene("medium", 0, world, s).objects] for s in splits]
   assert scenes[0] != scenes[1] and scenes[1] != scenes[2] and scenes[0] != scenes[2]

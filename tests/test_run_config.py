@@ -6,7 +6,7 @@ import pytest
 
 from configs import demo, pretrain_tiny
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import grounding, scene_levels, synthetic
 from mini_o3_jax.model import config as config_lib
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.rl.config import RLConfig
@@ -85,7 +85,7 @@ def test_pretrain_stage_reads_its_section(model):
   stage = run_config.pretrain_stage(config, model)
   assert stage.loop == run_config.Loop(steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every,
                                        eval_every=c.eval_every)
-  assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
+  assert stage.curriculum == scene_levels.Curriculum.parse(c.curriculum)
   assert stage.questions == grounding.GroundingConfig(**c.questions.to_dict())
   assert stage.step == SFTConfig(objectness_weight=c.objectness_weight, objectness_scale=c.objectness_scale,
                                  train_vision=not c.freeze_vision)
@@ -109,7 +109,7 @@ def test_pretrain_vision_stage_reads_its_section():
   assert stage.position_table_sincos == c.position_table_sincos
   assert stage.loop == run_config.Loop(steps=c.steps, log_every=c.log_every, checkpoint_every=c.checkpoint_every)
   assert stage.optimizer.train_only_vision and not stage.optimizer.freeze_vision and stage.optimizer.lr == c.lr
-  assert stage.curriculum == grounding.Curriculum.parse(c.curriculum)
+  assert stage.curriculum == scene_levels.Curriculum.parse(c.curriculum)
   palette = run_config.task_config(config).palette
   assert stage.palette == tuple(tuple(v / 255 for v in rgb) for _, rgb in palette)
   assert stage.targets == FeatureTargetConfig(num_colours=len(palette),

@@ -19,7 +19,7 @@ import train_worker as W  # noqa: E402
 from configs import demo, pretrain_tiny  # noqa: E402
 from mini_o3_jax import run_config  # noqa: E402
 from mini_o3_jax.agent import tools  # noqa: E402
-from mini_o3_jax.data import coldstart, grounding, synthetic  # noqa: E402
+from mini_o3_jax.data import coldstart, grounding, scene_levels, synthetic  # noqa: E402
 from mini_o3_jax.model import config as config_lib  # noqa: E402
 from mini_o3_jax.model import rope, vlm  # noqa: E402
 from mini_o3_jax.model import vision as vision_lib  # noqa: E402
@@ -56,7 +56,7 @@ def test_token_colours_name_each_shape_and_silence_the_canvas():
   palette = np.asarray([rgb for _, rgb in tcfg.palette], np.float32) / 255.0
   checked = 0
   for i in range(6):
-    task = grounding.make_scene("few", i, tcfg)
+    task = scene_levels.make_scene("few", i, tcfg)
     pv, grid = image_lib.preprocess_image(synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
                                           tcfg.view_max_pixels)
     saliency, colour = image_lib.token_colours(pv, grid[None], palette)
@@ -312,7 +312,7 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
   cfg = grounding.GroundingConfig(locate=2, name=1, read=0, cell_first=True, cell_only_steps=3, target_first=False)
   firsts = set()
   for i in range(12):
-    task = grounding.make_scene("few", i, tcfg)
+    task = scene_levels.make_scene("few", i, tcfg)
     rng = np.random.default_rng(i)
     questions = grounding.scene_questions(task, cfg, np.random.default_rng(i))
     for kind, _, answer, j in questions:
@@ -338,7 +338,7 @@ def test_cell_first_answers_and_cell_only_loss(tokenizer):
   with pytest.raises(ValueError, match="cell_only_steps needs cell_first"):
     grounding.GroundingConfig(cell_only_steps=5)
   # A stream keeps the cell alone in the loss for its first cell_only_steps steps, the whole answer after.
-  stream = grounding.SceneStream(grounding.Curriculum.parse("0:few=1"), cfg, tcfg, tokenizer, rows=2, seed=0)
+  stream = grounding.SceneStream(scene_levels.Curriculum.parse("0:few=1"), cfg, tcfg, tokenizer, rows=2, seed=0)
   locate_loss = lambda rows: [int(r["loss_mask"][r["kinds"] == grounding.KINDS.index("locate")].sum()) for r in rows]
   answers = lambda rows: [int(((r["kinds"] == grounding.KINDS.index("locate"))
                                & ~np.concatenate([[False], r["kinds"][:-1] == grounding.KINDS.index("locate")])).sum())
@@ -354,7 +354,7 @@ def test_feature_target_batch_from_rows(tokenizer):
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
-  rows = [grounding.scene_example(grounding.make_scene("few", i, tcfg), tokenizer, gcfg, tcfg,
+  rows = [grounding.scene_example(scene_levels.make_scene("few", i, tcfg), tokenizer, gcfg, tcfg,
                                   np.random.default_rng(i)) for i in range(3)]
   patches = int(np.prod(rows[0]["image_grid_thw"], -1).sum())
   bcfg = batch_lib.BatchConfig(batch_size=4, length_buckets=(128,), patch_buckets=(patches + 4,),
@@ -373,7 +373,7 @@ def test_feature_target_batch_from_rows(tokenizer):
     np.testing.assert_array_equal(batch.image_colour[r, :tokens], k)
     np.testing.assert_array_equal(batch.image_cell[r, :tokens], image_lib.token_cells(row["image_grid_thw"]))
     # the kind of the shape that covers most of each token, from the scene's own objects
-    task = grounding.make_scene("few", r, tcfg)
+    task = scene_levels.make_scene("few", r, tcfg)
     for t, (y, x) in enumerate(image_lib.token_cells(row["image_grid_thw"])):
       th, tw = row["image_grid_thw"][0][1] // 2, row["image_grid_thw"][0][2] // 2
       centre_in = [o for o in task.objects if o.box[0] <= (x + 0.5) / tw <= o.box[2] and o.box[1] <= (y + 0.5) / th <= o.box[3]]
@@ -384,7 +384,7 @@ def test_feature_target_batch_from_rows(tokenizer):
   centre = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, bcfg), rows, mcfg,
                                                dataclasses.replace(stage, shape_tokens="centre"))
   for r, row in enumerate(rows):
-    task = grounding.make_scene("few", r, tcfg)
+    task = scene_levels.make_scene("few", r, tcfg)
     th, tw = row["image_grid_thw"][0][1] // 2, row["image_grid_thw"][0][2] // 2
     want = np.full(tokens, -1)
     for o in task.objects:
@@ -403,7 +403,7 @@ def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer, jitter):
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=jitter)
-  tasks = [grounding.make_scene(level, i, tcfg) for i, level in enumerate(("few", "medium", "hard", "easy"))]
+  tasks = [scene_levels.make_scene(level, i, tcfg) for i, level in enumerate(("few", "medium", "hard", "easy"))]
   rows = [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i)) for i, t in enumerate(tasks)]
   bcfg = batch_lib.BatchConfig(batch_size=4, length_buckets=(128,), patch_buckets=(128,),
                                pad_token_id=mcfg.text.pad_token_id)
@@ -435,7 +435,7 @@ def test_a_read_crop_gets_its_digit_where_the_glyph_is(tokenizer, jitter):
   # a zoom row (the window, then the legible zoom): the digit on the zoom's image, the third, where its glyph is
   zoom_cfg = grounding.GroundingConfig(locate=1, name=0, read=1, zoom=1, cell_first=True, cell_window=True,
                                        prompt_form="agent")
-  task = grounding.make_scene("medium", 3, tcfg)
+  task = scene_levels.make_scene("medium", 3, tcfg)
   row = grounding.scene_example(task, tokenizer, zoom_cfg, tcfg, np.random.default_rng(0))
   bcfg = dataclasses.replace(bcfg, length_buckets=(256,), patch_buckets=(256,), batch_size=1)
   batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg, stage)
@@ -455,7 +455,7 @@ def test_core_digit_tokens_are_those_the_glyphs_middle_touches(tokenizer):
   mcfg = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=0.12)
-  rows = [grounding.scene_example(grounding.make_scene("medium", i, tcfg), tokenizer, gcfg, tcfg,
+  rows = [grounding.scene_example(scene_levels.make_scene("medium", i, tcfg), tokenizer, gcfg, tcfg,
                                   np.random.default_rng(i)) for i in range(8)]
   bcfg = batch_lib.BatchConfig(batch_size=8, length_buckets=(128,), patch_buckets=(128,),
                                pad_token_id=mcfg.text.pad_token_id)
@@ -523,7 +523,7 @@ def test_shapes_on_crops_get_their_kind_where_the_crop_shows_their_centre(tokeni
                                               shape_on_crops=True)
   checked = 0
   for i, (level, zooms) in enumerate((("medium", 1), ("hard", 1), ("few", 1), ("medium", 2), ("hard", 2))):
-    task = grounding.make_scene(level, i, tcfg)
+    task = scene_levels.make_scene(level, i, tcfg)
     questions = pretrain_stage.search_rows(zooms)
     row = grounding.scene_example(task, tokenizer, questions, tcfg, np.random.default_rng(i))
     grids = row["image_grid_thw"]
@@ -575,7 +575,7 @@ def test_small_labels_sit_where_the_window_and_the_object_show_them(tokenizer):
   questions = pretrain_stage.search_rows(2)
   checked = 0
   for i, level in enumerate(("medium", "hard", "medium")):
-    task = grounding.make_scene(level, i, tcfg)
+    task = scene_levels.make_scene(level, i, tcfg)
     row = grounding.scene_example(task, tokenizer, questions, tcfg, np.random.default_rng(i))
     grids = row["image_grid_thw"]
     batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft([row], mcfg, bcfg), [row], mcfg, stage)
@@ -614,7 +614,7 @@ def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
   q3 = run_config.model_config(config, tokenizer)
   tcfg = run_config.task_config(config)
   gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
-  scenes = [grounding.make_scene("few", i, tcfg) for i in range(2)]
+  scenes = [scene_levels.make_scene("few", i, tcfg) for i in range(2)]
   rows = {m.model_type: [grounding.scene_example(t, tokenizer, gcfg, tcfg, np.random.default_rng(i),
                                                  image=image_lib.settings_for(m)) for i, t in enumerate(scenes)]
           for m in (q25, q3)}
@@ -622,11 +622,11 @@ def test_a_qwen3_model_gets_its_own_pixels_and_the_same_targets(tokenizer):
   want, _ = image_lib.preprocess_image(view, tcfg.view_min_pixels, tcfg.view_max_pixels, **image_lib.settings_for(q3))
   np.testing.assert_allclose(rows["qwen3_vl"][0]["pixel_values"], want)
   assert not np.allclose(rows["qwen2_5_vl"][0]["pixel_values"], want, atol=1e-2)
-  stream = grounding.SceneStream(grounding.Curriculum.parse("0:few=1"), gcfg, tcfg, tokenizer, rows=1, seed=0,
+  stream = grounding.SceneStream(scene_levels.Curriculum.parse("0:few=1"), gcfg, tcfg, tokenizer, rows=1, seed=0,
                                  image=image_lib.settings_for(q3))
   first = stream.rows_for(0)[0]
   np.testing.assert_allclose(first["pixel_values"], grounding.scene_example(
-      grounding.make_scene("few", 0, tcfg), tokenizer, gcfg, tcfg, np.random.default_rng(0),
+      scene_levels.make_scene("few", 0, tcfg), tokenizer, gcfg, tcfg, np.random.default_rng(0),
       image=image_lib.settings_for(q3))["pixel_values"])
   probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=("few",), scenes=1), gcfg, tcfg,
                                          tokenizer, q3)
@@ -654,7 +654,7 @@ def test_tower_rows_ask_what_the_stage_names(tokenizer):
   digits = dataclasses.replace(stage, targets=vt.FeatureTargetConfig(num_colours=8, digit_scale=3.0))
   assert pretrain_stage.tower_questions(digits) == grounding.GroundingConfig(locate=1, name=0, read=1, read_jitter=0.1)
   search = pretrain_stage.tower_questions(dataclasses.replace(digits, search_rows=1))
-  task = grounding.make_scene("medium", 1, tcfg)
+  task = scene_levels.make_scene("medium", 1, tcfg)
   row = grounding.scene_example(task, tokenizer, search, tcfg, np.random.default_rng(0))
   (i,) = {i for _, _, _, i in grounding.scene_questions(task, search, np.random.default_rng(0))}
   regions = coldstart.reflex_search(task, task.objects[i], search.decimals).regions
@@ -672,10 +672,10 @@ def test_tower_rows_ask_what_the_stage_names(tokenizer):
 
 def test_the_tower_phase_draws_scenes_of_its_own(tokenizer):
   """The `pretrain_vision` stage's scenes (`VISION_SPLIT`) are never the decoder phase's (same seed, same steps)."""
-  cur, cfg, tcfg = grounding.Curriculum.parse("0:few=1"), grounding.GroundingConfig(locate=1, name=0, read=0), \
+  cur, cfg, tcfg = scene_levels.Curriculum.parse("0:few=1"), grounding.GroundingConfig(locate=1, name=0, read=0), \
       synthetic.SyntheticConfig()
   decoder = grounding.SceneStream(cur, cfg, tcfg, tokenizer, rows=3, seed=0)
-  tower = grounding.SceneStream(cur, cfg, tcfg, tokenizer, rows=3, seed=0, split=grounding.VISION_SPLIT)
+  tower = grounding.SceneStream(cur, cfg, tcfg, tokenizer, rows=3, seed=0, split=scene_levels.VISION_SPLIT)
   for step in (0, 7):
     a, b = decoder.rows_for(step), tower.rows_for(step)
     assert not {r["id"] for r in a} & {r["id"] for r in b}

@@ -22,8 +22,8 @@ search goes through the shape's own zoom between the window and the legible one.
 from `synthetic.make_task` on a split of their own (`pretrain`, never the agent's train / test
 splits), one fresh scene per row: indices only grow, so no scene is ever seen twice.
 
-A curriculum walks from one shape on a canvas to the demo's hard tier: `Level`s are scene recipes
-(a `TierSpec` for the generator), `Curriculum` says which levels each training step draws from.
+Which scenes each step draws (the curriculum over scene levels) is `scene_levels`'; `SceneStream` here turns them
+into rows.
 """
 
 from __future__ import annotations
@@ -36,14 +36,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mini_o3_jax.agent import prompts
-from mini_o3_jax.data import coldstart, synthetic
+from mini_o3_jax.data import coldstart, scene_levels, synthetic
 from mini_o3_jax.processing import chat
 from mini_o3_jax.processing import image as image_lib
 
 KINDS = ("locate", "name", "read", "zoom")
-PRETRAIN_SPLIT = "pretrain"
-VISION_SPLIT = "pretrain_vision"   # the tower's own phase: scenes the decoder's phase never sees again
-HELDOUT_SPLIT = "pretrain_heldout"
 
 LOCATE_PREFIX = "Where is the"
 NAME_PREFIX = "What is at ["
@@ -53,58 +50,6 @@ _NAME = NAME_PREFIX + "{box}]?"
 _READ_NAMED = "What digit is on the {name}?"  # answer_form="agent": the final thought names the shape
 ANSWER_FORMS = ("short", "agent")
 PROMPT_FORMS = ("short", "agent")
-
-# Scene recipes below the demo's tiers: the first rungs of the curriculum.
-LEVELS: dict[str, synthetic.TierSpec] = {
-    "single": dataclasses.replace(synthetic.EASY, num_objects=(1, 1)),
-    "few": dataclasses.replace(synthetic.EASY, num_objects=(2, 4)),
-    "easy": synthetic.EASY,
-    "medium": synthetic.MEDIUM,
-    "hard": synthetic.HARD,
-    # 3-5 shapes; the target and 2-4 look-alikes share its colour, so mostly only the kind tells them apart (a
-    # rung for binding the kind).
-    "same_colour": dataclasses.replace(synthetic.EASY, num_objects=(3, 5), num_lookalikes=(2, 4),
-                                       lookalike_kind="colour"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Curriculum:
-  """Which scene levels a step draws from: `stages` of (first step, {level: weight})."""
-  stages: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
-
-  def mixture(self, step: int) -> tuple[tuple[str, float], ...]:
-    current = self.stages[0][1]
-    for start, mix in self.stages:
-      if step >= start:
-        current = mix
-    return current
-
-  @classmethod
-  def parse(cls, spec: str) -> Curriculum:
-    """From "0:single=0.5,few=0.5; 300:easy=1" (a command-line friendly form)."""
-    stages = []
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-      start, _, mix = part.partition(":")
-      weights = {}
-      for item in filter(None, (m.strip() for m in mix.split(","))):
-        level, _, weight = item.partition("=")
-        weights[level.strip()] = float(weight or 1.0)
-      stages.append((int(start), weights))
-    if not stages:
-      raise ValueError(f"empty curriculum {spec!r}")
-    return cls.from_dict(stages)
-
-  @classmethod
-  def from_dict(cls, stages: Sequence[tuple[int, dict[str, float]]]) -> Curriculum:
-    out = []
-    for start, mix in stages:
-      for level in mix:
-        if level not in LEVELS:
-          raise ValueError(f"unknown curriculum level {level!r}; expected one of {tuple(LEVELS)}")
-      out.append((int(start), tuple((k, float(v)) for k, v in mix.items())))
-    return cls(tuple(sorted(out)))
-
 
 @dataclasses.dataclass(frozen=True)
 class GroundingConfig:
@@ -185,25 +130,6 @@ class GroundingConfig:
       raise ValueError("cell_only_steps needs cell_first (the cell digit is what stays in the loss)")
     if self.cell_window and not self.cell_first:
       raise ValueError("cell_window needs cell_first (the window is the cell's)")
-
-
-def scene_config(task_config: synthetic.SyntheticConfig, level: str) -> tuple[synthetic.SyntheticConfig, str]:
-  """(generator config, generator tier) that draw scenes of curriculum `level`."""
-  if level in synthetic.TIERS:
-    return task_config, level
-  return dataclasses.replace(task_config, easy=LEVELS[level]), "easy"
-
-
-def make_scene(level: str, index: int, task_config: synthetic.SyntheticConfig,
-               split: str = PRETRAIN_SPLIT) -> synthetic.SyntheticTask:
-  cfg, tier = scene_config(task_config, level)
-  # Each level has its own index space: a level's scene i never repeats another level's.
-  return synthetic.make_task(tier, index, dataclasses.replace(cfg, seed=cfg.seed * 7919 + level_salt(level)),
-                             split)
-
-
-def level_salt(level: str) -> int:
-  return 1 + tuple(LEVELS).index(level)
 
 
 def object_name(obj: synthetic.SceneObject) -> str:
@@ -482,8 +408,8 @@ class SceneStream:
   the model's `preprocess_image` settings, as in `scene_example`.
   """
 
-  def __init__(self, curriculum: Curriculum, config: GroundingConfig, task_config: synthetic.SyntheticConfig,
-               tokenizer, rows: int, seed: int, split: str = PRETRAIN_SPLIT, image: Mapping[str, Any] | None = None):
+  def __init__(self, curriculum: scene_levels.Curriculum, config: GroundingConfig, task_config: synthetic.SyntheticConfig,
+               tokenizer, rows: int, seed: int, split: str = scene_levels.PRETRAIN_SPLIT, image: Mapping[str, Any] | None = None):
     self.curriculum, self.config, self.task_config = curriculum, config, task_config
     self.tokenizer, self.rows, self.seed, self.split, self.image = tokenizer, rows, seed, split, image
 
@@ -495,7 +421,7 @@ class SceneStream:
     picks = rng.choice(len(levels), size=self.rows, p=p / p.sum())
     out = []
     for r, pick in enumerate(picks):
-      task = make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
+      task = scene_levels.make_scene(levels[pick], step * self.rows + r, self.task_config, self.split)
       out.append(scene_example(task, self.tokenizer, self.config, self.task_config, rng,
                                cell_only=step < self.config.cell_only_steps, image=self.image,
                                last_zoom_only=step < self.config.last_zoom_only_steps))

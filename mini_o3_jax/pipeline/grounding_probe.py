@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from mini_o3_jax.agent import tools
-from mini_o3_jax.data import coldstart, grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, scene_levels, synthetic
 from mini_o3_jax.eval import diagnostics
 from mini_o3_jax.model import hf
 from mini_o3_jax.pipeline import probe as probe_lib
@@ -112,8 +112,8 @@ class GroundingProbe:
     self.image = image_lib.settings_for(model_config)
     self.rows, self.tasks = {}, {}
     for level in config.levels:
-      rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + grounding.level_salt(level)]))
-      tasks = [grounding.make_scene(level, i, task_config, grounding.HELDOUT_SPLIT) for i in range(config.scenes)]
+      rng = np.random.default_rng(np.random.SeedSequence([seed, 1 + scene_levels.level_salt(level)]))
+      tasks = [scene_levels.make_scene(level, i, task_config, scene_levels.HELDOUT_SPLIT) for i in range(config.scenes)]
       self.tasks[level] = tasks
       self.rows[level] = [grounding.scene_example(t, tokenizer, grounding_config, task_config, rng, image=self.image)
                           for t in tasks]

@@ -26,7 +26,7 @@ from mini_o3_jax import export as export_lib
 from mini_o3_jax import progress
 from mini_o3_jax import run_config
 
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.model import vision as vision_lib
 from mini_o3_jax.model import vlm
 from mini_o3_jax.pipeline import base_card, common, grounding_probe, phases, sources
@@ -259,7 +259,7 @@ def run_pretrain_vision(config, workdir: str, name: str = "pretrain_vision") -> 
   log.info("%s: %d steps of %d fresh scenes, the tower alone", name, stage.loop.steps, stage.batch.batch_size)
   stream = grounding.SceneStream(stage.curriculum, tower_questions(stage), run_config.task_config(config), tokenizer,
                                  rows=stage.batch.batch_size, seed=config.seed,
-                                 split=phases.scene_split(grounding.VISION_SPLIT, name, "pretrain_vision"),
+                                 split=phases.scene_split(scene_levels.VISION_SPLIT, name, "pretrain_vision"),
                                  image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
   _, metrics, _ = _train_on_scenes(name, workdir, state, shardings, step_fn, stage.loop, stream,
@@ -282,7 +282,7 @@ def run_pretrain(config, workdir: str, name: str = "pretrain") -> dict:
   log.info("%s: %d parameters, %d steps of %d fresh scenes", name, state_lib.count_params(state.params),
            loop.steps, scenes_per_step)
   stream = grounding.SceneStream(stage.curriculum, stage.questions, tcfg, tokenizer, rows=scenes_per_step,
-                                 seed=config.seed, split=phases.scene_split(grounding.PRETRAIN_SPLIT, name, "pretrain"),
+                                 seed=config.seed, split=phases.scene_split(scene_levels.PRETRAIN_SPLIT, name, "pretrain"),
                                  image=image_lib.settings_for(mcfg))
   collate_rows = functools.partial(batch_lib.collate_sft, model_config=mcfg, batch_config=stage.batch)
 

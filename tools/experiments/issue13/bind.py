@@ -10,7 +10,7 @@ import json, os, sys, collections
 import numpy as np
 import ml_collections
 from mini_o3_jax.pipeline import common, grounding_probe
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.eval import diagnostics
 from mini_o3_jax.agent import tools
 from mini_o3_jax import run_config
@@ -22,7 +22,7 @@ model, step = ckpt_lib.restore_model(f"{workdir}/ckpt/pretrain", mcfg)
 tcfg = run_config.task_config(config)
 stage = run_config.pretrain_stage(config, mcfg)
 probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=(level,), scenes=2), stage.questions, tcfg, tok, mcfg)
-tasks = [grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT) for i in range(48)]
+tasks = [scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT) for i in range(48)]
 prompts, meta = [], []
 for si, t in enumerate(tasks):
   names = [grounding.object_name(o) for o in t.objects]

@@ -14,7 +14,7 @@ argv = list(sys.argv); sys.argv = sys.argv[:1]
 import drive  # noqa: registers the EX_ switches (EX_CELLFIRST must be set)
 import numpy as np, ml_collections
 from mini_o3_jax.pipeline import common
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.processing import chat, image as image_lib
 from mini_o3_jax import run_config
 from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
@@ -26,7 +26,7 @@ tcfg = run_config.task_config(config)
 digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(1, 10)]
 rows, meta = [], []
 for si in range(48):
-  task = grounding.make_scene(level, 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, 7000 + si, tcfg, scene_levels.HELDOUT_SPLIT)
   names = [grounding.object_name(o) for o in task.objects]
   cells = [int(grounding.locate_answer(o.box, 2).split()[0]) for o in task.objects]
   pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,

@@ -10,6 +10,7 @@ from configs import pretrain_tiny
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.pipeline.train_stages import restore_params
 from mini_o3_jax import run_config
+from mini_o3_jax.data import scene_levels
 wd = os.path.join(os.environ.get('RUNS', '/tmp/issue13_runs'), run)
 config = pretrain_tiny.get_config()
 config, tokenizer, mcfg, mesh = common.setup(config, wd)
@@ -22,7 +23,7 @@ else:
   model = nnx.merge(graphdef, params)
 tcfg = run_config.task_config(config)
 N = 256
-tasks = [grounding.make_scene(level, 10000 + i, tcfg, grounding.HELDOUT_SPLIT) for i in range(N)]
+tasks = [scene_levels.make_scene(level, 10000 + i, tcfg, scene_levels.HELDOUT_SPLIT) for i in range(N)]
 from mini_o3_jax.processing import image as image_lib
 pvs, grids, obj_tok, x0d, multi = [], [], [], [], []
 for t in tasks:

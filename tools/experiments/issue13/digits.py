@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import grounding, scene_levels, synthetic
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.processing import image as image_lib
 from run_model import cli_args, load_run, ridge, with_bias
@@ -24,7 +24,7 @@ tcfg = run_config.task_config(config)
 settings = image_lib.settings_for(mcfg)
 feats, digits = [], []
 for i in range(n):
-  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT)
   obj = next(o for o in task.objects if o.is_target)
   questions = [("read", "", "", task.objects.index(obj))]
   view = synthetic.render_view(task.image, grounding.read_crop(task, task.objects.index(obj), jitter), tcfg)

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mini_o3_jax.data import coldstart, drawing, grounding, synthetic
+from mini_o3_jax.data import coldstart, drawing, grounding, scene_levels, synthetic
 from mini_o3_jax.model import attention as attn_lib
 from mini_o3_jax.model import layers, rope
 from mini_o3_jax.model import vision as vision_lib
@@ -97,19 +97,19 @@ LEVEL_AMP = {}
 if E("EX_LEVELS"):
   for base in ("single", "few"):
     for name, amp in (("flat", 0.0), ("a25", 0.25), ("a50", 0.5)):
-      grounding.LEVELS[f"{base}_{name}"] = grounding.LEVELS[base]
+      scene_levels.LEVELS[f"{base}_{name}"] = scene_levels.LEVELS[base]
       LEVEL_AMP[f"{base}_{name}"] = amp
 
-  _orig_make_scene = grounding.make_scene
+  _orig_make_scene = scene_levels.make_scene
 
-  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+  def make_scene(level, index, task_config, split=scene_levels.PRETRAIN_SPLIT):
     _tls.amp = LEVEL_AMP.get(level, 1.0)
     try:
       return _orig_make_scene(level, index, task_config, split)
     finally:
       _tls.amp = 1.0
 
-  grounding.make_scene = make_scene
+  scene_levels.make_scene = make_scene
   _plain_background = drawing.background
 
   def _background(rng, size):
@@ -176,9 +176,9 @@ if E("EX_CELLONLY"):  # train the cell token alone: every locate answer's later 
 # ------------------------------------------------------------------ read by name: per-shape answers (recall3's LABELS)
 if E("EX_READNAME"):
   _readname_share = float(E("EX_READNAME"))
-  grounding.LEVELS["bigread"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(3, 4), glyph_full_view_px=float(E("EX_READNAME_GLYPH", "10")),
+  scene_levels.LEVELS["bigread"] = dataclasses.replace(scene_levels.LEVELS["few"], num_objects=(3, 4), glyph_full_view_px=float(E("EX_READNAME_GLYPH", "10")),
                                                     label_at_centre=True)
-  _before_readname_scene_config = grounding.scene_config
+  _before_readname_scene_config = scene_levels.scene_config
 
   def scene_config(task_config, level):
     cfg, tier = _before_readname_scene_config(task_config, level)
@@ -205,9 +205,9 @@ if E("EX_READNAME"):
   def scene_messages(questions, question_first=False):
     return _before_readname_messages([("name" if k == "read" else k, q, a, i) for k, q, a, i in questions], question_first)
 
-  _before_readname_make_scene = grounding.make_scene
+  _before_readname_make_scene = scene_levels.make_scene
 
-  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+  def make_scene(level, index, task_config, split=scene_levels.PRETRAIN_SPLIT):
     """bigread scenes whose label does not fit a shape (~2 %) are replaced by the next index's."""
     for attempt in range(50):
       try:
@@ -217,8 +217,8 @@ if E("EX_READNAME"):
           raise
     raise ValueError(f"no bigread scene near index {index}")
 
-  grounding.scene_config = scene_config
-  grounding.make_scene = make_scene
+  scene_levels.scene_config = scene_config
+  scene_levels.make_scene = make_scene
   grounding.scene_questions = scene_questions
   grounding.scene_views = scene_views
   grounding.scene_messages = scene_messages
@@ -295,8 +295,8 @@ if SINCOS or CENTER or RMS or SCALE or IMGNORM or POSTPOS:
 # ------------------------------------------------------------------ binding curriculum: shapes that fill the view
 if E("EX_MOSAIC"):
   _mosaic_px = tuple(float(v) for v in E("EX_MOSAIC").split(","))
-  grounding.LEVELS["mosaic"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(3, 4))
-  _orig_scene_config = grounding.scene_config
+  scene_levels.LEVELS["mosaic"] = dataclasses.replace(scene_levels.LEVELS["few"], num_objects=(3, 4))
+  _orig_scene_config = scene_levels.scene_config
 
   def scene_config(task_config, level):
     cfg, tier = _orig_scene_config(task_config, level)
@@ -304,15 +304,15 @@ if E("EX_MOSAIC"):
       cfg = dataclasses.replace(cfg, object_view_px=_mosaic_px)
     return cfg, tier
 
-  grounding.scene_config = scene_config
+  scene_levels.scene_config = scene_config
 
 
 # ------------------------------------------------------------------ binding curriculum: no background at all
 if E("EX_TILES"):
   _tile_px = float(E("EX_TILES"))
-  grounding.LEVELS["tiles"] = dataclasses.replace(grounding.LEVELS["few"], num_objects=(4, 4))
-  _before_tiles_scene_config = grounding.scene_config
-  _before_tiles_make_scene = grounding.make_scene
+  scene_levels.LEVELS["tiles"] = dataclasses.replace(scene_levels.LEVELS["few"], num_objects=(4, 4))
+  _before_tiles_scene_config = scene_levels.scene_config
+  _before_tiles_make_scene = scene_levels.make_scene
   _before_tiles_place = synthetic._place_boxes
 
   def scene_config(task_config, level):
@@ -321,7 +321,7 @@ if E("EX_TILES"):
       cfg = dataclasses.replace(cfg, object_view_px=(_tile_px, _tile_px))
     return cfg, tier
 
-  def make_scene(level, index, task_config, split=grounding.PRETRAIN_SPLIT):
+  def make_scene(level, index, task_config, split=scene_levels.PRETRAIN_SPLIT):
     _tls.tiles = level == "tiles"
     try:
       return _before_tiles_make_scene(level, index, task_config, split)
@@ -341,8 +341,8 @@ if E("EX_TILES"):
       boxes.append((x, y, x + side, y + side))
     return boxes
 
-  grounding.scene_config = scene_config
-  grounding.make_scene = make_scene
+  scene_levels.scene_config = scene_config
+  scene_levels.make_scene = make_scene
   synthetic._place_boxes = place_boxes
 
 

@@ -16,7 +16,7 @@ argv=list(sys.argv); sys.argv=sys.argv[:1]
 import drive
 import numpy as np, jax, jax.numpy as jnp, ml_collections
 from mini_o3_jax.pipeline import common
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.processing import chat, image as image_lib
 from mini_o3_jax import run_config
 from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
@@ -30,7 +30,7 @@ rows=[]; kinds=[]; centres=[]
 LEVEL = argv[2] if len(argv) > 2 else "few"
 N = int(os.environ.get("FEAT_N", 24)); RIDGE = float(os.environ.get("FEAT_RIDGE", 1e-3))
 for si in range(N):
-  task = grounding.make_scene(LEVEL, 7000 + si, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(LEVEL, 7000 + si, tcfg, scene_levels.HELDOUT_SPLIT)
   pv, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
                                         tcfg.view_max_pixels, **image_lib.settings_for(mcfg))
   q = [("locate", "x", "y", 0)]

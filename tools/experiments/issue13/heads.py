@@ -7,7 +7,7 @@ import numpy as np, jax, jax.numpy as jnp, ml_collections
 sys.path.insert(0, "tools/experiments/issue13")
 import drive
 from mini_o3_jax.pipeline import common
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax import run_config
 from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
 workdir = sys.argv_saved[1]; level = sys.argv_saved[2] if len(sys.argv_saved) > 2 else "few"
@@ -21,7 +21,7 @@ model, step = ckpt_lib.restore_model(f"{workdir}/ckpt/pretrain", mcfg)
 tcfg = run_config.task_config(config)
 gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
 rng = np.random.default_rng(0)
-rows = [grounding.scene_example(grounding.make_scene(level, 7000 + i, tcfg, grounding.HELDOUT_SPLIT), tok, gcfg, tcfg, rng)
+rows = [grounding.scene_example(scene_levels.make_scene(level, 7000 + i, tcfg, scene_levels.HELDOUT_SPLIT), tok, gcfg, tcfg, rng)
         for i in range(128)]
 bcfg = batch_lib.BatchConfig(batch_size=64, pad_token_id=mcfg.text.pad_token_id)
 L, H = mcfg.text.num_hidden_layers, mcfg.text.num_attention_heads

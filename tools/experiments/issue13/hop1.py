@@ -2,7 +2,7 @@
 import json, sys
 import numpy as np, jax, jax.numpy as jnp, ml_collections
 from mini_o3_jax.pipeline import common
-from mini_o3_jax.data import grounding, synthetic
+from mini_o3_jax.data import grounding, scene_levels, synthetic
 from mini_o3_jax import run_config
 from mini_o3_jax.train import checkpoint as ckpt_lib, batch as batch_lib
 from mini_o3_jax.model import attention as attn_lib, layers, rope
@@ -15,7 +15,7 @@ gcfg = grounding.GroundingConfig(locate=1, name=0, read=0)
 rng = np.random.default_rng(0)
 rows, colours = [], []
 for i in range(384):
-  t = grounding.make_scene("few", 5000 + i, tcfg, grounding.HELDOUT_SPLIT)
+  t = scene_levels.make_scene("few", 5000 + i, tcfg, scene_levels.HELDOUT_SPLIT)
   ex = grounding.scene_example(t, tok, gcfg, tcfg, rng)
   rows.append(ex); colours.append(next(o.colour for o in t.objects if o.is_target))
 palette = [n for n, _ in synthetic.DEFAULT_PALETTE]

@@ -15,7 +15,7 @@ import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from configs import pretrain_tiny
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.model.vlm import VLM
 from mini_o3_jax.pipeline import common
 from mini_o3_jax.processing import chat, image as image_lib
@@ -45,7 +45,7 @@ TARGETS = vt.FeatureTargetConfig(num_colours=len(palette), num_shapes=len(tcfg.s
 def scenes(n, split, offset):
   pv, kind, centre, sal, col = [], [], [], [], []
   for i in range(n):
-    task = grounding.make_scene(levels[i % len(levels)], offset + i, tcfg, split)
+    task = scene_levels.make_scene(levels[i % len(levels)], offset + i, tcfg, split)
     p, grid = image_lib.preprocess_image(grounding.synthetic.render_view(task.image, None, tcfg), tcfg.view_min_pixels,
                                          tcfg.view_max_pixels)
     gh, gw = int(grid[1]) // 2, int(grid[2]) // 2
@@ -61,8 +61,8 @@ def scenes(n, split, offset):
 
 
 t0 = time.time()
-tr_pv, tr_kind, tr_centre, grid, tr_sal, tr_col = scenes(KW["scenes"], grounding.VISION_SPLIT, 0)
-te_pv, te_kind, te_centre, _, _, _ = scenes(300, grounding.HELDOUT_SPLIT, 7000)
+tr_pv, tr_kind, tr_centre, grid, tr_sal, tr_col = scenes(KW["scenes"], scene_levels.VISION_SPLIT, 0)
+te_pv, te_kind, te_centre, _, _, _ = scenes(300, scene_levels.HELDOUT_SPLIT, 7000)
 print("scenes %.0fs, grid %s" % (time.time() - t0, grid.tolist()), flush=True)
 enc0 = chat.tokenize_conversation(tok, grounding.scene_messages([("locate", "x", "y", 0)]), [grid])
 row = {"input_ids": enc0["input_ids"], "loss_mask": enc0["loss_mask"], "pixel_values": tr_pv[0],

@@ -18,7 +18,7 @@ the generator's legible crop's), beside one centred on the named shape's centre.
 import numpy as np
 
 from mini_o3_jax import run_config
-from mini_o3_jax.data import coldstart, grounding, synthetic
+from mini_o3_jax.data import coldstart, grounding, scene_levels, synthetic
 from mini_o3_jax.model.vision import VisionInputs
 from mini_o3_jax.processing import image as image_lib
 from run_model import cli_args, load_run, ridge, with_bias
@@ -30,7 +30,7 @@ settings = image_lib.settings_for(mcfg)
 merge = mcfg.vision.spatial_merge_size
 feats, label_token, shape_token, glyph_px, centre, shape_centre, slack = [], [], [], [], [], [], []
 for i in range(n):
-  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT)
   target = next(o for o in task.objects if o.is_target)
   if view_kind in ("window", "search_object"):
     search = coldstart.reflex_search(task, target, 2, via_object=view_kind == "search_object")

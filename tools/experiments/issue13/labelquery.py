@@ -19,7 +19,7 @@ import numpy as np
 
 from mini_o3_jax import run_config
 from mini_o3_jax.agent import tools
-from mini_o3_jax.data import coldstart, grounding
+from mini_o3_jax.data import coldstart, grounding, scene_levels
 from mini_o3_jax.pipeline import grounding_probe
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
@@ -33,7 +33,7 @@ settings = image_lib.settings_for(mcfg)
 zero_dot = {i for i in range(len(tok)) if tok.decode([i]).endswith("0.")}
 rows, centres, sides, glyph_boxes = [], [], [], []
 for i in range(n):
-  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT)
   # the row asks about the shape its (seeded) questions locate first: drawn again with the same seed
   row = grounding.scene_example(task, tok, stage.questions, tcfg, np.random.default_rng(i), image=settings)
   questions = grounding.scene_questions(task, stage.questions, np.random.default_rng(i))
@@ -96,7 +96,7 @@ print(f"{run} {stage_name} step {step} {level}: {len(test)} held-out rows; a leg
 # The same call written greedily (the probe's prompt: the target's search, gold calls before it) on the test rows' scenes
 probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=(), scenes=0, seq_len=256, num_patches=288),
                                        stage.questions, tcfg, tok, mcfg)
-tasks = [grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT) for i in range(n)][-(len(X) - k):]
+tasks = [scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT) for i in range(n)][-(len(X) - k):]
 asked = [(t, p) for t in tasks if (p := probe._agent_prompt(t, "zoom", np.random.default_rng(1), call)) is not None]
 texts = probe._generate(model, [p for _, p in asked], 28)
 inside, hit, side = [], [], []

@@ -13,7 +13,7 @@ error of the shape-centre offsets (`centre_scale`). The directions and scales ar
 import numpy as np
 
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.pipeline import pretrain_stage
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
@@ -29,7 +29,7 @@ settings = image_lib.settings_for(mcfg)
 rng = np.random.default_rng(0)
 found, offset_err, projections, centre_err = {1: [], 2: []}, {1: [], 2: []}, {1: ([], []), 2: ([], [])}, []
 for i in range(n):
-  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT)
   row = grounding.scene_example(task, tok, pretrain_stage.search_rows(2), tcfg, rng, image=settings)
   grids = np.asarray(row["image_grid_thw"]).reshape(-1, 3)
   if len(grids) < 4:

@@ -11,7 +11,7 @@ import numpy as np
 
 from mini_o3_jax import run_config
 from mini_o3_jax.agent import tools
-from mini_o3_jax.data import coldstart, grounding
+from mini_o3_jax.data import coldstart, grounding, scene_levels
 from mini_o3_jax.pipeline import grounding_probe
 from run_model import cli_args, load_run
 
@@ -21,7 +21,7 @@ stage = run_config.pretrain_stage(config, mcfg)
 tcfg = run_config.task_config(config)
 probe = grounding_probe.GroundingProbe(grounding_probe.ProbeConfig(levels=(), scenes=0, seq_len=256, num_patches=288),
                                        stage.questions, tcfg, tok, mcfg)
-tasks = [grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT) for i in range(n)]
+tasks = [scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT) for i in range(n)]
 rng = np.random.default_rng(1)
 asked = [(t, p) for t in tasks if (p := probe._agent_prompt(t, "zoom", rng, 0)) is not None]
 texts = probe._generate(model, [p for _, p in asked], 24)

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from mini_o3_jax import run_config
-from mini_o3_jax.data import grounding
+from mini_o3_jax.data import grounding, scene_levels
 from mini_o3_jax.pipeline import pretrain_stage
 from mini_o3_jax.processing import image as image_lib
 from mini_o3_jax.train import batch as batch_lib
@@ -31,7 +31,7 @@ rng = np.random.default_rng(0)
 merge = mcfg.vision.merge_unit
 fit = {}   # image index -> [sum of err, sum of |target|^2, tokens]
 for i in range(n):
-  task = grounding.make_scene(level, i, tcfg, grounding.HELDOUT_SPLIT)
+  task = scene_levels.make_scene(level, i, tcfg, scene_levels.HELDOUT_SPLIT)
   row = grounding.scene_example(task, tok, pretrain_stage.search_rows(zooms), tcfg, rng, image=settings)
   grids = np.asarray(row["image_grid_thw"]).reshape(-1, 3)
   if len(grids) < 2 + zooms:
@@ -50,7 +50,7 @@ for i in range(n):
     acc[1] += float(np.sum(np.square(tgt[sl])))
     acc[2] += starts[j + 1] - starts[j]
 stream = grounding.SceneStream(stage.curriculum, pretrain_stage.tower_questions(stage), tcfg, tok, rows=16, seed=1,
-                               split=grounding.HELDOUT_SPLIT, image=settings)
+                               split=scene_levels.HELDOUT_SPLIT, image=settings)
 rows = stream.rows_for(0)
 batch = pretrain_stage.with_feature_targets(batch_lib.collate_sft(rows, mcfg, stage.batch), rows, mcfg, stage)
 emb = model.encode_images(batch.inputs.pixel_values, batch.inputs.vision)
