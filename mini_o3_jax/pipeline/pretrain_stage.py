@@ -109,7 +109,8 @@ def with_feature_targets(batch: batch_lib.SFTBatch, examples, model_config,
           continue
         covering = kind_tokens(boxes, grids[j], v.spatial_merge_size)
         shape[r, starts[j]:starts[j + 1]] = np.where(covering >= 0, kinds[np.clip(covering, 0, None)], -1)
-        centre[r, starts[j]:starts[j + 1]] = token_points(boxes, grids[j], v.spatial_merge_size)
+        if stage.targets.centre_scale:
+          centre[r, starts[j]:starts[j + 1]] = token_points(boxes, grids[j], v.spatial_merge_size)
     for j, glyph, d in zip(e.get("read_images", ()), e.get("read_glyphs", ()), e.get("read_digits", ())):
       holds = digit_tokens(glyph[None], grids[j], v.spatial_merge_size) >= 0
       digit[r, starts[j]:starts[j + 1]][holds] = d
@@ -320,7 +321,8 @@ def run_export_base(config, workdir: str) -> dict:
   out = config.base_export.get("out") or os.path.join(workdir, "base")
   min_pixels, max_pixels = run_config.pixel_budget(config)
   export_lib.export_model(model, mcfg, tokenizer, out, min_pixels=min_pixels, max_pixels=max_pixels)
-  summary = {"seed": config.seed, "view_pixels": config.view_pixels, "label_shade": config.get("label_shade", 0.0),
+  summary = {"seed": config.seed, "view_pixels": config.view_pixels,
+             "label_shade": run_config.task_config(config).label_shade,
              "parameters": state_lib.count_params(params),
              "exported_run": source,
              "runs": [_run_summary(phases.configure(config, r), workdir, r) for r in runs if r.stage in phases.PHASED]}
@@ -346,11 +348,12 @@ def _check_export(out: str, config, mcfg, run: phases.StageRun) -> dict:
   the exported run's probe and records the table and how to redo it in out/skills_check.json: a copy of
   the directory must reproduce it (`grounding_probe.probe_export` with the recorded settings)."""
   stage = run_config.pretrain_stage(phases.configure(config, run), mcfg)
-  check = {"seed": config.seed, "view_pixels": config.view_pixels, "label_shade": config.get("label_shade", 0.0),
+  world = run_config.task_config(config)
+  check = {"seed": config.seed, "view_pixels": config.view_pixels, "label_shade": world.label_shade,
            "levels": list(stage.probe_levels),
            "scenes": config.base_export.get("check_scenes", 8), "seq_len": max(stage.batch.length_buckets),
            "num_patches": max(stage.batch.patch_buckets), "questions": dataclasses.asdict(stage.questions)}
-  check["skills"] = grounding_probe.redo_check(out, check, run_config.task_config(config))
+  check["skills"] = grounding_probe.redo_check(out, check, world)
   with open(os.path.join(out, "skills_check.json"), "w") as f:
     json.dump(check, f, indent=2)
   return check

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from flax import nnx
 
+from mini_o3_jax import run_config
 from mini_o3_jax.agent import task as agent_task
 from mini_o3_jax.agent.trajectory import Trajectory
 from mini_o3_jax.data import benchmarks, coldstart_release, coldstart_store
@@ -88,11 +89,10 @@ def init_params(config, mcfg: config_lib.VLMConfig, mesh) -> Any | None:
     return None
   if is_hf_dir(path):
     log.info("init from the HF checkpoint %s", path)
-    base_shade = trained_label_shade(path)
-    if base_shade is not None and base_shade != config.get("label_shade", 0.0):
+    base_shade, shade = trained_label_shade(path), run_config.task_config(config).label_shade
+    if base_shade is not None and base_shade != shade:
       log.warning("%s was trained on labels %g darker than their shapes; this run's world has label_shade=%g "
-                  "(set --config.label_shade=%g to run on its world)", path, base_shade,
-                  config.get("label_shade", 0.0), base_shade)
+                  "(set --config.label_shade=%g to run on its world)", path, base_shade, shade, base_shade)
     model, _ = load_pretrained(path, mcfg.dtype, param_dtype=mcfg.param_dtype, mesh=mesh, remat=mcfg.remat,
                                attention=mcfg.attention, attention_block=mcfg.attention_block)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
